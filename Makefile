@@ -1,0 +1,32 @@
+# Every target sets itself up: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := demo
+
+.PHONY: install test lint docs demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/python -m ruff check smadlrp tests benchmarks
+	$(BIN)/python -m mypy smadlrp
+
+docs: install
+	$(BIN)/python -m smadlrp.cli.reference docs/cli.md
+
+demo: install
+	$(BIN)/smadlrp info --help > /dev/null
+	bash scripts/demo.sh $(DEMO)
+
+clean:
+	rm -rf $(VENV) $(DEMO) test_results .pytest_cache .mypy_cache .ruff_cache

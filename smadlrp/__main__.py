@@ -1,0 +1,5 @@
+"""`python -m smadlrp`."""
+
+from smadlrp.cli import main
+
+main()

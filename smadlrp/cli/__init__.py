@@ -1,0 +1,46 @@
+"""The `smadlrp` command line: one typer app; each command lives in a module of this package."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from smadlrp import __version__
+from smadlrp.cli.common import state
+
+app = typer.Typer(
+    name="smadlrp",
+    help="Single-image morphing attack detection (S-MAD) with Layer-wise Relevance Propagation explanations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"smadlrp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Options that apply to every command (put them before the command name)."""
+    state.verbose = verbose
+    state.debug = debug
+
+
+from smadlrp.cli import dataset_commands, evaluate_command, train_commands  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

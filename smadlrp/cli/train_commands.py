@@ -1,0 +1,173 @@
+"""`smadlrp finetune` (train a detector) and `smadlrp import-model` (convert TorchLRP-era .pth models)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import TextColumn
+
+from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    BatchSizeOption,
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    SeedOption,
+    WorkersOption,
+    console,
+    data_root,
+    handle_errors,
+    notice,
+    pick_device,
+    progress_bar,
+    write_json,
+)
+from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.models import ARCHITECTURES, get_architecture
+from smadlrp.report import epoch_table
+from smadlrp.train import OPTIMIZERS, SELECT_BY, Callbacks, EpochRow, Finetuner, TrainConfig, read_resume
+
+ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}.")]
+
+
+@app.command()
+@handle_errors
+def finetune(
+    arch: ArchOption = "vgg_compact",
+    data: DataOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train (default 10; with --resume: the new total).")]
+    = None,
+    batch_size: BatchSizeOption = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help=f"Optimizer: {', '.join(OPTIMIZERS)}.")] = "adam",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input side in pixels (0: the architecture's).")]
+    = 0,
+    full: Annotated[bool, typer.Option("--full", help="Train every layer (default: only the new head).")] = False,
+    weights: Annotated[
+        str, typer.Option(help="Initial weights: auto, imagenet, none, or a .safetensors / state-dict .pth file.")
+    ] = "auto",
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
+    select_by: Annotated[str, typer.Option("--select-by", help=f"Pick best.safetensors by: {', '.join(SELECT_BY)}.")]
+    = "d-eer",
+    attack_class: Annotated[str, typer.Option("--attack-class", help="Class folder holding the attacks.")] = "morph",
+    workers: WorkersOption = 0,
+    seed: SeedOption = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/ARCH-TIME).", file_okay=False)] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the interrupted run in this output folder.", file_okay=False)
+    ] = None,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = None,
+) -> None:
+    """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images."""
+    torch_device = pick_device(device)
+    if resume is not None:
+        config, doc, tensors = read_resume(resume)
+        config.epochs = epochs or config.epochs
+        out = resume
+        trainer = Finetuner(config, Path(config.data), out, torch_device, notice, workers)
+        trainer.restore(doc, tensors)
+        notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
+    else:
+        root = data_root(data)
+        config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                             weight_decay=weight_decay, image_size=image_size, full=full, weights=weights, amp=amp,
+                             select_by=select_by, attack_class=attack_class, seed=seed, data=str(root.resolve()))
+        out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"{out} is not empty: choose another --out, or continue that run with --resume {out}")
+        trainer = Finetuner(config, root, out, torch_device, notice, workers)
+    console.print(f"[bold]{config.arch}[/bold] ({'all layers' if config.full else 'head only'}), "
+                  f"{config.image_size} px, weights: {trainer.weights_source}, attack class: {config.attack_class}, "
+                  f"output: {out}", highlight=False)
+    with progress_bar(TextColumn("{task.fields[info]}")) as bar:
+        epochs_task = bar.add_task("epochs", total=config.epochs, completed=trainer.state.epoch, info="")
+        batch_task = bar.add_task("batches", total=None, info="")
+
+        def epoch_start(epoch: int, batches: int) -> None:
+            bar.reset(batch_task, total=batches, description=f"epoch {epoch}", info="")
+
+        def batch_end(running_loss: float) -> None:
+            bar.update(batch_task, advance=1, info=f"loss {running_loss:.4f}")
+
+        def epoch_end(row: EpochRow, is_best: bool) -> None:
+            bar.update(epochs_task, advance=1)
+            eer = "n/a" if row.d_eer is None else f"{row.d_eer:.2%}"
+            bar.console.print(f"epoch {row.epoch}: train loss {row.train_loss:.4f} acc {row.train_acc:.2%} | val loss "
+                              f"{row.val_loss:.4f} acc {row.val_acc:.2%} D-EER {eer} ({row.seconds:.0f} s)"
+                              f"{'  [green]best[/green]' if is_best else ''}", highlight=False)
+
+        state = trainer.run(Callbacks(epoch_start, batch_end, epoch_end))
+    console.print(epoch_table(state.history))
+    console.print(f"best epoch {state.best_epoch} by {config.select_by}: {out / 'best.safetensors'}", highlight=False)
+    write_json(json_out, {"out": str(out), "best_epoch": state.best_epoch, "history": state.history})
+
+
+@app.command("import-model")
+@handle_errors
+def import_model(
+    source: Annotated[Path, typer.Argument(help="A .pth file: a state dict, or a whole pickled model.",
+                                           dir_okay=False)],
+    arch: ArchOption = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option(help="The smadlrp checkpoint to write (.safetensors).", dir_okay=False)]
+    = ...,  # type: ignore[assignment]
+    classes: Annotated[str, typer.Option(help="Comma-separated class names, in output order.")] = "bonafide,morph",
+    attack_class: Annotated[str, typer.Option("--attack-class", help="Which class is the attack.")] = "morph",
+    image_size: Annotated[int, typer.Option("--image-size", help="Input side in pixels (0: the architecture's).")]
+    = 0,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code: trusted files only).")
+    ] = False,
+) -> None:
+    """Convert a PyTorch .pth model (state dict or whole pickled model) into a smadlrp checkpoint."""
+    if not source.is_file():
+        raise SmadlrpError(f"file not found: {source}")
+    if out.resolve() == source.resolve():
+        raise UsageError("--out must differ from the input file")
+    spec = get_architecture(arch)
+    class_names = [c.strip() for c in classes.split(",") if c.strip()]
+    if attack_class not in class_names:
+        raise UsageError(f"--attack-class {attack_class!r} is not among --classes {class_names}")
+    state = _read_pth(source, trust_pickle)
+    model = spec.build(len(class_names))
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    if bad:
+        raise SmadlrpError(f"{source} does not hold {arch} weights for {len(class_names)} classes "
+                           f"(first mismatch: {bad[0]!r}); check --arch and --classes")
+    model.load_state_dict(state)
+    meta = CheckpointMeta(architecture=arch, class_names=class_names, attack_class=attack_class,
+                          input_size=image_size or spec.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          weights_source=f"imported from {source.name}")
+    save_checkpoint(out, model, meta)
+    console.print(f"wrote {out} ({arch}, classes {class_names}, attack class {attack_class})", highlight=False)
+
+
+def _read_pth(source: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """A state dict from `source`; whole pickled models only with `trust_pickle`."""
+    try:
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the file's content decides; report it in one line
+        if not trust_pickle:
+            raise SmadlrpError(
+                f"{source} holds pickled Python objects (e.g. a whole model saved with torch.save(model)); "
+                "unpickling can run arbitrary code, so only weights_only loading was tried. "
+                "If you trust the file, rerun with --trust-pickle"
+            ) from None
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=False)
+        except Exception as inner:  # noqa: BLE001
+            raise SmadlrpError(f"{source}: cannot be loaded ({str(inner).splitlines()[0][:120]})") from exc
+    if isinstance(loaded, torch.nn.Module):
+        loaded = loaded.state_dict()
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise SmadlrpError(f"{source}: neither a model nor a state dict of tensors")
+    return loaded

@@ -1,0 +1,168 @@
+"""Image loading and data-set validation: ImageFolder-style splits, any image mode, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from smadlrp.errors import SmadlrpError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+SPLIT_NAMES: dict[str, tuple[str, ...]] = {"val": ("val", "validation"), "validation": ("validation", "val")}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+Warn = Callable[[str], None]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file as 8-bit RGB: grayscale, palette, RGBA (composited on black) and 16-bit are converted."""
+    img: Image.Image
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        raise SmadlrpError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise SmadlrpError(f"{path}: not a readable image ({str(exc).splitlines()[0][:100]})") from None
+    if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:  # 16/32-bit grayscale: rescale the used range to 8 bit
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below `folder`, recursively, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """`root/split`, accepting `val` and `validation` for each other; SmadlrpError when absent."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SmadlrpError(f"data folder not found: {root}")
+    for name in SPLIT_NAMES.get(split, (split,)):
+        if (root / name).is_dir():
+            return root / name
+    present = sorted(p.name for p in root.iterdir() if p.is_dir())
+    raise SmadlrpError(f"{root}: no {split!r} split folder (found: {', '.join(present) or 'nothing'})")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split: its path and class index."""
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """The validated images of one split; `class_names` sorted as ImageFolder sorts them."""
+
+    root: Path
+    split: str
+    class_names: list[str]
+    samples: list[Sample]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        labels = self.labels
+        return {name: int((labels == i).sum()) for i, name in enumerate(self.class_names)}
+
+
+def scan_split(root: str | Path, split: str, class_names: Sequence[str] | None = None,
+               warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2)) -> SplitIndex:
+    """Index `root/split/<class>/**/image` and validate it.
+
+    Every class folder must exist and hold at least one image. Files whose header cannot be read are skipped with
+    a warning (documented policy); the pixels are decoded later, when the image is used.
+    """
+    folder = find_split(root, split)
+    if class_names is None:
+        class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if len(class_names) < 2:
+            raise SmadlrpError(f"{folder}: needs two class folders (e.g. bonafide/ and morph/), found {class_names}")
+    samples: list[Sample] = []
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise SmadlrpError(f"{folder}: class folder {name!r} is missing (every split needs every class)")
+        found = 0
+        for path in list_images(class_dir):
+            if _header_readable(path):
+                samples.append(Sample(path, label))
+                found += 1
+            else:
+                warn(f"skipping unreadable image {path}")
+        if found == 0:
+            raise SmadlrpError(f"{class_dir}: no readable images (every split needs every class)")
+    return SplitIndex(Path(root), split, list(class_names), samples)
+
+
+def _header_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify() if img.format == "PNG" else img.size  # noqa: B018 - header access validates
+        return True
+    except Exception:  # noqa: BLE001 - any decoder failure means unreadable
+        return False
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """PIL RGB image -> float tensor (3, size, size), resized (antialiased) and normalised."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize((size, size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Evaluation transform plus a random horizontal flip (no crops or colour jitter that would erase morph cues)."""
+    return v2.Compose([v2.RandomHorizontalFlip(), *eval_transform(size, mean, std).transforms])
+
+
+class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    """Samples -> (image tensor (3, H, W), label, index)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        sample = self.samples[index]
+        return self.transform(load_rgb(sample.path)), sample.label, index
+
+
+def make_loader(dataset: Dataset[tuple[torch.Tensor, int, int]], batch_size: int, *, shuffle: bool = False,
+                workers: int = 0, generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> DataLoader[tuple[torch.Tensor, int, int]]:
+    """A DataLoader with pinned memory on CUDA and persistent workers when `workers` > 0."""
+    if batch_size < 1:
+        raise SmadlrpError("--batch-size must be at least 1", exit_code=2)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+                      pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0)

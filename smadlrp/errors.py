@@ -1,0 +1,23 @@
+"""The one exception type for errors a user can cause (bad path, wrong file, bad option value)."""
+
+from __future__ import annotations
+
+
+class SmadlrpError(Exception):
+    """A user-facing error: the CLI prints its message as one red line and exits with `exit_code`.
+
+    `exit_code` is 1 for a failure (unreadable file, mismatched checkpoint) and 2 for a usage error
+    (an option value that cannot work).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class UsageError(SmadlrpError):
+    """An option or argument value that cannot work; exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)

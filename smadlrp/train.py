@@ -1,0 +1,292 @@
+"""Fine-tuning: the training loop, model selection on the validation split, and an exact resume state."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from smadlrp.checkpoint import CheckpointMeta, read_document, read_tensors, save_checkpoint
+from smadlrp.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    eval_transform,
+    make_loader,
+    scan_split,
+    train_transform,
+)
+from smadlrp.device import autocast, seed_everything
+from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.fileio import write_atomic, write_text_atomic
+from smadlrp.inference import logits_of, predict
+from smadlrp.metrics import ConfusionMatrix, d_eer
+from smadlrp.models import build_model, get_architecture, set_trainable
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SELECT_BY: dict[str, tuple[str, int]] = {"d-eer": ("d_eer", -1), "accuracy": ("val_acc", 1), "loss": ("val_loss", -1)}
+RESUME_FILE = "resume.safetensors"
+RESUME_SCHEMA = "smadlrp.resume/1"
+AUX_LOSS_WEIGHT = 0.4  # inception_v3 auxiliary classifier, as in torchvision's reference training
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (stored in the checkpoint and the resume state)."""
+
+    arch: str = "vgg_compact"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    image_size: int = 0  # 0: the architecture's default
+    full: bool = False  # train every layer (else only the new head)
+    weights: str = "auto"
+    amp: bool = False
+    select_by: str = "d-eer"
+    attack_class: str = "morph"
+    seed: int = 0
+    data: str = ""
+
+    def validate(self) -> TrainConfig:
+        """Raise UsageError for values that cannot work; fill in the architecture's input size."""
+        arch = get_architecture(self.arch)
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.select_by not in SELECT_BY:
+            raise UsageError(f"--select-by {self.select_by!r}: choose one of {', '.join(SELECT_BY)}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.image_size == 0:
+            self.image_size = arch.input_size
+        minimum = 75 if self.arch == "inception_v3" else 32 if arch.torchvision_name else 16
+        if self.image_size < minimum:
+            raise UsageError(f"--image-size {self.image_size}: {self.arch} needs at least {minimum} px")
+        return self
+
+
+@dataclass
+class EpochRow:
+    """One epoch's numbers (losses in nats per image, rates as fractions)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float | None  # None only for an empty split; the rates need both classes
+    apcer: float | None
+    bpcer: float | None
+    d_eer: float | None
+    seconds: float
+
+
+@dataclass
+class Callbacks:
+    """Progress hooks for a user interface; every one is optional."""
+
+    epoch_start: Callable[[int, int], None] = lambda epoch, batches: None
+    batch_end: Callable[[float], None] = lambda running_loss: None
+    epoch_end: Callable[[EpochRow, bool], None] = lambda row, is_best: None
+
+
+@dataclass
+class RunState:
+    """What the loop carries from epoch to epoch (saved whole in the resume state)."""
+
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -math.inf  # selection value, signed so that larger is better
+
+
+def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class Finetuner:
+    """A fine-tuning run writing into `out`: best/last checkpoints, history.json, curves, resume state."""
+
+    def __init__(self, config: TrainConfig, data_root: Path, out: Path, device: torch.device,
+                 notify: Callable[[str], None] = lambda msg: None, workers: int = 0) -> None:
+        self.config = config.validate()
+        self.out, self.device, self.notify = out, device, notify
+        self.generator = seed_everything(config.seed)
+        arch = get_architecture(config.arch)
+        train_split = scan_split(data_root, "train", warn=notify)
+        self.class_names = train_split.class_names
+        if config.attack_class not in self.class_names:
+            raise UsageError(f"attack class {config.attack_class!r} is not a class folder of {data_root}/train "
+                             f"(found: {', '.join(self.class_names)}); set --attack-class")
+        val_split = scan_split(data_root, "val", self.class_names, warn=notify)
+        self.attack_index = self.class_names.index(config.attack_class)
+        size = config.image_size
+        self.train_loader = make_loader(
+            ImageDataset(train_split.samples, train_transform(size, IMAGENET_MEAN, IMAGENET_STD)), config.batch_size,
+            shuffle=True, workers=workers, generator=self.generator, device=device)
+        self.val_loader = make_loader(
+            ImageDataset(val_split.samples, eval_transform(size, IMAGENET_MEAN, IMAGENET_STD)), config.batch_size,
+            workers=workers, device=device)
+        model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify)
+        self.model = model.to(device)
+        self.params = set_trainable(self.model, arch, config.full)
+        self.optimizer = make_optimizer(config, self.params)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+        self.state = RunState()
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self, callbacks: Callbacks | None = None) -> RunState:
+        """Train until `config.epochs`; Ctrl-C leaves the last completed epoch's resume state and says how to resume."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            while self.state.epoch < self.config.epochs:
+                self._epoch(callbacks or Callbacks())
+        except KeyboardInterrupt:
+            raise SmadlrpError(
+                f"interrupted in epoch {self.state.epoch + 1}; {self.state.epoch} completed epoch(s) are saved. "
+                f"Continue with: smadlrp finetune --resume {self.out}", exit_code=130) from None
+        return self.state
+
+    def _epoch(self, callbacks: Callbacks) -> None:
+        epoch = self.state.epoch + 1
+        start = time.perf_counter()
+        callbacks.epoch_start(epoch, len(self.train_loader))
+        train_loss, train_acc = self._train_pass(callbacks)
+        preds = predict(self.model, self.val_loader, self.device, self.attack_index, amp=self.config.amp)
+        at_half = ConfusionMatrix.from_scores(preds.labels, preds.scores, 0.5)
+        eer = d_eer(preds.labels, preds.scores)
+        row = EpochRow(epoch, train_loss, train_acc, preds.loss, at_half.accuracy, at_half.apcer, at_half.bpcer,
+                       eer.value, time.perf_counter() - start)
+        is_best = self._select(row)
+        self.state.epoch = epoch
+        self.state.history.append(asdict(row))
+        metrics = {"val": {k: v for k, v in asdict(row).items() if k not in {"epoch", "seconds"}}, "epoch": epoch}
+        save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics))
+        if is_best:
+            save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics))
+        self._save_resume()
+        self._save_history()
+        callbacks.epoch_end(row, is_best)
+
+    def _train_pass(self, callbacks: Callbacks) -> tuple[float, float]:
+        self.model.train()
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        aux = self.config.arch == "inception_v3"
+        for images, targets, _ in self.train_loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with autocast(self.device, self.config.amp):
+                output = self.model(images)
+                logits = logits_of(output)
+                loss = nn.functional.cross_entropy(logits, targets)
+                if aux and isinstance(output, tuple):
+                    loss = loss + AUX_LOSS_WEIGHT * nn.functional.cross_entropy(output[1], targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            batch = len(targets)
+            seen += batch
+            total_loss += loss.detach() * batch
+            correct += (logits.detach().argmax(1) == targets).sum()
+            callbacks.batch_end(float(total_loss) / seen)
+        if seen == 0:
+            raise SmadlrpError("the training split yielded no images")
+        return float(total_loss) / seen, float(correct) / seen
+
+    def _select(self, row: EpochRow) -> bool:
+        """Is this epoch the best so far on the validation split (a not-estimable value ranks last)?"""
+        key, sign = SELECT_BY[self.config.select_by]
+        value = getattr(row, key)
+        score = -math.inf if value is None or math.isnan(value) else sign * value
+        if self.state.best_epoch == 0 or score > self.state.best_score:
+            self.state.best_epoch, self.state.best_score = row.epoch, score
+            return True
+        return False
+
+    # ---- files ----------------------------------------------------------------------------------------------
+    def meta(self, metrics: dict[str, Any]) -> CheckpointMeta:
+        training = {k: v for k, v in asdict(self.config).items()}
+        return CheckpointMeta(
+            architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
+            input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            weights_source=self.weights_source, training=training, metrics=metrics,
+        )
+
+    def _save_history(self) -> None:
+        doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history}
+        write_text_atomic(self.out / "history.json", json.dumps(doc, indent=2) + "\n")
+        from smadlrp.viz import plot_training_curves
+
+        plot_training_curves(self.state.history, self.out / "training-curves.png")
+
+    def _save_resume(self) -> None:
+        tensors: dict[str, torch.Tensor] = {f"model/{k}": v.detach().cpu().clone().contiguous()
+                                            for k, v in self.model.state_dict().items()}
+        optim = self.optimizer.state_dict()
+        scalars: dict[str, Any] = {}
+        for index, slots in optim["state"].items():
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{index}/{name}"] = value.detach().cpu().clone().contiguous()
+                else:
+                    scalars[f"{index}/{name}"] = value
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/loader"] = self.generator.get_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        doc = {"schema": RESUME_SCHEMA, "config": asdict(self.config), "state": asdict(self.state),
+               "param_groups": optim["param_groups"], "optim_scalars": scalars,
+               "scaler": self.scaler.state_dict(), "weights_source": self.weights_source,
+               "class_names": self.class_names}
+        write_atomic(self.out / RESUME_FILE,
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": json.dumps(doc)}))
+
+    def restore(self, doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Load a resume state written by `_save_resume` (same config, same data)."""
+        if doc["class_names"] != self.class_names:
+            raise SmadlrpError(f"the data's classes {self.class_names} differ from the run's {doc['class_names']}")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        for key, value in doc["optim_scalars"].items():
+            index, name = key.split("/", 1)
+            state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+        if doc["scaler"]:
+            self.scaler.load_state_dict(doc["scaler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.generator.set_state(tensors["rng/loader"])
+        if "rng/cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        self.weights_source = doc["weights_source"]
+        self.state = RunState(**doc["state"])
+
+
+def read_resume(out: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """Read `out/resume.safetensors`: the run's config, its document and its tensors."""
+    path = out / RESUME_FILE
+    if not path.is_file():
+        raise SmadlrpError(f"{out}: no {RESUME_FILE} here, so nothing to resume (is it a finetune output folder?)")
+    doc = read_document(path)
+    if doc.get("schema") != RESUME_SCHEMA:
+        raise SmadlrpError(f"{path}: not a smadlrp resume state")
+    return TrainConfig(**doc["config"]), doc, read_tensors(path)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny image folders and tiny checkpoints, generated on the fly (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.models import build_model
+
+
+def write_tiny_dataset(root: Path, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """`root/{train,val,test}/{bonafide,morph}/*.png`: noise images; morphs carry a bright doubled bar (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val", "test"):
+        for label, name in enumerate(("bonafide", "morph")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = rng.integers(60, 140, size=(size, size, 3)).astype(np.uint8)
+                if label:
+                    row = int(rng.integers(4, size - 8))
+                    img[row:row + 2] = 250
+                    img[row + 4:row + 6] = 250
+                Image.fromarray(img).save(folder / f"{split}_{name}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight vgg_compact checkpoint at 32 px with classes bonafide/morph."""
+    torch.manual_seed(0)
+    model, source = build_model("vgg_compact", 2, "none")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    meta = CheckpointMeta("vgg_compact", ["bonafide", "morph"], "morph", 32, IMAGENET_MEAN, IMAGENET_STD, source)
+    save_checkpoint(path, model, meta)
+    return path
