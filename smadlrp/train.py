@@ -106,7 +106,7 @@ class RunState:
     epoch: int = 0  # completed epochs
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
-    best_score: float = -math.inf  # selection value, signed so that larger is better
+    best_score: list[float] = field(default_factory=list)  # (selection value, -val loss): larger is better
 
 
 def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -173,7 +173,9 @@ class Finetuner:
         is_best = self._select(row)
         self.state.epoch = epoch
         self.state.history.append(asdict(row))
-        metrics = {"val": {k: v for k, v in asdict(row).items() if k not in {"epoch", "seconds"}}, "epoch": epoch}
+        metrics = {"epoch": epoch, "train": {"loss": row.train_loss, "accuracy": row.train_acc},
+                   "val": {"loss": row.val_loss, "accuracy": row.val_acc, "apcer": row.apcer, "bpcer": row.bpcer,
+                           "d-eer": row.d_eer, "threshold": 0.5}}
         save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics))
         if is_best:
             save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics))
@@ -210,10 +212,11 @@ class Finetuner:
         return float(total_loss) / seen, float(correct) / seen
 
     def _select(self, row: EpochRow) -> bool:
-        """Is this epoch the best so far on the validation split (a not-estimable value ranks last)?"""
+        """Is this epoch the best so far on the validation split? Ties go to the lower validation loss; a
+        not-estimable value ranks last."""
         key, sign = SELECT_BY[self.config.select_by]
         value = getattr(row, key)
-        score = -math.inf if value is None or math.isnan(value) else sign * value
+        score = [-math.inf if value is None or math.isnan(value) else sign * value, -row.val_loss]
         if self.state.best_epoch == 0 or score > self.state.best_score:
             self.state.best_epoch, self.state.best_score = row.epoch, score
             return True

@@ -1,0 +1,230 @@
+"""Renderings of results: rich tables, a Markdown summary, and JSON-ready values. Nothing is printed here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from smadlrp.metrics import (
+    GATE_METRICS,
+    ORACLE_METRICS,
+    ConfusionMatrix,
+    MetricsSummary,
+    PerGroupSummary,
+)
+
+# What each gate metric means, in table order.
+METRIC_MEANINGS: Mapping[str, str] = {
+    "accuracy": "(TP + TN) / all",
+    "apcer": "FN / morphs",
+    "bpcer": "FP / bona fide",
+    "d-eer": "APCER = BPCER",
+    "bpcer10": "BPCER @ APCER 10 %",
+    "bpcer20": "BPCER @ APCER 5 %",
+    "bpcer100": "BPCER @ APCER 1 %",
+    "apcer@bpcer10": "APCER @ BPCER 10 %",
+    "apcer@bpcer1": "APCER @ BPCER 1 %",
+    "auc": "ROC area",
+}
+ORACLE_NOTE = "oracle: read off this split's own scores; choose thresholds on the validation split"
+
+
+def percent(value: float | None) -> str:
+    """A rate in [0, 1] as "12.34 %"; "n/a" for None."""
+    return "n/a" if value is None else f"{100.0 * value:.2f} %"
+
+
+def threshold_text(value: float | None) -> str:
+    """A score threshold with 4 decimals ("+inf"/"-inf" for the extremes, "n/a" for None)."""
+    if value is None:
+        return "n/a"
+    return f"{value:+}" if math.isinf(value) else f"{value:.4f}"
+
+
+def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
+    """Value and note of one gate metric: the value in % (the AUC as a number) with the threshold behind it,
+    or "n/a" with why it is not estimable."""
+    value = summary.value(name)
+    if value is None:
+        return "n/a", str(summary.reason(name))
+    return (f"{value:.4f}" if name == "auc" else percent(value)), _metric_note(summary, name)
+
+
+def _metric_note(summary: MetricsSummary, name: str) -> str:
+    """Threshold and reached rate behind an estimable metric, when it has them."""
+    if name in ("accuracy", "apcer", "bpcer"):
+        return f"t = {threshold_text(summary.threshold)} ({summary.threshold_source})"
+    if name == "d-eer":
+        return f"t = {threshold_text(summary.eer.threshold)}"
+    point = summary.operating_points.get(name)
+    if point is not None:
+        return f"t = {threshold_text(point.threshold)} ({point.fixed.upper()} {percent(point.reached)})"
+    return ""
+
+
+def confusion_table(cm: ConfusionMatrix, *, title: str = "Confusion matrix (morph = attack = positive)") -> Table:
+    """Rows: true class; columns: predicted class. Cells name TP/FN/FP/TN; the last column is the row's error
+    rate (APCER for morphs, BPCER for bona fide)."""
+    table = Table(title=title)
+    table.add_column("true \\ called")
+    table.add_column("morph", justify="right")
+    table.add_column("bona fide", justify="right")
+    table.add_column("error rate", justify="right")
+    table.add_row("morph (attack)", f"TP {cm.tp}", f"FN {cm.fn}", f"APCER {percent(cm.apcer)}")
+    table.add_row("bona fide", f"FP {cm.fp}", f"TN {cm.tn}", f"BPCER {percent(cm.bpcer)}")
+    return table
+
+
+def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> Table:
+    """One row per gate metric (its gate name) with its value and the threshold behind it; oracle rows are
+    marked with *. METRIC_MEANINGS and docs/metrics.md define each metric."""
+    table = Table(
+        title=title,
+        caption=(
+            f"{summary.n_morph} morphs, {summary.n_bonafide} bona fide. "
+            f"* {ORACLE_NOTE}. ACER is not reported (not ISO/IEC 30107-3 conformant)."
+        ),
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("threshold / note")
+    for name in GATE_METRICS:
+        table.add_row(name + (" *" if name in ORACLE_METRICS else ""), *_metric_cells(summary, name))
+    return table
+
+
+def per_type_table(result: PerGroupSummary, *, title: str = "APCER per morph type") -> Table:
+    """One row per attack species at the shared threshold; the worst (highest APCER) row is marked."""
+    worst = result.worst
+    table = Table(
+        title=title,
+        caption=(
+            f"t = {threshold_text(result.threshold)}; shared bona fide: {result.n_bonafide} images, "
+            f"BPCER {percent(result.bpcer)}. D-EER per type is an oracle number."
+        ),
+    )
+    for column in ("morph type", "morphs", "missed", "APCER", "D-EER *", "worst"):
+        table.add_column(column, justify="left" if column == "morph type" else "right")
+    for row in result.rows:
+        is_worst = worst is not None and row.group == worst.group
+        table.add_row(
+            row.group,
+            str(row.n_morph),
+            str(row.missed),
+            percent(row.apcer),
+            percent(row.eer.value) if row.eer.estimable else f"n/a ({row.eer.reason})",
+            "<- max APCER" if is_worst else "",
+            style="bold red" if is_worst else None,
+        )
+    return table
+
+
+def _optional(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def epoch_table(history: Sequence[Mapping[str, Any]], *, title: str = "Training") -> Table:
+    """One row per epoch from dicts with keys epoch, train_loss, train_acc, val_loss, val_acc, apcer, bpcer,
+    d_eer (rates as fractions; a missing key or None shows "n/a"). Losses are shown as numbers, rates in %."""
+    table = Table(title=title, caption="APCER, BPCER and D-EER on the validation split")
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "APCER", "BPCER", "D-EER"):
+        table.add_column(column, justify="right")
+    for row in history:
+        table.add_row(
+            str(row["epoch"]),
+            _optional(row.get("train_loss")),
+            percent(row.get("train_acc")),
+            _optional(row.get("val_loss")),
+            percent(row.get("val_acc")),
+            percent(row.get("apcer")),
+            percent(row.get("bpcer")),
+            percent(row.get("d_eer")),
+        )
+    return table
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
+    """GitHub-flavoured Markdown table lines; align holds "l" or "r" per column."""
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    return [_md_row(header), _md_row(rule), *(_md_row(row) for row in rows)]
+
+
+def summary_markdown(summary: MetricsSummary, per_type: PerGroupSummary | None, title: str) -> str:
+    """GitHub-flavoured Markdown (e.g. for a CI job summary): metrics, confusion matrix, per-type APCER."""
+    cm = summary.confusion
+    lines = [
+        f"## {title}",
+        "",
+        f"{summary.n_morph} morphs, {summary.n_bonafide} bona fide; threshold t = "
+        f"{threshold_text(summary.threshold)} ({summary.threshold_source}). Morph = attack = positive; "
+        "an image is called a morph when P(morph) >= t.",
+        "",
+    ]
+    metric_rows = [
+        [f"`{name}`" + (" \\*" if name in ORACLE_METRICS else ""), METRIC_MEANINGS[name], *_metric_cells(summary, name)]
+        for name in GATE_METRICS
+    ]
+    lines += _md_table(["metric", "meaning", "value", "threshold / note"], metric_rows, "llrl")
+    lines += ["", f"\\* {ORACLE_NOTE}.", "", "**Confusion matrix** (rows: true class, columns: called)", ""]
+    lines += _md_table(
+        ["true \\ called", "morph", "bona fide", "error rate"],
+        [
+            ["morph (attack)", f"TP {cm.tp}", f"FN {cm.fn}", f"APCER {percent(cm.apcer)}"],
+            ["bona fide", f"FP {cm.fp}", f"TN {cm.tn}", f"BPCER {percent(cm.bpcer)}"],
+        ],
+        "lrrr",
+    )
+    if per_type is not None and per_type.rows:
+        lines += ["", "**APCER per morph type** (worst in bold)", ""]
+        lines += _md_table(["morph type", "morphs", "missed", "APCER"], _md_type_rows(per_type), "lrrr")
+    return "\n".join(lines) + "\n"
+
+
+def _md_type_rows(per_type: PerGroupSummary) -> list[list[str]]:
+    worst = per_type.worst
+    rows = []
+    for row in per_type.rows:
+        cells = [row.group, str(row.n_morph), str(row.missed), percent(row.apcer)]
+        if worst is not None and row.group == worst.group:
+            cells = [f"**{cell}**" for cell in cells]
+        rows.append(cells)
+    return rows
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Turn dataclasses, mappings, sequences, numpy values and paths into JSON-serialisable values.
+
+    An object with an `as_dict()` method (MetricsSummary, PerGroupSummary) is rendered through it. NaN becomes
+    None and +-inf the strings "inf"/"-inf", so the output is strict JSON.
+    """
+    if callable(getattr(obj, "as_dict", None)) and not isinstance(obj, type):
+        return to_jsonable(obj.as_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(key): to_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(value) for value in obj.tolist()]
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        return ("inf" if obj > 0 else "-inf") if math.isinf(obj) else obj
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(value) for value in obj]
+    raise TypeError(f"cannot turn {type(obj).__name__} into JSON")

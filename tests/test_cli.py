@@ -1,0 +1,52 @@
+"""The shared CLI core: help, version, error lines and exit codes, the committed CLI reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from smadlrp import __version__
+from smadlrp.cli import app
+from smadlrp.cli.reference import cli_reference
+from smadlrp.device import resolve_device
+from smadlrp.errors import UsageError
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_real_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "info", "finetune", "evaluate", "import-model"):
+        assert command in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    for bad in ("tpu", "cuda:x"):
+        try:
+            resolve_device(bad)
+        except UsageError as exc:
+            assert exc.exit_code == 2
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: file not found: {tmp_path / 'missing.safetensors'}"]
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert committed == cli_reference(), "docs/cli.md is stale: run `make docs`"
