@@ -1,4 +1,4 @@
-"""Figures on disk: DET curves and training curves.
+"""Figures on disk: DET curves, training curves, relevance heatmaps, overlays, rule grids and layer traces.
 
 Figures are built on matplotlib's `Figure` with the Agg canvas (no pyplot global state, no display needed) and
 written atomically; the format follows the file suffix (.png, .pdf, .svg, ...).
@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from smadlrp.errors import SmadlrpError, UsageError
 from smadlrp.fileio import write_atomic
@@ -170,3 +172,82 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
         "%",
     )
     return save_figure(fig, path)
+
+
+# ---- relevance heatmaps ------------------------------------------------------------------------------------------
+HEATMAP_CMAP = "bwr"  # diverging: blue negative, white zero, red positive relevance
+HEATMAP_PERCENTILE = 99.5  # |relevance| at this percentile maps to full colour, so one hot pixel cannot wash out a map
+
+
+def relevance_map(relevance: npt.ArrayLike) -> FloatArray:
+    """(C, H, W) or (H, W) relevance -> (H, W) map, summed over channels."""
+    r = np.asarray(relevance, dtype=np.float64)
+    return r.sum(axis=0) if r.ndim == 3 else r
+
+
+def robust_scale(rmap: npt.ArrayLike, percentile: float = HEATMAP_PERCENTILE) -> float:
+    """Symmetric colour limit: the `percentile` of |map| (the maximum when that is 0; 1 for an all-zero map)."""
+    magnitude = np.abs(np.asarray(rmap, dtype=np.float64))
+    limit = float(np.percentile(magnitude, percentile)) if magnitude.size else 0.0
+    if limit <= 0.0:
+        limit = float(magnitude.max(initial=0.0))
+    return limit if limit > 0.0 else 1.0
+
+
+def heatmap_rgb(rmap: npt.ArrayLike, percentile: float = HEATMAP_PERCENTILE) -> npt.NDArray[np.uint8]:
+    """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-robust_scale."""
+    r = np.asarray(rmap, dtype=np.float64)
+    unit = np.clip(r / robust_scale(r, percentile), -1.0, 1.0) * 0.5 + 0.5
+    lut = (colormaps[HEATMAP_CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    return lut[np.rint(unit * 255.0).astype(np.intp)]
+
+
+def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float = 0.6,
+                percentile: float = HEATMAP_PERCENTILE) -> npt.NDArray[np.uint8]:
+    """Blend the heatmap over a grey version of `image` ((H, W, 3) uint8), opaque where relevance is large."""
+    r = np.asarray(rmap, dtype=np.float64)
+    weight = alpha * np.clip(np.abs(r) / robust_scale(r, percentile), 0.0, 1.0)[..., None]
+    grey = np.repeat(image.astype(np.float64).mean(axis=2, keepdims=True), 3, axis=2)
+    blended = (1.0 - weight) * grey + weight * heatmap_rgb(r, percentile)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_rgb(array: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
+    """Write an (H, W, 3) uint8 array as PNG, atomically."""
+    return write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def plot_rule_grid(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str],
+                   *, title: str = "") -> Path:
+    """The input plus one heatmap panel per rule (each map scaled on its own), in one row."""
+    panels = len(maps) + 1
+    columns = min(panels, 6)
+    rows = math.ceil(panels / columns)
+    fig = Figure(figsize=(2.2 * columns, 2.4 * rows + (0.3 if title else 0.0)), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    axes[0].imshow(image)
+    axes[0].set_title("input", fontsize=9)
+    for ax, (name, rmap) in zip(axes[1:], maps.items(), strict=False):
+        ax.imshow(heatmap_rgb(rmap))
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
+def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.PathLike[str]) -> Path:
+    """Channel-summed relevance maps ((H, W) each, any sizes), one panel per named layer, in reading order."""
+    if not maps:
+        raise SmadlrpError("no spatial relevance maps to plot")
+    columns = min(len(maps), 6)
+    rows = math.ceil(len(maps) / columns)
+    fig = Figure(figsize=(2.0 * columns, 2.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, rmap) in zip(axes, maps, strict=False):
+        ax.imshow(heatmap_rgb(rmap), interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    return save_figure(fig, path, dpi=100)

@@ -38,7 +38,13 @@ def main_options(
     state.debug = debug
 
 
-from smadlrp.cli import dataset_commands, evaluate_command, train_commands  # noqa: E402,F401  (registers commands)
+from smadlrp.cli import (  # noqa: E402,F401  (each module registers its commands)
+    dataset_commands,
+    evaluate_command,
+    explain_commands,
+    patterns_command,
+    train_commands,
+)
 
 
 def main() -> None:

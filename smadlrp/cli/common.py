@@ -17,10 +17,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from smadlrp.device import DEVICE_HELP, resolve_device
 from smadlrp.errors import SmadlrpError
@@ -141,3 +144,10 @@ def progress_bar(*extra: Any) -> Iterator[Progress]:
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
     ) as bar:
         yield bar
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Throughput of a task whose steps are images."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:.1f} img/s", style="cyan")

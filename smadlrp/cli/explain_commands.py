@@ -1,0 +1,168 @@
+"""`smadlrp explain` (relevance heatmaps for images) and `smadlrp trace` (relevance at every layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+from safetensors.torch import save_file
+
+from smadlrp.checkpoint import load_checkpoint
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    BatchSizeOption,
+    CheckpointOption,
+    DeviceOption,
+    ImagesPerSecond,
+    JsonOption,
+    WorkersOption,
+    console,
+    handle_errors,
+    pick_device,
+    progress_bar,
+    write_json,
+)
+from smadlrp.errors import UsageError
+from smadlrp.explain_run import (
+    build_explainers,
+    explain_images,
+    image_batches,
+    layer_maps,
+    load_pattern_tensors,
+    parse_params,
+    parse_target,
+    resolve_rules,
+)
+from smadlrp.fileio import write_atomic
+from smadlrp.lrp import trace as lrp_trace
+from smadlrp.paths import collect_images, output_stems, prepare_out_dir, safe_output
+from smadlrp.viz import plot_layer_maps
+
+RuleOption = Annotated[
+    list[str] | None,
+    typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available."),
+]
+PatternsOption = Annotated[
+    Path | None, typer.Option("--patterns", help="Pattern file from `smadlrp fit-patterns`.", dir_okay=False)
+]
+TargetOption = Annotated[
+    str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
+]
+ParamOption = Annotated[
+    list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
+]
+
+
+@app.command()
+@handle_errors
+def explain(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    checkpoint: CheckpointOption,
+    rule: RuleOption = None,
+    patterns: PatternsOption = None,
+    target: TargetOption = "predicted",
+    param: ParamOption = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
+    batch_size: BatchSizeOption = 16,
+    save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write the relevance tensors (safetensors).")]
+    = False,
+    workers: WorkersOption = 0,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = None,
+) -> None:
+    """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules."""
+    images = collect_images(paths)
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    rules = resolve_rules(rule or ["epsilon"], patterns is not None)
+    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
+    wanted = parse_target(target, meta.class_names)
+    prepare_out_dir(out)
+    raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
+    with progress_bar(ImagesPerSecond()) as bar:
+        task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(images))
+        results = explain_images(images, meta, explainers, wanted, out, batch_size=batch_size, workers=workers,
+                                 device=torch_device, raw=raw, on_batch=lambda n: bar.advance(task, n))
+    table = Table(title=f"{len(images)} image(s), {checkpoint.name}",
+                  caption="relevance sum vs target logit: equal when the rule conserves relevance and the "
+                          "biases absorb none")
+    for column in ("file", "predicted", f"P({meta.attack_class})", "target", "target logit", "rule",
+                   "relevance sum"):
+        table.add_column(column, justify="right" if column not in {"file", "predicted", "target", "rule"} else "left")
+    for result in results:
+        for i, (name, value) in enumerate(result.relevance_sum.items()):
+            first = i == 0
+            table.add_row(result.path.name if first else "", result.predicted if first else "",
+                          f"{result.p_attack:.4f}" if first else "", result.target if first else "",
+                          f"{result.target_logit:.4f}" if first else "", name, f"{value:.4f}")
+    console.print(table)
+    if raw is not None:
+        raw_path = safe_output(out, "relevance.safetensors", set(images))
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in raw.items()}
+        doc = json.dumps({"schema": "smadlrp.relevance/1", "files": [str(p) for p in images],
+                          "names": output_stems(images), "checkpoint": str(checkpoint)})
+        write_atomic(raw_path, lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": doc}))
+    console.print(f"wrote {sum(len(r.files) for r in results) + (raw is not None)} file(s) to {out}",
+                  highlight=False)
+    write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "out": str(out), "images": [
+        {"path": str(r.path), "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
+         "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files} for r in results]})
+
+
+@app.command()
+@handle_errors
+def trace(
+    image: Annotated[Path, typer.Argument(help="One image file.", dir_okay=False)],
+    checkpoint: CheckpointOption,
+    rule: Annotated[str, typer.Option("--rule", "-r", help="Rule or composite.")] = "epsilon",
+    patterns: PatternsOption = None,
+    target: TargetOption = "predicted",
+    param: ParamOption = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
+    device: DeviceOption = "auto",
+    json_out: JsonOption = None,
+) -> None:
+    """Relevance at the input of every layer and at the output: a conservation table, tensors and a figure."""
+    images = collect_images([image])
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    (rule,) = resolve_rules([rule], patterns is not None)
+    if rule == "all":
+        raise UsageError("trace takes one rule")
+    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
+    prepare_out_dir(out)
+    x, _ = next(image_batches(images, meta, 1, 0, torch_device))
+    with lrp_trace() as recorded:
+        result = explainer.explain(x, parse_target(target, meta.class_names))
+    records = recorded.records
+    output_sum = float(records[-1].relevance.double().sum())
+    table = Table(title=f"{image.name}: {rule}, target {meta.class_names[int(result.target[0])]}",
+                  caption="relevance at each layer's input; ratio = sum / output relevance (1 = conserved)")
+    for column in ("#", "layer", "type", "shape", "sum", "positive", "negative", "ratio"):
+        table.add_column(column, justify="left" if column in {"layer", "type", "shape"} else "right")
+    rows = []
+    for rec in records:
+        r = rec.relevance.double()
+        total, positive, negative = float(r.sum()), float(r.clamp(min=0).sum()), float(r.clamp(max=0).sum())
+        ratio = total / output_sum if output_sum else float("nan")
+        shape = "x".join(str(n) for n in rec.relevance.shape[1:])
+        table.add_row(str(rec.index), rec.name, rec.layer_type, shape, f"{total:.5g}", f"{positive:.5g}",
+                      f"{negative:.5g}", f"{ratio:.4f}")
+        rows.append({"index": rec.index, "name": rec.name, "type": rec.layer_type, "shape": list(rec.relevance.shape),
+                     "sum": total, "positive": positive, "negative": negative, "ratio": ratio})
+    console.print(table)
+    stem = output_stems(images)[0]
+    inputs = set(images)
+    tensors = {f"{rec.index:03d}.{rec.name}": rec.relevance[0].detach().cpu().contiguous() for rec in records}
+    doc = json.dumps({"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "layers": rows})
+    write_atomic(safe_output(out, f"{stem}.{rule}.trace.safetensors", inputs),
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": doc}))
+    plot_layer_maps(layer_maps(records), safe_output(out, f"{stem}.{rule}.trace.png", inputs))
+    console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
+    write_json(json_out, {"image": str(image), "rule": rule, "layers": rows})

@@ -1,0 +1,184 @@
+"""The work behind `smadlrp explain` and `smadlrp trace`: load images, run explainers, write per-image files.
+
+No printing here: the CLI renders what these functions return.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from smadlrp.checkpoint import CheckpointMeta
+from smadlrp.data import ImageDataset, Sample, eval_transform, make_loader
+from smadlrp.errors import UsageError
+from smadlrp.lrp import Explainer, method_names, method_parameters
+from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
+from smadlrp.paths import output_stems, safe_output
+from smadlrp.viz import heatmap_rgb, overlay_rgb, plot_rule_grid, relevance_map, save_rgb
+
+PATTERN_KIND_PREFERENCE = ("positive", "all")  # the two-component estimator suits ReLU networks (Kindermans 2018)
+
+
+def pattern_rules() -> tuple[str, ...]:
+    """Methods that need fitted patterns."""
+    return tuple(m for m in method_names() if "patterns" in method_parameters(m))
+
+
+def resolve_rules(requested: Sequence[str], have_patterns: bool) -> list[str]:
+    """Expand `all` (every method; pattern rules only with patterns) and check the names, keeping order."""
+    names: list[str] = []
+    for rule in requested:
+        if rule == "all":
+            names += [m for m in method_names() if have_patterns or m not in pattern_rules()]
+        elif rule not in method_names():
+            raise UsageError(f"unknown rule {rule!r}; choose one of: all, {', '.join(method_names())}")
+        elif rule in pattern_rules() and not have_patterns:
+            raise UsageError(f"rule {rule} needs fitted patterns: run `smadlrp fit-patterns --checkpoint CKPT "
+                             "--out patterns.safetensors` and pass --patterns patterns.safetensors")
+        else:
+            names.append(rule)
+    return list(dict.fromkeys(names))
+
+
+def parse_params(items: Sequence[str]) -> dict[str, float]:
+    """`KEY=VALUE` rule parameters (numbers), e.g. `epsilon=1e-6`."""
+    params: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--param {item!r}: expected KEY=NUMBER, e.g. epsilon=1e-6") from None
+        if not sep or not key.strip():
+            raise UsageError(f"--param {item!r}: expected KEY=NUMBER, e.g. epsilon=1e-6")
+    return params
+
+
+def load_pattern_tensors(path: Path, model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Patterns of `path` for `model` (refused when fitted on other weights) and the kind used."""
+    sets, meta = load_patterns(path)
+    check_fingerprint(meta, weights_fingerprint(model.state_dict()))
+    kind = next(k for k in (*PATTERN_KIND_PREFERENCE, *sets) if k in sets)
+    return sets[kind].patterns, kind
+
+
+def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str], params: Mapping[str, float],
+                     patterns: Mapping[str, torch.Tensor] | None) -> dict[str, Explainer]:
+    """One explainer per rule, each given the parameters it accepts (z-box bounds from the checkpoint's
+    normalisation, patterns for the pattern rules, and the user's `--param` values)."""
+    offered: dict[str, Any] = {"mean": meta.mean, "std": meta.std, "patterns": patterns, **params}
+    unused = set(params) - {p for rule in rules for p in method_parameters(rule)}
+    if unused:
+        raise UsageError(f"--param {', '.join(sorted(unused))}: not a parameter of {', '.join(rules)}")
+    return {rule: Explainer(model, rule, class_names=meta.class_names,
+                            **{k: v for k, v in offered.items() if k in method_parameters(rule)})
+            for rule in rules}
+
+
+def parse_target(text: str, class_names: Sequence[str]) -> int | str | None:
+    """`predicted` -> None, a class name -> itself, an integer -> the index (checked later against the model)."""
+    if text == "predicted":
+        return None
+    if text in class_names:
+        return text
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    raise UsageError(f"--target {text!r}: use predicted, a class name ({', '.join(class_names)}) or an index")
+
+
+def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> npt.NDArray[np.uint8]:
+    """Undo normalisation: (B, 3, H, W) model input -> (B, H, W, 3) uint8 pixels as the model saw them."""
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    pixels = ((x.cpu() * s + m).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+@dataclass
+class ImageResult:
+    """One image's explanation numbers: prediction, score, target, and per rule the relevance sum."""
+
+    path: Path
+    predicted: str
+    p_attack: float
+    target: str
+    target_logit: float
+    relevance_sum: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+
+def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int, workers: int,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """(B, 3, H, W) preprocessed batches of `images` with their positions in the list."""
+    dataset = ImageDataset([Sample(p, 0) for p in images], eval_transform(meta.input_size, meta.mean, meta.std))
+    for x, _, index in make_loader(dataset, batch_size, workers=workers, device=device):
+        yield x, index.tolist()
+
+
+def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Mapping[str, Explainer],
+                   target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
+                   raw: dict[str, list[torch.Tensor]] | None = None,
+                   on_batch: Callable[[int], None] = lambda n: None) -> list[ImageResult]:
+    """Explain every image with every explainer (each computed independently) and write its files into `out`:
+    `<name>.<rule>.heatmap.png`, `<name>.<rule>.overlay.png` and, with several rules, `<name>.grid.png`.
+    With `raw`, each rule's (B, C, H, W) relevance batches are appended to `raw[rule]`."""
+    stems = output_stems(images)
+    inputs = {p.resolve() for p in images}
+    results: list[ImageResult] = []
+    for x, positions in image_batches(images, meta, batch_size, workers, device):
+        pixels = to_uint8(x, meta.mean, meta.std)
+        maps: dict[str, np.ndarray] = {}
+        batch_results: list[ImageResult] = []
+        for rule, explainer in explainers.items():
+            res = explainer.explain(x, target)
+            relevance = res.relevance.detach().cpu()
+            if raw is not None:
+                raw.setdefault(rule, []).append(relevance)
+            maps[rule] = relevance.sum(dim=1).numpy()
+            if not batch_results:
+                batch_results = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
+            sums = relevance.flatten(1).sum(dim=1).double()
+            for result, value in zip(batch_results, sums.tolist(), strict=True):
+                result.relevance_sum[rule] = value
+        for row, result in enumerate(batch_results):
+            stem = stems[positions[row]]
+            for rule in explainers:
+                rmap = maps[rule][row]
+                heat = safe_output(out, f"{stem}.{rule}.heatmap.png", inputs)
+                over = safe_output(out, f"{stem}.{rule}.overlay.png", inputs)
+                save_rgb(heatmap_rgb(rmap), heat)
+                save_rgb(overlay_rgb(pixels[row], rmap), over)
+                result.files += [heat.name, over.name]
+            if len(explainers) > 1:
+                grid = safe_output(out, f"{stem}.grid.png", inputs)
+                plot_rule_grid(pixels[row], {rule: maps[rule][row] for rule in explainers}, grid,
+                               title=f"{result.path.name}: target {result.target}, P({meta.attack_class}) "
+                                     f"{result.p_attack:.3f}")
+                result.files.append(grid.name)
+        results += batch_results
+        on_batch(len(positions))
+    return results
+
+
+def _predictions(images: Sequence[Path], positions: Sequence[int], logits: torch.Tensor, target: torch.Tensor,
+                 meta: CheckpointMeta) -> list[ImageResult]:
+    probs = torch.softmax(logits.double(), dim=1)
+    rows = torch.arange(len(positions))
+    return [ImageResult(path=images[pos], predicted=meta.class_names[int(logits[i].argmax())],
+                        p_attack=float(probs[i, meta.attack_index]), target=meta.class_names[int(target[i])],
+                        target_logit=float(logits[rows, target][i]))
+            for i, pos in enumerate(positions)]
+
+
+def layer_maps(records: Sequence[Any]) -> list[tuple[str, np.ndarray]]:
+    """Channel-summed (H, W) maps of the spatial trace records (first image of the batch), labelled."""
+    return [(f"{rec.index}: {rec.name}", relevance_map(rec.relevance[0].cpu().numpy()))
+            for rec in records if rec.relevance.dim() == 4]
