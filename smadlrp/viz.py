@@ -213,13 +213,12 @@ def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float 
 
 
 def save_rgb(array: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG, atomically."""
-    return write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    """Write an (H, W, 3) uint8 array as PNG (fast zlib level), atomically."""
+    return write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
 
 
-def plot_rule_grid(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str],
-                   *, title: str = "") -> Path:
-    """The input plus one heatmap panel per rule (each map scaled on its own), in one row."""
+def rule_grid_figure(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLike], *, title: str = "") -> Figure:
+    """The input plus one heatmap panel per rule (each map scaled on its own), up to six panels per row."""
     panels = len(maps) + 1
     columns = min(panels, 6)
     rows = math.ceil(panels / columns)
@@ -230,11 +229,19 @@ def plot_rule_grid(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLik
     for ax, (name, rmap) in zip(axes[1:], maps.items(), strict=False):
         ax.imshow(heatmap_rgb(rmap))
         ax.set_title(name, fontsize=9)
-    for ax in axes:
+    for ax in axes[panels:]:
+        fig.delaxes(ax)
+    for ax in axes[:panels]:
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path, dpi=100)
+    return fig
+
+
+def plot_rule_grid(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str],
+                   *, title: str = "") -> Path:
+    """Write `rule_grid_figure` to `path`."""
+    return save_figure(rule_grid_figure(image, maps, title=title), path, dpi=100)
 
 
 def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.PathLike[str]) -> Path:
@@ -248,6 +255,8 @@ def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.Pa
     for ax, (name, rmap) in zip(axes, maps, strict=False):
         ax.imshow(heatmap_rgb(rmap), interpolation="nearest")
         ax.set_title(name, fontsize=8)
-    for ax in axes:
+    for ax in axes[len(maps):]:
+        fig.delaxes(ax)
+    for ax in axes[:len(maps)]:
         ax.set_axis_off()
     return save_figure(fig, path, dpi=100)

@@ -1,0 +1,115 @@
+"""`smadlrp explain` and `smadlrp trace` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+import smadlrp.lrp as lrp
+from smadlrp.checkpoint import load_checkpoint
+from smadlrp.cli import app
+from smadlrp.data import eval_transform, load_rgb
+from smadlrp.viz import rule_grid_figure
+
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture()
+def two_same_names(tiny_data: Path, tmp_path: Path) -> Path:
+    """Two `a.png` in different folders, one of them RGBA and one 16-bit grayscale."""
+    for folder, source in (("x", "test/morph/test_morph_00.png"), ("y", "test/bonafide/test_bonafide_00.png")):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        shutil.copy(tiny_data / source, tmp_path / "in" / folder / "a.png")
+    Image.open(tiny_data / "test/morph/test_morph_01.png").convert("RGBA").save(tmp_path / "in" / "x" / "rgba.png")
+    grey16 = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "in" / "y" / "grey16.png")
+    return tmp_path / "in"
+
+
+def test_explain_writes_maps_table_and_raw(tiny_checkpoint: Path, two_same_names: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _invoke("explain", str(two_same_names), "--checkpoint", str(tiny_checkpoint), "--rule", "epsilon",
+                           "--rule", "alpha1beta0", "--out", str(out), "--save-raw", "--device", "cpu",
+                           "--json", str(tmp_path / "r.json"))
+    assert code == 0, output
+    names = sorted(p.name for p in out.iterdir())
+    assert "x__a.grid.png" in names and "y__a.grid.png" in names  # same-named inputs stay apart
+    for stem in ("x__a", "y__a", "x__rgba", "y__grey16"):
+        for rule in ("epsilon", "alpha1beta0"):
+            for kind in ("heatmap", "overlay"):
+                with Image.open(out / f"{stem}.{rule}.{kind}.png") as img:
+                    assert img.size == (32, 32) and img.mode == "RGB"
+        with Image.open(out / f"{stem}.grid.png") as img:
+            assert img.size[0] > img.size[1] > 100
+    report = json.loads((tmp_path / "r.json").read_text())
+    model, meta = load_checkpoint(tiny_checkpoint)
+    transform = eval_transform(meta.input_size, meta.mean, meta.std)
+    with safe_open(str(out / "relevance.safetensors"), "pt") as raw:
+        files = json.loads(raw.metadata()["smadlrp"])["files"]
+        stored = raw.get_tensor("epsilon")
+    for row in report["images"]:
+        x = transform(load_rgb(row["path"]))[None]
+        for rule in ("epsilon", "alpha1beta0"):
+            expected = lrp.explain(model, x, rule).sum().item()
+            assert row["relevance_sum"][rule] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        reference = lrp.explain(model, x, "epsilon")[0]
+        torch.testing.assert_close(stored[files.index(row["path"])], reference, rtol=1e-5, atol=1e-7)
+
+
+def test_grid_has_one_panel_per_rule_plus_input() -> None:
+    maps = {name: np.random.default_rng(0).normal(size=(8, 8)) for name in ("a", "b", "c", "d", "e", "f", "g")}
+    fig = rule_grid_figure(np.zeros((8, 8, 3), np.uint8), maps)
+    assert [ax.get_title() for ax in fig.axes] == ["input", *maps]
+
+
+def test_trace_sums_match_the_engine(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path) -> None:
+    image = tiny_data / "test/morph/test_morph_02.png"
+    code, output = _invoke("trace", str(image), "--checkpoint", str(tiny_checkpoint), "--rule", "alpha1beta0",
+                           "--out", str(tmp_path), "--json", str(tmp_path / "t.json"))
+    assert code == 0, output
+    layers = json.loads((tmp_path / "t.json").read_text())["layers"]
+    model, meta = load_checkpoint(tiny_checkpoint)
+    x = eval_transform(meta.input_size, meta.mean, meta.std)(load_rgb(image))[None]
+    with lrp.trace() as recorded:
+        relevance = lrp.explain(model, x, "alpha1beta0")
+    assert [r["name"] for r in layers] == [r.name for r in recorded.records]
+    for row, rec in zip(layers, recorded.records, strict=True):
+        assert row["sum"] == pytest.approx(float(rec.relevance.double().sum()), rel=1e-6, abs=1e-9)
+    assert layers[0]["sum"] == pytest.approx(float(relevance.sum()), rel=1e-5)
+    assert (tmp_path / "test_morph_02.alpha1beta0.trace.png").is_file()
+    with safe_open(str(tmp_path / "test_morph_02.alpha1beta0.trace.safetensors"), "pt") as stored:
+        assert len(stored.keys()) == len(layers)
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        (lambda p: None, ["{tmp}/missing.png"], "no such file or folder"),
+        (lambda p: (p / "empty").mkdir(), ["{tmp}/empty"], "no images found"),
+        (lambda p: (p / "note.png").write_text("not an image"), ["{tmp}/note.png"], "not a readable image"),
+        (lambda p: None, ["{data}", "--rule", "patternnet"], "needs fitted patterns"),
+        (lambda p: (p / "file").write_text("x"), ["{data}", "--out", "{tmp}/file"], "is an existing file"),
+        (lambda p: None, ["{data}", "--rule", "nonsense"], "unknown rule 'nonsense'"),
+        (lambda p: None, ["{data}", "--target", "cat"], "--target 'cat'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path, setup: object,
+                                     extra: list[str], message: str) -> None:
+    setup(tmp_path)  # type: ignore[operator]
+    args = [a.format(tmp=tmp_path, data=tiny_data / "test" / "morph") for a in extra]
+    code, output = _invoke("explain", *args[:1], "--checkpoint", str(tiny_checkpoint), *args[1:])
+    assert code in (1, 2)
+    assert message in output and "Traceback" not in output
