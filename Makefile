@@ -25,7 +25,6 @@ docs: install
 	$(BIN)/python -m smadlrp.cli.reference docs/cli.md
 
 demo: install
-	$(BIN)/smadlrp info --help > /dev/null
 	bash scripts/demo.sh $(DEMO)
 
 clean:

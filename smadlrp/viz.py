@@ -260,3 +260,33 @@ def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.Pa
     for ax in axes[:len(maps)]:
         ax.set_axis_off()
     return save_figure(fig, path, dpi=100)
+
+
+def plot_perturbation_curves(curves: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str], *,
+                             aopc: Mapping[str, float] | None = None, baselines: Sequence[str] = (),
+                             ylabel: str = "mean drop of the target logit", title: str = "Region perturbation",
+                             ) -> Path:
+    """Perturbation curves, one line per method: name -> (S + 1,) mean score drop f(x_0) - f(x_k) after k patches.
+
+    `aopc` (one value per curve) is quoted in the legend, sorted best first; `baselines` are drawn dashed.
+    """
+    if not curves:
+        raise SmadlrpError("no perturbation curve to plot")
+    if aopc is not None and set(aopc) != set(curves):
+        raise ValueError("aopc must give one value per curve")
+    names = sorted(curves, key=lambda n: -aopc[n]) if aopc else list(curves)
+    colours = colormaps["tab20"](np.linspace(0.0, 1.0, 20))
+    fig = Figure(figsize=(9.0, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        values = np.asarray(curves[name], dtype=np.float64)
+        label = name if not aopc else f"{name} (AOPC {aopc[name]:.3g})"
+        ax.plot(np.arange(values.size), values, label=label, color=colours[i % 20], linewidth=1.6,
+                linestyle="--" if name in baselines else "-")
+    ax.set_xlabel("patches replaced (most relevant first)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return save_figure(fig, path)

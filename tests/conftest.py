@@ -13,6 +13,9 @@ from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
 from smadlrp.models import build_model
 
+# The test models are tiny: one thread is as fast and is not slowed down by other processes on a busy machine.
+torch.set_num_threads(1)
+
 
 def write_tiny_dataset(root: Path, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
     """`root/{train,val,test}/{bonafide,morph}/*.png`: noise images; morphs carry a bright doubled bar (learnable)."""

@@ -39,6 +39,7 @@ def main_options(
 
 
 from smadlrp.cli import (  # noqa: E402,F401  (each module registers its commands)
+    compare_command,
     dataset_commands,
     evaluate_command,
     explain_commands,

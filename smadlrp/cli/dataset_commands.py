@@ -13,6 +13,7 @@ from smadlrp.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta, read_document,
 from smadlrp.cli import app
 from smadlrp.cli.common import JsonOption, console, handle_errors, progress_bar, write_json
 from smadlrp.errors import UsageError
+from smadlrp.synthetic import SynthConfig, generate_dataset
 
 
 @app.command()
@@ -20,7 +21,8 @@ from smadlrp.errors import UsageError
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the data set into (must be empty or absent).",
                                         file_okay=False)],
-    identities: Annotated[int, typer.Option(help="Number of synthetic identities (split 60/20/20).")] = 0,
+    identities: Annotated[int, typer.Option(help="Number of synthetic identities (split 60/20/20).")]
+    = SynthConfig.identities,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side, pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
     morph_types: Annotated[
@@ -30,25 +32,22 @@ def synth(
     json_out: JsonOption = None,
 ) -> None:
     """Generate the synthetic S-MAD data set: faces, morphs, artifact masks and a manifest."""
-    from smadlrp.synthetic import SynthConfig, generate_dataset
-
     types = tuple(t.strip() for t in morph_types.split(",") if t.strip())
-    fields: dict[str, Any] = {"image_size": image_size, "seed": seed, "morph_types": types}
-    if identities:
-        fields["identities"] = identities
+    fields: dict[str, Any] = {"identities": identities, "image_size": image_size, "seed": seed, "morph_types": types}
     config = SynthConfig(**fields)
     with progress_bar() as bar:
         task = bar.add_task("drawing faces and morphs", total=None)
         summary = generate_dataset(out, config, overwrite=overwrite,
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-    table = Table(title=f"synthetic S-MAD set in {out}", caption="synthetic: it exercises the pipeline and the "
-                  "explanations, not real-world MAD accuracy")
+    table = Table(title="synthetic S-MAD data set")
     table.add_column("split")
     table.add_column("bonafide", justify="right")
     table.add_column("morph", justify="right")
     for split, counts in summary.counts.items():
         table.add_row(split, str(counts.get("bonafide", 0)), str(counts.get("morph", 0)))
     console.print(table)
+    console.print(f"wrote {out} (synthetic faces: they exercise the pipeline and the explanations, not real-world "
+                  "MAD accuracy)", highlight=False)
     write_json(json_out, {"out": str(out), "config": fields, "counts": summary.counts})
 
 

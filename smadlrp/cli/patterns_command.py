@@ -58,7 +58,7 @@ def fit_patterns_command(
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     fingerprint = weights_fingerprint(model.state_dict())
-    canonical = canonize(model)
+    canonical = canonize(model, share_weights=True)  # fitting only reads the weights: no second copy
     root = data_root(data)
     samples = scan_split(root, split, meta.class_names, warn=notice).samples
     if max_images is not None and max_images < len(samples):

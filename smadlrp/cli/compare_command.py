@@ -1,0 +1,176 @@
+"""`smadlrp compare-rules`: which explanation is faithful for this detector (localisation, AOPC, time)?"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from smadlrp.checkpoint import load_checkpoint
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    BatchSizeOption,
+    CheckpointOption,
+    DataOption,
+    DeviceOption,
+    ImagesPerSecond,
+    JsonOption,
+    SeedOption,
+    WorkersOption,
+    console,
+    data_root,
+    handle_errors,
+    notice,
+    pick_device,
+    progress_bar,
+    write_json,
+)
+from smadlrp.cli.explain_commands import PatternsOption, RuleOption
+from smadlrp.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
+from smadlrp.errors import UsageError
+from smadlrp.explain_run import build_explainers, load_pattern_tensors, resolve_rules
+from smadlrp.fileio import write_text_atomic
+from smadlrp.paths import prepare_out_dir
+from smadlrp.viz import plot_perturbation_curves
+
+BEST = "bold green"
+Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better
+
+
+def _loc(pick: Callable[[Localisation], float | None]) -> Callable[[MethodResult], float | None]:
+    return lambda m: None if m.localisation is None else pick(m.localisation)
+
+
+COLUMNS: tuple[Column, ...] = (
+    ("ms / image", lambda m: m.ms_per_image, False),
+    ("AOPC", lambda m: m.aopc, True),
+    ("AOPC - random", lambda m: m.aopc_vs_random, True),
+    ("mass acc.", _loc(lambda loc: loc.mass_accuracy), True),
+    ("rank acc.", _loc(lambda loc: loc.rank_accuracy), True),
+    ("pointing", _loc(lambda loc: loc.pointing_game), True),
+)
+
+
+def _best(methods: Sequence[MethodResult], value: Callable[[MethodResult], float | None], higher: bool) -> float | None:
+    """The best value of a column over every method but the random map (None when the column is empty)."""
+    values = [v for m in methods if m.name != RANDOM and (v := value(m)) is not None]
+    if not values:
+        return None
+    return max(values) if higher else min(values)
+
+
+def _cell(value: float | None, best: float | None, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return f"[{BEST}]{text}[/{BEST}]" if best is not None and value == best else text
+
+
+def results_table(result: Comparison, title: str) -> Table:
+    """One row per rule and baseline; the best value of each column (random map aside) in bold green."""
+    table = Table(title=title, caption=f"AOPC: mean drop of the {result.score} over {result.steps} steps of "
+                                       f"{result.patch_size}x{result.patch_size}-pixel patches (higher = more "
+                                       "faithful); localisation on morphs with artifact masks (higher = better)")
+    table.add_column("method", justify="left", no_wrap=True)
+    table.add_column("kind", justify="left", no_wrap=True)
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    bests = [_best(result.methods, value, higher) for _, value, higher in COLUMNS]
+    for m in result.methods:
+        cells = [_cell(value(m), best, 2 if header.startswith("ms") else 4)
+                 for (header, value, _), best in zip(COLUMNS, bests, strict=True)]
+        table.add_row(m.name, m.kind, *cells)
+    return table
+
+
+def per_type_table(result: Comparison) -> Table:
+    """Localisation per morph type: mass / rank / pointing for each method, best per cell column highlighted."""
+    types = result.morph_types
+    table = Table(title="Localisation per morph type", caption="each cell: mass accuracy / rank accuracy / "
+                                                               "pointing game")
+    table.add_column("method", justify="left", no_wrap=True)
+    counts = {t: next(m.per_type[t].n_images for m in result.methods if t in m.per_type) for t in types}
+    for t in types:
+        table.add_column(f"{t} (n={counts[t]})", justify="right", no_wrap=True)
+    getters = (lambda loc: loc.mass_accuracy, lambda loc: loc.rank_accuracy, lambda loc: loc.pointing_game)
+
+    def value(t: str, get: Callable[[Localisation], float | None]) -> Callable[[MethodResult], float | None]:
+        return lambda m: get(m.per_type[t]) if t in m.per_type else None
+
+    bests = {(t, i): _best(result.methods, value(t, get), True) for t in types for i, get in enumerate(getters)}
+    for m in result.methods:
+        table.add_row(m.name, *(" / ".join(_cell(value(t, get)(m), bests[t, i], 3) for i, get in enumerate(getters))
+                                for t in types))
+    return table
+
+
+def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
+    """`--target`: a class name or index; None (the attack class) when not given."""
+    if text is None or text in class_names:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UsageError(f"--target {text!r}: compare-rules explains one class for every image; use a class name "
+                     f"({', '.join(class_names)}) or an index")
+
+
+@app.command("compare-rules")
+@handle_errors
+def compare_rules(
+    checkpoint: CheckpointOption,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
+    rule: RuleOption = None,
+    patterns: PatternsOption = None,
+    target: Annotated[
+        str | None, typer.Option(help="Class explained and scored for every image (name or index); default: the "
+                                      "attack class.")
+    ] = None,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Images drawn (seeded, both classes).")]
+    = 200,
+    batch_size: BatchSizeOption = 32,
+    patch_size: Annotated[
+        int | None, typer.Option("--patch-size", min=1, help="Side of the perturbed square patches, model-input "
+                                                             "pixels; default: input size / 16.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Patches replaced, most relevant first.")] = 50,
+    seed: SeedOption = 0,
+    out: Annotated[Path, typer.Option(help="Output folder (CSV and figure).")] = Path("compare_results"),
+    workers: WorkersOption = 0,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = None,
+) -> None:
+    """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
+    masks, region perturbation (AOPC) and time per image."""
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    rules = resolve_rules(rule or ["all"], patterns is not None)
+    wanted = _target(target, meta.class_names)
+    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    explainers = build_explainers(model, meta, rules, {}, pattern_tensors)
+    root = data_root(data)
+    prepare_out_dir(out)
+    with progress_bar(ImagesPerSecond()) as bar:
+        task = bar.add_task(f"comparing {len(rules)} rule(s) and 3 baselines", total=None)
+        result = compare_methods(model, meta, explainers, root, split=split, max_images=max_images,
+                                 batch_size=batch_size, patch_size=patch_size, steps=steps, seed=seed, target=wanted,
+                                 workers=workers, device=torch_device, warn=notice,
+                                 on_start=lambda n: bar.update(task, total=n),
+                                 on_batch=lambda n: bar.advance(task, n))
+    if result.localisation_note is not None:
+        notice(f"localisation columns are n/a: {result.localisation_note}")
+    counts = ", ".join(f"{n} {name}" for name, n in result.class_counts.items())
+    console.print(results_table(result, f"{checkpoint.name} on {split} ({counts}), target {result.target}"))
+    if result.morph_types:
+        console.print(per_type_table(result))
+    write_text_atomic(out / "compare-rules.csv", comparison_csv(result))
+    plot_perturbation_curves({m.name: m.curve for m in result.methods}, out / "perturbation-curves.png",
+                             aopc={m.name: m.aopc for m in result.methods},
+                             baselines=[m.name for m in result.methods if m.kind == "baseline"],
+                             ylabel=f"mean drop of the {result.score}",
+                             title=f"Region perturbation: {checkpoint.name}, target {result.target}")
+    console.print(f"wrote compare-rules.csv and perturbation-curves.png to {out}", highlight=False)
+    write_json(json_out, {"checkpoint": str(checkpoint), **result.as_dict()})

@@ -1,0 +1,62 @@
+"""Layer-wise Relevance Propagation for feed-forward CNNs: rules, composites, canonization, engine, tracing.
+
+    import smadlrp.lrp as lrp
+    relevance = lrp.explain(model, x, rule="epsilon")              # (B, C, H, W), one pass for the batch
+    explainer = lrp.Explainer(model, "epsilon-gamma-box", mean=mean, std=std)
+    result = explainer.explain(x, target="morph")                  # needs class_names=... for names
+
+See docs/lrp.md for the maths of every rule and composite.
+"""
+
+from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
+from smadlrp.lrp.composites import (
+    COMPOSITES,
+    Composite,
+    CompositeSpec,
+    LayerSlot,
+    build_composite,
+    method_names,
+    method_parameters,
+)
+from smadlrp.lrp.engine import (
+    SUPPORTED_LAYERS,
+    Explainer,
+    LRPModel,
+    Relevance,
+    check_supported,
+    convert,
+    explain,
+    resolve_target,
+)
+from smadlrp.lrp.rules import RULES, Rule, make_rule, register, rule_names, rule_parameters
+from smadlrp.lrp.trace import TraceRecord, collect_and_disable, enable_and_clean, trace
+
+__all__ = [
+    "COMPOSITES",
+    "RULES",
+    "SUPPORTED_LAYERS",
+    "Composite",
+    "CompositeSpec",
+    "Explainer",
+    "FoldedBatchNorm",
+    "LRPModel",
+    "LayerSlot",
+    "Relevance",
+    "Rule",
+    "TraceRecord",
+    "build_composite",
+    "canonize",
+    "check_supported",
+    "collect_and_disable",
+    "convert",
+    "enable_and_clean",
+    "explain",
+    "make_rule",
+    "method_names",
+    "method_parameters",
+    "register",
+    "resolve_target",
+    "rule_names",
+    "rule_parameters",
+    "trace",
+]

@@ -1,0 +1,181 @@
+"""Composites: which rule explains which layer. Named composites live in one registry.
+
+A method name (`explain(..., rule=...)`) is either a rule key (that rule on every Conv2d/Linear layer, as
+TorchLRP did; an input-layer rule such as `zbox` goes on the first layer and LRP-0 on the others) or the name of
+a composite below. Layers are counted in the order the forward pass runs them; index 0 is the first layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from smadlrp.errors import UsageError
+from smadlrp.lrp.rules import RULES, Rule, Zero, make_rule, rule_parameters
+
+LayerKind = Literal["conv", "dense"]
+
+
+@dataclass(frozen=True)
+class CompositeSpec:
+    """A named rule map: `first` for the first layer (None: no special rule), `conv` for other Conv2d layers,
+    `dense` for other Linear layers."""
+
+    name: str
+    summary: str
+    first: str | None
+    conv: str
+    dense: str
+
+    def keys(self) -> tuple[str, ...]:
+        """The rule keys this composite uses."""
+        return tuple(dict.fromkeys(k for k in (self.first, self.conv, self.dense) if k is not None))
+
+
+COMPOSITES: dict[str, CompositeSpec] = {
+    spec.name: spec
+    for spec in (
+        CompositeSpec(
+            "epsilon-gamma-box", "z^B on the first layer, gamma on convolutions, epsilon on dense layers",
+            "zbox", "gamma", "epsilon",
+        ),
+        CompositeSpec("epsilon-plus", "alpha1beta0 (z+) on convolutions, epsilon on dense layers",
+                      None, "alpha1beta0", "epsilon"),
+        CompositeSpec("epsilon-plus-flat", "flat on the first layer, then as epsilon-plus",
+                      "flat", "alpha1beta0", "epsilon"),
+        CompositeSpec("epsilon-alpha2-beta1", "alpha2beta1 on convolutions, epsilon on dense layers",
+                      None, "alpha2beta1", "epsilon"),
+        CompositeSpec("epsilon-alpha2-beta1-flat", "flat on the first layer, then as epsilon-alpha2-beta1",
+                      "flat", "alpha2beta1", "epsilon"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """An explained layer as a composite sees it: position in the forward pass, qualified name, kind."""
+
+    index: int
+    name: str
+    kind: LayerKind
+
+
+Override = str | Rule
+
+
+@dataclass(frozen=True, eq=False)
+class Composite:
+    """A resolved rule map. `overrides` keys are qualified layer names or indices (negative: from the end)."""
+
+    name: str
+    first: Rule | None
+    conv: Rule
+    dense: Rule
+    overrides: Mapping[str | int, Rule] = dataclasses.field(default_factory=dict)
+
+    def rule_for(self, slot: LayerSlot, count: int) -> Rule:
+        """The rule for `slot` in a model with `count` explained layers."""
+        for key in (slot.name, slot.index, slot.index - count):
+            if key in self.overrides:
+                return self.overrides[key]
+        if slot.index == 0 and self.first is not None:
+            return self.first
+        return self.conv if slot.kind == "conv" else self.dense
+
+    def rules(self) -> Iterator[Rule]:
+        """Every rule this composite can assign."""
+        yield from (r for r in (self.first, self.conv, self.dense) if r is not None)
+        yield from self.overrides.values()
+
+    @property
+    def signal(self) -> bool:
+        """True for signal methods (PatternNet family), whose pools propagate the plain gradient."""
+        return self.conv.signal
+
+    def check_layers(self, weights: Mapping[str, Any]) -> None:
+        """Refuse overrides naming no explained layer, and rules that cannot explain these layers."""
+        names, count = list(weights), len(weights)
+        for key in self.overrides:
+            if isinstance(key, str) and key not in weights:
+                shown = ", ".join(names[:12]) + (", ..." if count > 12 else "")
+                raise UsageError(f"override {key!r} names no Conv2d/Linear layer; layers: {shown}")
+            if isinstance(key, int) and not -count <= key < count:
+                raise UsageError(f"override index {key} is out of range for {count} explained layers")
+        for rule in self.rules():
+            rule.check_layers(weights)
+
+
+def method_names() -> tuple[str, ...]:
+    """Everything `explain(..., rule=...)` accepts by name: rule keys, then composite names."""
+    return (*RULES, *COMPOSITES)
+
+
+def method_parameters(method: str) -> tuple[str, ...]:
+    """Parameter names accepted by the rule or composite `method`."""
+    return tuple(dict.fromkeys(p for key in _method_keys(method) for p in rule_parameters(key)))
+
+
+def _method_keys(method: str) -> tuple[str, ...]:
+    if method in COMPOSITES:
+        return COMPOSITES[method].keys()
+    if method in RULES:
+        return (method, Zero.key) if RULES[method].input_layer else (method,)
+    raise UsageError(f"unknown rule {method!r}; choose one of: {', '.join(method_names())}")
+
+
+def build_composite(
+    method: str | Rule | Composite,
+    params: Mapping[str, Any] | None = None,
+    overrides: Mapping[str | int, Override] | None = None,
+) -> Composite:
+    """Resolve a rule key, composite name, Rule or Composite with rule `params` and per-layer `overrides`.
+
+    Each rule receives the parameters it accepts; a parameter no rule accepts is a UsageError. Override values
+    are rule keys (built with the same parameters) or Rule objects.
+    """
+    params = dict(params or {})
+    if isinstance(method, Composite):
+        if params or overrides:
+            raise UsageError("pass rule parameters and overrides when building the Composite, not with it")
+        return method
+    override_keys = [v for v in (overrides or {}).values() if isinstance(v, str)]
+    keys = (_method_keys(method) if isinstance(method, str) else ()) + tuple(override_keys)
+    _check_unused(method, keys, params)
+    built = {key: make_rule(key, **_accepted(key, params)) for key in dict.fromkeys(keys)}
+    resolved = {k: built[v] if isinstance(v, str) else _as_rule(v) for k, v in (overrides or {}).items()}
+    if isinstance(method, Rule):
+        rest_rule = Zero() if method.input_layer else method
+        composite = Composite(method.key, method if method.input_layer else None, rest_rule, rest_rule, resolved)
+    elif method in COMPOSITES:
+        spec = COMPOSITES[method]
+        first = built[spec.first] if spec.first else None
+        composite = Composite(method, first, built[spec.conv], built[spec.dense], resolved)
+    else:
+        rule = built[method]
+        rest = built[Zero.key] if rule.input_layer else rule
+        composite = Composite(method, rule if rule.input_layer else None, rest, rest, resolved)
+    if len({r.signal for r in composite.rules()}) > 1:
+        raise UsageError("PatternNet-family rules cannot be mixed with relevance rules in one explanation")
+    return composite
+
+
+def _as_rule(value: object) -> Rule:
+    if not isinstance(value, Rule):
+        raise UsageError(f"an override must be a rule key or a Rule, got {value!r}")
+    return value
+
+
+def _accepted(key: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    accepted = rule_parameters(key)
+    return {k: v for k, v in params.items() if k in accepted}
+
+
+def _check_unused(method: str | Rule, keys: Sequence[str], params: Mapping[str, Any]) -> None:
+    accepted = {p for key in keys for p in rule_parameters(key)}
+    unused = sorted(set(params) - accepted)
+    if unused:
+        label = method.key if isinstance(method, Rule) else method
+        have = ", ".join(sorted(accepted)) or "none"
+        raise UsageError(f"{label} does not use parameter(s) {', '.join(unused)} (its parameters: {have})")

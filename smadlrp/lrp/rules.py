@@ -1,0 +1,638 @@
+"""LRP rules: each rule is a small frozen dataclass with validated parameters, registered under one key.
+
+A rule says how the relevance `r` (shape of the layer output `z`) that reaches a Conv2d or Linear layer is shared
+back onto its input `a`. Every rule is computed with forward passes of the layer with modified weights and
+vector-Jacobian products (`LayerOp.vjp`) of the real layer operation, so any stride, padding, dilation and
+groups works. Modified weights depend only on the model: `Rule.prepare` computes them once per layer and the
+engine caches them.
+
+Adding a rule is one class and one line: subclass `Rule`, decorate it with `@register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smadlrp.errors import UsageError
+
+# Weights a rule prepared for one layer: "weight" and "bias" (float32, the layer's own) plus the rule's own.
+Prepared = dict[str, Tensor]
+
+# Denominator stabiliser of the rules without epsilon: 0 means a zero denominator gives 0 (its contributions are
+# all zero too); a positive value s turns the denominator z into z + s sign(z) like epsilon does.
+DEFAULT_STABILIZER = 0.0
+FIT_PATTERNS_HINT = "run `smadlrp fit-patterns` and pass the fitted patterns"
+
+
+class LayerOp(ABC):
+    """The linear map of one Conv2d or Linear layer, applicable with any weights."""
+
+    @abstractmethod
+    def forward(self, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """`z = a W^T + b` for the given weights; `a` (B, ...) -> `z` (B, ...)."""
+
+    @abstractmethod
+    def vjp(self, a: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+        """`W^T s`: the vector-Jacobian product of `forward` w.r.t. its input `a` (shape of `a`)."""
+
+    @abstractmethod
+    def channels(self, a: Tensor) -> int:
+        """Number of input channels (Conv2d) or features (Linear) of `a`."""
+
+    @abstractmethod
+    def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
+        """Reshape a (C,) vector of per-channel values so that it broadcasts over `a`."""
+
+
+@dataclass(frozen=True)
+class ConvOp(LayerOp):
+    """A 2-d convolution with zero padding `padding` (other padding modes are applied to `a` beforehand)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def forward(self, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def vjp(self, a: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+        # The real input (not an expanded placeholder, which the backward kernel would first copy in full).
+        mask = (True, False, False)
+        grads = torch.ops.aten.convolution_backward(
+            s, a, weight, None, self.stride, self.padding, self.dilation, False, (0, 0), self.groups, mask
+        )
+        return grads[0]  # type: ignore[no-any-return]
+
+    def channels(self, a: Tensor) -> int:
+        return int(a.shape[1])
+
+    def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
+        return values.view(1, -1, 1, 1)
+
+
+@dataclass(frozen=True)
+class DenseOp(LayerOp):
+    """A fully connected layer acting on the last dimension."""
+
+    def forward(self, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(a, weight, bias)
+
+    def vjp(self, a: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+        return s @ weight
+
+    def channels(self, a: Tensor) -> int:
+        return int(a.shape[-1])
+
+    def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
+        return values.view(*([1] * (a.dim() - 1)), -1)
+
+
+def stabilized_divide(
+    numerator: Tensor,
+    denominator: Tensor,
+    epsilon: float,
+    *,
+    nonnegative: bool = False,
+    scale: float = 1.0,
+    overwrite: bool = False,
+) -> Tensor:
+    """`scale * numerator / (denominator + epsilon * sign(denominator))` with sign(0) = +1.
+
+    With `epsilon == 0` a zero denominator gives 0 (its numerator is 0 wherever relevance can arrive).
+    `nonnegative` promises `denominator >= 0` everywhere, which saves a pass over the data. `overwrite` lets
+    the result take the denominator's memory (a temporary the caller no longer needs).
+    """
+    fits = denominator.shape == numerator.shape
+    reuse = overwrite and fits
+    if epsilon != 0.0:  # the stabilised denominator is never zero, and is our own temporary
+        if nonnegative:
+            denominator = denominator.add_(epsilon) if reuse else torch.add(denominator, epsilon)
+        else:
+            shift = torch.copysign(denominator.new_tensor(epsilon), denominator)
+            denominator = denominator.add_(shift) if reuse else shift.add_(denominator)
+        overwrite = True
+    out = denominator if overwrite and fits else None
+    if scale == 1.0:
+        result = torch.div(numerator, denominator, out=out)
+    else:  # addcdiv scales while it divides: one pass instead of two
+        result = torch.addcdiv(numerator.new_zeros(()), numerator, denominator, value=scale, out=out)
+    return result.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) if epsilon == 0.0 else result
+
+
+@dataclass
+class LayerState:
+    """What the forward pass leaves for one layer's relevance step.
+
+    `a`: the layer input (padded, for padding modes other than zeros). `z`: the layer output when the rule
+    asked for it; a following in-place ReLU may have overwritten it with relu(z), which equals z wherever
+    relevance arrives (elsewhere the relevance is 0). `a_nonnegative`: known from the layers before (None: not
+    known).
+    """
+
+    a: Tensor
+    z: Tensor | None = None
+    a_nonnegative: bool | None = None
+
+    def input_nonnegative(self) -> bool:
+        """Whether `a >= 0` everywhere (looked at once when not known)."""
+        if self.a_nonnegative is None:
+            self.a_nonnegative = not bool(self.a.numel() and self.a.min() < 0)
+        return self.a_nonnegative
+
+
+def _number(rule: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return float(value.item())
+        raise UsageError(f"rule {rule}: {name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UsageError(f"rule {rule}: {name} must be finite, got {number}")
+    return number
+
+
+def _non_negative(rule: str, name: str, value: object) -> float:
+    number = _number(rule, name, value)
+    if number < 0:
+        raise UsageError(f"rule {rule}: {name} must be >= 0, got {number:g}")
+    return number
+
+
+def _numbers(rule: str, name: str, value: object) -> tuple[float, ...] | None:
+    """A scalar or a per-channel sequence/tensor as a tuple of floats (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.detach().flatten().tolist()
+    elif hasattr(value, "tolist"):  # numpy arrays and scalars
+        value = value.tolist()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise UsageError(f"rule {rule}: {name} is empty")
+    return tuple(_number(rule, name, item) for item in items)
+
+
+@dataclass(frozen=True)
+class Rule(ABC):
+    """Base of every rule. Subclasses are frozen dataclasses: equal parameters mean an equal (cacheable) rule."""
+
+    key: ClassVar[str]
+    summary: ClassVar[str]
+    # Input-layer rules: given alone as `rule=`, they apply to the first layer and LRP-0 to every other one.
+    input_layer: ClassVar[bool] = False
+    # Signal rules (PatternNet family) propagate a backward signal, not relevance; pools then use the gradient.
+    signal: ClassVar[bool] = False
+
+    @property
+    def needs_output(self) -> bool:
+        """Whether `relevance` reads the layer output `z` (kept from the forward pass)."""
+        return False
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        """Modified weights for layer `name` (float32 `weight`, `bias`); computed once per layer."""
+        return {}
+
+    def check(self, name: str, op: LayerOp, a: Tensor) -> None:
+        """Refuse (UsageError) a layer input this rule cannot work with; every input is fine by default."""
+        return None
+
+    def check_layers(self, weights: Mapping[str, Tensor]) -> None:
+        """Refuse (UsageError) a model whose explained layers (name -> weight) this rule cannot work with."""
+        return None
+
+    @abstractmethod
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        """Relevance (or signal) at the input, shape of `state.a`, from `r` at the output."""
+
+
+RULES: dict[str, type[Rule]] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    """Class decorator: add a rule class to the registry under its `key`."""
+    if cls.key in RULES:
+        raise ValueError(f"rule key {cls.key!r} registered twice")
+    RULES[cls.key] = cls
+    return cls
+
+
+def rule_names() -> tuple[str, ...]:
+    """Every registered rule key, in registration order."""
+    return tuple(RULES)
+
+
+def rule_class(key: str) -> type[Rule]:
+    """The rule class registered under `key`; UsageError listing the keys when unknown."""
+    try:
+        return RULES[key]
+    except KeyError:
+        raise UsageError(f"unknown rule {key!r}; rules: {', '.join(RULES)}") from None
+
+
+def rule_parameters(key: str) -> dict[str, Any]:
+    """Parameter names of rule `key` with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(rule_class(key)) if f.init}
+
+
+def make_rule(key: str, **params: Any) -> Rule:
+    """Build rule `key` with `params` (validated); UsageError for an unknown key or parameter."""
+    cls = rule_class(key)
+    accepted = rule_parameters(key)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        have = ", ".join(accepted) or "none"
+        raise UsageError(f"rule {key} has no parameter {', '.join(unknown)} (its parameters: {have})")
+    return cls(**params)
+
+
+def _z_rule(op: LayerOp, weight: Tensor, state: LayerState, r: Tensor, epsilon: float) -> Tensor:
+    """`R_in = a * W^T (r / (z + eps sign z))`, the LRP-0 / LRP-epsilon redistribution."""
+    assert state.z is not None
+    s = stabilized_divide(r, state.z, epsilon)
+    return op.vjp(state.a, weight, s).mul_(state.a)
+
+
+def _split_vjp(
+    op: LayerOp, a: Tensor, terms: list[tuple[Tensor, Tensor, Tensor | None]], nonnegative: bool
+) -> Tensor:
+    """`sum_k a+ * W_k+^T s_k + a- * W_k-^T s_k` over `terms` (s_k, weights for a+, weights for a-).
+
+    With `nonnegative` input the a- parts vanish, `a` multiplies once after the sum, and each s_k is released
+    as soon as it has been used (`terms` is consumed).
+    """
+    if nonnegative:
+        s, w_pos, _ = terms.pop(0)
+        c = op.vjp(a, w_pos, s)
+        while terms:
+            s, w_pos, _ = terms.pop(0)
+            c.add_(op.vjp(a, w_pos, s))
+        del s
+        return c.mul_(a)
+    a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+    neg: list[tuple[Tensor, Tensor, Tensor | None]] = [(s, w_neg, None) for s, _, w_neg in terms if w_neg is not None]
+    out = _split_vjp(op, a_pos, [(s, w_pos, None) for s, w_pos, _ in terms], True)
+    terms.clear()
+    return out.add_(_split_vjp(op, a_neg, neg, True)) if neg else out
+
+
+@register
+@dataclass(frozen=True)
+class Zero(Rule):
+    """LRP-0: `R_i = sum_j a_i w_ij / z_j R_j`; equals gradient x input on ReLU networks."""
+
+    key = "zero"
+    summary = "LRP-0: R_i = sum_j a_i w_ij / z_j R_j (gradient x input on ReLU networks)"
+
+    @property
+    def needs_output(self) -> bool:
+        return True
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return _z_rule(op, w["weight"], state, r, 0.0)
+
+
+@register
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon: the LRP-0 denominator becomes `z_j + epsilon * sign(z_j)` (sign(0) = +1)."""
+
+    key = "epsilon"
+    summary = "LRP-epsilon: denominator z_j + epsilon sign(z_j), sign(0) = +1; absorbs weak or contradictory relevance"
+    epsilon: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", _non_negative(self.key, "epsilon", self.epsilon))
+
+    @property
+    def needs_output(self) -> bool:
+        return True
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return _z_rule(op, w["weight"], state, r, self.epsilon)
+
+
+@register
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """LRP-gamma: positive contributions count (1 + gamma) times: `rho(z_ij) = z_ij + gamma max(0, z_ij)`.
+
+    With `a >= 0` this is `rho(w) = w + gamma max(0, w)`, `rho(b) = b + gamma max(0, b)`. Inputs that can be
+    negative are split: `rho(z_ij) = a+_i (w + gamma w+)_ij + a-_i (w + gamma w-)_ij`, so positive and
+    negative contributions are handled separately and only the positive ones are amplified.
+    """
+
+    key = "gamma"
+    summary = "LRP-gamma: rho(w) = w + gamma max(0, w), rho(b) = b + gamma max(0, b); favours positive contributions"
+    gamma: float = 0.1
+    stabilizer: float = DEFAULT_STABILIZER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", _non_negative(self.key, "gamma", self.gamma))
+        object.__setattr__(self, "stabilizer", _non_negative(self.key, "stabilizer", self.stabilizer))
+
+    def _denominator_epsilon(self) -> float:
+        return self.stabilizer
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        prepared = {"w_pos": weight.clamp(min=0).mul_(self.gamma).add_(weight)}
+        if bias is not None:
+            prepared["b"] = bias.clamp(min=0).mul_(self.gamma).add_(bias)
+        return prepared
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        a, w_pos, eps = state.a, w["w_pos"], self._denominator_epsilon()
+        if state.input_nonnegative():
+            s = stabilized_divide(r, op.forward(a, w_pos, w.get("b")), eps, overwrite=True)
+            return op.vjp(a, w_pos, s).mul_(a)
+        if "w_neg" not in w:  # only for inputs with negative values (the first layer), then cached
+            w["w_neg"] = w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"])
+        z_rho = op.forward(a.clamp(min=0), w_pos, w.get("b")).add_(op.forward(a.clamp(max=0), w["w_neg"], None))
+        return _split_vjp(op, a, [(stabilized_divide(r, z_rho, eps, overwrite=True), w_pos, w["w_neg"])], False)
+
+
+@register
+@dataclass(frozen=True)
+class GammaEpsilon(Gamma):
+    """LRP-gamma weights with the LRP-epsilon denominator `z_j + epsilon * sign(z_j)`."""
+
+    key = "gamma+epsilon"
+    summary = "LRP-gamma weights with the LRP-epsilon denominator z_j + epsilon sign(z_j)"
+    gamma: float = 0.1
+    epsilon: float = 0.1
+    stabilizer: float = dataclasses.field(default=DEFAULT_STABILIZER, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "epsilon", _non_negative(self.key, "epsilon", self.epsilon))
+
+    def _denominator_epsilon(self) -> float:
+        return self.epsilon
+
+
+@register
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-alpha-beta: positive and negative contributions (biases included) shared separately.
+
+    `R_i = sum_j (alpha (a_i w_ij)+ / z+_j - beta (a_i w_ij)- / z-_j) R_j` with
+    `z+_j = sum_i (a_i w_ij)+ + b+_j`, `z-_j = sum_i (a_i w_ij)- + b-_j` and alpha - beta = 1.
+    """
+
+    key = "alpha1beta0"
+    summary = "LRP-alpha-beta: alpha (a w)+ / z+ - beta (a w)- / z-, biases included, alpha - beta = 1"
+    alpha: float = 1.0
+    beta: float = 0.0
+    stabilizer: float = DEFAULT_STABILIZER
+
+    def __post_init__(self) -> None:
+        alpha = _non_negative(self.key, "alpha", self.alpha)
+        beta = _non_negative(self.key, "beta", self.beta)
+        if abs(alpha - beta - 1.0) > 1e-9:
+            raise UsageError(f"rule {self.key}: alpha - beta must be 1, got alpha={alpha:g}, beta={beta:g}")
+        object.__setattr__(self, "alpha", alpha)
+        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "stabilizer", _non_negative(self.key, "stabilizer", self.stabilizer))
+
+    @property
+    def needs_output(self) -> bool:
+        return self.beta != 0.0
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        prepared = {"w_pos": weight.clamp(min=0)}
+        if bias is not None:
+            prepared["b_pos"] = bias.clamp(min=0)
+        return prepared
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        a, nonnegative = state.a, state.input_nonnegative()
+        if (not nonnegative or self.beta != 0.0) and "w_neg" not in w:  # W- only where needed, then cached
+            w["w_neg"] = w["weight"].clamp(max=0)
+        w_pos, w_neg = w["w_pos"], w.get("w_neg")
+        # (a w)+ = a+ w+ + a- w- and (a w)- = a+ w- + a- w+: each part of the input meets its own weights.
+        if nonnegative:
+            z_pos = op.forward(a, w_pos, w.get("b_pos"))
+        else:
+            assert w_neg is not None
+            z_pos = op.forward(a.clamp(min=0), w_pos, w.get("b_pos")).add_(op.forward(a.clamp(max=0), w_neg, None))
+        beta = self.beta != 0.0
+        terms = [  # z+ >= 0
+            (stabilized_divide(r, z_pos, self.stabilizer, nonnegative=True, scale=self.alpha, overwrite=not beta),
+             w_pos, w_neg)
+        ]  # fmt: skip
+        if beta:
+            assert state.z is not None and w_neg is not None
+            # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator, also where an in-place ReLU
+            # has turned z into relu(z) (the relevance is zero there).
+            n = z_pos.sub_(state.z)
+            del z_pos
+            terms.append((stabilized_divide(r, n, self.stabilizer, nonnegative=True, scale=self.beta, overwrite=True),
+                          w_neg, w_pos))  # fmt: skip
+            del n
+        else:
+            del z_pos
+        return _split_vjp(op, a, terms, nonnegative)
+
+
+@register
+@dataclass(frozen=True)
+class Alpha2Beta1(AlphaBeta):
+    """LRP-alpha-beta with alpha = 2, beta = 1 by default."""
+
+    key = "alpha2beta1"
+    summary = "LRP-alpha-beta with alpha = 2, beta = 1"
+    alpha: float = 2.0
+    beta: float = 1.0
+
+
+@register
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """z^B for inputs bounded per channel by `low <= a <= high`.
+
+    `R_i = sum_j (a_i w_ij - l_i w+_ij - h_i w-_ij) / sum_i (...) R_j` (bias excluded). Bounds are given as
+    `low`/`high` (scalar or per channel) or derived from the normalisation `mean`/`std`: the pixel range [0, 1]
+    maps to `low = (0 - mean) / std`, `high = (1 - mean) / std`.
+    """
+
+    key = "zbox"
+    summary = "z^B (input layer): (a w - l w+ - h w-) / sum(...), bounds low/high or from normalisation mean/std"
+    input_layer = True
+    low: float | tuple[float, ...] | None = None
+    high: float | tuple[float, ...] | None = None
+    mean: float | tuple[float, ...] | None = None
+    std: float | tuple[float, ...] | None = None
+    stabilizer: float = DEFAULT_STABILIZER
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high", "mean", "std"):
+            object.__setattr__(self, name, _numbers(self.key, name, getattr(self, name)))
+        object.__setattr__(self, "stabilizer", _non_negative(self.key, "stabilizer", self.stabilizer))
+        low, high = self.bounds()
+        if len(low) != len(high) and 1 not in (len(low), len(high)):
+            raise UsageError(f"rule zbox: low has {len(low)} channels but high has {len(high)}")
+        if any(lo > hi for lo, hi in zip(_broadcast(low, len(high)), _broadcast(high, len(low)), strict=True)):
+            raise UsageError(f"rule zbox: low must be <= high in every channel, got low={low}, high={high}")
+
+    def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(low, high) per channel, from low/high or from mean/std."""
+        given = {name for name in ("low", "high", "mean", "std") if getattr(self, name) is not None}
+        if given == {"low", "high"}:
+            assert isinstance(self.low, tuple) and isinstance(self.high, tuple)
+            return self.low, self.high
+        if given == {"mean", "std"}:
+            assert isinstance(self.mean, tuple) and isinstance(self.std, tuple)
+            if len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
+                raise UsageError(f"rule zbox: mean has {len(self.mean)} channels but std has {len(self.std)}")
+            if any(s <= 0 for s in self.std):
+                raise UsageError(f"rule zbox: std must be > 0, got {self.std}")
+            n = max(len(self.mean), len(self.std))
+            pairs = list(zip(_broadcast(self.mean, n), _broadcast(self.std, n), strict=True))
+            return tuple(-m / s for m, s in pairs), tuple((1.0 - m) / s for m, s in pairs)
+        raise UsageError(
+            "rule zbox needs input bounds: pass either low and high (scalar or per channel) or the "
+            f"normalisation mean and std (got {', '.join(sorted(given)) or 'none of them'})"
+        )
+
+    def check(self, name: str, op: LayerOp, a: Tensor) -> None:
+        low, high = self.bounds()
+        n, channels = max(len(low), len(high)), op.channels(a)
+        if n not in (1, channels):
+            raise UsageError(f"rule zbox: bounds have {n} channels but layer {name!r} has {channels} input channels")
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        return {"w_pos": weight.clamp(min=0), "w_neg": weight.clamp(max=0)}
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        a, (low, high) = state.a, self.bounds()
+        one = (1, *a.shape[1:])  # the bounds are the same for every sample: compute on one and broadcast
+        lo = op.per_channel(a.new_tensor(low), a).expand(one)
+        hi = op.per_channel(a.new_tensor(high), a).expand(one)
+        w_pos, w_neg = w["w_pos"], w["w_neg"]
+        z_box = op.forward(a, w["weight"], None).sub_(op.forward(lo, w_pos, None) + op.forward(hi, w_neg, None))
+        s = stabilized_divide(r, z_box, self.stabilizer, overwrite=True)
+        out = op.vjp(a, w["weight"], s).mul_(a)
+        return out.sub_(op.vjp(a, w_pos, s).mul_(lo)).sub_(op.vjp(a, w_neg, s).mul_(hi))
+
+
+def _broadcast(values: tuple[float, ...], n: int) -> tuple[float, ...]:
+    return values * n if len(values) == 1 else values
+
+
+@register
+@dataclass(frozen=True)
+class Flat(Rule):
+    """Flat: `R_i = sum_j 1 / n_j R_j`, `n_j` the number of inputs connected to output j; ignores `a`."""
+
+    key = "flat"
+    summary = "flat (input layer): R_i = sum_j R_j / n_j, n_j = number of inputs connected to j"
+    input_layer = True
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        return {"w_flat": torch.ones_like(weight)}
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return _share_by_weight(op, w["w_flat"], state.a, r)
+
+
+@register
+@dataclass(frozen=True)
+class WSquare(Rule):
+    """w^2: `R_i = sum_j w_ij^2 / sum_i w_ij^2 R_j`; ignores `a`."""
+
+    key = "wsquare"
+    summary = "w^2 (input layer): R_i = sum_j w_ij^2 / sum_i w_ij^2 R_j"
+    input_layer = True
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        return {"w_sq": weight.square()}
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return _share_by_weight(op, w["w_sq"], state.a, r)
+
+
+def _share_by_weight(op: LayerOp, v: Tensor, a: Tensor, r: Tensor) -> Tensor:
+    """`R_i = sum_j v_ij / sum_i v_ij R_j` for non-negative weights `v`, independent of the input values."""
+    total = op.forward(a.new_ones((1, *a.shape[1:])), v, None)
+    return op.vjp(a, v, stabilized_divide(r, total, 0.0))
+
+
+@dataclass(frozen=True, eq=False)
+class _PatternRule(Rule):
+    """Shared parts of PatternNet/PatternAttribution: one pattern per layer, of the layer's weight shape.
+
+    Equality (the engine's cache key) is the identity of the `patterns` mapping: treat it as read-only.
+    """
+
+    signal = True
+    patterns: Mapping[str, Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.patterns is None:
+            raise UsageError(f"rule {self.key} needs fitted patterns: {FIT_PATTERNS_HINT} (patterns=...)")
+        if not isinstance(self.patterns, Mapping):
+            raise UsageError(f"rule {self.key}: patterns must map layer names to tensors")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.patterns is self.patterns  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), id(self.patterns)))
+
+    def check_layers(self, weights: Mapping[str, Tensor]) -> None:
+        assert self.patterns is not None
+        missing = [name for name in weights if name not in self.patterns]
+        if missing:
+            raise UsageError(f"rule {self.key}: no pattern for layer(s) {', '.join(missing)}; {FIT_PATTERNS_HINT}")
+        for name, weight in weights.items():
+            shape = tuple(self.patterns[name].shape)
+            if shape != tuple(weight.shape):
+                raise UsageError(
+                    f"rule {self.key}: the pattern for {name!r} has shape {shape}, the layer's weight "
+                    f"{tuple(weight.shape)}; {FIT_PATTERNS_HINT} for this model"
+                )
+
+    def pattern(self, name: str, weight: Tensor) -> Tensor:
+        """The pattern of layer `name` as float32 on the weight's device."""
+        self.check_layers({name: weight})
+        assert self.patterns is not None
+        return self.patterns[name].detach().to(device=weight.device, dtype=torch.float32)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class PatternNet(_PatternRule):
+    """PatternNet: the backward signal with each weight W replaced by its pattern A; no multiplication by `a`."""
+
+    key = "patternnet"
+    summary = "PatternNet signal: backward pass with W replaced by the fitted pattern A (needs patterns=...)"
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        return {"pattern": self.pattern(name, weight)}
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return op.vjp(state.a, w["pattern"], r)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class PatternAttribution(_PatternRule):
+    """PatternAttribution: the backward signal with each weight W replaced by `A * W` (element-wise)."""
+
+    key = "patternattribution"
+    summary = "PatternAttribution: backward pass with W replaced by A * W (element-wise; needs patterns=...)"
+
+    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
+        return {"pattern_w": self.pattern(name, weight) * weight}
+
+    def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        return op.vjp(state.a, w["pattern_w"], r)

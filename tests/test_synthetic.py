@@ -1,0 +1,376 @@
+"""The synthetic S-MAD set: configuration checks, planning, morph geometry, masks, files, determinism."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from smadlrp import faces, synthetic
+from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.synthetic import SynthConfig
+
+TINY = SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=3)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _manifest(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, synthetic.SynthSummary]:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    return out, synthetic.generate_dataset(out, TINY, workers=1)
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"identities": 0}, "identities"),
+    ({"identities": -3}, "identities"),
+    ({"identities": 5}, "at least 6"),
+    ({"image_size": 0}, "image size"),
+    ({"image_size": -64}, "image size"),
+    ({"captures_per_identity": 0}, "captures"),
+    ({"morph_types": ("complete", "swap")}, "morph types"),
+    ({"morph_types": ()}, "morph types"),
+    ({"morph_types": ("partial",), "type_weights": (1.0, 1.0, 0.0)}, "weights"),
+    ({"jpeg_probability": 1.5}, "JPEG"),
+    ({"seed": -1}, "seed"),
+])
+def test_bad_configuration_is_a_one_line_usage_error(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(UsageError) as info:
+        SynthConfig(**kwargs)  # type: ignore[arg-type]
+    assert words in info.value.message
+    assert "\n" not in info.value.message
+    assert info.value.exit_code == 2
+
+
+def test_morph_probabilities_renormalise_over_chosen_types() -> None:
+    config = SynthConfig(morph_types=("splicing", "complete"))
+    assert config.morph_probabilities() == pytest.approx({"complete": 0.45 / 0.8, "splicing": 0.35 / 0.8})
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def test_splits_are_subject_disjoint_and_morphs_stay_in_their_split() -> None:
+    config = SynthConfig(identities=20, captures_per_identity=3, seed=5)
+    splits = synthetic.split_identities(config)
+    assert [len(splits[s]) for s in synthetic.SPLITS] == [12, 4, 4]
+    assert sorted(sum(splits.values(), [])) == list(range(20))
+    plans = synthetic.plan_samples(config)
+    assert [p.index for p in plans] == list(range(len(plans)))
+    for split, ids in splits.items():
+        bona = [p for p in plans if p.split == split and p.label == "bonafide"]
+        morphs = [p for p in plans if p.split == split and p.label == "morph"]
+        assert len(bona) == len(morphs) == 3 * len(ids)
+        assert {p.identity_a for p in bona} == set(ids)
+        for m in morphs:
+            assert m.identity_a in ids and m.identity_b in ids and m.identity_a != m.identity_b
+            assert 0.38 <= m.blend <= 0.62
+    assert len({p.path for p in plans}) == len(plans)
+
+
+def test_default_configuration_gives_a_test_split_of_at_least_300_images() -> None:
+    plans = synthetic.plan_samples(SynthConfig())
+    test = [p for p in plans if p.split == "test"]
+    assert len(test) >= 300
+    morphs = [p for p in plans if p.label == "morph"]
+    share = {t: sum(p.morph_type == t for p in morphs) / len(morphs) for t in synthetic.MORPH_TYPES}
+    assert share["partial"] < share["splicing"] < share["complete"]
+    assert share["partial"] == pytest.approx(0.2, abs=0.05)
+
+
+def test_only_the_chosen_morph_types_are_planned() -> None:
+    plans = synthetic.plan_samples(SynthConfig(identities=10, morph_types=("partial",)))
+    morphs = [p for p in plans if p.label == "morph"]
+    assert {p.morph_type for p in morphs} == {"partial"}
+    assert {p.region for p in morphs} <= set(synthetic.PARTIAL_REGIONS)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def test_delaunay_has_empty_circumcircles_and_tiles_the_hull() -> None:
+    points = np.random.default_rng(0).uniform(0, 10, (25, 2))
+    points = np.concatenate([points, [[0, 0], [10, 0], [0, 10], [10, 10]]])
+    tris = faces.delaunay(points)
+    a, b, c = points[tris[:, 0]], points[tris[:, 1]], points[tris[:, 2]]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    assert (cross > 0).all()
+    assert cross.sum() / 2 == pytest.approx(100.0)  # the convex hull is the 10 x 10 square
+    for tri in tris:
+        p = points[tri]
+        d = 2 * np.linalg.det(np.c_[p, np.ones(3)])
+        sq = (p**2).sum(axis=1)
+        centre = np.array([np.linalg.det(np.c_[sq, p[:, 1], np.ones(3)]),
+                           np.linalg.det(np.c_[p[:, 0], sq, np.ones(3)])]) / d
+        radius = np.linalg.norm(p[0] - centre)
+        others = np.delete(points, tri, axis=0)
+        assert (np.linalg.norm(others - centre, axis=1) >= radius - 1e-9).all()
+
+
+def test_landmark_triangulation_covers_the_image_once() -> None:
+    size = 64
+    rng = np.random.default_rng(1)
+    points = faces.landmarks(faces.sample_identity(rng), faces.neutral_capture(), size)
+    tris = faces.triangles()
+    a, b, c = points[tris[:, 0]], points[tris[:, 1]], points[tris[:, 2]]
+    area = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])) / 2
+    assert area.sum() == pytest.approx((size - 1) ** 2, rel=1e-6)
+
+
+def test_piecewise_affine_warp_with_equal_landmarks_is_the_identity() -> None:
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 1, (48, 48, 3)).astype(np.float32)
+    points = faces.landmarks(faces.sample_identity(rng), faces.sample_capture(rng), 48)
+    np.testing.assert_allclose(faces.warp_piecewise_affine(image, points, points), image, atol=1e-4)
+
+
+def test_piecewise_affine_warp_carries_each_landmark_onto_its_target() -> None:
+    rng = np.random.default_rng(4)
+    size = 96
+    src = faces.landmarks(faces.sample_identity(rng), faces.sample_capture(rng), size)
+    dst = faces.landmarks(faces.sample_identity(rng), faces.sample_capture(rng), size)
+    map_x, map_y = faces.piecewise_affine_map(src, dst, size)
+    for (sx, sy), (dx, dy) in zip(src[:26], dst[:26], strict=True):
+        if 1 <= dx <= size - 2 and 1 <= dy <= size - 2:
+            j, i = int(round(dx)), int(round(dy))
+            # the map at the nearest pixel is within one pixel's worth of local stretch of the source landmark
+            assert math.hypot(map_x[i, j] - sx, map_y[i, j] - sy) < 2.0
+
+
+def test_gaussian_blur_matches_the_sampled_kernel_and_keeps_constants() -> None:
+    impulse = np.zeros((21, 21), dtype=np.float32)
+    impulse[10, 10] = 1.0
+    out = faces.gaussian_blur(impulse, 1.5)
+    taps = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    taps /= taps.sum()
+    np.testing.assert_allclose(out[5:16, 5:16], np.outer(taps, taps), atol=1e-6)
+    flat = np.full((9, 9, 3), 0.3, dtype=np.float32)
+    np.testing.assert_allclose(faces.gaussian_blur(flat, 2.0), flat, atol=1e-6)
+
+
+def test_polygon_mask_fills_a_square() -> None:
+    mask = faces.polygon_mask(np.array([[2.5, 2.5], [7.5, 2.5], [7.5, 7.5], [2.5, 7.5]]), 10)
+    assert mask.sum() == 25
+    assert mask[3:8, 3:8].all()
+
+
+# ----------------------------------------------------------------------------------------------- morphs and masks
+
+
+@pytest.mark.parametrize("kind", ["complete", "splicing", "partial"])
+def test_masks_mark_where_the_morph_departs_from_its_contributor(kind: str) -> None:
+    config = SynthConfig(identities=12, image_size=64, seed=7)
+    plans = [p for p in synthetic.plan_samples(config) if p.morph_type == kind][:4]
+    assert plans
+    for plan in plans:
+        parts = synthetic.morph_parts(config, plan)
+        assert parts.mask.any()
+        departure = np.abs(parts.image - parts.warped_a).mean(axis=2)
+        inside, outside = departure[parts.mask].mean(), departure[~parts.mask].mean()
+        assert inside >= 3 * outside, (plan.filename, inside, outside)
+
+
+def test_morph_is_the_blend_of_its_warped_contributors_inside_the_region() -> None:
+    config = SynthConfig(identities=12, image_size=64, seed=8, morph_types=("complete",))
+    plan = next(p for p in synthetic.plan_samples(config) if p.label == "morph")
+    parts = synthetic.morph_parts(config, plan)
+    blend = (1 - plan.blend) * parts.warped_a + plan.blend * parts.warped_b
+    smooth = faces.gaussian_blur(parts.image, 2.0), faces.gaussian_blur(blend, 2.0)
+    # detail restoration and contrast matching change fine detail and spread, not the low-pass picture
+    assert np.abs(smooth[0] - smooth[1]).mean() < 0.02
+    assert np.abs(smooth[0] - faces.gaussian_blur(parts.warped_a, 2.0)).mean() > 0.03
+
+
+def test_splice_outside_its_region_is_contributor_a() -> None:
+    config = SynthConfig(identities=12, image_size=64, seed=9, morph_types=("splicing",))
+    plan = next(p for p in synthetic.plan_samples(config) if p.label == "morph")
+    parts = synthetic.morph_parts(config, plan)
+    outside = faces.gaussian_blur(parts.region, 2.0) < 1e-3
+    assert outside.mean() > 0.3
+    np.testing.assert_allclose(parts.image[outside], parts.warped_a[outside], atol=0.03)
+
+
+def test_bona_fide_samples_have_empty_masks() -> None:
+    plan = next(p for p in synthetic.plan_samples(TINY) if p.label == "bonafide")
+    sample = synthetic.render_sample(TINY, plan)
+    assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
+    assert not sample.mask.any()
+
+
+def test_global_statistics_of_a_flat_image() -> None:
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[..., 0] = 51
+    stats = synthetic.global_statistics(pixels)
+    np.testing.assert_allclose(stats, [0.2, 0, 0, 0, 0, 0, 0, 0, 0], atol=1e-12)
+    assert len(stats) == len(synthetic.GLOBAL_STATISTICS)
+
+
+def test_no_global_shortcut_on_a_small_set(tmp_path: Path) -> None:
+    # 40 identities, 3 captures: a 48-image test split, so the AUC of a useless model has a standard error of
+    # about 0.085; 0.8 is far above chance yet far below what a real global cue gives (the full-size check,
+    # AUC <= 0.65 on 400 test images, lives in benchmarks/bench_synth.py).
+    config = SynthConfig(identities=40, image_size=64, captures_per_identity=3, seed=1)
+    out = tmp_path / "set"
+    synthetic.generate_dataset(out, config, workers=1)
+    rows = _manifest(out)
+    data: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
+    for row in rows:
+        if row["split"] in data:
+            pixels = np.asarray(Image.open(out / row["path"]).convert("RGB"))
+            data[row["split"]][0].append(synthetic.global_statistics(pixels))
+            data[row["split"]][1].append(int(row["label"] == "morph"))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    model.fit(np.array(data["train"][0]), data["train"][1])
+    auc = roc_auc_score(data["test"][1], model.predict_proba(np.array(data["test"][0]))[:, 1])
+    assert len(data["test"][1]) == 48
+    assert auc <= 0.8
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def test_every_manifest_row_points_at_an_image_and_a_mask(tiny_set: tuple[Path, synthetic.SynthSummary]) -> None:
+    out, summary = tiny_set
+    rows = _manifest(out)
+    assert tuple(rows[0]) == synthetic.MANIFEST_COLUMNS
+    assert len(rows) == summary.total == 16
+    for row in rows:
+        image = Image.open(out / row["path"])
+        mask = Image.open(out / row["mask_path"])
+        assert image.mode == "RGB" and image.size == (64, 64)
+        assert mask.mode == "L" and mask.size == (64, 64)
+        values = set(np.unique(np.asarray(mask)).tolist())
+        assert values <= {0, 255}
+        assert row["mask_path"] == f"masks/{row['path']}"
+        assert row["path"].startswith(f"{row['split']}/{row['label']}/")
+        if row["label"] == "bonafide":
+            assert values == {0} and row["morph_type"] == row["identity_b"] == row["blend_factor"] == ""
+        else:
+            assert row["morph_type"] in synthetic.MORPH_TYPES and 0.38 <= float(row["blend_factor"]) <= 0.62
+    counted = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in synthetic.CLASSES}
+               for s in synthetic.SPLITS}
+    assert counted == summary.counts
+    info = json.loads((out / "synthetic.json").read_text(encoding="utf-8"))
+    assert info["format"] == synthetic.FORMAT_NAME and info["counts"] == summary.counts
+    stored = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert stored == sorted([r["path"] for r in rows] + [r["mask_path"] for r in rows])
+
+
+def test_splits_on_disk_are_subject_disjoint(tiny_set: tuple[Path, synthetic.SynthSummary]) -> None:
+    rows = _manifest(tiny_set[0])
+    people = {s: {r["identity_a"] for r in rows if r["split"] == s} |
+              {r["identity_b"] for r in rows if r["split"] == s and r["identity_b"]} for s in synthetic.SPLITS}
+    assert not people["train"] & people["val"]
+    assert not people["train"] & people["test"]
+    assert not people["val"] & people["test"]
+
+
+def test_same_seed_gives_identical_files_with_any_worker_count(
+        tiny_set: tuple[Path, synthetic.SynthSummary], tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    synthetic.generate_dataset(again, TINY, workers=2)
+    assert _hashes(again) == _hashes(tiny_set[0])
+    other = tmp_path / "other"
+    synthetic.generate_dataset(other, SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=4),
+                               workers=1)
+    assert _hashes(other) != _hashes(tiny_set[0])
+
+
+def test_progress_counts_up_to_the_total(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    synthetic.generate_dataset(tmp_path / "set", TINY, workers=1, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 16) for i in range(1, 17)]
+
+
+def test_refuses_a_non_empty_folder_unless_it_is_a_previous_set(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(SmadlrpError, match="not empty"):
+        synthetic.generate_dataset(folder, TINY, workers=1)
+    with pytest.raises(SmadlrpError, match="not a smadlrp synthetic data set"):
+        synthetic.generate_dataset(folder, TINY, overwrite=True, workers=1)
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_overwrite_replaces_a_previous_set(tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    synthetic.generate_dataset(folder, TINY, workers=1)
+    (folder / "train" / "bonafide" / "stray.png").write_bytes(b"x")
+    synthetic.generate_dataset(folder, TINY, overwrite=True, workers=1)
+    assert not (folder / "train" / "bonafide" / "stray.png").exists()
+    assert len(_manifest(folder)) == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_an_empty_existing_folder_is_used(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    synthetic.generate_dataset(folder, TINY, workers=1)
+    assert synthetic.is_synthetic_set(folder)
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    with pytest.raises(SmadlrpError) as info:
+        synthetic.generate_dataset(blocker / "set", TINY, workers=1)
+    assert "cannot write" in info.value.message and "\n" not in info.value.message
+    with pytest.raises(SmadlrpError, match="not a folder"):
+        synthetic.generate_dataset(blocker, TINY, workers=1)
+
+
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    def stop(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate_dataset(tmp_path / "set", TINY, workers=1, progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------- default set
+
+
+def test_default_dataset_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(synthetic.DATA_DIR_ENV, str(tmp_path / "data"))
+    assert synthetic.default_dataset_dir() == tmp_path / "data"
+    monkeypatch.delenv(synthetic.DATA_DIR_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert synthetic.default_dataset_dir() == tmp_path / ".cache" / "smadlrp" / "synthetic-v1"
+
+
+def test_default_dataset_is_generated_once_with_a_notice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(synthetic.DATA_DIR_ENV, str(tmp_path / "default"))
+    monkeypatch.setattr(synthetic, "DEFAULT_CONFIG", TINY)
+    notices: list[str] = []
+    first = synthetic.ensure_default_dataset(notices.append)
+    assert first == tmp_path / "default" and synthetic.is_synthetic_set(first)
+    assert len(notices) == 1
+    assert str(first) in notices[0] and "synthetic" in notices[0] and "not real-world" in notices[0]
+    before = _hashes(first)
+    assert synthetic.ensure_default_dataset(notices.append) == first
+    assert len(notices) == 1 and _hashes(first) == before
