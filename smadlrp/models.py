@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from smadlrp.container import read_tensors
 from smadlrp.errors import SmadlrpError, UsageError
 
 Notify = Callable[[str], None]
@@ -161,8 +162,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SmadlrpError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from smadlrp.checkpoint import read_tensors
-
         return read_tensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from smadlrp.checkpoint import CheckpointMeta, read_document, read_tensors, save_checkpoint
+from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.container import read_document, read_tensors, write_document
 from smadlrp.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,7 +26,7 @@ from smadlrp.data import (
 )
 from smadlrp.device import autocast, seed_everything
 from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.fileio import write_atomic, write_text_atomic
+from smadlrp.fileio import write_text_atomic
 from smadlrp.inference import logits_of, predict
 from smadlrp.metrics import ConfusionMatrix, d_eer
 from smadlrp.models import build_model, get_architecture, set_trainable
@@ -257,8 +257,7 @@ class Finetuner:
                "param_groups": optim["param_groups"], "optim_scalars": scalars,
                "scaler": self.scaler.state_dict(), "weights_source": self.weights_source,
                "class_names": self.class_names}
-        write_atomic(self.out / RESUME_FILE,
-                     lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": json.dumps(doc)}))
+        write_document(self.out / RESUME_FILE, tensors, doc)
 
     def restore(self, doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Load a resume state written by `_save_resume` (same config, same data)."""

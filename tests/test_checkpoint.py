@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from smadlrp.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta, load_checkpoint, read_document, save_checkpoint
+from smadlrp.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta, load_checkpoint, save_checkpoint
 from smadlrp.cli import app
+from smadlrp.container import read_document
 from smadlrp.errors import SmadlrpError
 from smadlrp.models import build_model
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from smadlrp.checkpoint import load_checkpoint, read_tensors
+from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
+from smadlrp.container import read_tensors
 from smadlrp.train import Finetuner, TrainConfig
 
 runner = CliRunner()

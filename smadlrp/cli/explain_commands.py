@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 from rich.table import Table
-from safetensors.torch import save_file
 
 from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
@@ -26,6 +24,7 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
+from smadlrp.container import write_document
 from smadlrp.errors import UsageError
 from smadlrp.explain_run import (
     build_explainers,
@@ -37,7 +36,6 @@ from smadlrp.explain_run import (
     parse_target,
     resolve_rules,
 )
-from smadlrp.fileio import write_atomic
 from smadlrp.lrp import trace as lrp_trace
 from smadlrp.paths import collect_images, output_stems, prepare_out_dir, safe_output
 from smadlrp.viz import plot_layer_maps
@@ -103,10 +101,9 @@ def explain(
     console.print(table)
     if raw is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))
-        tensors = {name: torch.cat(parts).contiguous() for name, parts in raw.items()}
-        doc = json.dumps({"schema": "smadlrp.relevance/1", "files": [str(p) for p in images],
-                          "names": output_stems(images), "checkpoint": str(checkpoint)})
-        write_atomic(raw_path, lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": doc}))
+        write_document(raw_path, {name: torch.cat(parts) for name, parts in raw.items()},
+                       {"schema": "smadlrp.relevance/1", "files": [str(p) for p in images],
+                        "names": output_stems(images), "checkpoint": str(checkpoint)})
     console.print(f"wrote {sum(len(r.files) for r in results) + (raw is not None)} file(s) to {out}",
                   highlight=False)
     write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "out": str(out), "images": [
@@ -159,10 +156,9 @@ def trace(
     console.print(table)
     stem = output_stems(images)[0]
     inputs = set(images)
-    tensors = {f"{rec.index:03d}.{rec.name}": rec.relevance[0].detach().cpu().contiguous() for rec in records}
-    doc = json.dumps({"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "layers": rows})
-    write_atomic(safe_output(out, f"{stem}.{rule}.trace.safetensors", inputs),
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": doc}))
+    write_document(safe_output(out, f"{stem}.{rule}.trace.safetensors", inputs),
+                   {f"{rec.index:03d}.{rec.name}": rec.relevance[0] for rec in records},
+                   {"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "layers": rows})
     plot_layer_maps(layer_maps(records), safe_output(out, f"{stem}.{rule}.trace.png", inputs))
     console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
     write_json(json_out, {"image": str(image), "rule": rule, "layers": rows})

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from smadlrp.container import read_document, read_tensors, write_document
 from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.fileio import write_atomic
 
 KINDS = ("all", "positive")
 SCHEMA = "smadlrp.patterns/1"
@@ -416,33 +412,15 @@ def save_patterns(
         for kind, pattern_set in sets.items()
         for name, tensor in pattern_set.patterns.items()
     }
-    text = json.dumps(header, sort_keys=True)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"smadlrp": text}))
+    write_document(path, tensors, header)
 
 
 def _read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The decoded "smadlrp" metadata and the tensors of a pattern file, or SmadlrpError saying why not."""
-    if Path(path).is_dir():
-        raise SmadlrpError(f"{path} is a folder, not a pattern file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get("smadlrp")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except SafetensorError as exc:
-        raise SmadlrpError(f"{path} is not a safetensors file ({exc})") from exc
-    except OSError as exc:
-        raise SmadlrpError(f"cannot read pattern file {path}: {exc.strerror or exc}") from exc
-    if text is None:
-        raise SmadlrpError(f"{path} is a safetensors file without smadlrp metadata, not a pattern file")
-    try:
-        meta = json.loads(text)
-    except ValueError as exc:
-        raise SmadlrpError(f"{path}: its smadlrp metadata is not valid JSON") from exc
-    if not isinstance(meta, dict) or "schema" not in meta:
-        raise SmadlrpError(f"{path} is not a smadlrp pattern file (its metadata has no schema)")
+    meta = read_document(path)
     if meta["schema"] != SCHEMA:
         raise SmadlrpError(f"{path} has schema {meta['schema']!r}; smadlrp reads pattern files of {SCHEMA}")
-    return meta, tensors
+    return meta, read_tensors(path)
 
 
 def load_patterns(path: str | os.PathLike[str]) -> tuple[dict[str, PatternSet], dict[str, Any]]:
