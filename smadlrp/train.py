@@ -32,6 +32,7 @@ from smadlrp.metrics import ConfusionMatrix, d_eer
 from smadlrp.models import build_model, get_architecture, set_trainable
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
 SELECT_BY: dict[str, tuple[str, int]] = {"d-eer": ("d_eer", -1), "accuracy": ("val_acc", 1), "loss": ("val_loss", -1)}
 RESUME_FILE = "resume.safetensors"
 RESUME_SCHEMA = "smadlrp.resume/1"
@@ -46,6 +47,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    schedule: str = "cosine"  # learning rate per epoch: cosine decay from lr towards 0, or constant
     optimizer: str = "adam"
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
@@ -63,6 +65,8 @@ class TrainConfig:
         arch = get_architecture(self.arch)
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.select_by not in SELECT_BY:
             raise UsageError(f"--select-by {self.select_by!r}: choose one of {', '.join(SELECT_BY)}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -160,9 +164,17 @@ class Finetuner:
                 f"Continue with: smadlrp finetune --resume {self.out}", exit_code=130) from None
         return self.state
 
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of `epoch` (1-based): cosine decay over the run's epochs, or constant."""
+        if self.config.schedule == "constant":
+            return self.config.lr
+        return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.config.epochs))
+
     def _epoch(self, callbacks: Callbacks) -> None:
         epoch = self.state.epoch + 1
         start = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(epoch)
         callbacks.epoch_start(epoch, len(self.train_loader))
         train_loss, train_acc = self._train_pass(callbacks)
         preds = predict(self.model, self.val_loader, self.device, self.attack_index, amp=self.config.amp)

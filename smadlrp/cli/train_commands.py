@@ -46,6 +46,8 @@ def finetune(
     batch_size: BatchSizeOption = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help=f"Optimizer: {', '.join(OPTIMIZERS)}.")] = "adam",
+    schedule: Annotated[str, typer.Option(help="Learning rate per epoch: cosine (decays to 0) or constant.")]
+    = "cosine",
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
     image_size: Annotated[int, typer.Option("--image-size", help="Input side in pixels (0: the architecture's).")]
     = 0,
@@ -77,7 +79,8 @@ def finetune(
         notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
     else:
         root = data_root(data)
-        config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, schedule=schedule,
+                             optimizer=optimizer,
                              weight_decay=weight_decay, image_size=image_size, full=full, weights=weights, amp=amp,
                              select_by=select_by, attack_class=attack_class, seed=seed, data=str(root.resolve()))
         out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
