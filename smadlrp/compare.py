@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from smadlrp.checkpoint import CheckpointMeta
-from smadlrp.data import ImageDataset, Sample, eval_transform, make_loader, scan_split
+from smadlrp.data import ImageDataset, Sample, make_loader, scan_split
 from smadlrp.errors import SmadlrpError, UsageError
 from smadlrp.faithfulness import (
     MASK_COVER,
@@ -252,7 +252,7 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
     methods = {**rule_maps(explainers), **baseline_maps(model, seed)}
     collected = {name: _Collected() for name in methods}
     wanted = meta.attack_class if target is None else target
-    dataset = ImageDataset(samples, eval_transform(size, meta.mean, meta.std))
+    dataset = ImageDataset(samples, size, meta.mean, meta.std)
     warm = False
     for x, _, positions in make_loader(dataset, batch_size, workers=workers, device=device):
         x = x.to(device)

@@ -128,34 +128,58 @@ def _header_readable(path: Path) -> bool:
         return False
 
 
+def resize_transform(size: int) -> v2.Compose:
+    """PIL RGB image -> uint8 tensor (3, size, size), resized with antialiasing (what the model sees)."""
+    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+
+
+def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """uint8 tensor (3, H, W) -> float32 scaled to [0, 1] and normalised per channel."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """PIL RGB image -> float tensor (3, size, size), resized (antialiased) and normalised."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize((size, size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return v2.Compose([*resize_transform(size).transforms, *normalize_transform(mean, std).transforms])
 
 
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Evaluation transform plus a random horizontal flip (no crops or colour jitter that would erase morph cues)."""
-    return v2.Compose([v2.RandomHorizontalFlip(), *eval_transform(size, mean, std).transforms])
+CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded images are kept in memory when a split's pixels fit in this
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
-    """Samples -> (image tensor (3, H, W), label, index)."""
+    """Samples -> (normalised image (3, size, size) float32, label, index).
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    `augment` adds a random horizontal flip (no crops or colour jitter that would erase morph cues). `cache`
+    keeps each decoded, resized uint8 image in memory after its first use (3 * size * size bytes per image), so
+    later epochs skip decoding; it stays off when the split would need more than CACHE_LIMIT_BYTES.
+    """
+
+    def __init__(self, samples: Sequence[Sample], size: int, mean: Sequence[float], std: Sequence[float], *,
+                 augment: bool = False, cache: bool = False) -> None:
         self.samples = list(samples)
-        self.transform = transform
+        self.resize = resize_transform(size)
+        self.normalize = normalize_transform(mean, std)
+        self.augment = augment
+        fits = len(self.samples) * 3 * size * size <= CACHE_LIMIT_BYTES
+        self.cache: dict[int, torch.Tensor] | None = {} if cache and fits else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def pixels(self, index: int) -> torch.Tensor:
+        """The decoded, resized image (3, size, size) uint8."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        image = self.resize(load_rgb(self.samples[index].path))
+        if self.cache is not None:
+            self.cache[index] = image
+        return image
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        sample = self.samples[index]
-        return self.transform(load_rgb(sample.path)), sample.label, index
+        image = self.pixels(index)
+        if self.augment and torch.rand(1).item() < 0.5:
+            image = image.flip(-1)
+        return self.normalize(image), self.samples[index].label, index
 
 
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int, int]], batch_size: int, *, shuffle: bool = False,

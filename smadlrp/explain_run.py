@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from smadlrp.checkpoint import CheckpointMeta
-from smadlrp.data import ImageDataset, Sample, eval_transform, make_loader
+from smadlrp.data import ImageDataset, Sample, make_loader
 from smadlrp.errors import UsageError
 from smadlrp.lrp import Explainer, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
@@ -118,7 +118,7 @@ class ImageResult:
 def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int, workers: int,
                   device: torch.device) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """(B, 3, H, W) preprocessed batches of `images` with their positions in the list."""
-    dataset = ImageDataset([Sample(p, 0) for p in images], eval_transform(meta.input_size, meta.mean, meta.std))
+    dataset = ImageDataset([Sample(p, 0) for p in images], meta.input_size, meta.mean, meta.std)
     for x, _, index in make_loader(dataset, batch_size, workers=workers, device=device):
         yield x, index.tolist()
 

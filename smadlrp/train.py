@@ -19,10 +19,8 @@ from smadlrp.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,
-    eval_transform,
     make_loader,
     scan_split,
-    train_transform,
 )
 from smadlrp.device import autocast, seed_everything
 from smadlrp.errors import SmadlrpError, UsageError
@@ -139,10 +137,11 @@ class Finetuner:
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
         self.train_loader = make_loader(
-            ImageDataset(train_split.samples, train_transform(size, IMAGENET_MEAN, IMAGENET_STD)), config.batch_size,
+            ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True),
+            config.batch_size,
             shuffle=True, workers=workers, generator=self.generator, device=device)
         self.val_loader = make_loader(
-            ImageDataset(val_split.samples, eval_transform(size, IMAGENET_MEAN, IMAGENET_STD)), config.batch_size,
+            ImageDataset(val_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, cache=True), config.batch_size,
             workers=workers, device=device)
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify)
         self.model = model.to(device)

@@ -28,7 +28,7 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.data import ImageDataset, eval_transform, make_loader, scan_split
+from smadlrp.data import ImageDataset, make_loader, scan_split
 from smadlrp.errors import UsageError
 from smadlrp.fileio import write_text_atomic
 from smadlrp.inference import Predictions, predict
@@ -41,7 +41,7 @@ from smadlrp.viz import plot_det
 def _score_split(model: object, meta: CheckpointMeta, root: Path, split: str, batch_size: int, workers: int,
                  device: object) -> tuple[Predictions, list[Path]]:
     index = scan_split(root, split, meta.class_names, warn=notice)
-    dataset = ImageDataset(index.samples, eval_transform(meta.input_size, meta.mean, meta.std))
+    dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std)
     loader = make_loader(dataset, batch_size, workers=workers, device=device)  # type: ignore[arg-type]
     with progress_bar() as bar:
         task = bar.add_task(f"scoring {split}", total=len(dataset))

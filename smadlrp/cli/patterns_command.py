@@ -28,7 +28,7 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.data import ImageDataset, eval_transform, make_loader, scan_split
+from smadlrp.data import ImageDataset, make_loader, scan_split
 from smadlrp.errors import UsageError
 from smadlrp.lrp.canonize import canonize
 from smadlrp.lrp.patterns import FINGERPRINT_KEY, KINDS, fit_patterns, save_patterns, weights_fingerprint
@@ -63,7 +63,7 @@ def fit_patterns_command(
     samples = scan_split(root, split, meta.class_names, warn=notice).samples
     if max_images is not None and max_images < len(samples):
         samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
-    loader = make_loader(ImageDataset(samples, eval_transform(meta.input_size, meta.mean, meta.std)), batch_size,
+    loader = make_loader(ImageDataset(samples, meta.input_size, meta.mean, meta.std), batch_size,
                          workers=workers, device=torch_device)
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task(f"fitting {'+'.join(kinds)} patterns", total=len(samples))
