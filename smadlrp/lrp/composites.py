@@ -136,6 +136,8 @@ def build_composite(
     are rule keys (built with the same parameters) or Rule objects.
     """
     params = dict(params or {})
+    if not isinstance(method, (str, Rule, Composite)):
+        raise UsageError(f"rule must be a rule key, composite name, Rule or Composite, got {method!r}")
     if isinstance(method, Composite):
         if params or overrides:
             raise UsageError("pass rule parameters and overrides when building the Composite, not with it")

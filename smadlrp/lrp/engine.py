@@ -127,8 +127,13 @@ class _RuleFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None
     ) -> Tensor:
+        if a_nonnegative is None and rule.sign_sensitive:
+            a_nonnegative = not bool(a.numel() and a.min() < 0)
         z = op.forward(a, prepared["weight"], prepared.get("bias"))
-        ctx.save_for_backward(a, _alias(z)) if rule.needs_output else ctx.save_for_backward(a)
+        if rule.needs_output(bool(a_nonnegative)):
+            ctx.save_for_backward(a, _alias(z))
+        else:
+            ctx.save_for_backward(a)
         ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative = op, rule, prepared, a_nonnegative
         return z
 

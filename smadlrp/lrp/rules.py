@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,6 +48,17 @@ class LayerOp(ABC):
     def channels(self, a: Tensor) -> int:
         """Number of input channels (Conv2d) or features (Linear) of `a`."""
 
+    @property
+    @abstractmethod
+    def channel_dim(self) -> int:
+        """The dimension of inputs and outputs that holds channels (Conv2d) or features (Linear)."""
+
+    @property
+    @abstractmethod
+    def stackable(self) -> bool:
+        """Whether inputs (and outputs) stacked along `channel_dim` with weights concatenated to match form one
+        layer of the same kind (not for grouped convolutions)."""
+
     @abstractmethod
     def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
         """Reshape a (C,) vector of per-channel values so that it broadcasts over `a`."""
@@ -76,6 +87,14 @@ class ConvOp(LayerOp):
     def channels(self, a: Tensor) -> int:
         return int(a.shape[1])
 
+    @property
+    def channel_dim(self) -> int:
+        return 1
+
+    @property
+    def stackable(self) -> bool:
+        return self.groups == 1
+
     def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
         return values.view(1, -1, 1, 1)
 
@@ -93,6 +112,14 @@ class DenseOp(LayerOp):
     def channels(self, a: Tensor) -> int:
         return int(a.shape[-1])
 
+    @property
+    def channel_dim(self) -> int:
+        return -1
+
+    @property
+    def stackable(self) -> bool:
+        return True
+
     def per_channel(self, values: Tensor, a: Tensor) -> Tensor:
         return values.view(*([1] * (a.dim() - 1)), -1)
 
@@ -105,12 +132,13 @@ def stabilized_divide(
     nonnegative: bool = False,
     scale: float = 1.0,
     overwrite: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """`scale * numerator / (denominator + epsilon * sign(denominator))` with sign(0) = +1.
 
     With `epsilon == 0` a zero denominator gives 0 (its numerator is 0 wherever relevance can arrive).
     `nonnegative` promises `denominator >= 0` everywhere, which saves a pass over the data. `overwrite` lets
-    the result take the denominator's memory (a temporary the caller no longer needs).
+    the result take the denominator's memory (a temporary the caller no longer needs); `out` receives it.
     """
     fits = denominator.shape == numerator.shape
     reuse = overwrite and fits
@@ -121,7 +149,8 @@ def stabilized_divide(
             shift = torch.copysign(denominator.new_tensor(epsilon), denominator)
             denominator = denominator.add_(shift) if reuse else shift.add_(denominator)
         overwrite = True
-    out = denominator if overwrite and fits else None
+    if out is None and overwrite and fits:
+        out = denominator
     if scale == 1.0:
         result = torch.div(numerator, denominator, out=out)
     else:  # addcdiv scales while it divides: one pass instead of two
@@ -192,9 +221,10 @@ class Rule(ABC):
     input_layer: ClassVar[bool] = False
     # Signal rules (PatternNet family) propagate a backward signal, not relevance; pools then use the gradient.
     signal: ClassVar[bool] = False
+    # Rules that treat inputs of both signs differently from inputs >= 0 (the engine then finds out which).
+    sign_sensitive: ClassVar[bool] = False
 
-    @property
-    def needs_output(self) -> bool:
+    def needs_output(self, nonnegative_input: bool) -> bool:
         """Whether `relevance` reads the layer output `z` (kept from the forward pass)."""
         return False
 
@@ -262,27 +292,55 @@ def _z_rule(op: LayerOp, weight: Tensor, state: LayerState, r: Tensor, epsilon: 
     return op.vjp(state.a, weight, s).mul_(state.a)
 
 
-def _split_vjp(
-    op: LayerOp, a: Tensor, terms: list[tuple[Tensor, Tensor, Tensor | None]], nonnegative: bool
-) -> Tensor:
-    """`sum_k a+ * W_k+^T s_k + a- * W_k-^T s_k` over `terms` (s_k, weights for a+, weights for a-).
+def _cached(w: Prepared, key: str, make: Callable[[], Tensor]) -> Tensor:
+    """A modified weight computed on first need (e.g. only for a first layer that sees negative inputs), then
+    kept with the layer's prepared weights."""
+    if key not in w:
+        w[key] = make()
+    return w[key]
 
-    With `nonnegative` input the a- parts vanish, `a` multiplies once after the sum, and each s_k is released
-    as soon as it has been used (`terms` is consumed).
-    """
-    if nonnegative:
-        s, w_pos, _ = terms.pop(0)
-        c = op.vjp(a, w_pos, s)
-        while terms:
-            s, w_pos, _ = terms.pop(0)
-            c.add_(op.vjp(a, w_pos, s))
-        del s
-        return c.mul_(a)
-    a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-    neg: list[tuple[Tensor, Tensor, Tensor | None]] = [(s, w_neg, None) for s, _, w_neg in terms if w_neg is not None]
-    out = _split_vjp(op, a_pos, [(s, w_pos, None) for s, w_pos, _ in terms], True)
-    terms.clear()
-    return out.add_(_split_vjp(op, a_neg, neg, True)) if neg else out
+
+def _signed_parts(a: Tensor) -> list[Tensor]:
+    return [a.clamp(min=0), a.clamp(max=0)]
+
+
+def _forward_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Tensor], bias: Tensor | None) -> Tensor:
+    """`sum_k xs[k] W_k^T + b` for the parts `xs` of a layer input: one call on channel-stacked parts when the
+    layer allows it."""
+    if op.stackable:
+        return op.forward(torch.cat(list(xs), op.channel_dim), torch.cat(list(ws), 1), bias)
+    out = op.forward(xs[0], ws[0], bias)
+    for x, weight in zip(xs[1:], ws[1:], strict=True):
+        out.add_(op.forward(x, weight, None))
+    return out
+
+
+def _share_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Sequence[Tensor]], s: Tensor) -> Tensor:
+    """`sum_k xs[k] * sum_m ws[m][k]^T s_m`: the relevance of the input parts `xs`, given the signals s_m of
+    the output blocks m stacked along the channel dimension in `s`; one vjp over stacked parts when the layer
+    allows it."""
+    dim = op.channel_dim
+    if op.stackable:
+        x = torch.cat(list(xs), dim)
+        chunks = op.vjp(x, torch.cat([torch.cat(list(row), 1) for row in ws]), s).mul_(x).chunk(len(xs), dim)
+        out = chunks[0].clone()
+    else:
+        signals = s.chunk(len(ws), dim)
+        chunks = tuple(
+            sum((op.vjp(x, row[k], sm) for row, sm in zip(ws, signals, strict=True)), torch.zeros_like(x)).mul_(x)
+            for k, x in enumerate(xs)
+        )
+        out = chunks[0]
+    for chunk in chunks[1:]:
+        out.add_(chunk)
+    return out
+
+
+def _stacked_like(op: LayerOp, t: Tensor, blocks: int) -> Tensor:
+    """An empty tensor like `t` with `blocks` times its channels, to stack signals in."""
+    shape = list(t.shape)
+    shape[op.channel_dim] *= blocks
+    return t.new_empty(shape)
 
 
 @register
@@ -293,8 +351,7 @@ class Zero(Rule):
     key = "zero"
     summary = "LRP-0: R_i = sum_j a_i w_ij / z_j R_j (gradient x input on ReLU networks)"
 
-    @property
-    def needs_output(self) -> bool:
+    def needs_output(self, nonnegative_input: bool) -> bool:
         return True
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
@@ -313,8 +370,7 @@ class Epsilon(Rule):
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", _non_negative(self.key, "epsilon", self.epsilon))
 
-    @property
-    def needs_output(self) -> bool:
+    def needs_output(self, nonnegative_input: bool) -> bool:
         return True
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
@@ -326,13 +382,14 @@ class Epsilon(Rule):
 class Gamma(Rule):
     """LRP-gamma: positive contributions count (1 + gamma) times: `rho(z_ij) = z_ij + gamma max(0, z_ij)`.
 
-    With `a >= 0` this is `rho(w) = w + gamma max(0, w)`, `rho(b) = b + gamma max(0, b)`. Inputs that can be
-    negative are split: `rho(z_ij) = a+_i (w + gamma w+)_ij + a-_i (w + gamma w-)_ij`, so positive and
-    negative contributions are handled separately and only the positive ones are amplified.
+    With `a >= 0` this is `rho(w) = w + gamma max(0, w)`, `rho(b) = b + gamma max(0, b)`. For inputs of both
+    signs the contributions are split, `rho(z_ij) = a+_i (w + gamma w+)_ij + a-_i (w + gamma w-)_ij`: positive
+    and negative contributions are handled separately and only the positive ones are amplified.
     """
 
     key = "gamma"
     summary = "LRP-gamma: rho(w) = w + gamma max(0, w), rho(b) = b + gamma max(0, b); favours positive contributions"
+    sign_sensitive = True
     gamma: float = 0.1
     stabilizer: float = DEFAULT_STABILIZER
 
@@ -354,10 +411,11 @@ class Gamma(Rule):
         if state.input_nonnegative():
             s = stabilized_divide(r, op.forward(a, w_pos, w.get("b")), eps, overwrite=True)
             return op.vjp(a, w_pos, s).mul_(a)
-        if "w_neg" not in w:  # only for inputs with negative values (the first layer), then cached
-            w["w_neg"] = w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"])
-        z_rho = op.forward(a.clamp(min=0), w_pos, w.get("b")).add_(op.forward(a.clamp(max=0), w["w_neg"], None))
-        return _split_vjp(op, a, [(stabilized_divide(r, z_rho, eps, overwrite=True), w_pos, w["w_neg"])], False)
+        # a+ meets w + gamma w+, a- meets w + gamma w-
+        w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"]))
+        parts = _signed_parts(a)
+        s = stabilized_divide(r, _forward_parts(op, parts, [w_pos, w_neg], w.get("b")), eps, overwrite=True)
+        return _share_parts(op, parts, [[w_pos, w_neg]], s)
 
 
 @register
@@ -390,6 +448,7 @@ class AlphaBeta(Rule):
 
     key = "alpha1beta0"
     summary = "LRP-alpha-beta: alpha (a w)+ / z+ - beta (a w)- / z-, biases included, alpha - beta = 1"
+    sign_sensitive = True
     alpha: float = 1.0
     beta: float = 0.0
     stabilizer: float = DEFAULT_STABILIZER
@@ -403,8 +462,7 @@ class AlphaBeta(Rule):
         object.__setattr__(self, "beta", beta)
         object.__setattr__(self, "stabilizer", _non_negative(self.key, "stabilizer", self.stabilizer))
 
-    @property
-    def needs_output(self) -> bool:
+    def needs_output(self, nonnegative_input: bool) -> bool:
         return self.beta != 0.0
 
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
@@ -414,33 +472,40 @@ class AlphaBeta(Rule):
         return prepared
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
-        a, nonnegative = state.a, state.input_nonnegative()
-        if (not nonnegative or self.beta != 0.0) and "w_neg" not in w:  # W- only where needed, then cached
-            w["w_neg"] = w["weight"].clamp(max=0)
-        w_pos, w_neg = w["w_pos"], w.get("w_neg")
-        # (a w)+ = a+ w+ + a- w- and (a w)- = a+ w- + a- w+: each part of the input meets its own weights.
-        if nonnegative:
-            z_pos = op.forward(a, w_pos, w.get("b_pos"))
-        else:
-            assert w_neg is not None
-            z_pos = op.forward(a.clamp(min=0), w_pos, w.get("b_pos")).add_(op.forward(a.clamp(max=0), w_neg, None))
-        beta = self.beta != 0.0
-        terms = [  # z+ >= 0
-            (stabilized_divide(r, z_pos, self.stabilizer, nonnegative=True, scale=self.alpha, overwrite=not beta),
-             w_pos, w_neg)
-        ]  # fmt: skip
-        if beta:
-            assert state.z is not None and w_neg is not None
-            # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator, also where an in-place ReLU
-            # has turned z into relu(z) (the relevance is zero there).
-            n = z_pos.sub_(state.z)
-            del z_pos
-            terms.append((stabilized_divide(r, n, self.stabilizer, nonnegative=True, scale=self.beta, overwrite=True),
-                          w_neg, w_pos))  # fmt: skip
-            del n
-        else:
-            del z_pos
-        return _split_vjp(op, a, terms, nonnegative)
+        a, w_pos, eps = state.a, w["w_pos"], self.stabilizer
+        if not state.input_nonnegative():
+            return self._relevance_signed(op, w, state, r)
+        # a >= 0: (a w)+ = a w+, (a w)- = a w-, and z+ = a W+ + b+ >= 0
+        z_pos = op.forward(a, w_pos, w.get("b_pos"))
+        if self.beta == 0.0:
+            s = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, overwrite=True)
+            return op.vjp(a, w_pos, s).mul_(a)
+        assert state.z is not None
+        w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0))
+        t_pos = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha)
+        # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator, also where an in-place ReLU has
+        # turned z into relu(z) (the relevance is zero there).
+        t_neg = stabilized_divide(r, z_pos.sub_(state.z), eps, nonnegative=True, scale=self.beta, overwrite=True)
+        c = op.vjp(a, w_pos, t_pos)
+        del t_pos  # released before the second product
+        return c.add_(op.vjp(a, w_neg, t_neg)).mul_(a)
+
+    def _relevance_signed(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        """Inputs of both signs: (a w)+ = a+ w+ + a- w-, (a w)- = a+ w- + a- w+."""
+        w_pos, eps = w["w_pos"], self.stabilizer
+        w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0))
+        parts = _signed_parts(state.a)
+        z_pos = _forward_parts(op, parts, [w_pos, w_neg], w.get("b_pos"))  # exactly 0 without positive parts
+        if self.beta == 0.0:
+            s = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, overwrite=True)
+            return _share_parts(op, parts, [[w_pos, w_neg]], s)
+        assert state.z is not None
+        t = _stacked_like(op, r, 2)  # [t+, t-], written in place
+        t_pos, t_neg = t.chunk(2, op.channel_dim)
+        stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, out=t_pos)
+        stabilized_divide(r, z_pos.sub_(state.z), eps, nonnegative=True, scale=self.beta, out=t_neg)
+        del z_pos, t_pos, t_neg
+        return _share_parts(op, parts, [[w_pos, w_neg], [w_neg, w_pos]], t)
 
 
 @register
@@ -509,19 +574,25 @@ class ZBox(Rule):
         if n not in (1, channels):
             raise UsageError(f"rule zbox: bounds have {n} channels but layer {name!r} has {channels} input channels")
 
+    def needs_output(self, nonnegative_input: bool) -> bool:
+        return True
+
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
-        return {"w_pos": weight.clamp(min=0), "w_neg": weight.clamp(max=0)}
+        return {"w_abs": weight.abs()}
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        # With w+ = (w + |w|) / 2 and w- = (w - |w|) / 2: l w+ + h w- = m w + d |w| for the box's middle
+        # m = (l + h) / 2 and half-width d = (l - h) / 2, so z^B = (z - b) - (m W + d |W|) and
+        # R = (a - m) W^T s - d |W|^T s with s = r / z^B.
         a, (low, high) = state.a, self.bounds()
+        assert state.z is not None
         one = (1, *a.shape[1:])  # the bounds are the same for every sample: compute on one and broadcast
-        lo = op.per_channel(a.new_tensor(low), a).expand(one)
-        hi = op.per_channel(a.new_tensor(high), a).expand(one)
-        w_pos, w_neg = w["w_pos"], w["w_neg"]
-        z_box = op.forward(a, w["weight"], None).sub_(op.forward(lo, w_pos, None) + op.forward(hi, w_neg, None))
-        s = stabilized_divide(r, z_box, self.stabilizer, overwrite=True)
-        out = op.vjp(a, w["weight"], s).mul_(a)
-        return out.sub_(op.vjp(a, w_pos, s).mul_(lo)).sub_(op.vjp(a, w_neg, s).mul_(hi))
+        lo, hi = a.new_tensor(low), a.new_tensor(high)
+        mid = op.per_channel((lo + hi) / 2, a).expand(one)
+        half = op.per_channel((lo - hi) / 2, a).expand(one)
+        shift = op.forward(mid, w["weight"], w.get("bias")).add_(op.forward(half, w["w_abs"], None))
+        s = stabilized_divide(r, torch.sub(state.z, shift), self.stabilizer, overwrite=True)
+        return _share_parts(op, [a - mid, half.neg().expand(a.shape)], [[w["weight"], w["w_abs"]]], s)
 
 
 def _broadcast(values: tuple[float, ...], n: int) -> tuple[float, ...]:
