@@ -24,13 +24,12 @@ Vec = NDArray[np.float64]
 
 # Landmark indices (see `landmarks`): 13 jaw points from the right temple via the chin to the left temple, the
 # eye corners (left outer, left inner, right inner, right outer), the nose root, and 12 image-border points.
-# Like the landmark sets of common morphing tools, nothing above the brows is a landmark; the set is also sparse
-# inside the face: hair, brows, lids, irises, glasses, nose, mouth and moles are carried along by the warp,
-# not aligned by it.
+# Like the landmark sets of common morphing tools, nothing above the brows is a landmark; the set is also
+# sparse inside the face: hair, brows, lids, irises, glasses, nose, mouth and moles are carried along by the
+# warp, not aligned by it.
 JAW = tuple(range(0, 13))
 EYES = tuple(range(13, 17))
 NOSE_ROOT = 17
-BORDER = tuple(range(18, 30))
 _FACE_SCALE = 0.32  # pixels per face unit, as a share of the image size
 _EYE_ROW = 0.48  # image row of the eye line, as a share of the image size
 
@@ -138,7 +137,7 @@ class Mouth:
 
 @dataclass(frozen=True)
 class Glasses:
-    """Spectacle frames (none when `thickness` is 0): superellipse rims around the eyes, bridge, temple arms."""
+    """Spectacle frames (none when `thickness` is 0): superellipse rims, a bridge and temple arms."""
 
     thickness: float
     half_width: float
@@ -256,8 +255,9 @@ def _sample_nose(rng: np.random.Generator, mouth: Mouth) -> Nose:
 def _sample_mouth(rng: np.random.Generator, head: Head) -> Mouth:
     lip = head.skin * np.array([0.85, 0.55, 0.55]) * _u(rng, 0.75, 1.0) + np.array([0.08, 0.0, 0.02])
     return Mouth(
-        y=min(_u(rng, 0.66, 1.0), head.centre_y + head.lower - 0.3), half_width=_u(rng, 0.18, 0.38), upper=_u(rng, 0.03, 0.1),
-        lower=_u(rng, 0.04, 0.12), bow=_u(rng, 0.0, 0.6), curve=_u(rng, -0.05, 0.09), color=np.clip(lip, 0, 1),
+        y=min(_u(rng, 0.66, 1.0), head.centre_y + head.lower - 0.3), half_width=_u(rng, 0.18, 0.38),
+        upper=_u(rng, 0.03, 0.1), lower=_u(rng, 0.04, 0.12), bow=_u(rng, 0.0, 0.6),
+        curve=_u(rng, -0.05, 0.09), color=np.clip(lip, 0, 1),
     )
 
 
@@ -283,7 +283,8 @@ def sample_capture(rng: np.random.Generator) -> Capture:
     top = np.clip(_u(rng, 0.68, 0.9) + rng.uniform(-0.03, 0.03, 3), 0, 1)
     return Capture(
         angle=math.radians(_u(rng, -6, 6)), scale=_u(rng, 0.93, 1.07), shift=rng.uniform(-0.03, 0.03, 2),
-        smile=_u(rng, 0.0, 1.0), mouth_open=float(max(0.0, _u(rng, -0.6, 1.0))), brow_raise=_u(rng, -0.03, 0.05),
+        smile=_u(rng, 0.0, 1.0), mouth_open=float(max(0.0, _u(rng, -0.6, 1.0))),
+        brow_raise=_u(rng, -0.03, 0.05),
         eye_open=_u(rng, 0.8, 1.1), gaze=rng.uniform(-0.025, 0.025, 2), light_angle=_u(rng, 0, 2 * math.pi),
         light_strength=_u(rng, 0.0, 0.3), exposure=_u(rng, 0.85, 1.12), tint=1 + rng.uniform(-0.05, 0.05, 3),
         background_top=top, background_bottom=np.clip(top * _u(rng, 0.9, 1.05), 0, 1),
@@ -299,7 +300,7 @@ def neutral_capture() -> Capture:
                    tint=np.ones(3), background_top=grey, background_bottom=grey, clothes=grey)
 
 
-# ----------------------------------------------------------------------------------------------- geometry
+# geometry -----------------------------------------------------------------------------------------
 
 
 def _pose(capture: Capture, size: int) -> tuple[Vec, float, float]:
@@ -331,7 +332,7 @@ def _jaw_point(head: Head, phi: float) -> tuple[float, float]:
     return head.width * math.copysign(abs(c) ** e, c), head.centre_y + head.lower * abs(s) ** e
 
 
-def _hair_radius(head: Head, hair: Hair, phi: NDArray[np.float64] | NDArray[np.float32]) -> NDArray[np.float64]:
+def _hair_radius(head: Head, hair: Hair, phi: NDArray[np.floating]) -> NDArray[np.float64]:
     """Radius of the hair outline from (0, head.centre_y) at angle `phi` (upper half: phi in [-pi, 0])."""
     c, s = np.cos(phi), np.sin(phi)
     face = 1.0 / np.sqrt((c / head.width) ** 2 + (s / head.upper) ** 2)
@@ -349,7 +350,8 @@ def _brow_y(brows: Brows, capture: Capture, t: NDArray[np.float32] | float) -> N
 
 def _mouth_line(mouth: Mouth, capture: Capture) -> tuple[float, float, float]:
     """Mouth half-width, corner lift and opening height for a capture's expression."""
-    return mouth.half_width * (1 + 0.12 * capture.smile), mouth.curve + 0.05 * capture.smile, 0.07 * capture.mouth_open
+    smile = capture.smile
+    return mouth.half_width * (1 + 0.12 * smile), mouth.curve + 0.05 * smile, 0.07 * capture.mouth_open
 
 
 def face_landmarks(identity: Identity) -> Points:
@@ -358,7 +360,8 @@ def face_landmarks(identity: Identity) -> Points:
     pts = [_jaw_point(head, phi) for phi in np.linspace(0.0, math.pi, 13)]
     for sign in (-1.0, 1.0):
         cx = sign * eyes.x
-        corners = [(cx + sign * eyes.half_width, eyes.y + eyes.tilt), (cx - sign * eyes.half_width, eyes.y - eyes.tilt)]
+        corners = [(cx + sign * eyes.half_width, eyes.y + eyes.tilt),
+                   (cx - sign * eyes.half_width, eyes.y - eyes.tilt)]
         pts += corners if sign < 0 else corners[::-1]
     pts.append((0.0, eyes.y - 0.02))
     return np.asarray(pts, dtype=np.float64)
@@ -379,11 +382,11 @@ def landmarks(identity: Identity, capture: Capture, size: int) -> Points:
     return np.concatenate([face, border_points(size)])
 
 
-# ----------------------------------------------------------------------------------------------- drawing
+# drawing ------------------------------------------------------------------------------------------
 
 
 def _cover(d: NDArray[np.float32] | NDArray[np.float64], aa: float) -> Plane:
-    """Anti-aliased coverage in [0, 1] of a shape with signed distance `d` (negative inside), `aa` = 1 pixel."""
+    """Anti-aliased coverage in [0, 1] of a shape with signed distance `d` (< 0 inside), `aa` = 1 pixel."""
     return np.clip(0.5 - d / aa, 0.0, 1.0).astype(np.float32)
 
 
@@ -394,9 +397,9 @@ def _ellipse(u: Plane, v: Plane, cx: float, cy: float, rx: float, ry: float) -> 
 
 @dataclass(frozen=True)
 class _Canvas:
-    """An image (h, w, 3) with the face-frame coordinates (u, v) of its pixels, `aa` = one pixel in face units,
-    the pose that maps face units to pixels (origin, pixels per unit, angle) and where it sits in the whole
-    picture (`box`, rows and columns).
+    """An image (h, w, 3) with the face-frame coordinates (u, v) of its pixels, `aa` = one pixel in face
+    units, the pose that maps face units to pixels (origin, pixels per unit, angle) and where it sits in the
+    whole picture (`box`, rows and columns).
 
     A window is a view: painting into it paints into this image.
     """
@@ -455,11 +458,13 @@ def _background(capture: Capture, size: int) -> Image:
     return np.repeat(column, size, axis=1).astype(np.float32)
 
 
-def _hair_layers(identity: Identity, capture: Capture, u: Plane, v: Plane, aa: float) -> tuple[Plane, Plane, Image]:
+def _hair_layers(identity: Identity, capture: Capture, u: Plane, v: Plane,
+                 aa: float) -> tuple[Plane, Plane, Image]:
     """Coverage of the hair volume behind the face, of the fringe over the forehead, and the hair colour."""
     head, hair = identity.head, identity.hair
     dy = v - head.centre_y
-    top = np.hypot(u, dy) - _hair_radius(head, hair, np.arctan2(dy, u))
+    angles = np.linspace(-math.pi, math.pi, 721)  # the outline is smooth: tabulate it every half degree
+    top = np.hypot(u, dy) - np.interp(np.arctan2(dy, u), angles, _hair_radius(head, hair, angles))
     left, right = _hair_radius(head, hair, np.array([-math.pi, 0.0]))
     side_radius = np.where(u < 0, left, right)
     sides = np.maximum(np.abs(u) - side_radius, dy - hair.length - 0.04 * np.sin(23.0 * u))
@@ -534,7 +539,8 @@ def _draw_nose(canvas: _Canvas, identity: Identity) -> None:
     reach = nose.half_width + nose.wing + 0.08
     c = canvas.window(-reach, reach, eye_y, nose.tip_y + nose.nostril_dy + 0.08)
     u, v = c.u, c.v
-    bridge = np.maximum(np.abs(np.abs(u) - nose.bridge) - 0.02, np.maximum(eye_y + 0.05 - v, v - nose.tip_y + 0.1))
+    along = np.maximum(eye_y + 0.05 - v, v - nose.tip_y + 0.1)
+    bridge = np.maximum(np.abs(np.abs(u) - nose.bridge) - 0.02, along)
     c.paint(0.25 * c.cover(bridge), skin * 0.6)
     c.paint(0.2 * c.cover(_ellipse(u, v, 0.0, nose.tip_y - 0.04, 0.07, 0.05)), np.minimum(skin * 1.2, 1))
     ny = nose.tip_y + nose.nostril_dy
@@ -560,7 +566,8 @@ def _draw_mouth(canvas: _Canvas, identity: Identity, capture: Capture) -> None:
     bottom = line + gap * bulge + mouth.lower * bulge**0.8
     c.paint(c.cover(np.maximum(np.maximum(top - v, v - line), ends)), mouth.color * 0.85)
     c.paint(c.cover(np.maximum(np.maximum(line + gap * bulge - v, v - bottom), ends)), mouth.color)
-    c.paint(c.cover(np.maximum(np.maximum(line - v, v - line - gap * bulge), ends)), np.array([0.1, 0.05, 0.05]))
+    opening = np.maximum(np.maximum(line - v, v - line - gap * bulge), ends)
+    c.paint(c.cover(opening), np.array([0.1, 0.05, 0.05]))
     c.paint(0.7 * c.cover(np.maximum(np.abs(v - line) - 0.01, ends - 0.01)), mouth.color * 0.4)
 
 
@@ -593,20 +600,22 @@ def _shade(capture: Capture, u: Plane, v: Plane) -> Image:
 
 
 def render_face(identity: Identity, capture: Capture, size: int) -> tuple[Image, Plane]:
-    """Draw one capture of an identity: RGB image (size, size, 3) and subject matte (size, size), both in [0, 1].
+    """Draw one capture of an identity: RGB image (size, size, 3) and subject matte (size, size), in [0, 1].
 
     The matte covers head, hair, ears and neck (not the background and clothes)."""
     u, v, k = _face_grid(capture, size)
     head = identity.head
-    scene = _Canvas(_background(capture, size), u, v, 1.0 / k, _pose(capture, size), (slice(0, size), slice(0, size)))
+    whole = (slice(0, size), slice(0, size))
+    scene = _Canvas(_background(capture, size), u, v, 1.0 / k, _pose(capture, size), whole)
     back, fringe, hair_color = _hair_layers(identity, capture, u, v, scene.aa)
     scene.paint(back, hair_color * _shade(capture, u, v))
     matte = back.copy()
     collar = head.centre_y + head.lower + 0.3
     neck = scene.window(-head.neck_width, head.neck_width, head.centre_y + 0.2, 3.0)
-    skin = neck.cover(np.maximum(np.abs(neck.u) - head.neck_width, head.centre_y + 0.2 - neck.v))
-    neck.paint(skin, head.skin * 0.78 * _shade(capture, neck.u, neck.v))
-    matte[neck.box] = np.maximum(matte[neck.box], skin * (1 - neck.cover(collar + 0.12 * neck.u**2 - neck.v)))
+    throat = neck.cover(np.maximum(np.abs(neck.u) - head.neck_width, head.centre_y + 0.2 - neck.v))
+    neck.paint(throat, head.skin * 0.78 * _shade(capture, neck.u, neck.v))
+    below_collar = neck.cover(collar + 0.12 * neck.u**2 - neck.v)
+    matte[neck.box] = np.maximum(matte[neck.box], throat * (1 - below_collar))
     clothes = scene.window(-3.0, 3.0, collar, 3.0)
     clothes.paint(clothes.cover(collar + 0.12 * clothes.u**2 - clothes.v),
                   capture.clothes * _shade(capture, clothes.u, clothes.v))
@@ -620,8 +629,8 @@ def render_face(identity: Identity, capture: Capture, size: int) -> tuple[Image,
     field = _face_field(head, face.u, face.v)
     texture = _noise(head.texture_seed, 56, 2.0, capture, size)[face.box]
     relief = head.skin_texture * texture - 0.5 * np.clip(field + 0.3, 0, 0.3)
-    skin_layer = _Canvas((head.skin[None, None, :] * (1 + relief)[..., None]).astype(np.float32), face.u, face.v,
-                         face.aa, face.pose, face.box)
+    skin = (head.skin[None, None, :] * (1 + relief)[..., None]).astype(np.float32)
+    skin_layer = _Canvas(skin, face.u, face.v, face.aa, face.pose, face.box)
     _draw_brows(skin_layer, identity, capture)
     _draw_eyes(skin_layer, identity, capture)
     _draw_nose(skin_layer, identity)
@@ -635,7 +644,7 @@ def render_face(identity: Identity, capture: Capture, size: int) -> tuple[Image,
     return np.clip(scene.image, 0.0, 1.0), matte
 
 
-# ----------------------------------------------------------------------------------------------- warps
+# warps --------------------------------------------------------------------------------------------
 
 
 def _circumcircle_contains(p: Points, tri: tuple[int, int, int], q: Vec) -> bool:
@@ -702,28 +711,43 @@ def _affine_maps(src: Points, dst: Points, tris: NDArray[np.int64]) -> NDArray[n
     return maps
 
 
-def piecewise_affine_map(src: Points, dst: Points, size: int) -> tuple[Plane, Plane]:
-    """Source pixel positions (x, y), each (size, size), that carry landmarks `src` onto `dst`.
+def triangle_ids(dst: Points, size: int) -> NDArray[np.intp]:
+    """Which triangle of `triangles()`, laid out on landmarks `dst`, covers each pixel; (size, size).
 
-    Each triangle of `triangles()` in the destination geometry is mapped affinely onto the same triangle in the
-    source geometry; pixels no triangle covers keep their own position.
-    """
+    Pixels no triangle covers get the number of triangles."""
     tris = triangles()
     ids = PILImage.new("I", (size, size), len(tris))
     draw = ImageDraw.Draw(ids)
-    for n, tri in enumerate(tris):
-        draw.polygon([(float(x), float(y)) for x, y in dst[tri]], fill=n, outline=n)
-    maps = np.concatenate([_affine_maps(src, dst, tris), [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]]).astype(np.float32)
-    per_pixel = maps[np.asarray(ids, dtype=np.intp)]
+    for n, corners in enumerate(dst[tris].reshape(len(tris), 6).tolist()):
+        draw.polygon(corners, fill=n, outline=n)
+    return np.asarray(ids, dtype=np.intp)
+
+
+def piecewise_affine_map(src: Points, dst: Points, size: int,
+                         ids: NDArray[np.intp] | None = None) -> tuple[Plane, Plane]:
+    """Source pixel positions (x, y), each (size, size), that carry landmarks `src` onto `dst`.
+
+    Each triangle of `triangles()` in the destination geometry is mapped affinely onto the same triangle in
+    the source geometry; pixels no triangle covers keep their own position. `ids` is `triangle_ids(dst)`
+    when already at hand.
+    """
+    if ids is None:
+        ids = triangle_ids(dst, size)
+    identity_map = [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]
+    maps = np.concatenate([_affine_maps(src, dst, triangles()), identity_map]).astype(np.float32)
+    per_pixel = maps[ids]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     map_x = per_pixel[..., 0, 0] * xs + per_pixel[..., 0, 1] * ys + per_pixel[..., 0, 2]
     map_y = per_pixel[..., 1, 0] * xs + per_pixel[..., 1, 1] * ys + per_pixel[..., 1, 2]
     return map_x, map_y
 
 
-def warp_piecewise_affine(image: Image, src: Points, dst: Points) -> Image:
-    """Warp `image` (H, W, 3) so that its landmarks `src` land on `dst` (per-triangle affine, bilinear)."""
-    map_x, map_y = piecewise_affine_map(src, dst, image.shape[0])
+def warp_piecewise_affine(image: Image, src: Points, dst: Points,
+                          ids: NDArray[np.intp] | None = None) -> Image:
+    """Warp `image` (H, W, C) so that its landmarks `src` land on `dst` (per-triangle affine, bilinear).
+
+    `ids` is `triangle_ids(dst)` when already at hand (several images warped onto the same landmarks)."""
+    map_x, map_y = piecewise_affine_map(src, dst, image.shape[0], ids)
     return _sample(image, map_x, map_y)
 
 
@@ -753,13 +777,11 @@ def gaussian_blur(image: NDArray[np.float32], sigma: float) -> NDArray[np.float3
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps = (taps / taps.sum()).astype(np.float32)
     h, w = image.shape[:2]
-    pad = [(radius, radius), (0, 0)] + [(0, 0)] * (image.ndim - 2)
-    padded = np.pad(image, pad, mode="reflect")
+    padded = np.concatenate([image[radius:0:-1], image, image[-2:-radius - 2:-1]], axis=0)
     rows = taps[0] * padded[0:h]
     for i in range(1, len(taps)):
         rows += taps[i] * padded[i:i + h]
-    pad[0], pad[1] = (0, 0), (radius, radius)
-    padded = np.pad(rows, pad, mode="reflect")
+    padded = np.concatenate([rows[:, radius:0:-1], rows, rows[:, -2:-radius - 2:-1]], axis=1)
     out = taps[0] * padded[:, 0:w]
     for i in range(1, len(taps)):
         out += taps[i] * padded[:, i:i + w]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +35,16 @@ def _manifest(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+TinySet = tuple[Path, synthetic.SynthSummary]
+
+
 @pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, synthetic.SynthSummary]:
+def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> TinySet:
     out = tmp_path_factory.mktemp("synth") / "set"
     return out, synthetic.generate_dataset(out, TINY, workers=1)
 
 
-# ----------------------------------------------------------------------------------------------- configuration
+# configuration ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -68,14 +73,14 @@ def test_morph_probabilities_renormalise_over_chosen_types() -> None:
     assert config.morph_probabilities() == pytest.approx({"complete": 0.45 / 0.8, "splicing": 0.35 / 0.8})
 
 
-# ----------------------------------------------------------------------------------------------- planning
+# planning -----------------------------------------------------------------------------------------
 
 
 def test_splits_are_subject_disjoint_and_morphs_stay_in_their_split() -> None:
-    config = SynthConfig(identities=20, captures_per_identity=3, seed=5)
+    config = SynthConfig(identities=30, captures_per_identity=3, seed=5)
     splits = synthetic.split_identities(config)
-    assert [len(splits[s]) for s in synthetic.SPLITS] == [12, 4, 4]
-    assert sorted(sum(splits.values(), [])) == list(range(20))
+    assert [len(splits[s]) for s in synthetic.SPLITS] == [24, 3, 3]
+    assert sorted(sum(splits.values(), [])) == list(range(30))
     plans = synthetic.plan_samples(config)
     assert [p.index for p in plans] == list(range(len(plans)))
     for split, ids in splits.items():
@@ -106,7 +111,7 @@ def test_only_the_chosen_morph_types_are_planned() -> None:
     assert {p.region for p in morphs} <= set(synthetic.PARTIAL_REGIONS)
 
 
-# ----------------------------------------------------------------------------------------------- geometry
+# geometry -----------------------------------------------------------------------------------------
 
 
 def test_delaunay_has_empty_circumcircles_and_tiles_the_hull() -> None:
@@ -175,7 +180,7 @@ def test_polygon_mask_fills_a_square() -> None:
     assert mask[3:8, 3:8].all()
 
 
-# ----------------------------------------------------------------------------------------------- morphs and masks
+# morphs and masks ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["complete", "splicing", "partial"])
@@ -191,15 +196,19 @@ def test_masks_mark_where_the_morph_departs_from_its_contributor(kind: str) -> N
         assert inside >= 3 * outside, (plan.filename, inside, outside)
 
 
-def test_morph_is_the_blend_of_its_warped_contributors_inside_the_region() -> None:
+def test_complete_morph_blends_the_subject_and_keeps_contributor_a_elsewhere() -> None:
     config = SynthConfig(identities=12, image_size=64, seed=8, morph_types=("complete",))
-    plan = next(p for p in synthetic.plan_samples(config) if p.label == "morph")
-    parts = synthetic.morph_parts(config, plan)
-    blend = (1 - plan.blend) * parts.warped_a + plan.blend * parts.warped_b
-    smooth = faces.gaussian_blur(parts.image, 2.0), faces.gaussian_blur(blend, 2.0)
-    # detail restoration and contrast matching change fine detail and spread, not the low-pass picture
-    assert np.abs(smooth[0] - smooth[1]).mean() < 0.02
-    assert np.abs(smooth[0] - faces.gaussian_blur(parts.warped_a, 2.0)).mean() > 0.03
+    for plan in [p for p in synthetic.plan_samples(config) if p.label == "morph"][:3]:
+        parts = synthetic.morph_parts(config, plan)
+        blend = (1 - plan.blend) * parts.warped_a + plan.blend * parts.warped_b
+        low = [faces.gaussian_blur(x, 2.0) for x in (parts.image, blend, parts.warped_a, parts.warped_b)]
+        inside, outside = parts.region > 0.99, parts.region < 0.01
+        # detail restoration and contrast matching change fine detail and spread, not the low-pass picture
+        to_blend = np.abs(low[0] - low[1])[inside].mean()
+        to_a, to_b = (np.abs(low[0] - low[i])[inside].mean() for i in (2, 3))
+        assert to_blend < 0.5 * min(to_a, to_b)
+        assert outside.mean() > 0.05
+        assert np.abs(parts.image - parts.warped_a)[outside].mean() < 0.005
 
 
 def test_splice_outside_its_region_is_contributor_a() -> None:
@@ -218,6 +227,14 @@ def test_bona_fide_samples_have_empty_masks() -> None:
     assert not sample.mask.any()
 
 
+@pytest.mark.parametrize("shape", [(5, 7, 3), (33, 2, 3), (9, 4)])
+def test_png_encoding_round_trips(shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.open(io.BytesIO(synthetic.encode_png(pixels)))
+    assert image.mode == ("RGB" if len(shape) == 3 else "L")
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
 def test_global_statistics_of_a_flat_image() -> None:
     pixels = np.zeros((16, 16, 3), dtype=np.uint8)
     pixels[..., 0] = 51
@@ -227,30 +244,28 @@ def test_global_statistics_of_a_flat_image() -> None:
 
 
 def test_no_global_shortcut_on_a_small_set(tmp_path: Path) -> None:
-    # 40 identities, 3 captures: a 48-image test split, so the AUC of a useless model has a standard error of
-    # about 0.085; 0.8 is far above chance yet far below what a real global cue gives (the full-size check,
-    # AUC <= 0.65 on 400 test images, lives in benchmarks/bench_synth.py).
-    config = SynthConfig(identities=40, image_size=64, captures_per_identity=3, seed=1)
+    # 100 identities, 2 captures, 64 px: fit on the 320 training images, score the 80 held-out ones (val and
+    # test, 20 identities). A model with no signal then has an AUC standard error of about 0.065, so the bound
+    # is 0.8 instead of the full-size 0.65 on >= 300 test images, which benchmarks/bench_synth.py checks.
+    config = SynthConfig(identities=100, image_size=64, captures_per_identity=2, seed=1)
     out = tmp_path / "set"
     synthetic.generate_dataset(out, config, workers=1)
-    rows = _manifest(out)
-    data: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
-    for row in rows:
-        if row["split"] in data:
-            pixels = np.asarray(Image.open(out / row["path"]).convert("RGB"))
-            data[row["split"]][0].append(synthetic.global_statistics(pixels))
-            data[row["split"]][1].append(int(row["label"] == "morph"))
+    data: dict[bool, tuple[list[np.ndarray], list[int]]] = {True: ([], []), False: ([], [])}
+    for row in _manifest(out):
+        pixels = np.asarray(Image.open(out / row["path"]).convert("RGB"))
+        data[row["split"] == "train"][0].append(synthetic.global_statistics(pixels))
+        data[row["split"] == "train"][1].append(int(row["label"] == "morph"))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    model.fit(np.array(data["train"][0]), data["train"][1])
-    auc = roc_auc_score(data["test"][1], model.predict_proba(np.array(data["test"][0]))[:, 1])
-    assert len(data["test"][1]) == 48
+    model.fit(np.array(data[True][0]), data[True][1])
+    auc = roc_auc_score(data[False][1], model.predict_proba(np.array(data[False][0]))[:, 1])
+    assert len(data[False][1]) == 80
     assert auc <= 0.8
 
 
-# ----------------------------------------------------------------------------------------------- writing
+# writing ------------------------------------------------------------------------------------------
 
 
-def test_every_manifest_row_points_at_an_image_and_a_mask(tiny_set: tuple[Path, synthetic.SynthSummary]) -> None:
+def test_every_manifest_row_points_at_an_image_and_a_mask(tiny_set: TinySet) -> None:
     out, summary = tiny_set
     rows = _manifest(out)
     assert tuple(rows[0]) == synthetic.MANIFEST_COLUMNS
@@ -277,23 +292,21 @@ def test_every_manifest_row_points_at_an_image_and_a_mask(tiny_set: tuple[Path, 
     assert stored == sorted([r["path"] for r in rows] + [r["mask_path"] for r in rows])
 
 
-def test_splits_on_disk_are_subject_disjoint(tiny_set: tuple[Path, synthetic.SynthSummary]) -> None:
+def test_splits_on_disk_are_subject_disjoint(tiny_set: TinySet) -> None:
     rows = _manifest(tiny_set[0])
-    people = {s: {r["identity_a"] for r in rows if r["split"] == s} |
-              {r["identity_b"] for r in rows if r["split"] == s and r["identity_b"]} for s in synthetic.SPLITS}
+    people = {s: {r[c] for r in rows if r["split"] == s for c in ("identity_a", "identity_b") if r[c]}
+              for s in synthetic.SPLITS}
     assert not people["train"] & people["val"]
     assert not people["train"] & people["test"]
     assert not people["val"] & people["test"]
 
 
-def test_same_seed_gives_identical_files_with_any_worker_count(
-        tiny_set: tuple[Path, synthetic.SynthSummary], tmp_path: Path) -> None:
+def test_same_seed_gives_identical_files_with_any_worker_count(tiny_set: TinySet, tmp_path: Path) -> None:
     again = tmp_path / "again"
     synthetic.generate_dataset(again, TINY, workers=2)
     assert _hashes(again) == _hashes(tiny_set[0])
     other = tmp_path / "other"
-    synthetic.generate_dataset(other, SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=4),
-                               workers=1)
+    synthetic.generate_dataset(other, replace(TINY, seed=4), workers=1)
     assert _hashes(other) != _hashes(tiny_set[0])
 
 
@@ -352,7 +365,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------------------------------------- default set
+# default set --------------------------------------------------------------------------------------
 
 
 def test_default_dataset_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -363,7 +376,8 @@ def test_default_dataset_dir_follows_the_environment(monkeypatch: pytest.MonkeyP
     assert synthetic.default_dataset_dir() == tmp_path / ".cache" / "smadlrp" / "synthetic-v1"
 
 
-def test_default_dataset_is_generated_once_with_a_notice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_dataset_is_generated_once_with_a_notice(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
     monkeypatch.setenv(synthetic.DATA_DIR_ENV, str(tmp_path / "default"))
     monkeypatch.setattr(synthetic, "DEFAULT_CONFIG", TINY)
     notices: list[str] = []

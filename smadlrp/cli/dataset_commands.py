@@ -22,7 +22,7 @@ from smadlrp.synthetic import SynthConfig, generate_dataset
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the data set into (must be empty or absent).",
                                         file_okay=False)],
-    identities: Annotated[int, typer.Option(help="Number of synthetic identities (split 60/20/20).")]
+    identities: Annotated[int, typer.Option(help="Number of synthetic identities (split 80/10/10 by identity).")]
     = SynthConfig.identities,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side, pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
