@@ -13,13 +13,16 @@ rm -rf "$out"
 mkdir -p "$out"
 touch "$out/.smadlrp-demo"
 
+start=$SECONDS
 echo "== 1. fine-tune the compact VGG from random initialisation (every layer trains)"
-"$smadlrp" finetune --full --arch vgg_compact --image-size 64 --epochs 6 --batch-size 32 --lr 2e-3 \
+"$smadlrp" finetune --full --arch vgg_compact --image-size 64 --epochs 20 --batch-size 32 --lr 2e-3 \
   --weights none --out "$out/run"
 
 echo "== 2. evaluate on the test split, threshold fixed at the validation split's D-EER"
 "$smadlrp" evaluate --checkpoint "$out/run/best.safetensors" --threshold val-eer \
   --det "$out/det.png" --json "$out/evaluate.json" --markdown "$out/evaluate.md"
+
+echo "== finetune + evaluate took $((SECONDS - start)) s"
 
 echo "== 3. fit PatternNet / PatternAttribution patterns on training images"
 "$smadlrp" fit-patterns --checkpoint "$out/run/best.safetensors" --kind both --max-images 512 \
@@ -27,11 +30,12 @@ echo "== 3. fit PatternNet / PatternAttribution patterns on training images"
 
 echo "== 4. explain a few test images with every rule, and trace one"
 data=$("$(dirname "$smadlrp")/python" -c "from smadlrp.synthetic import default_dataset_dir; print(default_dataset_dir())")
-images=$(ls "$data"/test/morph/*.png | head -n 3; ls "$data"/test/bonafide/*.png | head -n 1)
-# shellcheck disable=SC2086
-"$smadlrp" explain $images --checkpoint "$out/run/best.safetensors" --rule all \
+morphs=("$data"/test/morph/*.png)
+bonafide=("$data"/test/bonafide/*.png)
+images=("${morphs[@]:0:3}" "${bonafide[0]}")
+"$smadlrp" explain "${images[@]}" --checkpoint "$out/run/best.safetensors" --rule all \
   --patterns "$out/patterns.safetensors" --out "$out/explain"
-"$smadlrp" trace "$(echo "$images" | head -n 1)" --checkpoint "$out/run/best.safetensors" \
+"$smadlrp" trace "${images[0]}" --checkpoint "$out/run/best.safetensors" \
   --rule epsilon-gamma-box --out "$out/trace"
 
 echo "== done: results in $out/"
