@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,11 @@ def test_round_trip_keeps_function_and_metadata(tiny_checkpoint: Path) -> None:
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
     model, _ = build_model("vgg_compact", 2, "none")
     meta = CheckpointMeta("vgg_compact", ["bonafide", "morph"], "morph", 64, [0.5] * 3, [0.5] * 3, "test")
+    readable = save_checkpoint(tmp_path / "ok.safetensors", model, meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert readable.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+    readable.unlink()
     target = tmp_path / "m.safetensors"
     target.write_bytes(b"old")
 
