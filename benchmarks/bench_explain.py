@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        generate_dataset(tmp / "data", SynthConfig(identities=20, image_size=128))
+        generate_dataset(tmp / "data", SynthConfig(identities=60, image_size=128))
         images = collect_images([tmp / "data" / "test"])[: args.images]
         torch.manual_seed(0)
         model, source = build_model("vgg_compact", 2, "none")

@@ -22,7 +22,7 @@ from smadlrp.errors import UsageError
 from smadlrp.lrp import Explainer, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 from smadlrp.paths import output_stems, safe_output
-from smadlrp.viz import heatmap_rgb, overlay_rgb, plot_rule_grid, relevance_map, save_rgb
+from smadlrp.viz import heatmap_rgb, overlay_rgb, plot_rule_grid, relevance_map, robust_scale, save_rgb
 
 PATTERN_KIND_PREFERENCE = ("positive", "all")  # the two-component estimator suits ReLU networks (Kindermans 2018)
 
@@ -152,10 +152,11 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
             stem = stems[positions[row]]
             for rule in explainers:
                 rmap = maps[rule][row]
+                limit = robust_scale(rmap)
                 heat = safe_output(out, f"{stem}.{rule}.heatmap.png", inputs)
                 over = safe_output(out, f"{stem}.{rule}.overlay.png", inputs)
-                save_rgb(heatmap_rgb(rmap), heat)
-                save_rgb(overlay_rgb(pixels[row], rmap), over)
+                save_rgb(heatmap_rgb(rmap, limit), heat)
+                save_rgb(overlay_rgb(pixels[row], rmap, limit=limit), over)
                 result.files += [heat.name, over.name]
             if len(explainers) > 1:
                 grid = safe_output(out, f"{stem}.grid.png", inputs)

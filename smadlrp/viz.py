@@ -6,6 +6,7 @@ written atomically; the format follows the file suffix (.png, .pdf, .svg, ...).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -194,21 +195,27 @@ def robust_scale(rmap: npt.ArrayLike, percentile: float = HEATMAP_PERCENTILE) ->
     return limit if limit > 0.0 else 1.0
 
 
-def heatmap_rgb(rmap: npt.ArrayLike, percentile: float = HEATMAP_PERCENTILE) -> npt.NDArray[np.uint8]:
-    """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-robust_scale."""
+@functools.cache
+def _heatmap_lut() -> npt.NDArray[np.uint8]:
+    """(256, 3) uint8 colours of HEATMAP_CMAP."""
+    return (colormaps[HEATMAP_CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_rgb(rmap: npt.ArrayLike, limit: float | None = None) -> npt.NDArray[np.uint8]:
+    """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-limit (default robust_scale)."""
     r = np.asarray(rmap, dtype=np.float64)
-    unit = np.clip(r / robust_scale(r, percentile), -1.0, 1.0) * 0.5 + 0.5
-    lut = (colormaps[HEATMAP_CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
-    return lut[np.rint(unit * 255.0).astype(np.intp)]
+    unit = np.clip(r / (limit or robust_scale(r)), -1.0, 1.0) * 0.5 + 0.5
+    return _heatmap_lut()[np.rint(unit * 255.0).astype(np.intp)]
 
 
 def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float = 0.6,
-                percentile: float = HEATMAP_PERCENTILE) -> npt.NDArray[np.uint8]:
+                limit: float | None = None) -> npt.NDArray[np.uint8]:
     """Blend the heatmap over a grey version of `image` ((H, W, 3) uint8), opaque where relevance is large."""
     r = np.asarray(rmap, dtype=np.float64)
-    weight = alpha * np.clip(np.abs(r) / robust_scale(r, percentile), 0.0, 1.0)[..., None]
+    limit = limit or robust_scale(r)
+    weight = alpha * np.clip(np.abs(r) / limit, 0.0, 1.0)[..., None]
     grey = np.repeat(image.astype(np.float64).mean(axis=2, keepdims=True), 3, axis=2)
-    blended = (1.0 - weight) * grey + weight * heatmap_rgb(r, percentile)
+    blended = (1.0 - weight) * grey + weight * heatmap_rgb(r, limit)
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
