@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_tiny_dataset  # noqa: E402
 
 from smadlrp.inference import predict  # noqa: E402
-from smadlrp.train import Finetuner, TrainConfig  # noqa: E402
+from smadlrp.train import Callbacks, Finetuner, TrainConfig  # noqa: E402
 
 
 def bare_eval(model: nn.Module, loader: torch.utils.data.DataLoader) -> None:  # type: ignore[type-arg]
@@ -69,7 +69,7 @@ def main() -> None:
         for _ in range(args.repeats):
             ours_eval.append(timed(predict, model, loader, torch.device("cpu"), 1))
             bare_eval_t.append(timed(bare_eval, model, loader))
-            ours_train.append(timed(tuner._train_pass, tuner_callbacks()))
+            ours_train.append(timed(tuner._train_pass, Callbacks()))
             bare_train_t.append(timed(bare_train, model, loader, opt))
         n = len(loader.dataset)  # type: ignore[arg-type]
         print(f"vgg_compact, {n} images at {args.size} px, batch 32, 2 threads, {args.repeats} alternating runs")
@@ -80,12 +80,6 @@ def main() -> None:
                   f" ratio {e_bare / e_ours:.3f} (target >= 0.9)")
             print(f"[{label}] finetune epoch {t_ours:6.2f} s vs bare training loop {t_bare:6.2f} s:"
                   f" ratio {t_ours / t_bare:.3f} (target <= 1.05)")
-
-
-def tuner_callbacks() -> object:
-    from smadlrp.train import Callbacks
-
-    return Callbacks()
 
 
 if __name__ == "__main__":

@@ -235,11 +235,10 @@ class Finetuner:
 
     # ---- files ----------------------------------------------------------------------------------------------
     def meta(self, metrics: dict[str, Any]) -> CheckpointMeta:
-        training = {k: v for k, v in asdict(self.config).items()}
         return CheckpointMeta(
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
             input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            weights_source=self.weights_source, training=training, metrics=metrics,
+            weights_source=self.weights_source, training=asdict(self.config), metrics=metrics,
         )
 
     def _save_history(self) -> None:

@@ -128,9 +128,9 @@ def trace(
     images = collect_images([image])
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    (rule,) = resolve_rules([rule], patterns is not None)
     if rule == "all":
-        raise UsageError("trace takes one rule")
+        raise UsageError("trace takes one rule, not all")
+    (rule,) = resolve_rules([rule], patterns is not None)
     pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
     prepare_out_dir(out)
