@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.lrp import patterns as patterns_module
 from smadlrp.lrp.patterns import (
     KINDS,
     SCHEMA,
@@ -148,10 +149,10 @@ def test_streaming_fit_equals_one_shot_fit() -> None:
     x = torch.randn(23, 3, 16, 16) + 0.5
     with torch.no_grad():  # centre the logits so that every output unit is active on part of the data
         model[-1].bias -= model(x).median(0).values
-    seen: list[int] = []
-    streamed = fit_patterns(model, x.split([5, 8, 10]), KINDS, progress=seen.append)
+    seen: list[tuple[int, int]] = []
+    streamed = fit_patterns(model, x.split([5, 8, 10]), KINDS, progress=lambda *call: seen.append(call))
     one_shot = fit_patterns(model, [x], KINDS)
-    assert seen == [5, 8, 10]
+    assert seen == [(1, 5), (1, 8), (1, 10), (2, 5), (2, 8), (2, 10)]
     layers = dict(model.named_modules())
     for kind in KINDS:
         assert streamed[kind].images == one_shot[kind].images == 23
@@ -164,6 +165,35 @@ def test_streaming_fit_equals_one_shot_fit() -> None:
             # a fitted pattern is normalised so that w_j^T a_j = 1 for every non-degenerate unit
             w_dot_a = (layers[name].weight.detach().double() * pattern.double()).flatten(1).sum(1)
             assert torch.allclose(w_dot_a, torch.ones_like(w_dot_a), atol=1e-4), (kind, name)
+
+
+def test_sums_held_in_blocks_of_units_give_the_same_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large layers keep their float64 sums in blocks of whole units; blocks of 1-3 units change nothing."""
+    model = _small_net()
+    x = torch.randn(9, 3, 16, 16) + 0.5
+    whole = fit_patterns(model, x.split(4), KINDS)
+    monkeypatch.setattr(patterns_module, "_BLOCK", 200)  # 200 // 72 = 2 conv units; 200 // 128 = 1 linear unit
+    blocked = fit_patterns(model, x.split(4), KINDS)
+    for kind in KINDS:
+        assert blocked[kind].stats == whole[kind].stats
+        for name, pattern in whole[kind].patterns.items():
+            torch.testing.assert_close(blocked[kind].patterns[name], pattern, rtol=1e-6, atol=1e-7)
+
+
+def test_the_fit_needs_the_same_images_in_both_passes() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="passes over `batches` twice"):
+        fit_patterns(model, iter([torch.randn(4, 3)]), ("all",))
+
+    class Shrinking:
+        def __init__(self) -> None:
+            self.sizes = [5, 4]
+
+        def __iter__(self) -> Any:
+            return iter([torch.randn(self.sizes.pop(0), 3)])
+
+    with pytest.raises(SmadlrpError, match="5 images in the first pass and 4 in the second"):
+        fit_patterns(model, Shrinking(), ("all",))
 
 
 def test_linear_on_sequences_uses_every_position_as_a_sample() -> None:
@@ -250,7 +280,7 @@ def test_tensorfloat32_is_off_during_the_fit_and_restored() -> None:
     conv.fp32_precision, matmul.fp32_precision = "tf32", "tf32"
     try:
         fit_patterns(_PrecisionProbe(3, 2), [torch.randn(4, 3)], ("all",))
-        assert _PrecisionProbe.seen == [("ieee", "ieee")]
+        assert _PrecisionProbe.seen == [("ieee", "ieee")] * 2  # one forward pass per statistics pass
         assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
     finally:
         conv.fp32_precision, matmul.fp32_precision = before

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
+from torch.utils.data import DataLoader
 
 from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
@@ -32,6 +35,16 @@ from smadlrp.data import ImageDataset, make_loader, scan_split
 from smadlrp.errors import UsageError
 from smadlrp.lrp.canonize import canonize
 from smadlrp.lrp.patterns import FINGERPRINT_KEY, KINDS, fit_patterns, save_patterns, weights_fingerprint
+
+
+class _ImageBatches:
+    """The image tensors of a loader's batches, as often as they are iterated (the fit makes two passes)."""
+
+    def __init__(self, loader: DataLoader[tuple[torch.Tensor, int, int]]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (images for images, _, _ in self.loader)
 
 
 @app.command("fit-patterns")
@@ -65,10 +78,12 @@ def fit_patterns_command(
         samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
     loader = make_loader(ImageDataset(samples, meta.input_size, meta.mean, meta.std), batch_size,
                          workers=workers, device=torch_device)
+    images = _ImageBatches(loader)
     with progress_bar(ImagesPerSecond()) as bar:
-        task = bar.add_task(f"fitting {'+'.join(kinds)} patterns", total=len(samples))
-        sets = fit_patterns(canonical, (images for images, _, _ in loader), kinds, device=torch_device,
-                            progress=lambda n: bar.advance(task, n))
+        tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=len(samples))
+                 for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
+        sets = fit_patterns(canonical, images, kinds, device=torch_device,
+                            progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
     save_patterns(out, sets, {
         FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
         "data": str(root), "split": split, "seed": seed,

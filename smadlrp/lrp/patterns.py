@@ -7,9 +7,11 @@ input patch at each output position is one sample) and y_j = w_j^T x (bias exclu
 - "positive": a+_j = cov+(x, y_j) / (w_j^T cov+(x, y_j)),         cov+ over the samples with y_j + b_j > 0,
               cov+(x, y_j) = E+[x y_j] - E+[x] E+[y_j]  (every mean conditional on the unit being active)
 
-Every statistic is a sum over samples, accumulated batch by batch in float64 buffers of weight size, so memory
-does not depend on the number of images. Convolution sums are weight-gradient shaped and computed with
-`torch.nn.grad.conv2d_weight`; no patch matrix is ever built.
+A fit makes two passes over the data. The first takes each unit's sample count and mean output; the second
+accumulates the centred sums sum x (y_j - E[y_j]), which equal n cov(x, y_j) exactly, so no per-unit sum of x
+is needed. The sums are float64 buffers of weight size, so memory does not depend on the number of images;
+convolution sums are weight-gradient shaped and computed with `torch.nn.grad.conv2d_weight`: no patch matrix is
+ever built.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.nn.grad import conv2d_weight
 
 from smadlrp.container import read_document, read_tensors, write_document
 from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.memory import release_free_memory
 
 KINDS = ("all", "positive")
 SCHEMA = "smadlrp.patterns/1"
@@ -45,8 +48,7 @@ FALLBACK = (
     f"<= {DEGENERATE_RTOL:g} E[y_j^2] over its samples): a_j = w_j / (w_j^T w_j), or 0 when w_j = 0"
 )
 _RESERVED_KEYS = frozenset({"schema", "kinds", "images", "estimators", "fallback", "stats"})
-_FINISH_BLOCK = 1 << 22  # float64 elements per block of units when computing patterns (32 MiB)
-_HOOK_BLOCK = 1 << 23  # output elements per slice of a batch whose statistics are taken together
+_BLOCK = 1 << 22  # float64 elements per block of whole units in the centred sums (32 MiB)
 
 
 @dataclass
@@ -71,86 +73,96 @@ class PatternSet:
     images: int
 
 
-class _Sums:
-    """float64 running sums for one layer and one kind, per unit j: sample count, sum y'_j, sum x, sum x y'_j.
+class _UnitBlocks:
+    """A float64 accumulator of weight shape (units, *k), held as blocks of whole units of at most `_BLOCK`
+    elements, so that the patterns can replace it block by block without a second buffer of its size."""
 
-    y'_j = out_j - offset_j with a fixed per-unit offset (the mean output over the unit's samples in the first
-    batch that has any): covariances do not change under a shift, and centring y keeps
-    E[x y'] - E[x] E[y'] free of cancellation. `sum_x` is per unit (weight shape) or shared by each group's
-    units ((groups, *k)).
-    """
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        rows = max(1, _BLOCK // max(1, shape[1:].numel()))
+        self.rows = [slice(start, min(shape[0], start + rows)) for start in range(0, shape[0], rows)]
+        self.blocks = [torch.zeros((r.stop - r.start, *shape[1:]), dtype=torch.float64, device=device)
+                       for r in self.rows]
 
-    def __init__(self, weight: torch.Tensor, groups: int, shared_x: bool, device: torch.device) -> None:
-        units = weight.shape[0]
-        x_shape = (groups, *weight.shape[1:]) if shared_x else tuple(weight.shape)
-        self.count = torch.zeros(units, dtype=torch.float64, device=device)
-        self.sum_y = torch.zeros(units, dtype=torch.float64, device=device)
-        self.sum_x = torch.zeros(x_shape, dtype=torch.float64, device=device)
-        self.sum_xy = torch.zeros(tuple(weight.shape), dtype=torch.float64, device=device)
-        self.offset = torch.zeros(units, dtype=torch.float64, device=device)
-        self.unit_group = torch.arange(units, device=device) // (units // groups)
+    def add(self, value: torch.Tensor) -> None:
+        """Add a (units, *k) tensor of any float dtype."""
+        for r, block in zip(self.rows, self.blocks, strict=True):
+            block += value[r]
 
-    def start_offsets(self, samples_out: torch.Tensor, count: torch.Tensor) -> None:
-        """Fix the offset of each unit that has samples for the first time: the mean of its (masked) outputs
-        `samples_out` over its `count` samples in this batch."""
-        first = (self.count == 0) & (count > 0)
-        if bool(first.any()):
-            self.offset = torch.where(first, _unit_sum(samples_out) / count.clamp_min(1.0), self.offset)
+    def add_products(self, g: torch.Tensor, x: torch.Tensor) -> None:
+        """Add g^T x for float64 `g` (N, units) and `x` (N, k), k the flattened unit size."""
+        for r, block in zip(self.rows, self.blocks, strict=True):
+            block.view(r.stop - r.start, -1).addmm_(g[:, r].t(), x)
 
-    def x_rows(self, rows: slice) -> torch.Tensor:
-        """sum x for the units in `rows`, shape (rows, *w.shape[1:])."""
-        if self.sum_x.shape[0] == self.sum_xy.shape[0]:
-            return self.sum_x[rows]
-        return self.sum_x.index_select(0, self.unit_group[rows])
+    def pop(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (units, block) in order, dropping each block once the caller is done with it."""
+        while self.blocks:
+            yield self.rows.pop(0), self.blocks.pop(0)
 
 
 class _LayerFit:
-    """Per-batch statistics of one Conv2d or Linear layer, fed by a forward hook."""
+    """Statistics of one Conv2d or Linear layer for every kind, fed by a forward hook over two passes.
 
-    def __init__(
-        self, name: str, layer: nn.Conv2d | nn.Linear, kinds: Sequence[str], device: torch.device
-    ) -> None:
+    Pass 1 (`means`): per unit and kind, the float64 sample count and sum of the output (bias included).
+    Pass 2 (`centred`): per kind, the float64 weight-shaped sum over samples of x * (out_j - mean_j), masked to
+    the active samples for "positive"; it is n cov(x, y_j), because the bias cancels in out_j - mean_j.
+    """
+
+    def __init__(self, name: str, layer: nn.Conv2d | nn.Linear, kinds: Sequence[str], device: torch.device) -> None:
         self.name = name
         self.layer = layer
-        self.groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
-        self.sums = {kind: _Sums(layer.weight.detach(), self.groups, kind == "all", device) for kind in kinds}
+        self.kinds = tuple(kinds)
+        units = layer.weight.shape[0]
+        self.count = {kind: torch.zeros(units, dtype=torch.float64, device=device) for kind in kinds}
+        self.sum_out = {kind: torch.zeros(units, dtype=torch.float64, device=device) for kind in kinds}
+        self.sum_xy: dict[str, _UnitBlocks] = {}
         self.samples = 0
 
-    def hook(self, _module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        """Forward hook: statistics are taken at once, before any in-place op can change `out`. Large outputs
-        go in slices of images: the temporaries (mask, centred output) stay under `_HOOK_BLOCK` elements."""
-        x = args[0]
-        step = max(1, _HOOK_BLOCK // max(1, out[0].numel()))
-        for start in range(0, out.shape[0], step):
-            self.update(x[start : start + step], out[start : start + step])
+    def start_second_pass(self) -> None:
+        """Turn the output sums into means and allocate the centred sums."""
+        for kind in self.kinds:
+            self.sum_out[kind] /= self.count[kind].clamp_min(1.0)
+            self.sum_xy[kind] = _UnitBlocks(self.layer.weight.shape, self.sum_out[kind].device)
 
-    def update(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Add one batch: `x` the layer input, `out` its output (bias included; active means out > 0)."""
+    def hook(self, _module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        """Forward hook: statistics are taken at once, before any in-place op can change `out`. A convolution's
+        statistics are taken image by image: each float32 weight-gradient sum then spans one image's positions
+        and images are added in float64, so the result does not depend on how images are batched, and the
+        temporaries (masks, centred output) stay the size of one image's output."""
+        x = args[0]
+        step = 1 if isinstance(self.layer, nn.Conv2d) else out.shape[0]
+        for start in range(0, out.shape[0], step):
+            if self.sum_xy:
+                self.centred(x[start : start + step], out[start : start + step])
+            else:
+                self.means(out[start : start + step])
+
+    def means(self, out: torch.Tensor) -> None:
+        """Pass 1: add one batch's output `out` (N, out) or (B, out, H', W') to the per-unit counts and sums."""
+        if isinstance(self.layer, nn.Linear):
+            out = out.reshape(-1, out.shape[-1])
+        samples = out.numel() // out.shape[1]
+        self.samples += samples
+        for kind in self.kinds:
+            if kind == "all":
+                self.count[kind] += samples
+                self.sum_out[kind] += _unit_sum(out)
+            else:
+                self.count[kind] += _unit_sum(out > 0)
+                self.sum_out[kind] += _unit_sum(out.clamp_min(0.0))  # sum of out over the active samples
+
+    def centred(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Pass 2: add sum x * (out_j - mean_j) over one batch's samples; `x` the layer input, `out` its output."""
         if isinstance(self.layer, nn.Linear):
             x = x.reshape(-1, x.shape[-1])
             out = out.reshape(-1, out.shape[-1])
         else:
             x = self._padded(x)
-        samples = out.numel() // out.shape[1]
-        self.samples += samples
         unit_shape = (1, -1) + (1,) * (out.dim() - 2)
-        for kind, s in self.sums.items():
-            if kind == "all":
-                count = out.new_full(s.count.shape, samples, dtype=torch.float64)
-                s.start_offsets(out, count)
-                g = out - s.offset.to(out.dtype).view(unit_shape)
-                self._add_shared_x(s.sum_x, x, out.shape)
-            else:
-                mask = (out > 0).to(out.dtype)
-                count = _unit_sum(mask)
-                g = out * mask
-                s.start_offsets(g, count)
-                g.addcmul_(mask, s.offset.to(out.dtype).view(unit_shape), value=-1.0)  # (out - offset) * mask
-                self._add_xg(s.sum_x, x, mask)
-                del mask
-            s.count += count
-            s.sum_y += _unit_sum(g)
-            self._add_xg(s.sum_xy, x, g)
+        for kind in self.kinds:
+            g = out - self.sum_out[kind].to(out.dtype).view(unit_shape)
+            if kind == "positive":
+                g.masked_fill_(out <= 0, 0.0)
+            self._add_xg(self.sum_xy[kind], x, g)
             del g
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,98 +177,64 @@ class _LayerFit:
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         return F.pad(x, pads, mode=mode)
 
-    def _conv_padding(self) -> tuple[int, ...]:
-        """Padding for conv2d_weight to apply: the layer's own zero padding, or 0 when `_padded` did it."""
-        layer = self.layer
-        assert isinstance(layer, nn.Conv2d)
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-            return (0, 0)
-        return tuple(layer.padding)
-
-    def _add_xg(self, acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _add_xg(self, acc: _UnitBlocks, x: torch.Tensor, g: torch.Tensor) -> None:
         """acc[j] += sum over samples of x * g_j (weight shape); `g` has the output's shape."""
         layer = self.layer
         if isinstance(layer, nn.Linear):
-            acc.addmm_(g.t().to(torch.float64), x.to(torch.float64))
+            acc.add_products(g.to(torch.float64), x.to(torch.float64))
             return
-        padding = self._conv_padding()
-        acc += conv2d_weight(x, layer.weight.shape, g, layer.stride, padding, layer.dilation, layer.groups)
-
-    def _add_shared_x(self, acc: torch.Tensor, x: torch.Tensor, out_shape: torch.Size) -> None:
-        """acc[group] += sum over samples of x (the same for every unit of a group)."""
-        layer = self.layer
-        if isinstance(layer, nn.Linear):
-            acc += x.sum(dim=0, dtype=torch.float64)
-            return
-        ones = x.new_ones(out_shape[0], self.groups, *out_shape[2:])
-        padding = self._conv_padding()
-        acc += conv2d_weight(x, acc.shape, ones, layer.stride, padding, layer.dilation, self.groups)
+        explicit = isinstance(layer.padding, str) or layer.padding_mode != "zeros"  # then `_padded` did it
+        padding = (0, 0) if explicit else tuple(layer.padding)
+        acc.add(conv2d_weight(x, layer.weight.shape, g, layer.stride, padding, layer.dilation, layer.groups))
 
     def finish(self, kind: str) -> tuple[torch.Tensor, LayerFitStats]:
-        """The fitted pattern (weight shape and dtype, on CPU) and this layer's stats for `kind`."""
-        s = self.sums[kind]
-        weight = self.layer.weight.detach()
-        units = weight.shape[0]
-        degenerate = self._patterns_into_sums(s)
-        s.sum_x = s.sum_x.new_empty(0)  # freed before the result is allocated
-        pattern = s.sum_xy.to(device="cpu", dtype=weight.dtype)
-        s.sum_xy = s.sum_xy.new_empty(0)
-        active = None
-        if kind == "positive":
-            active = float(s.count.sum()) / (self.samples * units) if self.samples else 0.0
-        return pattern, LayerFitStats(self.name, self.samples, active, degenerate, units)
-
-    def _patterns_into_sums(self, s: _Sums) -> int:
-        """Overwrite `s.sum_xy` with the patterns, block by block of units; returns the degenerate count."""
+        """The fitted pattern (weight shape and dtype, on CPU) and this layer's stats for `kind`. The centred
+        sums are turned into patterns block by block, each block released as soon as it is copied out."""
         weight = self.layer.weight.detach()
         units = weight.shape[0]
         bias = 0.0 if self.layer.bias is None else self.layer.bias.detach().to(torch.float64)
-        mean_y = s.offset + s.sum_y / s.count.clamp_min(1.0) - bias  # E[w^T x] = offset + E[out - offset] - b
-        block = max(1, _FINISH_BLOCK // max(1, weight[0].numel()))
-        # one float64 weight block, reused: no fresh pages to fault in for every block
-        w_block = s.sum_xy.new_empty((min(block, units), weight[0].numel()))
+        mean_y = self.sum_out[kind] - bias  # E[w^T x] over the unit's samples
+        count = self.count[kind]
+        pattern = torch.empty(weight.shape, dtype=weight.dtype)
         degenerate = 0
-        for start in range(0, units, block):
-            rows = slice(start, min(units, start + block))
-            w = w_block[: rows.stop - start].copy_(weight[rows].flatten(1))
-            ok = _patterns_in_place(w, s.count[rows], s.sum_y[rows], s.x_rows(rows).view_as(w),
-                                    s.sum_xy[rows].view_as(w), mean_y[rows])
+        for rows, block in self.sum_xy.pop(kind).pop():
+            w = weight[rows].flatten(1).to(torch.float64)
+            ok = _patterns_from_centred(w, count[rows], block.view_as(w), mean_y[rows])
             degenerate += int((~ok).sum())
-        return degenerate
+            pattern[rows] = block
+            del block, w
+        active = None
+        if kind == "positive":
+            active = float(count.sum()) / (self.samples * units) if self.samples else 0.0
+        return pattern, LayerFitStats(self.name, self.samples, active, degenerate, units)
 
 
 def _unit_sum(t: torch.Tensor) -> torch.Tensor:
-    """Per-unit sum of (N, out) or (B, out, H', W'): positions in t's dtype, the batch in float64; (out,)."""
+    """Per-unit sum of (N, out) or (B, out, H', W'): positions in t's dtype (int64 for bool), the batch in
+    float64; (out,)."""
     if t.dim() == 4:
         t = t.sum(dim=(2, 3))
     return t.sum(dim=0, dtype=torch.float64)
 
 
-def _patterns_in_place(
-    w: torch.Tensor,
-    count: torch.Tensor,
-    sum_y: torch.Tensor,
-    sum_x: torch.Tensor,
-    sum_xy: torch.Tensor,
-    mean_y: torch.Tensor,
+def _patterns_from_centred(
+    w: torch.Tensor, count: torch.Tensor, centred: torch.Tensor, mean_y: torch.Tensor
 ) -> torch.Tensor:
-    """Overwrite `sum_xy` (float64 sums of a block of units) with their patterns; return the ok-unit mask.
+    """Overwrite `centred` (float64 sums n cov(x, y_j) of a block of units) with their patterns; return the
+    ok-unit mask.
 
-    w, sum_x, sum_xy: (units, K); count, sum_y, mean_y: (units,). sum_y and sum_xy may use y shifted by any
-    per-unit constant; mean_y is E[w^T x] without shift. The pattern n cov / (w^T n cov) needs no division by
-    n: sum_xy - sum_x * sum_y / n is n cov(x, y).
+    w, centred: (units, K); count, mean_y: (units,). The pattern n cov / (w^T n cov) needs no division by n.
     """
     n = count.clamp_min(1.0)
-    scaled_cov = sum_xy.addcmul_(sum_x, (sum_y / n).unsqueeze(1), value=-1.0)
-    variance = _rowdot(w, scaled_cov) / n  # w^T cov(x, y) = var(y)
+    variance = _rowdot(w, centred) / n  # w^T cov(x, y) = var(y)
     ok = (count > 0) & torch.isfinite(variance)
     ok &= variance > DEGENERATE_RTOL * (variance.abs() + mean_y * mean_y)
-    scaled_cov.div_(torch.where(ok, variance * n, torch.ones_like(variance)).unsqueeze(1))
+    centred.div_(torch.where(ok, variance * n, torch.ones_like(variance)).unsqueeze(1))
     bad = (~ok).nonzero().squeeze(1)
     if bad.numel():
         w_bad = w.index_select(0, bad)
         norm2 = _rowdot(w_bad, w_bad)
-        scaled_cov[bad] = w_bad / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)).unsqueeze(1)
+        centred[bad] = w_bad / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)).unsqueeze(1)
     return ok
 
 
@@ -332,16 +310,20 @@ def fit_patterns(
     kinds: Sequence[str] = ("positive",),
     *,
     device: torch.device | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, PatternSet]:
     """Fit patterns of every requested kind for each Conv2d/Linear layer of an already canonized `model`.
 
-    `batches` yields preprocessed image tensors (B, C, H, W); one pass over them fits all `kinds`. The model
-    runs in eval mode on `device` (default: where its parameters are; it is moved there in place) and
-    `progress(images_in_batch)` is called after each batch. Layers that never run get the fallback pattern.
-    Returns kind -> PatternSet with patterns on the CPU.
+    `batches` yields preprocessed image tensors (B, C, H, W) and must yield the same images each time it is
+    iterated (a list, a DataLoader without shuffling or augmentation): the fit passes over it twice, first for
+    each unit's mean output, then for the centred sums; both passes fit all `kinds`. The model runs in eval
+    mode on `device` (default: where its parameters are; it is moved there in place) and
+    `progress(pass_number, images_in_batch)` is called after each batch (pass_number 1 or 2). Layers that never
+    run get the fallback pattern. Returns kind -> PatternSet with patterns on the CPU.
     """
     kinds = _check_kinds(kinds)
+    if isinstance(batches, Iterator):
+        raise TypeError("fit_patterns passes over `batches` twice: give a list or a DataLoader, not an iterator")
     device = device or _model_device(model)
     model.to(device)
     layers = [
@@ -352,22 +334,43 @@ def fit_patterns(
     if not layers:
         raise SmadlrpError("the model has no Conv2d or Linear layer to fit patterns for")
     handles = [fit.layer.register_forward_hook(fit.hook) for fit in layers]
-    images = 0
+    images = []
     try:
         with torch.no_grad(), _eval_mode(model), _ieee_float32():
-            for batch in batches:
-                if not isinstance(batch, torch.Tensor) or batch.dim() < 2:
-                    raise SmadlrpError("pattern fitting expects batches of image tensors (B, C, H, W)")
-                model(batch.to(device))
-                images += batch.shape[0]
-                if progress is not None:
-                    progress(batch.shape[0])
+            for pass_number in (1, 2):
+                if pass_number == 2:
+                    for fit in layers:
+                        fit.start_second_pass()
+                images.append(_run_pass(model, batches, device, pass_number, progress))
+                if images[0] == 0:
+                    raise SmadlrpError("no images to fit patterns on: the data set is empty")
     finally:
         for handle in handles:
             handle.remove()
-    if images == 0:
-        raise SmadlrpError("no images to fit patterns on: the data set is empty")
-    return _finish(layers, kinds, images)
+    if images[0] != images[1]:
+        raise SmadlrpError(f"the batches gave {images[0]} images in the first pass and {images[1]} in the "
+                           "second: pattern fitting needs the same images in both")
+    return _finish(layers, kinds, images[0])
+
+
+def _run_pass(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    pass_number: int,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Run `model` over every batch (its hooks take the statistics); returns the number of images."""
+    images = 0
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor) or batch.dim() < 2:
+            raise SmadlrpError("pattern fitting expects batches of image tensors (B, C, H, W)")
+        model(batch.to(device))
+        release_free_memory()  # keeps the resident peak at the float64 sums plus one batch's forward pass
+        images += batch.shape[0]
+        if progress is not None:
+            progress(pass_number, batch.shape[0])
+    return images
 
 
 def _finish(layers: list[_LayerFit], kinds: Sequence[str], images: int) -> dict[str, PatternSet]:
@@ -378,7 +381,6 @@ def _finish(layers: list[_LayerFit], kinds: Sequence[str], images: int) -> dict[
             pattern, stats = fit.finish(kind)
             sets[kind].patterns[fit.name] = pattern
             sets[kind].stats.append(stats)
-        fit.sums.clear()
     return sets
 
 
