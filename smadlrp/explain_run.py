@@ -5,8 +5,11 @@ No printing here: the CLI renders what these functions return.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,50 +126,86 @@ def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int,
         yield x, index.tolist()
 
 
+class BackgroundWriter:
+    """Runs file-writing jobs in order on one background thread, so that encoding and writing the PNGs of one
+    batch overlaps the relevance pass of the next. At most `pending` jobs wait; `submit` blocks beyond that.
+    The first job that fails raises its exception in the caller (at the next submit or at exit); leaving the
+    `with` block waits for every job."""
+
+    def __init__(self, pending: int = 64) -> None:
+        self.limit = pending
+        self.jobs: deque[Future[None]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smadlrp-writer")
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def submit(self, job: Callable[[], None]) -> None:
+        while self.jobs and (len(self.jobs) >= self.limit or self.jobs[0].done()):
+            self.jobs.popleft().result()
+        self.jobs.append(self.pool.submit(job))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                while self.jobs:
+                    self.jobs.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Mapping[str, Explainer],
                    target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
                    raw: dict[str, list[torch.Tensor]] | None = None,
                    on_batch: Callable[[int], None] = lambda n: None) -> list[ImageResult]:
     """Explain every image with every explainer (each computed independently) and write its files into `out`:
     `<name>.<rule>.heatmap.png`, `<name>.<rule>.overlay.png` and, with several rules, `<name>.grid.png`.
+    Files are written on a background thread while the next batch is explained; all exist on return.
     With `raw`, each rule's (B, C, H, W) relevance batches are appended to `raw[rule]`."""
     stems = output_stems(images)
     inputs = {p.resolve() for p in images}
     results: list[ImageResult] = []
-    for x, positions in image_batches(images, meta, batch_size, workers, device):
-        pixels = to_uint8(x, meta.mean, meta.std)
-        maps: dict[str, np.ndarray] = {}
-        batch_results: list[ImageResult] = []
-        for rule, explainer in explainers.items():
-            res = explainer.explain(x, target)
-            relevance = res.relevance.detach().cpu()
-            if raw is not None:
-                raw.setdefault(rule, []).append(relevance)
-            maps[rule] = relevance.sum(dim=1).numpy()
-            if not batch_results:
-                batch_results = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
-            sums = relevance.flatten(1).sum(dim=1).double()
-            for result, value in zip(batch_results, sums.tolist(), strict=True):
-                result.relevance_sum[rule] = value
-        for row, result in enumerate(batch_results):
-            stem = stems[positions[row]]
-            for rule in explainers:
-                rmap = maps[rule][row]
-                limit = robust_scale(rmap)
-                heat = safe_output(out, f"{stem}.{rule}.heatmap.png", inputs)
-                over = safe_output(out, f"{stem}.{rule}.overlay.png", inputs)
-                save_rgb(heatmap_rgb(rmap, limit), heat)
-                save_rgb(overlay_rgb(pixels[row], rmap, limit=limit), over)
-                result.files += [heat.name, over.name]
-            if len(explainers) > 1:
-                grid = safe_output(out, f"{stem}.grid.png", inputs)
-                plot_rule_grid(pixels[row], {rule: maps[rule][row] for rule in explainers}, grid,
-                               title=f"{result.path.name}: target {result.target}, P({meta.attack_class}) "
-                                     f"{result.p_attack:.3f}")
-                result.files.append(grid.name)
-        results += batch_results
-        on_batch(len(positions))
+    with BackgroundWriter() as writer:
+        for x, positions in image_batches(images, meta, batch_size, workers, device):
+            pixels = to_uint8(x, meta.mean, meta.std)
+            maps: dict[str, np.ndarray] = {}
+            batch_results: list[ImageResult] = []
+            for rule, explainer in explainers.items():
+                res = explainer.explain(x, target)
+                relevance = res.relevance.detach().cpu()
+                if raw is not None:
+                    raw.setdefault(rule, []).append(relevance)
+                maps[rule] = relevance.sum(dim=1).numpy()
+                if not batch_results:
+                    batch_results = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
+                sums = relevance.flatten(1).sum(dim=1).double()
+                for result, value in zip(batch_results, sums.tolist(), strict=True):
+                    result.relevance_sum[rule] = value
+            for row, result in enumerate(batch_results):
+                image_maps = {rule: maps[rule][row] for rule in explainers}
+                files = {name: safe_output(out, f"{stems[positions[row]]}.{name}.png", inputs)
+                         for rule in explainers for name in (f"{rule}.heatmap", f"{rule}.overlay")}
+                if len(explainers) > 1:
+                    files["grid"] = safe_output(out, f"{stems[positions[row]]}.grid.png", inputs)
+                result.files += [path.name for path in files.values()]
+                title = f"{result.path.name}: target {result.target}, P({meta.attack_class}) {result.p_attack:.3f}"
+                writer.submit(functools.partial(_write_image_files, pixels[row], image_maps, files, title))
+            results += batch_results
+            on_batch(len(positions))
     return results
+
+
+def _write_image_files(pixels: npt.NDArray[np.uint8], maps: Mapping[str, np.ndarray], files: Mapping[str, Path],
+                       title: str) -> None:
+    """One image's heatmap and overlay per rule (each on its own robust scale) and, when `files` names one, the
+    grid; `pixels` (H, W, 3) uint8, `maps` rule -> (H, W) channel-summed relevance."""
+    for rule, rmap in maps.items():
+        limit = robust_scale(rmap)
+        heat = heatmap_rgb(rmap, limit)
+        save_rgb(heat, files[f"{rule}.heatmap"])
+        save_rgb(overlay_rgb(pixels, rmap, limit=limit, heat=heat), files[f"{rule}.overlay"])
+    if "grid" in files:
+        plot_rule_grid(pixels, maps, files["grid"], title=title)
 
 
 def _predictions(images: Sequence[Path], positions: Sequence[int], logits: torch.Tensor, target: torch.Tensor,

@@ -203,20 +203,22 @@ def _heatmap_lut() -> npt.NDArray[np.uint8]:
 
 def heatmap_rgb(rmap: npt.ArrayLike, limit: float | None = None) -> npt.NDArray[np.uint8]:
     """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-limit (default robust_scale)."""
-    r = np.asarray(rmap, dtype=np.float64)
-    unit = np.clip(r / (limit or robust_scale(r)), -1.0, 1.0) * 0.5 + 0.5
-    return _heatmap_lut()[np.rint(unit * 255.0).astype(np.intp)]
+    r = np.asarray(rmap, dtype=np.float32)
+    unit = np.clip(r * np.float32(127.5 / (limit or robust_scale(r))) + np.float32(127.5), 0.0, 255.0)
+    return _heatmap_lut()[np.rint(unit).astype(np.intp)]
 
 
 def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float = 0.6,
-                limit: float | None = None) -> npt.NDArray[np.uint8]:
-    """Blend the heatmap over a grey version of `image` ((H, W, 3) uint8), opaque where relevance is large."""
-    r = np.asarray(rmap, dtype=np.float64)
+                limit: float | None = None, heat: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
+    """Blend the heatmap over a grey version of `image` ((H, W, 3) uint8), opaque where relevance is large.
+    `heat` is `heatmap_rgb(rmap, limit)` when the caller already has it."""
+    r = np.asarray(rmap, dtype=np.float32)
     limit = limit or robust_scale(r)
-    weight = alpha * np.clip(np.abs(r) / limit, 0.0, 1.0)[..., None]
-    grey = np.repeat(image.astype(np.float64).mean(axis=2, keepdims=True), 3, axis=2)
-    blended = (1.0 - weight) * grey + weight * heatmap_rgb(r, limit)
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    heat = heatmap_rgb(r, limit) if heat is None else heat
+    weight = np.clip(np.abs(r) * np.float32(alpha / limit), 0.0, np.float32(alpha))[..., None]
+    grey = image.mean(axis=2, keepdims=True, dtype=np.float32)
+    blended = grey + weight * (heat.astype(np.float32) - grey)  # (1 - weight) * grey + weight * heat
+    return np.clip(blended + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
 def save_rgb(array: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,9 @@ import smadlrp.lrp as lrp
 from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
 from smadlrp.data import eval_transform, load_rgb
-from smadlrp.viz import rule_grid_figure
+from smadlrp.errors import SmadlrpError
+from smadlrp.explain_run import BackgroundWriter
+from smadlrp.viz import heatmap_rgb, overlay_rgb, rule_grid_figure
 
 runner = CliRunner()
 
@@ -113,3 +116,31 @@ def test_bad_input_is_one_clear_line(tiny_checkpoint: Path, tiny_data: Path, tmp
     code, output = _invoke("explain", *args[:1], "--checkpoint", str(tiny_checkpoint), *args[1:])
     assert code in (1, 2)
     assert message in output and "Traceback" not in output
+
+
+def test_background_writer_runs_jobs_in_order_and_reports_a_failure() -> None:
+    done: list[int] = []
+    with BackgroundWriter(pending=2) as writer:
+        for i in range(6):
+            writer.submit(functools.partial(done.append, i))
+    assert done == list(range(6))  # every job finished when the block ends
+
+    def fail() -> None:
+        raise SmadlrpError("cannot write out/a.png: No space left on device")
+
+    with pytest.raises(SmadlrpError, match="No space left on device"), BackgroundWriter() as writer:
+        writer.submit(fail)
+
+
+def test_overlay_blends_heatmap_over_grey_by_relevance_magnitude() -> None:
+    """Zero relevance shows the grey input; relevance at the limit is 60 % heatmap colour."""
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    image[..., 0] = 90  # grey value 30
+    rmap = np.array([[0.0, 2.0], [-2.0, 1.0]], dtype=np.float32)
+    heat = heatmap_rgb(rmap, 2.0)
+    blended = overlay_rgb(image, rmap, limit=2.0).astype(np.float64)
+    weight = 0.6 * np.clip(np.abs(rmap) / 2.0, 0, 1)[..., None]
+    expected = np.floor((1 - weight) * 30.0 + weight * heat + 0.5)
+    np.testing.assert_array_equal(blended, expected)
+    assert (blended[0, 0] == 30).all()
+    assert (heat[0, 0] >= 250).all()  # zero maps to (near) white

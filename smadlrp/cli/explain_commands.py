@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich import box
 from rich.table import Table
 
 from smadlrp.checkpoint import load_checkpoint
@@ -86,18 +87,16 @@ def explain(
         task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(images))
         results = explain_images(images, meta, explainers, wanted, out, batch_size=batch_size, workers=workers,
                                  device=torch_device, raw=raw, on_batch=lambda n: bar.advance(task, n))
-    table = Table(title=f"{len(images)} image(s), {checkpoint.name}",
-                  caption="relevance sum vs target logit: equal when the rule conserves relevance and the "
-                          "biases absorb none")
-    for column in ("file", "predicted", f"P({meta.attack_class})", "target", "target logit", "rule",
-                   "relevance sum"):
-        table.add_column(column, justify="right" if column not in {"file", "predicted", "target", "rule"} else "left")
+    table = Table(title=f"{len(images)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
+                  caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
+                          "conserves relevance and the biases absorb none")
+    for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R"):
+        table.add_column(column, justify="left" if column in {"file", "target", "rule"} else "right",
+                         overflow="fold", no_wrap=column != "file")
     for result in results:
         for i, (name, value) in enumerate(result.relevance_sum.items()):
-            first = i == 0
-            table.add_row(result.path.name if first else "", result.predicted if first else "",
-                          f"{result.p_attack:.4f}" if first else "", result.target if first else "",
-                          f"{result.target_logit:.4f}" if first else "", name, f"{value:.4f}")
+            first = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4f}"]
+            table.add_row(*(first if i == 0 else [""] * len(first)), name, f"{value:.4f}")
     console.print(table)
     if raw is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))
