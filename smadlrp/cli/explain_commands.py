@@ -139,17 +139,19 @@ def trace(
     records = recorded.records
     output_sum = float(records[-1].relevance.double().sum())
     table = Table(title=f"{image.name}: {rule}, target {meta.class_names[int(result.target[0])]}",
-                  caption="relevance at each layer's input; ratio = sum / output relevance (1 = conserved)")
-    for column in ("#", "layer", "type", "shape", "sum", "positive", "negative", "ratio"):
-        table.add_column(column, justify="left" if column in {"layer", "type", "shape"} else "right")
+                  caption="relevance at each layer's input: sum, positive and negative mass; ratio = sum / output "
+                          "relevance (1 = conserved)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("#", "layer", "type", "shape", "sum", "pos.", "neg.", "ratio"):
+        table.add_column(column, justify="left" if column in {"layer", "type", "shape"} else "right",
+                         overflow="fold", no_wrap=column not in {"layer", "type"})
     rows = []
     for rec in records:
         r = rec.relevance.double()
         total, positive, negative = float(r.sum()), float(r.clamp(min=0).sum()), float(r.clamp(max=0).sum())
         ratio = total / output_sum if output_sum else float("nan")
         shape = "x".join(str(n) for n in rec.relevance.shape[1:])
-        table.add_row(str(rec.index), rec.name, rec.layer_type, shape, f"{total:.5g}", f"{positive:.5g}",
-                      f"{negative:.5g}", f"{ratio:.4f}")
+        table.add_row(str(rec.index), rec.name, rec.layer_type, shape, f"{total:.4g}", f"{positive:.4g}",
+                      f"{negative:.4g}", f"{ratio:.4f}")
         rows.append({"index": rec.index, "name": rec.name, "type": rec.layer_type, "shape": list(rec.relevance.shape),
                      "sum": total, "positive": positive, "negative": negative, "ratio": ratio})
     console.print(table)
