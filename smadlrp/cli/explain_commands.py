@@ -91,12 +91,13 @@ def explain(
                   caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
                           "conserves relevance and the biases absorb none")
     for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R"):
-        table.add_column(column, justify="left" if column in {"file", "target", "rule"} else "right",
-                         overflow="fold", no_wrap=column != "file")
+        text = column in {"file", "target", "rule"}
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
+                         min_width=14 if column == "file" else None)
     for result in results:
         for i, (name, value) in enumerate(result.relevance_sum.items()):
-            first = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4f}"]
-            table.add_row(*(first if i == 0 else [""] * len(first)), name, f"{value:.4f}")
+            first = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
+            table.add_row(*(first if i == 0 else [""] * len(first)), name, f"{value:.4g}")
     console.print(table)
     if raw is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))

@@ -114,14 +114,15 @@ class _LayerFit:
         units = layer.weight.shape[0]
         self.count = {kind: torch.zeros(units, dtype=torch.float64, device=device) for kind in kinds}
         self.sum_out = {kind: torch.zeros(units, dtype=torch.float64, device=device) for kind in kinds}
+        self.mean_out: dict[str, torch.Tensor] = {}
         self.sum_xy: dict[str, _UnitBlocks] = {}
         self.samples = 0
 
     def start_second_pass(self) -> None:
         """Turn the output sums into means and allocate the centred sums."""
         for kind in self.kinds:
-            self.sum_out[kind] /= self.count[kind].clamp_min(1.0)
-            self.sum_xy[kind] = _UnitBlocks(self.layer.weight.shape, self.sum_out[kind].device)
+            self.mean_out[kind] = self.sum_out[kind] / self.count[kind].clamp_min(1.0)
+            self.sum_xy[kind] = _UnitBlocks(self.layer.weight.shape, self.mean_out[kind].device)
 
     def hook(self, _module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         """Forward hook: statistics are taken at once, before any in-place op can change `out`. A convolution's
@@ -159,7 +160,7 @@ class _LayerFit:
             x = self._padded(x)
         unit_shape = (1, -1) + (1,) * (out.dim() - 2)
         for kind in self.kinds:
-            g = out - self.sum_out[kind].to(out.dtype).view(unit_shape)
+            g = out - self.mean_out[kind].to(out.dtype).view(unit_shape)
             if kind == "positive":
                 g.masked_fill_(out <= 0, 0.0)
             self._add_xg(self.sum_xy[kind], x, g)
@@ -193,7 +194,7 @@ class _LayerFit:
         weight = self.layer.weight.detach()
         units = weight.shape[0]
         bias = 0.0 if self.layer.bias is None else self.layer.bias.detach().to(torch.float64)
-        mean_y = self.sum_out[kind] - bias  # E[w^T x] over the unit's samples
+        mean_y = self.mean_out[kind] - bias  # E[w^T x] over the unit's samples
         count = self.count[kind]
         pattern = torch.empty(weight.shape, dtype=weight.dtype)
         degenerate = 0
