@@ -18,7 +18,8 @@ os.umask(_UMASK)
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto `target`.
 
-    On any exception the temporary file is removed and `target` is left as it was.
+    On any exception the temporary file is removed and `target` is left as it was; an OSError (a full disk, a
+    folder that went away) becomes a SmadlrpError naming the target.
     """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
@@ -33,8 +34,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SmadlrpError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
 
 
