@@ -132,7 +132,7 @@ class BackgroundWriter:
     The first job that fails raises its exception in the caller (at the next submit or at exit); leaving the
     `with` block waits for every job."""
 
-    def __init__(self, pending: int = 64) -> None:
+    def __init__(self, pending: int = 32) -> None:
         self.limit = pending
         self.jobs: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smadlrp-writer")

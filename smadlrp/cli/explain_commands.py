@@ -95,9 +95,9 @@ def explain(
         table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
                          min_width=14 if column == "file" else None)
     for result in results:
+        image = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
         for i, (name, value) in enumerate(result.relevance_sum.items()):
-            first = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
-            table.add_row(*(first if i == 0 else [""] * len(first)), name, f"{value:.4g}")
+            table.add_row(*(image if i == 0 else [""] * len(image)), name, f"{value:.4g}")
     console.print(table)
     if raw is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))
