@@ -25,7 +25,16 @@ from smadlrp.errors import UsageError
 from smadlrp.lrp import Explainer, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 from smadlrp.paths import output_stems, safe_output
-from smadlrp.viz import heatmap_rgb, overlay_rgb, plot_rule_grid, relevance_map, robust_scale, save_rgb
+from smadlrp.viz import (
+    heatmap_index,
+    heatmap_lut,
+    overlay_rgb,
+    plot_rule_grid,
+    relevance_map,
+    robust_scale,
+    save_heatmap,
+    save_rgb,
+)
 
 PATTERN_KIND_PREFERENCE = ("positive", "all")  # the two-component estimator suits ReLU networks (Kindermans 2018)
 
@@ -201,9 +210,9 @@ def _write_image_files(pixels: npt.NDArray[np.uint8], maps: Mapping[str, np.ndar
     grid; `pixels` (H, W, 3) uint8, `maps` rule -> (H, W) channel-summed relevance."""
     for rule, rmap in maps.items():
         limit = robust_scale(rmap)
-        heat = heatmap_rgb(rmap, limit)
-        save_rgb(heat, files[f"{rule}.heatmap"])
-        save_rgb(overlay_rgb(pixels, rmap, limit=limit, heat=heat), files[f"{rule}.overlay"])
+        index = heatmap_index(rmap, limit)
+        save_heatmap(index, files[f"{rule}.heatmap"])
+        save_rgb(overlay_rgb(pixels, rmap, limit=limit, heat=heatmap_lut()[index]), files[f"{rule}.overlay"])
     if "grid" in files:
         plot_rule_grid(pixels, maps, files["grid"], title=title)
 

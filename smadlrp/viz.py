@@ -196,16 +196,22 @@ def robust_scale(rmap: npt.ArrayLike, percentile: float = HEATMAP_PERCENTILE) ->
 
 
 @functools.cache
-def _heatmap_lut() -> npt.NDArray[np.uint8]:
+def heatmap_lut() -> npt.NDArray[np.uint8]:
     """(256, 3) uint8 colours of HEATMAP_CMAP."""
     return (colormaps[HEATMAP_CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def heatmap_rgb(rmap: npt.ArrayLike, limit: float | None = None) -> npt.NDArray[np.uint8]:
-    """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-limit (default robust_scale)."""
+def heatmap_index(rmap: npt.ArrayLike, limit: float | None = None) -> npt.NDArray[np.uint8]:
+    """(H, W) relevance -> (H, W) uint8 entries of the heatmap colour table: -limit -> 0, zero -> 128 (white),
+    +limit -> 255, clipped beyond (default limit: robust_scale)."""
     r = np.asarray(rmap, dtype=np.float32)
     unit = np.clip(r * np.float32(127.5 / (limit or robust_scale(r))) + np.float32(127.5), 0.0, 255.0)
-    return _heatmap_lut()[np.rint(unit).astype(np.intp)]
+    return np.rint(unit).astype(np.uint8)
+
+
+def heatmap_rgb(rmap: npt.ArrayLike, limit: float | None = None) -> npt.NDArray[np.uint8]:
+    """(H, W) relevance -> (H, W, 3) uint8 colours, zero at white, clipped at +-limit (default robust_scale)."""
+    return heatmap_lut()[heatmap_index(rmap, limit)]
 
 
 def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float = 0.6,
@@ -224,6 +230,14 @@ def overlay_rgb(image: npt.NDArray[np.uint8], rmap: npt.ArrayLike, alpha: float 
 def save_rgb(array: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
     """Write an (H, W, 3) uint8 array as PNG (fast zlib level), atomically."""
     return write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
+
+
+def save_heatmap(index: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
+    """Write `heatmap_index` output as a palette PNG whose palette is the heatmap colour table, atomically: it
+    decodes to exactly `heatmap_rgb`'s colours, a third of the pixel data, and encodes several times faster."""
+    image = Image.frombytes("P", (index.shape[1], index.shape[0]), np.ascontiguousarray(index).tobytes())
+    image.putpalette(heatmap_lut().tobytes())
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
 def rule_grid_figure(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLike], *, title: str = "") -> Figure:

@@ -54,7 +54,7 @@ def test_explain_writes_maps_table_and_raw(tiny_checkpoint: Path, two_same_names
         for rule in ("epsilon", "alpha1beta0"):
             for kind in ("heatmap", "overlay"):
                 with Image.open(out / f"{stem}.{rule}.{kind}.png") as img:
-                    assert img.size == (32, 32) and img.mode == "RGB"
+                    assert img.size == (32, 32) and img.mode == ("P" if kind == "heatmap" else "RGB")
         with Image.open(out / f"{stem}.grid.png") as img:
             assert img.size[0] > img.size[1] > 100
     report = json.loads((tmp_path / "r.json").read_text())
@@ -70,6 +70,11 @@ def test_explain_writes_maps_table_and_raw(tiny_checkpoint: Path, two_same_names
             assert row["relevance_sum"][rule] == pytest.approx(expected, rel=1e-5, abs=1e-7)
         reference = lrp.explain(model, x, "epsilon")[0]
         torch.testing.assert_close(stored[files.index(row["path"])], reference, rtol=1e-5, atol=1e-7)
+        # the heatmap file decodes to the colours of the channel-summed map on its own robust scale
+        stem = Path(row["files"][0]).name.split(".")[0]
+        with Image.open(out / f"{stem}.epsilon.heatmap.png") as img:
+            decoded = np.asarray(img.convert("RGB"))
+        np.testing.assert_array_equal(decoded, heatmap_rgb(stored[files.index(row["path"])].sum(0).numpy()))
 
 
 def test_grid_has_one_panel_per_rule_plus_input() -> None:
