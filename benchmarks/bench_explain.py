@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from smadlrp import explain_run
-from smadlrp.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
-from smadlrp.explain_run import BackgroundWriter, build_explainers, explain_images
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.data.paths import collect_images
+from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from smadlrp.detector.models import build_model
+from smadlrp.explain import run as explain_run
+from smadlrp.explain.run import BackgroundWriter, build_explainers, explain_images
 from smadlrp.lrp import Explainer
-from smadlrp.models import build_model
-from smadlrp.paths import collect_images
-from smadlrp.synthetic import SynthConfig, generate_dataset
 
 SIZE = 128
 

@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from smadlrp import synthetic
+from smadlrp.data.synthetic import generator as synthetic
 
 
 def per_image_cost(config: synthetic.SynthConfig, count: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Overhead of `evaluate` and of a `finetune` epoch against bare PyTorch loops over the same batches.
 
-Prints images/s of smadlrp's scoring pass (`smadlrp.inference.predict`, what `evaluate` runs) against a bare
+Prints images/s of smadlrp's scoring pass (`smadlrp.detector.inference.predict`, what `evaluate` runs) against a bare
 `torch.no_grad()` loop over the same DataLoader and model, and the time of one `finetune` training epoch
 (`Finetuner._train_pass`) against a bare training loop (forward, loss, zero_grad, backward, step) over the same
 DataLoader. Runs alternate and the median of each is reported, so machine noise hits both sides alike.
@@ -23,8 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_tiny_dataset  # noqa: E402
 
-from smadlrp.inference import predict  # noqa: E402
-from smadlrp.train import Callbacks, Finetuner, TrainConfig  # noqa: E402
+from smadlrp.detector.inference import predict  # noqa: E402
+from smadlrp.detector.train import Callbacks, Finetuner, TrainConfig  # noqa: E402
 
 
 def bare_eval(model: nn.Module, loader: torch.utils.data.DataLoader) -> None:  # type: ignore[type-arg]

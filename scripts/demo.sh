@@ -29,7 +29,7 @@ echo "== 3. fit PatternNet / PatternAttribution patterns on training images"
   --out "$out/patterns.safetensors"
 
 echo "== 4. explain a few test images with every rule, and trace one"
-data=$("$(dirname "$smadlrp")/python" -c "from smadlrp.synthetic import default_dataset_dir; print(default_dataset_dir())")
+data=$("$(dirname "$smadlrp")/python" -c "from smadlrp.data.synthetic.generator import default_dataset_dir; print(default_dataset_dir())")
 morphs=("$data"/test/morph/*.png)
 bonafide=("$data"/test/bonafide/*.png)
 images=("${morphs[@]:0:3}" "${bonafide[0]}")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
-from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
-from smadlrp.models import build_model
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.detector.models import build_model
 
 # The test models are tiny: one thread is as fast and is not slowed down by other processes on a busy machine.
 torch.set_num_threads(1)

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from smadlrp.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta, load_checkpoint, save_checkpoint
 from smadlrp.cli import app
-from smadlrp.container import read_document
-from smadlrp.errors import SmadlrpError
-from smadlrp.models import build_model
+from smadlrp.core.container import read_document
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.detector.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta, load_checkpoint, save_checkpoint
+from smadlrp.detector.models import build_model
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def _write_with_doc(path: Path, doc: dict[str, object] | None, tensors: dict[str
         (lambda p: p.write_bytes(b"\x80\x02}q\x00."), "not a safetensors file"),
         (lambda p: p.write_bytes(b""), "not a safetensors file"),
         (lambda p: _write_with_doc(p, None, {"a": torch.zeros(2)}), "without smadlrp metadata"),
-        (lambda p: _write_with_doc(p, {"schema": "smadlrp.checkpoint/99"}, {"a": torch.zeros(2)}),
+        (lambda p: _write_with_doc(p, {"schema": "smadlrp.detector.checkpoint/99"}, {"a": torch.zeros(2)}),
          "unknown checkpoint schema"),
         (lambda p: _write_with_doc(p, {"schema": CHECKPOINT_SCHEMA, "architecture": "vgg_compact"},
                                    {"a": torch.zeros(2)}), "incomplete checkpoint metadata"),
@@ -98,7 +98,7 @@ def test_truncated_file_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> Non
 def test_info_prints_metadata_and_refuses_bad_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", str(tiny_checkpoint)])
     assert result.exit_code == 0
-    for text in ("vgg_compact", "smadlrp.checkpoint/1", "morph", "random initialisation"):
+    for text in ("vgg_compact", "smadlrp.detector.checkpoint/1", "morph", "random initialisation"):
         assert text in result.output
     (tmp_path / "x.pth").write_bytes(b"\x80\x02}q\x00.")
     bad = runner.invoke(app, ["info", str(tmp_path / "x.pth")])

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from smadlrp import __version__
 from smadlrp.cli import app
 from smadlrp.cli.reference import cli_reference
-from smadlrp.device import resolve_device
-from smadlrp.errors import UsageError
+from smadlrp.core.device import resolve_device
+from smadlrp.core.errors import UsageError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import smadlrp.lrp as lrp
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
-from smadlrp.data import eval_transform, load_rgb
-from smadlrp.synthetic import SynthConfig, generate_dataset
+from smadlrp.data.loading import eval_transform, load_rgb
+from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+from smadlrp.detector.checkpoint import load_checkpoint
 
 runner = CliRunner()
 METHODS = ["epsilon", "zero", "gradient", "gradient*input", "random"]

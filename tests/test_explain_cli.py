@@ -15,12 +15,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import smadlrp.lrp as lrp
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
-from smadlrp.data import eval_transform, load_rgb
-from smadlrp.errors import SmadlrpError
-from smadlrp.explain_run import BackgroundWriter
-from smadlrp.viz import heatmap_rgb, overlay_rgb, rule_grid_figure
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.data.loading import eval_transform, load_rgb
+from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.explain.heatmaps import heatmap_rgb, overlay_rgb, rule_grid_figure
+from smadlrp.explain.run import BackgroundWriter
 
 runner = CliRunner()
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from smadlrp.compare import check_perturbation, default_patch_size, select_subset
-from smadlrp.errors import UsageError
-from smadlrp.faithfulness import (
+from smadlrp.core.errors import UsageError
+from smadlrp.explain.compare import check_perturbation, default_patch_size, select_subset
+from smadlrp.explain.faithfulness import (
     aopc,
     mass_accuracy,
     patch_order,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from smadlrp.errors import SmadlrpError
-from smadlrp.fileio import write_atomic, write_text_atomic
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.fileio import write_atomic, write_text_atomic
 
 
 def test_a_write_replaces_the_target_whole_with_default_permissions(tmp_path: Path) -> None:

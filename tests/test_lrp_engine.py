@@ -12,8 +12,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from smadlrp.device import num_threads
-from smadlrp.errors import UsageError
+from smadlrp.core.device import num_threads
+from smadlrp.core.errors import UsageError
 from smadlrp.lrp import (
     Explainer,
     FoldedBatchNorm,

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smadlrp.device import num_threads
-from smadlrp.errors import UsageError
+from smadlrp.core.device import num_threads
+from smadlrp.core.errors import UsageError
 from smadlrp.lrp import COMPOSITES, build_composite, convert, make_rule, method_names, rule_names, rule_parameters
 from smadlrp.lrp.rules import DEFAULT_STABILIZER, RULES
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
-from smadlrp.device import num_threads
+from smadlrp.core.device import num_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

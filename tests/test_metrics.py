@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, det_curve, roc_auc_score, roc_curve
 
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.metrics import (
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.evaluation.metrics import (
     GATE_METRICS,
     ConfusionMatrix,
     Gate,

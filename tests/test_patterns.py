@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.lrp import patterns as patterns_module
 from smadlrp.lrp.patterns import (
     KINDS,
@@ -337,7 +337,7 @@ def test_bad_files_are_refused(tmp_path: Path, fitted: dict[str, PatternSet]) ->
     row = {"name": "x", "samples": 1, "active_share": None, "degenerate_units": 0, "units": 1}
     for header, message in [
         ({"kinds": ["all"]}, "without a schema"),
-        ({"schema": "smadlrp.checkpoint/1"}, "has schema 'smadlrp.checkpoint/1'"),
+        ({"schema": "smadlrp.detector.checkpoint/1"}, "has schema 'smadlrp.detector.checkpoint/1'"),
         ({"schema": SCHEMA, "kinds": ["all"]}, "damaged pattern file"),
         ({"schema": SCHEMA, "kinds": ["all"], "images": 1, "stats": {"all": [row]}}, "unlisted kind"),
         ({"schema": SCHEMA, "kinds": ["all"], "images": 1, "stats": {"all": []}}, "does not match"),

@@ -13,9 +13,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.metrics import ConfusionMatrix, bpcer_at_apcer, d_eer, det_points, per_group, summarize
-from smadlrp.report import (
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.evaluation.metrics import ConfusionMatrix, bpcer_at_apcer, d_eer, det_points, per_group, summarize
+from smadlrp.evaluation.plots import plot_det, plot_training_curves, probit
+from smadlrp.evaluation.report import (
     confusion_table,
     epoch_table,
     metrics_table,
@@ -23,7 +24,6 @@ from smadlrp.report import (
     summary_markdown,
     to_jsonable,
 )
-from smadlrp.viz import plot_det, plot_training_curves, probit
 
 # bona fide {0.2, 0.5}, morph {0.5, 0.8}: D-EER 25 % at t = 0.65 (see test_metrics); at t = 0.5:
 # TP 2 (0.5, 0.8), FN 0, FP 1 (0.5), TN 1 (0.2).

@@ -18,9 +18,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from smadlrp import faces, synthetic
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.synthetic import SynthConfig
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.data.synthetic import faces
+from smadlrp.data.synthetic import generator as synthetic
+from smadlrp.data.synthetic.generator import SynthConfig
 
 TINY = SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=3)
 

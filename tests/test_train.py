@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
-from smadlrp.container import read_tensors
-from smadlrp.train import Finetuner, TrainConfig
+from smadlrp.core.container import read_tensors
+from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.detector.train import Finetuner, TrainConfig
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data: Path, tmp_path: Path) -
     straight.run()
     first = Finetuner(_config(tiny_data, 1), tiny_data, tmp_path / "b", device)
     first.run()
-    from smadlrp.train import read_resume
+    from smadlrp.detector.train import read_resume
 
     config, doc, tensors = read_resume(tmp_path / "b")
     config.epochs = 3

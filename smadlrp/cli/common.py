@@ -25,9 +25,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from smadlrp.device import DEVICE_HELP, resolve_device
-from smadlrp.errors import SmadlrpError
-from smadlrp.fileio import write_text_atomic
+from smadlrp.core.device import DEVICE_HELP, resolve_device
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.fileio import write_text_atomic
 
 console = Console()
 err_console = Console(stderr=True)
@@ -117,7 +117,7 @@ def data_root(data: Path | None) -> Path:
     """`--data`, or the embedded synthetic set (generated once into its cache folder, with a notice)."""
     if data is not None:
         return data
-    from smadlrp.synthetic import ensure_default_dataset
+    from smadlrp.data.synthetic.generator import ensure_default_dataset
 
     with progress_bar() as bar:
         task = bar.add_task("generating the synthetic data set", total=None)

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     BatchSizeOption,
@@ -29,12 +28,13 @@ from smadlrp.cli.common import (
     write_json,
 )
 from smadlrp.cli.explain_commands import PatternsOption, RuleOption
-from smadlrp.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
-from smadlrp.errors import UsageError
-from smadlrp.explain_run import build_explainers, load_pattern_tensors, resolve_rules
-from smadlrp.fileio import write_text_atomic
-from smadlrp.paths import prepare_out_dir
-from smadlrp.viz import plot_perturbation_curves
+from smadlrp.core.errors import UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.paths import prepare_out_dir
+from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
+from smadlrp.explain.heatmaps import plot_perturbation_curves
+from smadlrp.explain.run import build_explainers, load_pattern_tensors, resolve_rules
 
 BEST = "bold green"
 Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better

@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from smadlrp.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta
 from smadlrp.cli import app
 from smadlrp.cli.common import JsonOption, console, handle_errors, progress_bar, write_json
-from smadlrp.container import read_document, read_header
-from smadlrp.errors import UsageError
-from smadlrp.synthetic import SynthConfig, generate_dataset
+from smadlrp.core.container import read_document, read_header
+from smadlrp.core.errors import UsageError
+from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+from smadlrp.detector.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta
 
 
 @app.command()

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from smadlrp.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     BatchSizeOption,
@@ -28,14 +27,15 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.data import ImageDataset, make_loader, scan_split
-from smadlrp.errors import UsageError
-from smadlrp.fileio import write_text_atomic
-from smadlrp.inference import Predictions, predict
-from smadlrp.manifest import column_by_path
-from smadlrp.metrics import check_gates, d_eer, det_points, parse_gate, per_group, summarize
-from smadlrp.report import confusion_table, metrics_table, per_type_table, summary_markdown, to_jsonable
-from smadlrp.viz import plot_det
+from smadlrp.core.errors import UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import ImageDataset, make_loader, scan_split
+from smadlrp.data.manifest import column_by_path
+from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
+from smadlrp.detector.inference import Predictions, predict
+from smadlrp.evaluation.metrics import check_gates, d_eer, det_points, parse_gate, per_group, summarize
+from smadlrp.evaluation.plots import plot_det
+from smadlrp.evaluation.report import confusion_table, metrics_table, per_type_table, summary_markdown, to_jsonable
 
 
 def _score_split(model: object, meta: CheckpointMeta, root: Path, split: str, batch_size: int, workers: int,

@@ -10,7 +10,6 @@ import typer
 from rich import box
 from rich.table import Table
 
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     BatchSizeOption,
@@ -25,9 +24,12 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.container import write_document
-from smadlrp.errors import UsageError
-from smadlrp.explain_run import (
+from smadlrp.core.container import write_document
+from smadlrp.core.errors import UsageError
+from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
+from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.explain.heatmaps import plot_layer_maps
+from smadlrp.explain.run import (
     build_explainers,
     explain_images,
     image_batches,
@@ -38,8 +40,6 @@ from smadlrp.explain_run import (
     resolve_rules,
 )
 from smadlrp.lrp import trace as lrp_trace
-from smadlrp.paths import collect_images, output_stems, prepare_out_dir, safe_output
-from smadlrp.viz import plot_layer_maps
 
 RuleOption = Annotated[
     list[str] | None,

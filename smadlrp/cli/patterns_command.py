@@ -12,7 +12,6 @@ import typer
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from smadlrp.checkpoint import load_checkpoint
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     BatchSizeOption,
@@ -31,8 +30,9 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.data import ImageDataset, make_loader, scan_split
-from smadlrp.errors import UsageError
+from smadlrp.core.errors import UsageError
+from smadlrp.data.loading import ImageDataset, make_loader, scan_split
+from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.lrp.canonize import canonize
 from smadlrp.lrp.patterns import FINGERPRINT_KEY, KINDS, fit_patterns, save_patterns, weights_fingerprint
 

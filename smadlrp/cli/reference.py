@@ -9,7 +9,7 @@ import typer
 from typer.cli import get_docs_for_click
 
 from smadlrp.cli import app
-from smadlrp.fileio import write_text_atomic
+from smadlrp.core.fileio import write_text_atomic
 
 
 def cli_reference() -> str:

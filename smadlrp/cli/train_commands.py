@@ -10,7 +10,6 @@ import torch
 import typer
 from rich.progress import TextColumn
 
-from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     BatchSizeOption,
@@ -27,11 +26,12 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.data import IMAGENET_MEAN, IMAGENET_STD
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.models import ARCHITECTURES, get_architecture
-from smadlrp.report import epoch_table
-from smadlrp.train import OPTIMIZERS, SELECT_BY, Callbacks, EpochRow, Finetuner, TrainConfig, read_resume
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.detector.models import ARCHITECTURES, get_architecture
+from smadlrp.detector.train import OPTIMIZERS, SELECT_BY, Callbacks, EpochRow, Finetuner, TrainConfig, read_resume
+from smadlrp.evaluation.report import epoch_table
 
 ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}.")]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smadlrp.errors import UsageError
+from smadlrp.core.errors import UsageError
 
 # Which layer a BatchNorm must directly follow (as the previous sibling in its parent) to be folded.
 FOLDS_INTO: dict[type[nn.Module], type[nn.Module]] = {nn.BatchNorm2d: nn.Conv2d, nn.BatchNorm1d: nn.Linear}

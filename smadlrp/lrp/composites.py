@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from smadlrp.errors import UsageError
+from smadlrp.core.errors import UsageError
 from smadlrp.lrp.rules import RULES, Rule, Zero, make_rule, rule_parameters
 
 LayerKind = Literal["conv", "dense"]

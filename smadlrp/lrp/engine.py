@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smadlrp.errors import UsageError
+from smadlrp.core.errors import UsageError
 from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, LayerSlot, Override, build_composite
 from smadlrp.lrp.rules import ConvOp, DenseOp, LayerOp, LayerState, Prepared, Rule, stabilized_divide

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from smadlrp.container import read_document, read_tensors, write_document
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.memory import release_free_memory
+from smadlrp.core.container import read_document, read_tensors, write_document
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.memory import release_free_memory
 
 KINDS = ("all", "positive")
 SCHEMA = "smadlrp.patterns/1"

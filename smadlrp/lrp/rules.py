@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smadlrp.errors import UsageError
+from smadlrp.core.errors import UsageError
 
 # Weights a rule prepared for one layer: "weight" and "bias" (float32, the layer's own) plus the rule's own.
 Prepared = dict[str, Tensor]

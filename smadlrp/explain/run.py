@@ -19,13 +19,11 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from smadlrp.checkpoint import CheckpointMeta
-from smadlrp.data import ImageDataset, Sample, make_loader
-from smadlrp.errors import UsageError
-from smadlrp.lrp import Explainer, method_names, method_parameters
-from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
-from smadlrp.paths import output_stems, safe_output
-from smadlrp.viz import (
+from smadlrp.core.errors import UsageError
+from smadlrp.data.loading import ImageDataset, Sample, make_loader
+from smadlrp.data.paths import output_stems, safe_output
+from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.explain.heatmaps import (
     heatmap_index,
     heatmap_lut,
     overlay_rgb,
@@ -35,6 +33,8 @@ from smadlrp.viz import (
     save_heatmap,
     save_rgb,
 )
+from smadlrp.lrp import Explainer, method_names, method_parameters
+from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
 PATTERN_KIND_PREFERENCE = ("positive", "all")  # the two-component estimator suits ReLU networks (Kindermans 2018)
 

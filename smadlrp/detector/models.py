@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from smadlrp.container import read_tensors
-from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.core.container import read_tensors
+from smadlrp.core.errors import SmadlrpError, UsageError
 
 Notify = Callable[[str], None]
 

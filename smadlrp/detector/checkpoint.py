@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from smadlrp import __version__
-from smadlrp.container import read_document, read_tensors, write_document
-from smadlrp.errors import SmadlrpError
-from smadlrp.models import get_architecture, load_compatible_state
+from smadlrp.core.container import read_document, read_tensors, write_document
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.detector.models import get_architecture, load_compatible_state
 
-CHECKPOINT_SCHEMA = "smadlrp.checkpoint/1"
+CHECKPOINT_SCHEMA = "smadlrp.detector.checkpoint/1"
 
 
 @dataclass

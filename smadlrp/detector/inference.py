@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smadlrp.device import autocast
+from smadlrp.core.device import autocast
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from smadlrp.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError
 
 MANIFEST = "manifest.csv"
 

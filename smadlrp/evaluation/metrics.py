@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from smadlrp.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError
 
 MORPH = 1
 BONAFIDE = 0

@@ -24,10 +24,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from smadlrp.checkpoint import CheckpointMeta
-from smadlrp.data import ImageDataset, Sample, make_loader, scan_split
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.faithfulness import (
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.data.loading import ImageDataset, Sample, make_loader, scan_split
+from smadlrp.data.manifest import column_by_path
+from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.explain.faithfulness import (
     MASK_COVER,
     BoolArray,
     FloatArray,
@@ -40,7 +41,6 @@ from smadlrp.faithfulness import (
     resize_mask,
 )
 from smadlrp.lrp import Explainer, resolve_target
-from smadlrp.manifest import column_by_path
 
 RANDOM = "random"
 BASELINES: tuple[str, ...] = ("gradient", "gradient*input", RANDOM)

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smadlrp.errors import SmadlrpError
-from smadlrp.fileio import write_atomic
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.fileio import write_atomic
 
 META_KEY = "smadlrp"
 _MAX_HEADER = 100_000_000  # bytes; the safetensors format's own limit

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from smadlrp.metrics import (
+from smadlrp.evaluation.metrics import (
     GATE_METRICS,
     ORACLE_METRICS,
     ConfusionMatrix,

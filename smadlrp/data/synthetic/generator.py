@@ -32,9 +32,9 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image as PILImage
 
-from smadlrp import faces
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.fileio import write_text_atomic
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.synthetic import faces
 
 MORPH_TYPES: tuple[str, ...] = ("complete", "splicing", "partial")
 PARTIAL_REGIONS: tuple[str, ...] = ("eyes", "nose", "mouth", "hair")

@@ -13,21 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from smadlrp.checkpoint import CheckpointMeta, save_checkpoint
-from smadlrp.container import read_document, read_tensors, write_document
-from smadlrp.data import (
+from smadlrp.core.container import read_document, read_tensors, write_document
+from smadlrp.core.device import autocast, seed_everything
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,
     make_loader,
     scan_split,
 )
-from smadlrp.device import autocast, seed_everything
-from smadlrp.errors import SmadlrpError, UsageError
-from smadlrp.fileio import write_text_atomic
-from smadlrp.inference import logits_of, predict
-from smadlrp.metrics import ConfusionMatrix, d_eer
-from smadlrp.models import build_model, get_architecture, set_trainable
+from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.detector.inference import logits_of, predict
+from smadlrp.detector.models import build_model, get_architecture, set_trainable
+from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -244,7 +244,7 @@ class Finetuner:
     def _save_history(self) -> None:
         doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history}
         write_text_atomic(self.out / "history.json", json.dumps(doc, indent=2) + "\n")
-        from smadlrp.viz import plot_training_curves
+        from smadlrp.evaluation.plots import plot_training_curves
 
         plot_training_curves(self.state.history, self.out / "training-curves.png")
 

@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from smadlrp.data import IMAGE_EXTENSIONS, list_images
-from smadlrp.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.data.loading import IMAGE_EXTENSIONS, list_images
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:

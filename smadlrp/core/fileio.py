@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from smadlrp.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

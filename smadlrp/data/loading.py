@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from smadlrp.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES: dict[str, tuple[str, ...]] = {"val": ("val", "validation"), "validation": ("validation", "val")}

@@ -1,0 +1,1 @@
+"""Infrastructure every other part builds on: devices, errors, atomic files, containers, memory."""

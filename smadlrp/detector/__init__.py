@@ -1,0 +1,1 @@
+"""The detector: architectures, fine-tuning, inference and checkpoints."""

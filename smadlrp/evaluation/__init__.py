@@ -1,0 +1,1 @@
+"""Measuring a detector: S-MAD metrics, reports and figures."""

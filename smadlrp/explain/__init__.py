@@ -1,0 +1,1 @@
+"""Explaining a detector: explain/trace runs, heatmaps and the comparison of rules."""
