@@ -28,6 +28,7 @@ from rich.text import Text
 from smadlrp.core.device import DEVICE_HELP, resolve_device
 from smadlrp.core.errors import SmadlrpError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.detector.checkpoint import CheckpointMeta, newest_checkpoint
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,13 +49,18 @@ JsonOption = Annotated[
     Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", dir_okay=False)
 ]
 CheckpointOption = Annotated[
-    Path, typer.Option("--checkpoint", "-c", help="A smadlrp checkpoint (.safetensors).", dir_okay=False)
+    Path | None,
+    typer.Option("--checkpoint", "-c", dir_okay=False,
+                 help="A smadlrp checkpoint (.safetensors); default: the project's configured checkpoint, else the "
+                      "newest best.safetensors under ./runs/."),
 ]
 DataOption = Annotated[
     Path | None,
-    typer.Option("--data", help="Data folder with train/val/test splits; default: the embedded synthetic set.",
-                 file_okay=False),
+    typer.Option("--data", file_okay=False,
+                 help="Data folder with train/val/test splits; default: the project's configured data, else the "
+                      "checkpoint's training data, else the embedded synthetic set."),
 ]
+RUNS_DIR = Path("runs")
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOption = Annotated[
     int, typer.Option("--workers", min=0, help="DataLoader worker processes (0: load in-process).")
@@ -113,10 +119,27 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
-def data_root(data: Path | None) -> Path:
-    """`--data`, or the embedded synthetic set (generated once into its cache folder, with a notice)."""
+def find_checkpoint(given: Path | None) -> Path:
+    """`--checkpoint`, else the newest `best.safetensors` under ./runs/ (with a notice saying which)."""
+    if given is not None:
+        return given
+    newest = newest_checkpoint(RUNS_DIR)
+    if newest is None:
+        raise SmadlrpError("no checkpoint: none given with --checkpoint and no best.safetensors under ./runs/; "
+                           "run `smadlrp finetune` first")
+    notice(f"checkpoint: {newest} (the newest under {RUNS_DIR}/; choose another with --checkpoint)")
+    return newest
+
+
+def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
+    """`--data`, else the data `meta`'s checkpoint was trained on (when it still exists), else the embedded
+    synthetic set (generated once into its cache folder); a notice says which default was taken."""
     if data is not None:
         return data
+    recorded = meta.training_data if meta is not None else None
+    if recorded is not None:
+        notice(f"data: {recorded} (the checkpoint's training data; choose other data with --data)")
+        return recorded
     from smadlrp.data.synthetic.generator import ensure_default_dataset
 
     with progress_bar() as bar:

@@ -21,20 +21,21 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_root,
+    find_checkpoint,
     handle_errors,
     notice,
     pick_device,
     progress_bar,
     write_json,
 )
-from smadlrp.cli.explain_commands import PatternsOption, RuleOption
+from smadlrp.cli.explain_commands import PatternsOption, RuleOption, rules_and_patterns
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.paths import prepare_out_dir
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
 from smadlrp.explain.heatmaps import plot_perturbation_curves
-from smadlrp.explain.run import build_explainers, load_pattern_tensors, resolve_rules
+from smadlrp.explain.run import build_explainers
 
 BEST = "bold green"
 Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better
@@ -120,7 +121,7 @@ def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
 @app.command("compare-rules")
 @handle_errors
 def compare_rules(
-    checkpoint: CheckpointOption,
+    checkpoint: CheckpointOption = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
     rule: RuleOption = None,
@@ -145,13 +146,13 @@ def compare_rules(
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
     masks, region perturbation (AOPC) and time per image."""
+    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    rules = resolve_rules(rule or ["all"], patterns is not None)
+    rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device)
     wanted = _target(target, meta.class_names)
-    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
     explainers = build_explainers(model, meta, rules, {}, pattern_tensors)
-    root = data_root(data)
+    root = data_root(data, meta)
     prepare_out_dir(out)
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task(f"comparing {len(rules)} rule(s) and 3 baselines", total=None)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from smadlrp.cli import app
-from smadlrp.cli.common import JsonOption, console, handle_errors, progress_bar, write_json
+from smadlrp.cli.common import JsonOption, console, find_checkpoint, handle_errors, progress_bar, write_json
 from smadlrp.core.container import read_document, read_header
 from smadlrp.core.errors import UsageError
 from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
@@ -55,10 +55,13 @@ def synth(
 @app.command()
 @handle_errors
 def info(
-    file: Annotated[Path, typer.Argument(help="A smadlrp checkpoint or pattern file (.safetensors).", dir_okay=False)],
+    file: Annotated[Path | None, typer.Argument(help="A smadlrp checkpoint or pattern file (.safetensors); default: "
+                                                     "the checkpoint the other commands would use.", dir_okay=False)]
+    = None,
     json_out: JsonOption = None,
 ) -> None:
     """Print the metadata of a smadlrp checkpoint or pattern file."""
+    file = find_checkpoint(file)
     header, _ = read_header(file)
     doc = read_document(file)
     if doc["schema"] == CHECKPOINT_SCHEMA:

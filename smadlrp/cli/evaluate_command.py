@@ -21,6 +21,7 @@ from smadlrp.cli.common import (
     data_root,
     detail,
     fail_line,
+    find_checkpoint,
     handle_errors,
     notice,
     pick_device,
@@ -65,7 +66,7 @@ def _threshold(text: str) -> float | str:
 @app.command()
 @handle_errors
 def evaluate(
-    checkpoint: CheckpointOption,
+    checkpoint: CheckpointOption = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: BatchSizeOption = 64,
@@ -93,9 +94,10 @@ def evaluate(
     above = [parse_gate(g) for g in fail_above or []]
     below = [parse_gate(g) for g in fail_below or []]
     wanted = _threshold(threshold)
+    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    root = data_root(data)
+    root = data_root(data, meta)
     if wanted == "val-eer":
         val, _ = _score_split(model, meta, root, "val", batch_size, workers, torch_device)
         eer = d_eer(val.labels, val.scores)

@@ -9,6 +9,7 @@ import torch
 import typer
 from rich import box
 from rich.table import Table
+from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
@@ -19,16 +20,20 @@ from smadlrp.cli.common import (
     JsonOption,
     WorkersOption,
     console,
+    find_checkpoint,
     handle_errors,
+    notice,
     pick_device,
     progress_bar,
     write_json,
 )
+from smadlrp.cli.patterns_command import fit_with_progress
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
 from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
-from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
+from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fits_model
 from smadlrp.explain.run import (
     build_explainers,
     explain_images,
@@ -37,6 +42,7 @@ from smadlrp.explain.run import (
     load_pattern_tensors,
     parse_params,
     parse_target,
+    pattern_rules,
     resolve_rules,
 )
 from smadlrp.lrp import trace as lrp_trace
@@ -46,7 +52,9 @@ RuleOption = Annotated[
     typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available."),
 ]
 PatternsOption = Annotated[
-    Path | None, typer.Option("--patterns", help="Pattern file from `smadlrp fit-patterns`.", dir_okay=False)
+    Path | None, typer.Option("--patterns", dir_okay=False,
+                              help="Pattern file from `smadlrp fit-patterns`; default: patterns.safetensors beside "
+                                   "the checkpoint, fitted on its training split when a pattern rule needs it.")
 ]
 TargetOption = Annotated[
     str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
@@ -56,11 +64,42 @@ ParamOption = Annotated[
 ]
 
 
+def rules_and_patterns(requested: list[str], patterns: Path | None, checkpoint: Path, model: nn.Module,
+                       meta: CheckpointMeta, device: torch.device) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+    """The rules to run and the patterns they need. Without `--patterns`, `patterns.safetensors` beside the
+    checkpoint is used when it was fitted on these weights; when a pattern rule is asked for by name and that
+    file does not fit, it is fitted on the checkpoint's training split (at most AUTO_FIT_MAX_IMAGES images) and
+    written there for next time. `all` takes the pattern rules only when patterns are available."""
+    if patterns is None:
+        default = default_pattern_path(checkpoint)
+        if fits_model(default, model):
+            patterns = default
+            notice(f"patterns: {default}")
+        elif needing := [r for r in requested if r in pattern_rules()]:
+            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default)
+    tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    return resolve_rules(requested, tensors is not None), tensors
+
+
+def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, meta: CheckpointMeta,
+                          device: torch.device, out: Path) -> Path:
+    root = meta.training_data
+    if root is None:
+        raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
+                         "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
+                         "(it writes patterns.safetensors beside the checkpoint) or pass --patterns FILE")
+    notice(f"fitting patterns for {checkpoint.name} on {root}/train (at most {AUTO_FIT_MAX_IMAGES} images) into "
+           f"{out}; later runs reuse that file")
+    fit_with_progress(model, meta, checkpoint, root, "train", ("positive",), out, max_images=AUTO_FIT_MAX_IMAGES,
+                      seed=0, batch_size=32, workers=0, device=device)
+    return out
+
+
 @app.command()
 @handle_errors
 def explain(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
-    checkpoint: CheckpointOption,
+    checkpoint: CheckpointOption = None,
     rule: RuleOption = None,
     patterns: PatternsOption = None,
     target: TargetOption = "predicted",
@@ -75,10 +114,10 @@ def explain(
 ) -> None:
     """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules."""
     images = collect_images(paths)
+    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    rules = resolve_rules(rule or ["epsilon"], patterns is not None)
-    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    rules, pattern_tensors = rules_and_patterns(rule or ["epsilon"], patterns, checkpoint, model, meta, torch_device)
     explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
@@ -115,7 +154,7 @@ def explain(
 @handle_errors
 def trace(
     image: Annotated[Path, typer.Argument(help="One image file.", dir_okay=False)],
-    checkpoint: CheckpointOption,
+    checkpoint: CheckpointOption = None,
     rule: Annotated[str, typer.Option("--rule", "-r", help="Rule or composite.")] = "epsilon",
     patterns: PatternsOption = None,
     target: TargetOption = "predicted",
@@ -126,12 +165,12 @@ def trace(
 ) -> None:
     """Relevance at the input of every layer and at the output: a conservation table, tensors and a figure."""
     images = collect_images([image])
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
     if rule == "all":
         raise UsageError("trace takes one rule, not all")
-    (rule,) = resolve_rules([rule], patterns is not None)
-    pattern_tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+    checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))

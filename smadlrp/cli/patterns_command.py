@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 from rich.table import Table
-from torch.utils.data import DataLoader
+from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
@@ -24,6 +23,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_root,
+    find_checkpoint,
     handle_errors,
     notice,
     pick_device,
@@ -31,27 +31,35 @@ from smadlrp.cli.common import (
     write_json,
 )
 from smadlrp.core.errors import UsageError
-from smadlrp.data.loading import ImageDataset, make_loader, scan_split
-from smadlrp.detector.checkpoint import load_checkpoint
-from smadlrp.lrp.canonize import canonize
-from smadlrp.lrp.patterns import FINGERPRINT_KEY, KINDS, fit_patterns, save_patterns, weights_fingerprint
+from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
+from smadlrp.explain.pattern_file import PatternFit, default_pattern_path, fit_pattern_file
+from smadlrp.lrp.patterns import KINDS
 
 
-class _ImageBatches:
-    """The image tensors of a loader's batches, as often as they are iterated (the fit makes two passes)."""
+def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, root: Path, split: str,
+                      kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
+                      workers: int, device: torch.device) -> PatternFit:
+    """`fit_pattern_file` under a progress bar of its two passes."""
+    with progress_bar(ImagesPerSecond()) as bar:
+        tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=None)
+                 for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
 
-    def __init__(self, loader: DataLoader[tuple[torch.Tensor, int, int]]) -> None:
-        self.loader = loader
+        def start(n: int) -> None:
+            for task in tasks:
+                bar.update(task, total=n)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (images for images, _, _ in self.loader)
+        return fit_pattern_file(model, meta, checkpoint, root, split, kinds, out, max_images=max_images, seed=seed,
+                                batch_size=batch_size, workers=workers, device=device, warn=notice, on_start=start,
+                                progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
 
 
 @app.command("fit-patterns")
 @handle_errors
 def fit_patterns_command(
-    checkpoint: CheckpointOption,
-    out: Annotated[Path, typer.Option(help="Pattern file to write (.safetensors).", dir_okay=False)],
+    checkpoint: CheckpointOption = None,
+    out: Annotated[Path | None, typer.Option(help="Pattern file to write (.safetensors); default: "
+                                                  "patterns.safetensors beside the checkpoint.", dir_okay=False)]
+    = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split whose images the patterns are fitted on.")] = "train",
     kind: Annotated[str, typer.Option(help="Estimator: all (linear), positive (two-component), or both.")]
@@ -68,27 +76,14 @@ def fit_patterns_command(
     kinds = KINDS if kind == "both" else (kind,)
     if kind != "both" and kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose all, positive or both")
+    checkpoint = find_checkpoint(checkpoint)
+    out = out or default_pattern_path(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    fingerprint = weights_fingerprint(model.state_dict())
-    canonical = canonize(model, share_weights=True)  # fitting only reads the weights: no second copy
-    root = data_root(data)
-    samples = scan_split(root, split, meta.class_names, warn=notice).samples
-    if max_images is not None and max_images < len(samples):
-        samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
-    loader = make_loader(ImageDataset(samples, meta.input_size, meta.mean, meta.std), batch_size,
-                         workers=workers, device=torch_device)
-    images = _ImageBatches(loader)
-    with progress_bar(ImagesPerSecond()) as bar:
-        tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=len(samples))
-                 for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
-        sets = fit_patterns(canonical, images, kinds, device=torch_device,
-                            progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
-    save_patterns(out, sets, {
-        FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
-        "data": str(root), "split": split, "seed": seed,
-    })
-    for pattern_set in sets.values():
+    root = data_root(data, meta)
+    fit = fit_with_progress(model, meta, checkpoint, root, split, kinds, out, max_images=max_images, seed=seed,
+                            batch_size=batch_size, workers=workers, device=torch_device)
+    for pattern_set in fit.sets.values():
         table = Table(title=f"{pattern_set.kind} patterns: {pattern_set.images} images")
         for column in ("layer", "samples", "active share", "degenerate units"):
             table.add_column(column, justify="left" if column == "layer" else "right")
@@ -97,5 +92,5 @@ def fit_patterns_command(
             table.add_row(stats.name, f"{stats.samples:,}", share, f"{stats.degenerate_units} / {stats.units}")
         console.print(table)
     console.print(f"wrote {out}", highlight=False)
-    write_json(json_out, {"out": str(out), "images": len(samples), "kinds": list(kinds),
-                          "layers": {k: [vars(s) for s in v.stats] for k, v in sets.items()}})
+    write_json(json_out, {"out": str(out), "images": fit.images, "kinds": list(kinds),
+                          "layers": {k: [vars(s) for s in v.stats] for k, v in fit.sets.items()}})

@@ -42,6 +42,12 @@ class CheckpointMeta:
         """Index of the attack class in `class_names`."""
         return self.class_names.index(self.attack_class)
 
+    @property
+    def training_data(self) -> Path | None:
+        """The data folder `finetune` trained this checkpoint on, when it is recorded and still exists."""
+        recorded = self.training.get("data")
+        return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
     @classmethod
     def from_document(cls, doc: dict[str, Any], source: Path) -> CheckpointMeta:
         """Validate a parsed metadata document; SmadlrpError naming what is wrong."""
@@ -90,10 +96,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), meta
 
 
+def newest_checkpoint(folder: Path, name: str = "best.safetensors") -> Path | None:
+    """The most recently written `name` anywhere below `folder` (None when there is none)."""
+    found = [p for p in folder.rglob(name) if p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
+
+
 __all__ = [
     "CHECKPOINT_SCHEMA",
     "CheckpointMeta",
     "load_checkpoint",
     "load_meta",
+    "newest_checkpoint",
     "save_checkpoint",
 ]

@@ -1,0 +1,92 @@
+"""The pattern file of a checkpoint: where it lives by default, whether it fits the weights, fitting it on a split.
+
+`patterns.safetensors` beside a checkpoint is the default output of `fit-patterns` and the default input of the
+pattern rules; it is used only when its weights fingerprint matches the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.data.loading import ImageDataset, make_loader, scan_split
+from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.lrp.canonize import canonize
+from smadlrp.lrp.patterns import (
+    FINGERPRINT_KEY,
+    PatternSet,
+    fit_patterns,
+    load_patterns,
+    save_patterns,
+    weights_fingerprint,
+)
+
+DEFAULT_PATTERN_FILE = "patterns.safetensors"
+AUTO_FIT_MAX_IMAGES = 512  # images drawn (seeded) from the training split when a pattern rule fits its own file
+Warn = Callable[[str], None]
+
+
+def default_pattern_path(checkpoint: Path) -> Path:
+    """`patterns.safetensors` in the checkpoint's folder."""
+    return checkpoint.parent / DEFAULT_PATTERN_FILE
+
+
+def fits_model(path: Path, model: nn.Module) -> bool:
+    """Does `path` exist and hold patterns fitted on exactly these weights? (An unreadable file does not.)"""
+    if not path.is_file():
+        return False
+    try:
+        _, meta = load_patterns(path)
+    except SmadlrpError:
+        return False
+    return bool(meta.get(FINGERPRINT_KEY) == weights_fingerprint(model.state_dict()))
+
+
+class _ImageBatches:
+    """The image tensors of a loader's batches, as often as they are iterated (the fit makes two passes)."""
+
+    def __init__(self, loader: DataLoader[tuple[torch.Tensor, int, int]]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (images for images, _, _ in self.loader)
+
+
+@dataclass(frozen=True)
+class PatternFit:
+    """What a fit on a split produced and was written."""
+
+    sets: dict[str, PatternSet]
+    images: int
+    out: Path
+
+
+def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, root: Path, split: str,
+                     kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
+                     workers: int, device: torch.device, warn: Warn,
+                     on_start: Callable[[int], None] = lambda n: None,
+                     progress: Callable[[int, int], None] | None = None) -> PatternFit:
+    """Fit patterns of `kinds` for `model` on `root/split` (a seeded subset of `max_images` when smaller) and
+    write them to `out` with the weights fingerprint. `on_start(n)` gets the image count before the two passes;
+    `progress(pass_number, images)` follows each batch."""
+    fingerprint = weights_fingerprint(model.state_dict())
+    canonical = canonize(model, share_weights=True)  # fitting only reads the weights: no second copy
+    samples = scan_split(root, split, meta.class_names, warn=warn).samples
+    if max_images is not None and max_images < len(samples):
+        samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
+    on_start(len(samples))
+    loader = make_loader(ImageDataset(samples, meta.input_size, meta.mean, meta.std), batch_size,
+                         workers=workers, device=device)
+    sets = fit_patterns(canonical, _ImageBatches(loader), kinds, device=device, progress=progress)
+    save_patterns(out, sets, {
+        FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
+        "data": str(root), "split": split, "seed": seed,
+    })
+    return PatternFit(sets, len(samples), out)
