@@ -48,3 +48,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = CheckpointMeta("vgg_compact", ["bonafide", "morph"], "morph", 32, IMAGENET_MEAN, IMAGENET_STD, source)
     save_checkpoint(path, model, meta)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic set (20 identities, 32 px): folders, masks and a manifest.csv with morph types."""
+    from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "set"
+    generate_dataset(root, SynthConfig(identities=20, image_size=32, captures_per_identity=2, seed=3))
+    return root

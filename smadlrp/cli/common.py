@@ -28,6 +28,8 @@ from rich.text import Text
 from smadlrp.core.device import DEVICE_HELP, resolve_device
 from smadlrp.core.errors import SmadlrpError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import DataSource
+from smadlrp.data.protocol import read_protocol
 from smadlrp.detector.checkpoint import CheckpointMeta, newest_checkpoint
 
 console = Console()
@@ -59,6 +61,18 @@ DataOption = Annotated[
     typer.Option("--data", file_okay=False,
                  help="Data folder with train/val/test splits; default: the project's configured data, else the "
                       "checkpoint's training data, else the embedded synthetic set."),
+]
+ProtocolOption = Annotated[
+    Path | None,
+    typer.Option("--protocol", help="A protocol CSV (path,label,split[,group columns]) instead of split folders; "
+                                    "paths relative to the file, or to --data when given.", dir_okay=False),
+]
+BonafideLabelOption = Annotated[
+    str, typer.Option("--bonafide-label", help="The label value of bona fide rows in protocol and score files.")
+]
+AttackLabelOption = Annotated[
+    str, typer.Option("--attack-label", help="The label value of attack (morph) rows in protocol and score files "
+                                             "(MorDeephy: --attack-label 0 --bonafide-label 1).")
 ]
 RUNS_DIR = Path("runs")
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
@@ -149,6 +163,28 @@ def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
         )
     notice(f"using the embedded synthetic data set in {root} (it exercises the pipeline, not real-world accuracy)")
     return root
+
+
+def data_source(data: Path | None, protocol: Path | None = None, bonafide_label: str = "bonafide",
+                attack_label: str = "morph", meta: CheckpointMeta | None = None) -> DataSource:
+    """`--protocol` (paths relative to --data when given, else to the file), else `--data` split folders, else the
+    protocol or folder `meta`'s checkpoint was trained on, else the embedded synthetic set (see `data_root`).
+    Warns when a subject column shows one subject in two splits."""
+    recorded = meta.training.get("protocol") if meta is not None and data is None else None
+    if protocol is None and recorded and Path(recorded).is_file():
+        notice(f"data: {recorded} (the checkpoint's training protocol; choose other data with --data or --protocol)")
+        protocol, data = Path(recorded), Path(meta.training["data"])  # type: ignore[union-attr]
+        bonafide_label = meta.training.get("bonafide_label", bonafide_label)  # type: ignore[union-attr]
+        attack_label = meta.training.get("attack_label", attack_label)  # type: ignore[union-attr]
+    if protocol is not None:
+        source = DataSource(data or protocol.parent, read_protocol(protocol, base=data, bonafide_label=bonafide_label,
+                                                                   attack_label=attack_label))
+    else:
+        source = DataSource(data_root(data, meta))
+    warning = source.leak_warning()
+    if warning is not None:
+        notice(f"warning: {warning}")
+    return source
 
 
 def write_json(path: Path | None, payload: Any) -> None:

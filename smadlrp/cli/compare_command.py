@@ -11,16 +11,19 @@ from rich.table import Table
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AttackLabelOption,
     BatchSizeOption,
+    BonafideLabelOption,
     CheckpointOption,
     DataOption,
     DeviceOption,
     ImagesPerSecond,
     JsonOption,
+    ProtocolOption,
     SeedOption,
     WorkersOption,
     console,
-    data_root,
+    data_source,
     find_checkpoint,
     handle_errors,
     notice,
@@ -123,6 +126,9 @@ def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
 def compare_rules(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
+    protocol: ProtocolOption = None,
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
     split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
     rule: RuleOption = None,
     patterns: PatternsOption = None,
@@ -152,11 +158,11 @@ def compare_rules(
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device)
     wanted = _target(target, meta.class_names)
     explainers = build_explainers(model, meta, rules, {}, pattern_tensors)
-    root = data_root(data, meta)
+    source = data_source(data, protocol, bonafide_label, attack_label, meta)
     prepare_out_dir(out)
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task(f"comparing {len(rules)} rule(s) and 3 baselines", total=None)
-        result = compare_methods(model, meta, explainers, root, split=split, max_images=max_images,
+        result = compare_methods(model, meta, explainers, source, split=split, max_images=max_images,
                                  batch_size=batch_size, patch_size=patch_size, steps=steps, seed=seed, target=wanted,
                                  workers=workers, device=torch_device, warn=notice,
                                  on_start=lambda n: bar.update(task, total=n),

@@ -11,14 +11,17 @@ import typer
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AttackLabelOption,
     BatchSizeOption,
+    BonafideLabelOption,
     CheckpointOption,
     DataOption,
     DeviceOption,
     JsonOption,
+    ProtocolOption,
     WorkersOption,
     console,
-    data_root,
+    data_source,
     detail,
     fail_line,
     find_checkpoint,
@@ -30,8 +33,7 @@ from smadlrp.cli.common import (
 )
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
-from smadlrp.data.loading import ImageDataset, make_loader, scan_split
-from smadlrp.data.manifest import column_by_path
+from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict
 from smadlrp.evaluation.metrics import check_gates, d_eer, det_points, parse_gate, per_group, summarize
@@ -39,16 +41,16 @@ from smadlrp.evaluation.plots import plot_det
 from smadlrp.evaluation.report import confusion_table, metrics_table, per_type_table, summary_markdown, to_jsonable
 
 
-def _score_split(model: object, meta: CheckpointMeta, root: Path, split: str, batch_size: int, workers: int,
-                 device: object) -> tuple[Predictions, list[Path]]:
-    index = scan_split(root, split, meta.class_names, warn=notice)
+def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
+                 workers: int, device: object) -> tuple[Predictions, SplitIndex]:
+    index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
     dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std)
     loader = make_loader(dataset, batch_size, workers=workers, device=device)  # type: ignore[arg-type]
     with progress_bar() as bar:
         task = bar.add_task(f"scoring {split}", total=len(dataset))
         preds = predict(model, loader, device, meta.attack_index,  # type: ignore[arg-type]
                         on_batch=lambda n: bar.advance(task, n))
-    return preds, [index.samples[i].path for i in preds.indices]
+    return preds, index
 
 
 def _threshold(text: str) -> float | str:
@@ -68,6 +70,9 @@ def _threshold(text: str) -> float | str:
 def evaluate(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
+    protocol: ProtocolOption = None,
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: BatchSizeOption = 64,
     threshold: Annotated[
@@ -97,20 +102,21 @@ def evaluate(
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    root = data_root(data, meta)
+    source = data_source(data, protocol, bonafide_label, attack_label, meta)
     if wanted == "val-eer":
-        val, _ = _score_split(model, meta, root, "val", batch_size, workers, torch_device)
+        val, _ = _score_split(model, meta, source, "val", batch_size, workers, torch_device)
         eer = d_eer(val.labels, val.scores)
         if eer.threshold is None:
             raise UsageError(f"--threshold val-eer: the validation split's D-EER is not estimable ({eer.reason})")
-        t, source = eer.threshold, "validation D-EER"
+        t, threshold_source = eer.threshold, "validation D-EER"
         detail(f"threshold {t:.6f} from the validation split's D-EER ({eer.value:.2%})")
     else:
-        t, source = float(wanted), "fixed"
-    preds, paths = _score_split(model, meta, root, split, batch_size, workers, torch_device)
-    summary = summarize(preds.labels, preds.scores, t, threshold_source=source)
-    types = column_by_path(root, "morph_type")
-    groups = [types.get(p.resolve(), "") for p in paths]
+        t, threshold_source = float(wanted), "fixed"
+    preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+    paths = [index.samples[i].path for i in preds.indices]
+    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source)
+    types = index.groups.get("morph_type", ("",) * len(index.samples))
+    groups = [types[i] for i in preds.indices]
     by_type = per_group(preds.labels, preds.scores, groups, t) if any(groups) else None
     title = f"{checkpoint.name} on {split} ({summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
             f"{summary.n_morph} {meta.attack_class})"
@@ -128,7 +134,7 @@ def evaluate(
         write_text_atomic(markdown_out, summary_markdown(summary, by_type, title))
     failures = check_gates(summary, above, below)
     write_json(json_out, to_jsonable({
-        "checkpoint": str(checkpoint), "data": str(root), "split": split, "metrics": summary.as_dict(),
+        "checkpoint": str(checkpoint), "data": source.name, "split": split, "metrics": summary.as_dict(),
         "per_morph_type": by_type, "gates": {"failed": failures},
     }))
     for message in failures:

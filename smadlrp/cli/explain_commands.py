@@ -20,6 +20,7 @@ from smadlrp.cli.common import (
     JsonOption,
     WorkersOption,
     console,
+    data_source,
     find_checkpoint,
     handle_errors,
     notice,
@@ -83,14 +84,14 @@ def rules_and_patterns(requested: list[str], patterns: Path | None, checkpoint: 
 
 def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, meta: CheckpointMeta,
                           device: torch.device, out: Path) -> Path:
-    root = meta.training_data
-    if root is None:
+    if meta.training_data is None:
         raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
                          "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
                          "(it writes patterns.safetensors beside the checkpoint) or pass --patterns FILE")
-    notice(f"fitting patterns for {checkpoint.name} on {root}/train (at most {AUTO_FIT_MAX_IMAGES} images) into "
-           f"{out}; later runs reuse that file")
-    fit_with_progress(model, meta, checkpoint, root, "train", ("positive",), out, max_images=AUTO_FIT_MAX_IMAGES,
+    source = data_source(None, meta=meta)
+    notice(f"fitting patterns for {checkpoint.name} on {source.name} (train split, at most {AUTO_FIT_MAX_IMAGES} "
+           f"images) into {out}; later runs reuse that file")
+    fit_with_progress(model, meta, checkpoint, source, "train", ("positive",), out, max_images=AUTO_FIT_MAX_IMAGES,
                       seed=0, batch_size=32, workers=0, device=device)
     return out
 

@@ -13,16 +13,19 @@ from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AttackLabelOption,
     BatchSizeOption,
+    BonafideLabelOption,
     CheckpointOption,
     DataOption,
     DeviceOption,
     ImagesPerSecond,
     JsonOption,
+    ProtocolOption,
     SeedOption,
     WorkersOption,
     console,
-    data_root,
+    data_source,
     find_checkpoint,
     handle_errors,
     notice,
@@ -31,12 +34,13 @@ from smadlrp.cli.common import (
     write_json,
 )
 from smadlrp.core.errors import UsageError
+from smadlrp.data.loading import DataSource
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.pattern_file import PatternFit, default_pattern_path, fit_pattern_file
 from smadlrp.lrp.patterns import KINDS
 
 
-def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, root: Path, split: str,
+def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, data: DataSource, split: str,
                       kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
                       workers: int, device: torch.device) -> PatternFit:
     """`fit_pattern_file` under a progress bar of its two passes."""
@@ -48,7 +52,7 @@ def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, 
             for task in tasks:
                 bar.update(task, total=n)
 
-        return fit_pattern_file(model, meta, checkpoint, root, split, kinds, out, max_images=max_images, seed=seed,
+        return fit_pattern_file(model, meta, checkpoint, data, split, kinds, out, max_images=max_images, seed=seed,
                                 batch_size=batch_size, workers=workers, device=device, warn=notice, on_start=start,
                                 progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
 
@@ -61,6 +65,9 @@ def fit_patterns_command(
                                                   "patterns.safetensors beside the checkpoint.", dir_okay=False)]
     = None,
     data: DataOption = None,
+    protocol: ProtocolOption = None,
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
     split: Annotated[str, typer.Option(help="Split whose images the patterns are fitted on.")] = "train",
     kind: Annotated[str, typer.Option(help="Estimator: all (linear), positive (two-component), or both.")]
     = "positive",
@@ -80,8 +87,8 @@ def fit_patterns_command(
     out = out or default_pattern_path(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    root = data_root(data, meta)
-    fit = fit_with_progress(model, meta, checkpoint, root, split, kinds, out, max_images=max_images, seed=seed,
+    source = data_source(data, protocol, bonafide_label, attack_label, meta)
+    fit = fit_with_progress(model, meta, checkpoint, source, split, kinds, out, max_images=max_images, seed=seed,
                             batch_size=batch_size, workers=workers, device=torch_device)
     for pattern_set in fit.sets.values():
         table = Table(title=f"{pattern_set.kind} patterns: {pattern_set.images} images")

@@ -12,14 +12,17 @@ from rich.progress import TextColumn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AttackLabelOption,
     BatchSizeOption,
+    BonafideLabelOption,
     DataOption,
     DeviceOption,
     JsonOption,
+    ProtocolOption,
     SeedOption,
     WorkersOption,
     console,
-    data_root,
+    data_source,
     handle_errors,
     notice,
     pick_device,
@@ -41,6 +44,9 @@ ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.jo
 def finetune(
     arch: ArchOption = "vgg_compact",
     data: DataOption = None,
+    protocol: ProtocolOption = None,
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
     epochs: Annotated[int | None, typer.Option(help="Epochs to train (default 10; with --resume: the new total).")]
     = None,
     batch_size: BatchSizeOption = 32,
@@ -74,19 +80,23 @@ def finetune(
         config, doc, tensors = read_resume(resume)
         config.epochs = epochs or config.epochs
         out = resume
-        trainer = Finetuner(config, Path(config.data), out, torch_device, notice, workers)
+        source = data_source(Path(config.data), Path(config.protocol) if config.protocol else None,
+                             config.bonafide_label, config.attack_label)
+        trainer = Finetuner(config, source, out, torch_device, notice, workers)
         trainer.restore(doc, tensors)
         notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
     else:
-        root = data_root(data)
+        source = data_source(data, protocol, bonafide_label, attack_label)
         config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, schedule=schedule,
                              optimizer=optimizer,
                              weight_decay=weight_decay, image_size=image_size, full=full, weights=weights, amp=amp,
-                             select_by=select_by, attack_class=attack_class, seed=seed, data=str(root.resolve()))
+                             select_by=select_by, attack_class=attack_class, seed=seed, data=str(source.root.resolve()),
+                             protocol=str(protocol.resolve()) if protocol is not None else "",
+                             bonafide_label=bonafide_label, attack_label=attack_label)
         out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and any(out.iterdir()):
             raise UsageError(f"{out} is not empty: choose another --out, or continue that run with --resume {out}")
-        trainer = Finetuner(config, root, out, torch_device, notice, workers)
+        trainer = Finetuner(config, source, out, torch_device, notice, workers)
     console.print(f"[bold]{config.arch}[/bold] ({'all layers' if config.full else 'head only'}), "
                   f"{config.image_size} px, weights: {trainer.weights_source}, attack class: {config.attack_class}, "
                   f"output: {out}", highlight=False)

@@ -1,10 +1,10 @@
-"""Image loading and data-set validation: ImageFolder-style splits, any image mode, clear errors."""
+"""Image loading and data-set validation: ImageFolder-style splits or protocol files, any image mode, clear errors."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from smadlrp.core.errors import SmadlrpError
+from smadlrp.data.manifest import MANIFEST, read_manifest
+from smadlrp.data.protocol import (
+    REQUIRED_COLUMNS,
+    SPLIT_ALIASES,
+    Protocol,
+    ProtocolRow,
+    leak_message,
+    subject_leaks,
+    subjects_of,
+)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES: dict[str, tuple[str, ...]] = {"val": ("val", "validation"), "validation": ("validation", "val")}
@@ -74,12 +84,18 @@ class Sample:
 
 @dataclass(frozen=True)
 class SplitIndex:
-    """The validated images of one split; `class_names` sorted as ImageFolder sorts them."""
+    """The validated images of one split; `class_names` sorted as ImageFolder sorts them.
+
+    groups: group column -> one value per sample (from a protocol file, or a folder's manifest.csv; "" when a
+    sample has none).
+    """
 
     root: Path
     split: str
     class_names: list[str]
     samples: list[Sample]
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    groups_file: Path | None = None  # the manifest or protocol file the groups come from
 
     @property
     def labels(self) -> np.ndarray:
@@ -88,6 +104,11 @@ class SplitIndex:
     def counts(self) -> dict[str, int]:
         labels = self.labels
         return {name: int((labels == i).sum()) for i, name in enumerate(self.class_names)}
+
+    def subjects(self) -> list[tuple[str, ...]]:
+        """The subject ids of each sample (from the SUBJECT_COLUMNS groups; () when unknown)."""
+        columns = self.groups
+        return [subjects_of({c: values[i] for c, values in columns.items()}) for i in range(len(self.samples))]
 
 
 def scan_split(root: str | Path, split: str, class_names: Sequence[str] | None = None,
@@ -116,7 +137,72 @@ def scan_split(root: str | Path, split: str, class_names: Sequence[str] | None =
                 warn(f"skipping unreadable image {path}")
         if found == 0:
             raise SmadlrpError(f"{class_dir}: no readable images (every split needs every class)")
-    return SplitIndex(Path(root), split, list(class_names), samples)
+    groups = _manifest_groups(Path(root), samples)
+    return SplitIndex(Path(root), split, list(class_names), samples, groups,
+                      Path(root) / MANIFEST if groups else None)
+
+
+def _manifest_groups(root: Path, samples: Sequence[Sample]) -> dict[str, tuple[str, ...]]:
+    """Group columns of a folder's manifest.csv for `samples` (column -> value per sample); {} without one."""
+    rows = {(root / row["path"]).resolve(): row for row in read_manifest(root)}
+    if not rows:
+        return {}
+    columns = [c for c in next(iter(rows.values())) if c not in REQUIRED_COLUMNS]
+    found = [rows.get(s.path.resolve(), {}) for s in samples]
+    return {c: tuple(row.get(c) or "" for row in found) for c in columns}
+
+
+def _protocol_split(protocol: Protocol, split: str, class_names: Sequence[str] | None, attack_class: str,
+                    warn: Warn) -> SplitIndex:
+    """The rows of one protocol split as a SplitIndex: the attack label maps to `attack_class`, bona fide to
+    the other class (default class names: "bonafide" and `attack_class`, sorted as ImageFolder sorts them)."""
+    names = list(class_names) if class_names is not None else sorted({"bonafide", attack_class})
+    if len(names) != 2 or attack_class not in names:
+        raise SmadlrpError(f"a protocol file has two classes (bona fide and attack); the model's classes are "
+                           f"{names} with attack class {attack_class!r}")
+    attack = names.index(attack_class)
+    kept: list[ProtocolRow] = []
+    for row in protocol.rows_of(split):
+        if _header_readable(row.path):
+            kept.append(row)
+        else:
+            warn(f"skipping unreadable image {row.path} ({protocol.file}, line {row.line})")
+    for label, name in ((0, "bona fide"), (1, "attack")):
+        if not any(row.label == label for row in kept):
+            raise SmadlrpError(f"{protocol.file}: split {split!r} has no readable {name} images")
+    samples = [Sample(row.path, attack if row.label else 1 - attack) for row in kept]
+    groups = {c: tuple(row.groups[c] for row in kept) for c in protocol.group_columns}
+    return SplitIndex(protocol.base, SPLIT_ALIASES.get(split, split), names, samples, groups, protocol.file)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a command's images come from: a folder of train/val/test split folders (`root`), or a protocol file
+    (`protocol`, its paths already resolved)."""
+
+    root: Path
+    protocol: Protocol | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.protocol.file if self.protocol is not None else self.root)
+
+    def split(self, split: str, class_names: Sequence[str] | None = None, attack_class: str = "morph",
+              warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2)) -> SplitIndex:
+        """Index and validate one split. Folder class names come from the folders unless given."""
+        if self.protocol is not None:
+            return _protocol_split(self.protocol, split, class_names, attack_class, warn)
+        return scan_split(self.root, split, class_names, warn=warn)
+
+    def leak_warning(self) -> str | None:
+        """A warning when a subject column shows one subject in two splits (protocol rows, or the folder's
+        manifest.csv), else None."""
+        if self.protocol is not None:
+            rows: list[ProtocolRow] = list(self.protocol.rows)
+        else:
+            rows = [ProtocolRow(Path(r["path"]), 0, SPLIT_ALIASES.get(r.get("split", ""), r.get("split", "")),
+                                r, 0) for r in read_manifest(self.root)]
+        return leak_message(subject_leaks(rows), self.name)
 
 
 def _header_readable(path: Path) -> bool:

@@ -24,7 +24,3 @@ def read_manifest(root: Path) -> list[dict[str, str]]:
         raise SmadlrpError(f"{path}: a manifest needs a 'path' column")
     return rows
 
-
-def column_by_path(root: Path, column: str) -> dict[Path, str]:
-    """Map each image's resolved path to its manifest `column` value (only rows that have a non-empty value)."""
-    return {(root / row["path"]).resolve(): row[column] for row in read_manifest(root) if row.get(column)}

@@ -20,9 +20,9 @@ from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataSource,
     ImageDataset,
     make_loader,
-    scan_split,
 )
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict
@@ -56,7 +56,10 @@ class TrainConfig:
     select_by: str = "d-eer"
     attack_class: str = "morph"
     seed: int = 0
-    data: str = ""
+    data: str = ""  # the split folders, or the folder a protocol's relative paths start from
+    protocol: str = ""  # a protocol file, when the data comes from one
+    bonafide_label: str = "bonafide"  # protocol label values
+    attack_label: str = "morph"
 
     def validate(self) -> TrainConfig:
         """Raise UsageError for values that cannot work; fill in the architecture's input size."""
@@ -122,18 +125,19 @@ def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.opt
 class Finetuner:
     """A fine-tuning run writing into `out`: best/last checkpoints, history.json, curves, resume state."""
 
-    def __init__(self, config: TrainConfig, data_root: Path, out: Path, device: torch.device,
+    def __init__(self, config: TrainConfig, data: DataSource | Path, out: Path, device: torch.device,
                  notify: Callable[[str], None] = lambda msg: None, workers: int = 0) -> None:
         self.config = config.validate()
         self.out, self.device, self.notify = out, device, notify
         self.generator = seed_everything(config.seed)
         arch = get_architecture(config.arch)
-        train_split = scan_split(data_root, "train", warn=notify)
+        data = data if isinstance(data, DataSource) else DataSource(Path(data))
+        train_split = data.split("train", attack_class=config.attack_class, warn=notify)
         self.class_names = train_split.class_names
         if config.attack_class not in self.class_names:
-            raise UsageError(f"attack class {config.attack_class!r} is not a class folder of {data_root}/train "
+            raise UsageError(f"attack class {config.attack_class!r} is not a class folder of {data.name}/train "
                              f"(found: {', '.join(self.class_names)}); set --attack-class")
-        val_split = scan_split(data_root, "val", self.class_names, warn=notify)
+        val_split = data.split("val", self.class_names, config.attack_class, warn=notify)
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
         self.train_loader = make_loader(

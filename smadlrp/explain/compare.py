@@ -25,8 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from smadlrp.core.errors import SmadlrpError, UsageError
-from smadlrp.data.loading import ImageDataset, Sample, make_loader, scan_split
-from smadlrp.data.manifest import column_by_path
+from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.faithfulness import (
     MASK_COVER,
@@ -155,35 +154,34 @@ def select_subset(labels: npt.ArrayLike, max_images: int, seed: int) -> npt.NDAr
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
-def _read_mask(path: Path, manifest: Path) -> npt.NDArray[np.uint8]:
+def _read_mask(path: Path, listed_in: Path) -> npt.NDArray[np.uint8]:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("L"))
     except FileNotFoundError:
-        raise SmadlrpError(f"artifact mask not found: {path} (listed in {manifest})") from None
+        raise SmadlrpError(f"artifact mask not found: {path} (listed in {listed_in})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise SmadlrpError(f"{path}: not a readable mask image ({str(exc).splitlines()[0][:100]})") from None
 
 
-def artifact_masks(root: Path, samples: Sequence[Sample], attack_index: int,
+def artifact_masks(index: SplitIndex, chosen: Sequence[int], attack_index: int,
                    size: int) -> tuple[dict[int, tuple[BoolArray, str]], str | None]:
-    """Position in `samples` -> ((size, size) mask, morph type) for every morph whose manifest mask is non-empty
-    at model-input resolution, and a reason when there is none."""
-    mask_paths = column_by_path(root, "mask_path")
-    if not mask_paths:
-        return {}, f"{root} has no manifest.csv with a mask_path column"
-    types = column_by_path(root, "morph_type")
-    manifest = root / "manifest.csv"
+    """Position in `chosen` (indices into `index.samples`) -> ((size, size) mask, morph type) for every morph whose
+    mask_path group (manifest or protocol column) names a non-empty mask at model-input resolution, and a reason
+    when there is none."""
+    mask_paths = index.groups.get("mask_path")
+    if mask_paths is None or not any(mask_paths):
+        return {}, f"{index.root} has no manifest.csv or protocol with a mask_path column"
+    types = index.groups.get("morph_type", ("",) * len(index.samples))
     found: dict[int, tuple[BoolArray, str]] = {}
-    for position, sample in enumerate(samples):
-        key = sample.path.resolve()
-        if sample.label != attack_index or key not in mask_paths:
+    for position, i in enumerate(chosen):
+        if index.samples[i].label != attack_index or not mask_paths[i]:
             continue
-        mask = resize_mask(_read_mask(root / mask_paths[key], manifest), size, size)
+        mask = resize_mask(_read_mask(index.root / mask_paths[i], index.groups_file or index.root), size, size)
         if mask.any():
-            found[position] = (mask, types.get(key, ""))
+            found[position] = (mask, types[i])
     if not found:
-        return {}, f"none of the {len(samples)} chosen images is a morph with a non-empty artifact mask"
+        return {}, f"none of the {len(chosen)} chosen images is a morph with a non-empty artifact mask"
     return found, None
 
 
@@ -227,13 +225,13 @@ def rule_maps(explainers: Mapping[str, Explainer]) -> dict[str, MapFunction]:
     return {name: bind(explainer) for name, explainer in explainers.items()}
 
 
-def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[str, Explainer], root: Path, *,
+def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[str, Explainer], data: DataSource, *,
                     split: str = "test", max_images: int = 200, batch_size: int = 32, patch_size: int | None = None,
                     steps: int = 50, seed: int = 0, target: int | str | None = None, workers: int = 0,
                     device: torch.device | None = None, warn: Callable[[str], None] = lambda message: None,
                     on_start: Callable[[int], None] = lambda n: None,
                     on_batch: Callable[[int], None] = lambda n: None) -> Comparison:
-    """Compare `explainers` and the baselines on up to `max_images` images of `root/split` (seeded subset).
+    """Compare `explainers` and the baselines on up to `max_images` images of one split of `data` (seeded subset).
 
     `target`: the class (index or name) explained and scored for every image; None: the attack class.
     `on_start(n)` gets the number of chosen images, `on_batch(n)` the size of each finished batch.
@@ -244,11 +242,11 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
     check_perturbation(size, patch, steps)
     if seed < 0:
         raise UsageError(f"--seed {seed}: must be zero or positive")
-    index = scan_split(root, split, meta.class_names, warn=warn)
+    index = data.split(split, meta.class_names, meta.attack_class, warn=warn)
     chosen = select_subset(index.labels, max_images, seed)
     samples = [index.samples[i] for i in chosen]
     on_start(len(samples))
-    masks, note = artifact_masks(root, samples, meta.attack_index, size)
+    masks, note = artifact_masks(index, chosen.tolist(), meta.attack_index, size)
     methods = {**rule_maps(explainers), **baseline_maps(model, seed)}
     collected = {name: _Collected() for name in methods}
     wanted = meta.attack_class if target is None else target
@@ -269,7 +267,7 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
     results = _results(collected, explainers, len(samples))
     counts = {name: int((index.labels[chosen] == i).sum()) for i, name in enumerate(meta.class_names)}
     target_name = wanted if isinstance(wanted, str) else meta.class_names[wanted]
-    return Comparison(data=str(root), split=split, target=target_name, n_images=len(samples), class_counts=counts,
+    return Comparison(data=data.name, split=split, target=target_name, n_images=len(samples), class_counts=counts,
                       patch_size=patch, steps=steps, methods=results, localisation_note=note,
                       images=[str(s.path) for s in samples])
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from smadlrp.core.errors import SmadlrpError
-from smadlrp.data.loading import ImageDataset, make_loader, scan_split
+from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.lrp.canonize import canonize
 from smadlrp.lrp.patterns import (
@@ -68,17 +68,18 @@ class PatternFit:
     out: Path
 
 
-def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, root: Path, split: str,
+def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, data: DataSource | Path, split: str,
                      kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
                      workers: int, device: torch.device, warn: Warn,
                      on_start: Callable[[int], None] = lambda n: None,
                      progress: Callable[[int, int], None] | None = None) -> PatternFit:
-    """Fit patterns of `kinds` for `model` on `root/split` (a seeded subset of `max_images` when smaller) and
+    """Fit patterns of `kinds` for `model` on one split of `data` (a seeded subset of `max_images` when smaller) and
     write them to `out` with the weights fingerprint. `on_start(n)` gets the image count before the two passes;
     `progress(pass_number, images)` follows each batch."""
     fingerprint = weights_fingerprint(model.state_dict())
     canonical = canonize(model, share_weights=True)  # fitting only reads the weights: no second copy
-    samples = scan_split(root, split, meta.class_names, warn=warn).samples
+    data = data if isinstance(data, DataSource) else DataSource(Path(data))
+    samples = data.split(split, meta.class_names, meta.attack_class, warn=warn).samples
     if max_images is not None and max_images < len(samples):
         samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
     on_start(len(samples))
@@ -87,6 +88,6 @@ def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, r
     sets = fit_patterns(canonical, _ImageBatches(loader), kinds, device=device, progress=progress)
     save_patterns(out, sets, {
         FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
-        "data": str(root), "split": split, "seed": seed,
+        "data": data.name, "split": split, "seed": seed,
     })
     return PatternFit(sets, len(samples), out)
