@@ -25,8 +25,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from smadlrp.core import distributed
 from smadlrp.core.device import DEVICE_HELP, resolve_device
-from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource
 from smadlrp.data.protocol import read_protocol
@@ -99,35 +100,82 @@ def fail_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
 
 
+def rank_line(message: str) -> None:
+    """A dim line on stderr from every rank (prefixed with the rank under torchrun), e.g. the share it took."""
+    ranks = distributed.current()
+    prefix = f"{ranks.describe()}: " if ranks.distributed else ""
+    _rank_console.print(f"[dim]{prefix}{message}[/dim]", highlight=False)
+
+
+_rank_console = Console(stderr=True)
+
+
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn SmadlrpError into one red line and its exit code; other exceptions are bugs (traceback with --debug)."""
+    """Turn SmadlrpError into one red line and its exit code; other exceptions are bugs (traceback with --debug).
+
+    Under torchrun with several processes, a command not marked with `on_ranks` is refused; an error that every
+    rank raised together (a RankError) and Ctrl-C are printed by rank 0 alone, other errors by the rank they
+    happened on, prefixed with it."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        rank, world, _ = distributed.launched_ranks()
+
+        def fail(message: str, once: bool = False) -> None:
+            if world == 1:
+                fail_line(message)
+            elif rank == 0 or not once:
+                fail_line(message if message.startswith("rank ") else f"rank {rank}: {message}")
+
         try:
+            if world > 1 and not getattr(command, "runs_on_ranks", False):
+                name = command.__name__.removesuffix("_command").replace("_", "-")
+                raise UsageError(f"`smadlrp {name}` runs in one process: start it without torchrun")
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except SmadlrpError as exc:
             if state.debug:
                 traceback.print_exc()
-            fail_line(exc.message)
+            fail(exc.message, once=isinstance(exc, distributed.RankError))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            fail_line("interrupted")
+            fail("interrupted", once=True)
             raise typer.Exit(130) from None
         except Exception as exc:
             if state.debug:
                 raise
-            fail_line(f"internal error: {exc.__class__.__name__}: {exc} (run `smadlrp --debug ...` for the traceback)")
+            fail(f"internal error: {exc.__class__.__name__}: {exc} (run `smadlrp --debug ...` for the traceback)")
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+def on_ranks(command: Callable[P, R]) -> Callable[P, R]:
+    """Let a command run under torchrun: it gets a process group for its `--device` (see core/distributed.py);
+    ranks other than 0 print nothing but their share and their errors. Put it below `handle_errors`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with distributed.session(str(kwargs.get("device", "auto"))) as ranks:
+            if not ranks.distributed:
+                return command(*args, **kwargs)
+            quiet = console.quiet, err_console.quiet
+            console.quiet = err_console.quiet = not ranks.is_main
+            try:
+                rank_line(f"device {ranks.device}")
+                return command(*args, **kwargs)
+            finally:
+                console.quiet, err_console.quiet = quiet
+
+    wrapper.runs_on_ranks = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def pick_device(spec: str) -> torch.device:
-    """Resolve `--device` and print the choice."""
-    device = resolve_device(spec)
+    """Resolve `--device` (under torchrun: this rank's device) and print the choice."""
+    ranks = distributed.current()
+    device = ranks.device if ranks.distributed else resolve_device(spec)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     err_console.print(f"[dim]device: {device} ({name})[/dim]", highlight=False)
     return device
@@ -156,11 +204,14 @@ def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
         return recorded
     from smadlrp.data.synthetic.generator import ensure_default_dataset
 
-    with progress_bar() as bar:
-        task = bar.add_task("generating the synthetic data set", total=None)
-        root = ensure_default_dataset(
-            notify=notice, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    def generate() -> Path:
+        with progress_bar() as bar:
+            task = bar.add_task("generating the synthetic data set", total=None)
+            return ensure_default_dataset(
+                notify=notice, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+
+    root = distributed.main_first(generate)  # the other ranks then find it generated
     notice(f"using the embedded synthetic data set in {root} (it exercises the pipeline, not real-world accuracy)")
     return root
 
@@ -188,9 +239,13 @@ def data_source(data: Path | None, protocol: Path | None = None, bonafide_label:
 
 
 def write_json(path: Path | None, payload: Any) -> None:
-    """Write `payload` as indented JSON to `path` atomically (nothing when `path` is None)."""
-    if path is None:
+    """Write `payload` as indented JSON to `path` atomically (nothing when `path` is None, or on ranks other
+    than 0 under torchrun). A dict payload gets the number of processes as "world_size"."""
+    ranks = distributed.current()
+    if path is None or not ranks.is_main:
         return
+    if isinstance(payload, dict):
+        payload = {**payload, "world_size": ranks.world_size}
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     detail(f"wrote {path}")
 
