@@ -14,19 +14,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from smadlrp.cli import app
 from smadlrp.core import distributed
+from smadlrp.lrp.patterns import load_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ranks_worker.py"
 TIMEOUT_S = 20  # the collective timeout of the two ranks
+runner = CliRunner()
+
+
+def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str]]:
+    """The commands run on two ranks and again in one process (OUT stands for the output folder)."""
+    common = ["--checkpoint", str(checkpoint), "--data", str(data), "--device", "cpu"]
+    return {
+        "fit": ["fit-patterns", *common, "--kind", "both", "--batch-size", "4", "--out", f"{out}/patterns.safetensors",
+                "--json", f"{out}/fit.json"],
+    }
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_checkpoint: Path) -> Path:
     """Run every job on two ranks once; the folder of their results."""
     out = tmp_path_factory.mktemp("ranks")
-    jobs = ["core"]
+    jobs = ["core", *(f"{name}:{json.dumps(args)}" for name, args in
+                      command_lines(tiny_data, tiny_checkpoint, out).items())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            distributed.TIMEOUT_ENV: str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -73,3 +87,27 @@ def test_shards_cover_every_position_once() -> None:
         for n in (0, 1, 7, 64):
             shards = [distributed.Ranks(rank, world).shard(n, block=4) for rank in range(world)]
             assert sorted(i for s in shards for i in s) == list(range(n))
+
+
+def single_process(name: str, data: Path, checkpoint: Path, out: Path) -> None:
+    result = runner.invoke(app, command_lines(data, checkpoint, out)[name])
+    assert result.exit_code == 0, result.output
+
+
+def test_fit_patterns_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    assert [r["exit_code"] for r in results(two_ranks, "fit")] == [0, 0]
+    single_process("fit", tiny_data, tiny_checkpoint, tmp_path)
+    shared, shared_meta = load_patterns(two_ranks / "patterns.safetensors")
+    alone, alone_meta = load_patterns(tmp_path / "patterns.safetensors")
+    assert shared_meta["world_size"] == 2 and alone_meta["world_size"] == 1
+    assert shared_meta["images"] == alone_meta["images"] == 16
+    for kind in ("all", "positive"):
+        assert shared[kind].stats == alone[kind].stats  # samples, active shares and fallbacks of all 16 images
+        for layer, pattern in alone[kind].patterns.items():
+            error = (shared[kind].patterns[layer] - pattern).double().norm() / pattern.double().norm()
+            assert error <= 1e-6, (kind, layer, float(error))
+    assert json.loads((two_ranks / "fit.json").read_text())["world_size"] == 2
+    lines = [r["output"] for r in results(two_ranks, "fit")]
+    assert "rank 0/2: fitting on 8 of 16 images" in lines[0] and "rank 1/2: fitting on 8 of 16 images" in lines[1]
+    assert "wrote" in lines[0] and "wrote" not in lines[1]  # rank 0 alone prints the tables

@@ -29,8 +29,10 @@ from smadlrp.cli.common import (
     find_checkpoint,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
+    rank_line,
     write_json,
 )
 from smadlrp.core.errors import UsageError
@@ -48,9 +50,10 @@ def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, 
         tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=None)
                  for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
 
-        def start(n: int) -> None:
+        def start(share: int, n: int) -> None:
+            rank_line(f"fitting on {share} of {n} images")
             for task in tasks:
-                bar.update(task, total=n)
+                bar.update(task, total=share)
 
         return fit_pattern_file(model, meta, checkpoint, data, split, kinds, out, max_images=max_images, seed=seed,
                                 batch_size=batch_size, workers=workers, device=device, warn=notice, on_start=start,
@@ -59,6 +62,7 @@ def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, 
 
 @app.command("fit-patterns")
 @handle_errors
+@on_ranks
 def fit_patterns_command(
     checkpoint: CheckpointOption = None,
     out: Annotated[Path | None, typer.Option(help="Pattern file to write (.safetensors); default: "
@@ -79,7 +83,8 @@ def fit_patterns_command(
     device: DeviceOption = "auto",
     json_out: JsonOption = None,
 ) -> None:
-    """Fit PatternNet/PatternAttribution patterns for every Conv2d and Linear layer of a checkpoint."""
+    """Fit PatternNet/PatternAttribution patterns for every Conv2d and Linear layer of a checkpoint (under
+    torchrun: each process takes a share of the images; the sums are added across processes)."""
     kinds = KINDS if kind == "both" else (kind,)
     if kind != "both" and kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose all, positive or both")

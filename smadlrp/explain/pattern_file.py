@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from smadlrp.core.distributed import current
 from smadlrp.core.errors import SmadlrpError
 from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
@@ -71,23 +72,29 @@ class PatternFit:
 def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, data: DataSource | Path, split: str,
                      kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
                      workers: int, device: torch.device, warn: Warn,
-                     on_start: Callable[[int], None] = lambda n: None,
+                     on_start: Callable[[int, int], None] = lambda share, n: None,
                      progress: Callable[[int, int], None] | None = None) -> PatternFit:
     """Fit patterns of `kinds` for `model` on one split of `data` (a seeded subset of `max_images` when smaller) and
-    write them to `out` with the weights fingerprint. `on_start(n)` gets the image count before the two passes;
-    `progress(pass_number, images)` follows each batch."""
+    write them to `out` with the weights fingerprint. `on_start(share, n)` gets this rank's and the total image
+    count before the two passes;
+    `progress(pass_number, images)` follows each batch. Under torchrun every rank fits on its share of whole
+    batches, the sums are added across ranks, and rank 0 writes the file (which records the world size)."""
+    ranks = current()
     fingerprint = weights_fingerprint(model.state_dict())
     canonical = canonize(model, share_weights=True)  # fitting only reads the weights: no second copy
     data = data if isinstance(data, DataSource) else DataSource(Path(data))
     samples = data.split(split, meta.class_names, meta.attack_class, warn=warn).samples
     if max_images is not None and max_images < len(samples):
         samples = sorted(random.Random(seed).sample(samples, max_images), key=lambda s: s.path)
-    on_start(len(samples))
-    loader = make_loader(ImageDataset(samples, meta.input_size, meta.mean, meta.std), batch_size,
+    share = [samples[i] for i in ranks.shard(len(samples), batch_size)]
+    on_start(len(share), len(samples))
+    loader = make_loader(ImageDataset(share, meta.input_size, meta.mean, meta.std), batch_size,
                          workers=workers, device=device)
-    sets = fit_patterns(canonical, _ImageBatches(loader), kinds, device=device, progress=progress)
-    save_patterns(out, sets, {
-        FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
-        "data": data.name, "split": split, "seed": seed,
-    })
+    sets = fit_patterns(canonical, _ImageBatches(loader), kinds, device=device, progress=progress, ranks=ranks)
+    with ranks.shared_failure():  # once this returns, the file exists for every rank
+        if ranks.is_main:
+            save_patterns(out, sets, {
+                FINGERPRINT_KEY: fingerprint, "checkpoint": checkpoint.name, "architecture": meta.architecture,
+                "data": data.name, "split": split, "seed": seed, "world_size": ranks.world_size,
+            })
     return PatternFit(sets, len(samples), out)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from smadlrp.core.container import read_document, read_tensors, write_document
+from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.memory import release_free_memory
 
@@ -117,6 +118,14 @@ class _LayerFit:
         self.mean_out: dict[str, torch.Tensor] = {}
         self.sum_xy: dict[str, _UnitBlocks] = {}
         self.samples = 0
+
+    def first_pass_sums(self) -> list[torch.Tensor]:
+        """The float64 sums of pass 1 (added across ranks before the means are taken)."""
+        return [t for kind in self.kinds for t in (self.count[kind], self.sum_out[kind])]
+
+    def second_pass_sums(self) -> list[torch.Tensor]:
+        """The float64 centred sums of pass 2, block by block."""
+        return [block for kind in self.kinds for block in self.sum_xy[kind].blocks]
 
     def start_second_pass(self) -> None:
         """Turn the output sums into means and allocate the centred sums."""
@@ -312,6 +321,7 @@ def fit_patterns(
     *,
     device: torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, PatternSet]:
     """Fit patterns of every requested kind for each Conv2d/Linear layer of an already canonized `model`.
 
@@ -321,7 +331,12 @@ def fit_patterns(
     mode on `device` (default: where its parameters are; it is moved there in place) and
     `progress(pass_number, images_in_batch)` is called after each batch (pass_number 1 or 2). Layers that never
     run get the fallback pattern. Returns kind -> PatternSet with patterns on the CPU.
+
+    Under torchrun (`ranks`, default: the current ones) each rank gives its own share of the images in `batches`:
+    the float64 sums of each pass are added across ranks in place before they are used, so the patterns are
+    those of one fit on every share together (to float64 rounding) and memory per rank does not grow.
     """
+    ranks = ranks or current()
     kinds = _check_kinds(kinds)
     if isinstance(batches, Iterator):
         raise TypeError("fit_patterns passes over `batches` twice: give a list or a DataLoader, not an iterator")
@@ -342,16 +357,26 @@ def fit_patterns(
                 if pass_number == 2:
                     for fit in layers:
                         fit.start_second_pass()
-                images.append(_run_pass(model, batches, device, pass_number, progress))
-                if images[0] == 0:
-                    raise SmadlrpError("no images to fit patterns on: the data set is empty")
+                with ranks.shared_failure():
+                    images.append(_run_pass(model, batches, device, pass_number, progress))
+                if pass_number == 1:
+                    counts = torch.tensor([images[0], *(fit.samples for fit in layers)], dtype=torch.int64,
+                                          device=device)
+                    ranks.all_reduce_sum_([counts, *(t for fit in layers for t in fit.first_pass_sums())])
+                    for fit, samples in zip(layers, counts[1:].tolist(), strict=True):
+                        fit.samples = samples
+                    total = int(counts[0])
+                    if total == 0:
+                        raise SmadlrpError("no images to fit patterns on: the data set is empty")
+                else:
+                    ranks.all_reduce_sum_([t for fit in layers for t in fit.second_pass_sums()])
     finally:
         for handle in handles:
             handle.remove()
     if images[0] != images[1]:
         raise SmadlrpError(f"the batches gave {images[0]} images in the first pass and {images[1]} in the "
                            "second: pattern fitting needs the same images in both")
-    return _finish(layers, kinds, images[0])
+    return _finish(layers, kinds, total)
 
 
 def _run_pass(
