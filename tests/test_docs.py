@@ -6,7 +6,7 @@ How blocks run, and the markers that steer them, are described in docs/contribut
   `\\`) in-process through typer's CliRunner and fails on a non-zero exit; output lines are not run;
 - a fenced `python` block is executed; all Python blocks of a page share one namespace;
 - each page runs in its own temporary folder, blocks in page order; HOME points at a fake home whose
-  `~/.cache/smadlrp/synthetic-v1` holds a tiny synthetic set, which is also the embedded default set;
+  `~/.cache/smadlrp/synthetic-v2` holds a tiny synthetic set, which is also the embedded default set;
 - `<!-- docs-test: ... -->` right above a block substitutes fast settings or skips it with a reason;
   `<!-- docs-test page: fixtures PATH ... -->` puts tiny fixture files into the page's folder;
 - `<!-- docs-test: figure KEY -->` / `figures KEY, KEY` ties the following block to docs/demo-figures.json,
@@ -205,7 +205,7 @@ FIXTURES: dict[str, Callable[[Path], None]] = {
 
 @pytest.fixture(scope="session")
 def fake_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A home folder whose default synthetic set (~/.cache/smadlrp/synthetic-v1) is a tiny one."""
+    """A home folder whose default synthetic set (~/.cache/smadlrp/synthetic-v2) is a tiny one."""
     home = tmp_path_factory.mktemp("home")
     generator.generate_dataset(home / ".cache" / "smadlrp" / f"synthetic-v{generator.FORMAT_VERSION}", TINY_SET,
                                workers=1)

@@ -19,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.data.regions import REGION_ID, REGIONS
 from smadlrp.data.synthetic import faces
 from smadlrp.data.synthetic import generator as synthetic
 from smadlrp.data.synthetic.generator import SynthConfig
@@ -263,6 +264,93 @@ def test_no_global_shortcut_on_a_small_set(tmp_path: Path) -> None:
     assert auc <= 0.8
 
 
+# region maps and planted shortcuts -----------------------------------------------------------------
+
+
+def _eye_centres(points: faces.Points) -> list[tuple[int, int]]:
+    """(row, column) of the midpoint of each eye's corners, image-left eye first."""
+    pairs = [points[list(faces.EYES[:2])].mean(axis=0), points[list(faces.EYES[2:])].mean(axis=0)]
+    return [(round(y), round(x)) for x, y in sorted(pairs, key=lambda p: p[0])]
+
+
+def test_region_labels_follow_the_landmarks() -> None:
+    config = SynthConfig(identities=12, image_size=128, seed=4)
+    for person in range(6):
+        person_id, shot = synthetic.identity(config, person), synthetic.capture(config, person, 0)
+        labels = faces.region_labels(person_id, shot, 128)
+        points = faces.landmarks(person_id, shot, 128)
+        (ly, lx), (ry, rx) = _eye_centres(points)
+        assert labels[ly, lx] == REGION_ID["left-eye"] and labels[ry, rx] == REGION_ID["right-eye"]
+        chin = points[faces.JAW[6]]
+        assert labels[round(chin[1]), round(chin[0])] == REGION_ID["face-outline"]
+        assert labels[0, 64] in (REGION_ID["hair"], REGION_ID["background"])
+        present = set(np.unique(labels).tolist())
+        assert {REGION_ID[n] for n in ("brows", "nose", "mouth", "face-skin")} <= present
+
+
+def test_morph_region_maps_follow_the_morph_geometry() -> None:
+    config = SynthConfig(identities=12, image_size=128, seed=5, jpeg_probability=0.0)
+    for plan in [p for p in synthetic.plan_samples(config) if p.label == "morph"][:4]:
+        parts = synthetic.morph_parts(config, plan)
+        pa, pb = (faces.landmarks(synthetic.identity(config, p), synthetic.capture(config, p, c), 128)
+                  for p, c in plan.captures)
+        pm = (1 - plan.blend) * pa + plan.blend * pb
+        (ly, lx), (ry, rx) = _eye_centres(pm)
+        assert parts.regions[ly, lx] == REGION_ID["left-eye"] and parts.regions[ry, rx] == REGION_ID["right-eye"]
+
+
+def test_shortcut_region_is_the_marked_corner_of_every_image() -> None:
+    config = SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=3, shortcut="corner-mark",
+                         shortcut_corner="bottom-right")
+    rows, cols = synthetic.shortcut_region_box(64, "bottom-right")
+    for plan in synthetic.plan_samples(config)[:3]:
+        regions = synthetic.render_sample(config, plan).regions
+        inside = np.zeros((64, 64), dtype=bool)
+        inside[rows, cols] = True
+        assert (regions[inside] == REGION_ID["shortcut"]).all()
+        assert not (regions[~inside] == REGION_ID["shortcut"]).any()
+        assert rows.stop < 64 and cols.stop < 64 and inside.sum() == 10 * 10
+
+
+def test_shortcut_marks_the_given_share_of_morphs_in_the_named_splits_only() -> None:
+    config = SynthConfig(identities=30, image_size=64, captures_per_identity=2, shortcut="corner-mark",
+                         shortcut_fraction=0.6, shortcut_splits=("train", "test"))
+    plans = synthetic.plan_samples(config)
+    for split in synthetic.SPLITS:
+        morphs = [p for p in plans if p.split == split and p.label == "morph"]
+        marked = sum(bool(p.shortcut) for p in morphs)
+        assert marked == (round(0.6 * len(morphs)) if split != "val" else 0)
+    assert not any(p.shortcut for p in plans if p.label == "bonafide")
+    clean = synthetic.plan_samples(replace(config, shortcut=""))
+    assert [replace(p, shortcut="") for p in plans] == list(clean)
+
+
+def test_the_mark_changes_only_its_corner(tmp_path: Path) -> None:
+    config = SynthConfig(identities=8, image_size=64, captures_per_identity=1, seed=3, jpeg_probability=0.0,
+                         shortcut="corner-mark", shortcut_fraction=1.0)
+    plan = next(p for p in synthetic.plan_samples(config) if p.shortcut)
+    marked = synthetic.render_sample(config, plan).image.astype(int)
+    clean = synthetic.render_sample(replace(config, shortcut=""), replace(plan, shortcut="")).image.astype(int)
+    rows, cols = synthetic.mark_box(64, "top-left")
+    near = np.zeros((64, 64), dtype=bool)
+    near[rows.start - 2:rows.stop + 2, cols.start - 2:cols.stop + 2] = True  # the blur spreads it by 2 px
+    changed = np.abs(marked - clean).max(axis=2) > 0
+    assert changed[rows, cols].mean() > 0.9 and not changed[~near].any()
+    amplitude = np.abs(marked - clean)[rows, cols].mean() / 255
+    assert 0.02 < amplitude <= synthetic.MARK_AMPLITUDE + 1 / 255  # 8-bit rounding
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"shortcut": "watermark"}, "unknown shortcut"),
+    ({"shortcut": "corner-mark", "shortcut_fraction": 1.2}, "fraction"),
+    ({"shortcut": "corner-mark", "shortcut_splits": ("train", "dev")}, "shortcut splits"),
+    ({"shortcut": "corner-mark", "shortcut_corner": "middle"}, "corner"),
+])
+def test_bad_shortcut_settings_are_one_line_usage_errors(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(UsageError, match=words):
+        SynthConfig(**kwargs)  # type: ignore[arg-type]
+
+
 # writing ------------------------------------------------------------------------------------------
 
 
@@ -290,7 +378,11 @@ def test_every_manifest_row_points_at_an_image_and_a_mask(tiny_set: TinySet) -> 
     info = json.loads((out / "synthetic.json").read_text(encoding="utf-8"))
     assert info["format"] == synthetic.FORMAT_NAME and info["counts"] == summary.counts
     stored = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert stored == sorted([r["path"] for r in rows] + [r["mask_path"] for r in rows])
+    assert stored == sorted([r[c] for r in rows for c in ("path", "mask_path", "region_path")])
+    for row in rows:
+        regions = Image.open(out / row["region_path"])
+        assert regions.mode == "L" and regions.size == (64, 64) and row["shortcut"] == ""
+        assert np.asarray(regions).max() < len(REGIONS)
 
 
 def test_splits_on_disk_are_subject_disjoint(tiny_set: TinySet) -> None:
@@ -374,7 +466,7 @@ def test_default_dataset_dir_follows_the_environment(monkeypatch: pytest.MonkeyP
     assert synthetic.default_dataset_dir() == tmp_path / "data"
     monkeypatch.delenv(synthetic.DATA_DIR_ENV)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert synthetic.default_dataset_dir() == tmp_path / ".cache" / "smadlrp" / "synthetic-v1"
+    assert synthetic.default_dataset_dir() == tmp_path / ".cache" / "smadlrp" / "synthetic-v2"
 
 
 def test_default_dataset_is_generated_once_with_a_notice(monkeypatch: pytest.MonkeyPatch,

@@ -13,7 +13,7 @@ from smadlrp.cli import app
 from smadlrp.cli.common import JsonOption, console, find_checkpoint, handle_errors, progress_bar, write_json
 from smadlrp.core.container import read_document, read_header
 from smadlrp.core.errors import UsageError
-from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+from smadlrp.data.synthetic.generator import CORNERS, SHORTCUT_KINDS, SynthConfig, generate_dataset
 from smadlrp.detector.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta
 
 
@@ -29,12 +29,25 @@ def synth(
     morph_types: Annotated[
         str, typer.Option("--morph-types", help="Comma-separated morph types: complete, splicing, partial.")
     ] = "complete,splicing,partial",
+    shortcut: Annotated[str, typer.Option(
+        help=f"Plant a known shortcut in some morphs: {', '.join(SHORTCUT_KINDS)} (a faint fixed pattern near "
+             "one corner).")] = "",
+    shortcut_fraction: Annotated[float, typer.Option("--shortcut-fraction",
+                                                     help="Share of the morphs of each named split that carry it.")]
+    = SynthConfig.shortcut_fraction,
+    shortcut_splits: Annotated[str, typer.Option("--shortcut-splits",
+                                                 help="Comma-separated splits whose morphs carry it.")] = "train",
+    shortcut_corner: Annotated[str, typer.Option("--shortcut-corner", help=f"Where: {', '.join(CORNERS)}.")]
+    = SynthConfig.shortcut_corner,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous smadlrp synthetic set in OUT.")] = False,
     json_out: JsonOption = None,
 ) -> None:
-    """Generate the synthetic S-MAD data set: faces, morphs, artifact masks and a manifest."""
-    types = tuple(t.strip() for t in morph_types.split(",") if t.strip())
+    """Generate the synthetic S-MAD data set: faces, morphs, artifact masks, face-region maps and a manifest."""
+    types = _names(morph_types)
     fields: dict[str, Any] = {"identities": identities, "image_size": image_size, "seed": seed, "morph_types": types}
+    if shortcut:
+        fields |= {"shortcut": shortcut, "shortcut_fraction": shortcut_fraction,
+                   "shortcut_splits": _names(shortcut_splits), "shortcut_corner": shortcut_corner}
     config = SynthConfig(**fields)
     with progress_bar() as bar:
         task = bar.add_task("drawing faces and morphs", total=None)
@@ -44,12 +57,20 @@ def synth(
     table.add_column("split")
     table.add_column("bonafide", justify="right")
     table.add_column("morph", justify="right")
+    if shortcut:
+        table.add_column(f"{shortcut}", justify="right")
     for split, counts in summary.counts.items():
-        table.add_row(split, str(counts.get("bonafide", 0)), str(counts.get("morph", 0)))
+        marked = [str(summary.shortcut_counts[split])] if shortcut else []
+        table.add_row(split, str(counts.get("bonafide", 0)), str(counts.get("morph", 0)), *marked)
     console.print(table)
     console.print(f"wrote {out} (synthetic faces: they exercise the pipeline and the explanations, not real-world "
                   "MAD accuracy)", highlight=False)
-    write_json(json_out, {"out": str(out), "config": fields, "counts": summary.counts})
+    write_json(json_out, {"out": str(out), "config": fields, "counts": summary.counts,
+                          "shortcut_counts": summary.shortcut_counts})
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 @app.command()

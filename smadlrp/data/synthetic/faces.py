@@ -17,6 +17,8 @@ from numpy.typing import NDArray
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from smadlrp.data.regions import REGION_ID
+
 Image = NDArray[np.float32]
 Plane = NDArray[np.float32]
 Points = NDArray[np.float64]
@@ -458,9 +460,8 @@ def _background(capture: Capture, size: int) -> Image:
     return np.repeat(column, size, axis=1).astype(np.float32)
 
 
-def _hair_layers(identity: Identity, capture: Capture, u: Plane, v: Plane,
-                 aa: float) -> tuple[Plane, Plane, Image]:
-    """Coverage of the hair volume behind the face, of the fringe over the forehead, and the hair colour."""
+def _hair_cover(identity: Identity, u: Plane, v: Plane, aa: float) -> tuple[Plane, Plane]:
+    """Coverage of the hair volume behind the face and of the fringe over the forehead."""
     head, hair = identity.head, identity.hair
     dy = v - head.centre_y
     angles = np.linspace(-math.pi, math.pi, 721)  # the outline is smooth: tabulate it every half degree
@@ -471,7 +472,14 @@ def _hair_layers(identity: Identity, capture: Capture, u: Plane, v: Plane,
     back = _cover(np.where(dy < 0, top, sides), aa)
     amp, freq, phase = hair.line_wave
     line = hair.line_y + hair.line_curve * u**2 + hair.line_slope * u + amp * np.sin(freq * u + phase)
-    fringe = _cover(v - line, aa)
+    return back, _cover(v - line, aa)
+
+
+def _hair_layers(identity: Identity, capture: Capture, u: Plane, v: Plane,
+                 aa: float) -> tuple[Plane, Plane, Image]:
+    """Coverage of the hair volume behind the face, of the fringe over the forehead, and the hair colour."""
+    head, hair = identity.head, identity.hair
+    back, fringe = _hair_cover(identity, u, v, aa)
     crown_y = head.centre_y - head.upper - 0.1
     psi = np.arctan2(v - crown_y, u - hair.crown_x)
     wobble = _noise(hair.texture_seed, 10, 2.5, capture, u.shape[0])
@@ -488,16 +496,22 @@ def _face_field(head: Head, u: Plane, v: Plane) -> Plane:
     return (np.where(dy > 0, lower ** (1.0 / head.jaw_power), upper) - 1.0).astype(np.float32)
 
 
+def _brow_distance(brows: Brows, capture: Capture, u: Plane, v: Plane, sign: float) -> Plane:
+    """Approximate signed distance (face units) to the brow on side `sign` (-1: image left)."""
+    span = brows.outer - brows.inner
+    t = (sign * u - brows.inner) / span
+    half = 0.5 * brows.thickness * (1 - brows.taper * np.clip(t, 0, 1))
+    d = np.maximum(np.abs(v - _brow_y(brows, capture, t)) - half, np.maximum(-t, t - 1) * span)
+    return d.astype(np.float32)
+
+
 def _draw_brows(canvas: _Canvas, identity: Identity, capture: Capture) -> None:
     brows = identity.brows
-    span = brows.outer - brows.inner
     top = -(brows.height + abs(capture.brow_raise) + abs(brows.tilt) + brows.arch + brows.thickness)
     for sign in (-1.0, 1.0):
         c = canvas.window(min(sign * brows.inner, sign * brows.outer) - 0.05,
                           max(sign * brows.inner, sign * brows.outer) + 0.05, top - 0.05, 0.05)
-        t = (sign * c.u - brows.inner) / span
-        half = 0.5 * brows.thickness * (1 - brows.taper * np.clip(t, 0, 1))
-        d = np.maximum(np.abs(c.v - _brow_y(brows, capture, t)) - half, np.maximum(-t, t - 1) * span)
+        d = _brow_distance(brows, capture, c.u, c.v, sign)
         hairs = 0.8 + 0.2 * np.sin(90.0 * (c.u * 0.6 - sign * c.v))
         c.paint(c.cover(d) * brows.density * hairs.astype(np.float32), brows.color)
 
@@ -644,6 +658,55 @@ def render_face(identity: Identity, capture: Capture, size: int) -> tuple[Image,
     return np.clip(scene.image, 0.0, 1.0), matte
 
 
+# region labels ------------------------------------------------------------------------------------
+
+OUTLINE_HALF_WIDTH = 0.06  # face units (about 2.5 px at 128 px) either side of the face outline
+
+
+def _box(u: Plane, v: Plane, u0: float, u1: float, v0: float, v1: float) -> NDArray[np.bool_]:
+    """The ellipse inscribed in the face-frame rectangle u0..u1 x v0..v1."""
+    return np.asarray(np.hypot((u - (u0 + u1) / 2) / ((u1 - u0) / 2),
+                               (v - (v0 + v1) / 2) / ((v1 - v0) / 2)) <= 1.0)
+
+
+def region_labels(identity: Identity, capture: Capture, size: int) -> NDArray[np.uint8]:
+    """Region id (smadlrp.data.regions.REGIONS) of every pixel of `render_face`'s picture, (size, size) uint8.
+
+    Drawn from the same geometry as the face: hair volume, then skin of ears, neck and face, the features
+    (boxes around eyes with lids, brows, nose, lips), the fringe over the forehead, and last a band of
+    OUTLINE_HALF_WIDTH either side of the face outline. Everything else (backdrop, clothes) is background.
+    The `shortcut` region is added by the generator, in image coordinates."""
+    u, v, k = _face_grid(capture, size)
+    head, eyes, nose, mouth = identity.head, identity.eyes, identity.nose, identity.mouth
+    labels = np.full((size, size), REGION_ID["background"], dtype=np.uint8)
+    back, fringe = _hair_cover(identity, u, v, 1.0 / k)
+    labels[back > 0.5] = REGION_ID["hair"]
+    collar = head.centre_y + head.lower + 0.3
+    neck = (np.abs(u) < head.neck_width) & (v > head.centre_y + 0.2) & (v < collar + 0.12 * u**2)
+    for sign in (-1.0, 1.0):
+        x, rx, ry = sign * (head.width + 0.02), 0.55 * head.ear_size, head.ear_size
+        neck |= _box(u, v, x - rx, x + rx, head.ear_y - ry, head.ear_y + ry)
+    field = _face_field(head, u, v)
+    inside = field < 0
+    labels[neck | inside] = REGION_ID["face-skin"]
+    nose_v1 = nose.tip_y + nose.nostril_dy + nose.nostril_ry + 0.05
+    nose_half = max(nose.half_width + nose.nostril_rx, nose.half_width + nose.wing) + 0.03
+    labels[inside & _box(u, v, -nose_half, nose_half, eyes.y + 0.05, nose_v1)] = REGION_ID["nose"]
+    half, lift, gap = _mouth_line(mouth, capture)
+    lips = _box(u, v, -half - 0.05, half + 0.05, mouth.y - abs(lift) - mouth.upper - 0.05,
+                mouth.y + abs(lift) + gap + mouth.lower + 0.05)
+    labels[inside & lips] = REGION_ID["mouth"]
+    for sign, name in ((-1.0, "left-eye"), (1.0, "right-eye")):
+        labels[inside & (_brow_distance(identity.brows, capture, u, v, sign) < 0.03)] = REGION_ID["brows"]
+        cx, reach = sign * eyes.x, eyes.half_width * 1.2
+        eye = _box(u, v, cx - reach, cx + reach, eyes.y - 0.05 - eyes.upper - eyes.crease - abs(eyes.tilt),
+                   eyes.y + 0.05 + eyes.lower + abs(eyes.tilt))
+        labels[inside & eye] = REGION_ID[name]
+    labels[inside & (fringe > 0.5)] = REGION_ID["hair"]
+    labels[np.abs(field) < OUTLINE_HALF_WIDTH] = REGION_ID["face-outline"]
+    return labels
+
+
 # warps --------------------------------------------------------------------------------------------
 
 
@@ -751,10 +814,21 @@ def warp_piecewise_affine(image: Image, src: Points, dst: Points,
     return _sample(image, map_x, map_y)
 
 
-def warp_similarity(image: Image, angle: float, scale: float, shift: Vec) -> Image:
+def warp_labels(labels: NDArray[np.uint8], src: Points, dst: Points,
+                ids: NDArray[np.intp] | None = None) -> NDArray[np.uint8]:
+    """`warp_piecewise_affine` for an (H, W) label map: nearest neighbour, so labels stay labels."""
+    map_x, map_y = piecewise_affine_map(src, dst, labels.shape[0], ids)
+    h, w = labels.shape
+    rows = np.clip(np.rint(map_y), 0, h - 1).astype(np.intp)
+    cols = np.clip(np.rint(map_x), 0, w - 1).astype(np.intp)
+    return labels[rows, cols]
+
+
+def warp_similarity(image: Image, angle: float, scale: float, shift: Vec, *, nearest: bool = False) -> Image:
     """Rotate (radians) and scale `image` (H, W, C) about its centre, then shift by `shift` pixels.
 
-    Bilinear, edges replicated; moves of up to a tenth of the image size are supported."""
+    Bilinear (nearest neighbour with `nearest`, for label maps), edges replicated; moves of up to a tenth of
+    the image size are supported."""
     size = image.shape[0]
     c, pad = (size - 1) / 2.0, size // 10 + 2
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
@@ -763,9 +837,9 @@ def warp_similarity(image: Image, angle: float, scale: float, shift: Vec) -> Ima
     y0 = pad + c + sin * (c + shift[0]) - cos * (c + shift[1]) + 0.5 - 0.5 * (cos - sin)
     coeffs = (cos, sin, x0, -sin, cos, y0)
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    resample = PILImage.Resampling.NEAREST if nearest else PILImage.Resampling.BILINEAR
     channels = [np.asarray(PILImage.fromarray(np.ascontiguousarray(padded[..., i]), mode="F").transform(
-        (size, size), PILImage.Transform.AFFINE, coeffs, resample=PILImage.Resampling.BILINEAR))
-        for i in range(image.shape[2])]
+        (size, size), PILImage.Transform.AFFINE, coeffs, resample=resample)) for i in range(image.shape[2])]
     return np.stack(channels, axis=2).astype(np.float32)
 
 

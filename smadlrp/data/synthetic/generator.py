@@ -5,6 +5,7 @@ Layout written by `generate_dataset` (paths relative to the output folder):
 
     {train,val,test}/{bonafide,morph}/*.png        images (ImageFolder layout)
     masks/{train,val,test}/{bonafide,morph}/*.png  binary L-mode artifact masks, same file names
+    regions/{train,val,test}/{bonafide,morph}/*.png  L-mode face-region maps (ids of data.regions.REGIONS)
     manifest.csv                                   one row per image (see MANIFEST_COLUMNS)
     synthetic.json                                 the generator version, configuration and counts
 """
@@ -25,7 +26,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from PIL import Image as PILImage
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.regions import REGION_ID, REGIONS_FOLDER
 from smadlrp.data.synthetic import faces
 
 MORPH_TYPES: tuple[str, ...] = ("complete", "splicing", "partial")
@@ -41,16 +43,19 @@ PARTIAL_REGIONS: tuple[str, ...] = ("eyes", "nose", "mouth", "hair")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASSES: tuple[str, ...] = ("bonafide", "morph")
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "split", "morph_type", "morph_region", "identity_a",
-                                     "identity_b", "blend_factor", "mask_path")
+                                     "identity_b", "blend_factor", "shortcut", "mask_path", "region_path")
+SHORTCUT_KINDS: tuple[str, ...] = ("corner-mark",)
+CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 FORMAT_NAME = "smadlrp-synthetic"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DATA_DIR_ENV = "SMADLRP_DATA_DIR"
 MIN_IDENTITIES = 6
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 1024
 MASK_THRESHOLD = 0.08  # mean absolute RGB difference (0..1) that counts as "the sources differ noticeably"
 _SPLIT_SHARE = (0.8, 0.1, 0.1)
-_STREAM_PLAN, _STREAM_IDENTITY, _STREAM_CAPTURE, _STREAM_POST, _STREAM_ALIGN = 0, 1, 2, 3, 4
+_STREAM_PLAN, _STREAM_IDENTITY, _STREAM_CAPTURE, _STREAM_POST, _STREAM_ALIGN, _STREAM_SHORTCUT = 0, 1, 2, 3, 4, 5
+MARK_AMPLITUDE = 0.06  # the corner mark's checkerboard adds +-6 % of the pixel range
 _RENDERS = ".renders"  # contributor captures shared by bona fide images and morphs while a set is written
 
 
@@ -60,7 +65,9 @@ class SynthConfig:
 
     `type_weights` are the relative frequencies of complete, splicing and partial morphs (MORPH_TYPES order);
     types missing from `morph_types` are skipped. `jpeg_probability` is the share of images (both classes)
-    re-encoded as JPEG before being stored as PNG.
+    re-encoded as JPEG before being stored as PNG. `shortcut` (a SHORTCUT_KINDS value, or "" for none) plants
+    a shortcut in `shortcut_fraction` of the morphs of each split in `shortcut_splits`; a `corner-mark` is a
+    faint fixed checkerboard near the `shortcut_corner` of the picture (see `mark_box`).
     """
 
     identities: int = 260
@@ -70,6 +77,10 @@ class SynthConfig:
     captures_per_identity: int = 6
     type_weights: tuple[float, float, float] = (0.45, 0.35, 0.20)
     jpeg_probability: float = 0.35
+    shortcut: str = ""
+    shortcut_fraction: float = 0.5
+    shortcut_splits: tuple[str, ...] = ("train",)
+    shortcut_corner: str = "top-left"
 
     def __post_init__(self) -> None:
         if self.identities < MIN_IDENTITIES:
@@ -92,6 +103,16 @@ class SynthConfig:
                              "positive for a chosen morph type")
         if not 0.0 <= self.jpeg_probability <= 1.0:
             raise UsageError(f"JPEG probability must be between 0 and 1, got {self.jpeg_probability}")
+        if self.shortcut not in ("", *SHORTCUT_KINDS):
+            raise UsageError(f"unknown shortcut {self.shortcut!r}; choose one of: {', '.join(SHORTCUT_KINDS)}")
+        if not 0.0 <= self.shortcut_fraction <= 1.0:
+            raise UsageError(f"shortcut fraction must be between 0 and 1, got {self.shortcut_fraction}")
+        bad = [s for s in self.shortcut_splits if s not in SPLITS]
+        if bad or not self.shortcut_splits or len(set(self.shortcut_splits)) != len(self.shortcut_splits):
+            raise UsageError(f"shortcut splits must be distinct values of {', '.join(SPLITS)}; "
+                             f"got {', '.join(self.shortcut_splits) or 'none'}")
+        if self.shortcut_corner not in CORNERS:
+            raise UsageError(f"unknown corner {self.shortcut_corner!r}; choose one of: {', '.join(CORNERS)}")
 
     def _weights(self) -> list[float]:
         return [w for t, w in zip(MORPH_TYPES, self.type_weights, strict=True) if t in self.morph_types]
@@ -120,6 +141,7 @@ class SamplePlan:
     morph_type: str = ""
     region: str = ""
     blend: float = 0.0
+    shortcut: str = ""
 
     @property
     def filename(self) -> str:
@@ -143,14 +165,18 @@ class SamplePlan:
     def mask_path(self) -> str:
         return f"masks/{self.path}"
 
+    @property
+    def region_path(self) -> str:
+        return f"{REGIONS_FOLDER}/{self.path}"
+
     def manifest_row(self) -> dict[str, str]:
         morph = self.label == "morph"
         return {
             "path": self.path, "label": self.label, "split": self.split, "morph_type": self.morph_type,
             "morph_region": self.region, "identity_a": str(self.identity_a),
             "identity_b": str(self.identity_b) if morph else "",
-            "blend_factor": f"{self.blend:.3f}" if morph else "",
-            "mask_path": self.mask_path,
+            "blend_factor": f"{self.blend:.3f}" if morph else "", "shortcut": self.shortcut,
+            "mask_path": self.mask_path, "region_path": self.region_path,
         }
 
 
@@ -159,7 +185,8 @@ class MorphParts:
     """A morph before the shared post-processing, with what it was made from (all (H, W[, 3]) float32).
 
     `image` is warped_a + region * blend * (warped_b - warped_a) with its contrast and fine detail restored
-    inside the region; `region` is the soft blend region in [0, 1]; `mask` (bool) marks the artifacts.
+    inside the region; `region` is the soft blend region in [0, 1]; `mask` (bool) marks the artifacts;
+    `regions` (uint8) are the face-region ids (see `_blend_labels`).
     """
 
     image: faces.Image
@@ -167,14 +194,17 @@ class MorphParts:
     warped_b: faces.Image
     region: faces.Plane
     mask: NDArray[np.bool_]
+    regions: NDArray[np.uint8]
 
 
 @dataclass(frozen=True)
 class Sample:
-    """A finished image (H, W, 3) uint8 and its artifact mask (H, W) bool (all False for bona fide)."""
+    """A finished image (H, W, 3) uint8, its artifact mask (H, W) bool (all False for bona fide) and its
+    face-region ids (H, W) uint8."""
 
     image: NDArray[np.uint8]
     mask: NDArray[np.bool_]
+    regions: NDArray[np.uint8]
 
 
 @dataclass(frozen=True)
@@ -184,6 +214,7 @@ class SynthSummary:
     out: Path
     counts: Mapping[str, Mapping[str, int]]
     morph_counts: Mapping[str, Mapping[str, int]]
+    shortcut_counts: Mapping[str, int]
     seconds: float
 
     @property
@@ -234,7 +265,48 @@ def plan_samples(config: SynthConfig) -> tuple[SamplePlan, ...]:
             blend = _draw_blend(rng)
             plans.append(SamplePlan(len(plans), split, "morph", a, capture_a, b, capture_b,
                                     morph_type=morph_type, region=region, blend=blend))
+    return _plant_shortcuts(config, plans)
+
+
+def _plant_shortcuts(config: SynthConfig, plans: list[SamplePlan]) -> tuple[SamplePlan, ...]:
+    """Mark `shortcut_fraction` of the morphs of each shortcut split (drawn from a stream of their own, so
+    the rest of the set is the same with or without a shortcut)."""
+    if config.shortcut:
+        for split in config.shortcut_splits:
+            morphs = [p.index for p in plans if p.split == split and p.label == "morph"]
+            rng = _rng(config, _STREAM_SHORTCUT, SPLITS.index(split))
+            for index in rng.choice(morphs, size=round(config.shortcut_fraction * len(morphs)), replace=False):
+                plans[int(index)] = replace(plans[int(index)], shortcut=config.shortcut)
     return tuple(plans)
+
+
+def mark_box(size: int, corner: str) -> tuple[slice, slice]:
+    """Rows and columns of the corner mark in a (size, size) picture: a square of side size/8 (at least 4 px),
+    size/16 (at least 2 px) from the two image borders of `corner`."""
+    side, gap = max(4, size // 8), max(2, size // 16)
+    top = gap if corner.startswith("top") else size - gap - side
+    left = gap if corner.endswith("left") else size - gap - side
+    return slice(top, top + side), slice(left, left + side)
+
+
+def shortcut_region_box(size: int, corner: str) -> tuple[slice, slice]:
+    """The `shortcut` region: the mark's square grown by size/64 (at least 1 px) on every side, so that it
+    holds the mark after blur and compression."""
+    rows, cols = mark_box(size, corner)
+    grow = max(1, size // 64)
+    return slice(rows.start - grow, rows.stop + grow), slice(cols.start - grow, cols.stop + grow)
+
+
+def _plant_mark(image: faces.Image, corner: str) -> faces.Image:
+    """Add the corner mark: a checkerboard of cells size/32 (at least 1 px) wide, +-MARK_AMPLITUDE."""
+    size = image.shape[0]
+    rows, cols = mark_box(size, corner)
+    cell = max(1, size // 32)
+    ys, xs = np.mgrid[0:rows.stop - rows.start, 0:cols.stop - cols.start]
+    pattern = np.where((ys // cell + xs // cell) % 2 == 0, MARK_AMPLITUDE, -MARK_AMPLITUDE).astype(np.float32)
+    out = image.copy()
+    out[rows, cols] = np.clip(out[rows, cols] + pattern[..., None], 0.0, 1.0)
+    return out
 
 
 # morphing -----------------------------------------------------------------------------------------
@@ -367,7 +439,26 @@ def morph_parts(config: SynthConfig, plan: SamplePlan,
     if plan.morph_type == "splicing":
         soft = faces.gaussian_blur(hard, 1.5 * size / 128)
         mask |= (soft > 0.03) & (soft < 0.97)
-    return MorphParts(image=image, warped_a=wa, warped_b=wb, region=region, mask=mask)
+    labels = [faces.warp_labels(faces.region_labels(identity(config, p), capture(config, p, c), size), pts, pm,
+                                ids) for (p, c), pts in zip(plan.captures, (pa, pb), strict=True)]
+    regions = _blend_labels(labels[0], labels[1], region > 0.5)
+    return MorphParts(image=image, warped_a=wa, warped_b=wb, region=region, mask=mask, regions=regions)
+
+
+# how strongly a region claims a pixel that the two contributors of a morph label differently
+_RANK = np.zeros(len(REGION_ID), dtype=np.uint8)
+for _name, _rank in {"hair": 1, "face-skin": 2, "face-outline": 3, "brows": 4, "left-eye": 5, "right-eye": 5,
+                     "nose": 5, "mouth": 5}.items():
+    _RANK[REGION_ID[_name]] = _rank
+
+
+def _blend_labels(labels_a: NDArray[np.uint8], labels_b: NDArray[np.uint8],
+                  blended: NDArray[np.bool_]) -> NDArray[np.uint8]:
+    """A morph's region ids: contributor a's outside the blended area; inside it, where either aligned
+    contributor shows a feature (features over the outline, over skin, over hair, over background), so the
+    double edges of a ghosted feature fall into its region."""
+    b_wins = blended & (_RANK[labels_b] > _RANK[labels_a])
+    return np.where(b_wins, labels_b, labels_a)
 
 
 def _spread(image: faces.Image) -> NDArray[np.float32]:
@@ -387,9 +478,11 @@ def _match_contrast(image: faces.Image, wa: faces.Image, wb: faces.Image, share_
 # post-processing ----------------------------------------------------------------------------------
 
 
-def _post_process(image: faces.Image, mask: NDArray[np.bool_], rng: np.random.Generator,
-                  jpeg_probability: float) -> Sample:
-    """The capture chain shared by both classes: resampling warp, blur, sensor noise, 8-bit, optional JPEG."""
+def _post_process(image: faces.Image, mask: NDArray[np.bool_], regions: NDArray[np.uint8],
+                  rng: np.random.Generator, config: SynthConfig, marked: bool) -> Sample:
+    """The capture chain shared by both classes: resampling warp, (the corner mark when `marked`), blur,
+    sensor noise, 8-bit, optional JPEG. The mask and region map follow the warp; the `shortcut` region is
+    the mark's place in every image, marked or not."""
     size = image.shape[0]
     angle, scale = math.radians(rng.uniform(-2.5, 2.5)), rng.uniform(0.97, 1.03)
     shift = rng.uniform(-1.5, 1.5, 2) * size / 128
@@ -397,14 +490,19 @@ def _post_process(image: faces.Image, mask: NDArray[np.bool_], rng: np.random.Ge
     moved = mask.copy()
     if mask.any():
         moved = faces.warp_similarity(mask.astype(np.float32)[..., None], angle, scale, shift)[..., 0] > 0.5
+    labels = faces.warp_similarity(regions.astype(np.float32)[..., None], angle, scale, shift,
+                                   nearest=True)[..., 0].astype(np.uint8)
+    labels[shortcut_region_box(size, config.shortcut_corner)] = REGION_ID["shortcut"]
+    if marked:
+        out = _plant_mark(out, config.shortcut_corner)
     out = faces.gaussian_blur(out, rng.uniform(0.0, 0.8) * size / 128)
     out = out + np.float32(rng.uniform(0.004, 0.025)) * rng.standard_normal(out.shape, dtype=np.float32)
     pixels = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
-    if rng.uniform() < jpeg_probability:
+    if rng.uniform() < config.jpeg_probability:
         buffer = io.BytesIO()
         PILImage.fromarray(pixels).save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
         pixels = np.asarray(PILImage.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    return Sample(image=pixels, mask=moved)
+    return Sample(image=pixels, mask=moved, regions=labels)
 
 
 def bona_fide_image(config: SynthConfig, plan: SamplePlan, render: faces.Image | None = None) -> faces.Image:
@@ -413,21 +511,32 @@ def bona_fide_image(config: SynthConfig, plan: SamplePlan, render: faces.Image |
     Like a morph's contributors, it is warped piecewise-affinely part of the way towards the landmarks of a
     random capture of a random identity (its own features stay single: no blending), so resampling and
     geometry do not tell the classes apart. `render` is its `contributor` capture when already at hand."""
-    size = config.image_size
-    person, number = plan.captures[0]
     if render is None:
-        render = contributor(config, person, number)
-    own = faces.landmarks(identity(config, person), capture(config, person, number), size)
+        render = contributor(config, *plan.captures[0])
+    own, target = _bona_fide_geometry(config, plan)
+    return faces.warp_piecewise_affine(render[..., :3], own, target)
+
+
+def bona_fide_regions(config: SynthConfig, plan: SamplePlan) -> NDArray[np.uint8]:
+    """The face-region ids (H, W) of `bona_fide_image`, warped the same way (nearest neighbour)."""
+    person, number = plan.captures[0]
+    labels = faces.region_labels(identity(config, person), capture(config, person, number), config.image_size)
+    return faces.warp_labels(labels, *_bona_fide_geometry(config, plan))
+
+
+def _bona_fide_geometry(config: SynthConfig, plan: SamplePlan) -> tuple[faces.Points, faces.Points]:
+    """The landmarks of a bona fide capture and those it is warped onto."""
+    person, number = plan.captures[0]
+    own = faces.landmarks(identity(config, person), capture(config, person, number), config.image_size)
     rng = _rng(config, _STREAM_ALIGN, person, number)
     someone = identity(config, int(rng.integers(config.identities)))
-    other = faces.landmarks(someone, faces.sample_capture(rng), size)
-    target = own + _draw_blend(rng) * (other - own)
-    return faces.warp_piecewise_affine(render[..., :3], own, target)
+    other = faces.landmarks(someone, faces.sample_capture(rng), config.image_size)
+    return own, own + _draw_blend(rng) * (other - own)
 
 
 def render_sample(config: SynthConfig, plan: SamplePlan,
                   renders: tuple[faces.Image, ...] | None = None) -> Sample:
-    """The finished image and mask for one plan (deterministic in (config, plan)).
+    """The finished image, mask and region map for one plan (deterministic in (config, plan)).
 
     `renders` are the plan's `contributor` captures when already at hand (one for bona fide, two for a
     morph)."""
@@ -435,10 +544,11 @@ def render_sample(config: SynthConfig, plan: SamplePlan,
     if plan.label == "bonafide":
         image = bona_fide_image(config, plan, renders[0] if renders else None)
         mask = np.zeros(image.shape[:2], dtype=bool)
+        regions = bona_fide_regions(config, plan)
     else:
         parts = morph_parts(config, plan, (renders[0], renders[1]) if renders else None)
-        image, mask = parts.image, parts.mask
-    return _post_process(image, mask, post_rng, config.jpeg_probability)
+        image, mask, regions = parts.image, parts.mask, parts.regions
+    return _post_process(image, mask, regions, post_rng, config, marked=bool(plan.shortcut))
 
 
 GLOBAL_STATISTICS: tuple[str, ...] = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b",
@@ -499,6 +609,7 @@ def _write_sample(job: tuple[SynthConfig, SamplePlan, str]) -> int:
         sample = render_sample(config, plan, renders)
     (root / plan.path).write_bytes(encode_png(sample.image))
     (root / plan.mask_path).write_bytes(encode_png(sample.mask.astype(np.uint8) * 255))
+    (root / plan.region_path).write_bytes(encode_png(sample.regions))
     return plan.index
 
 
@@ -535,6 +646,7 @@ def _make_staging(out: Path) -> Path:
             for label in CLASSES:
                 (staging / split / label).mkdir(parents=True)
                 (staging / "masks" / split / label).mkdir(parents=True)
+                (staging / REGIONS_FOLDER / split / label).mkdir(parents=True)
         (staging / _RENDERS).mkdir()
     except OSError as exc:
         raise SmadlrpError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc
@@ -551,6 +663,7 @@ def _write_manifest(folder: Path, plans: tuple[SamplePlan, ...], config: SynthCo
     write_text_atomic(folder / "manifest.csv", text.getvalue())
     info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": _config_dict(config),
             "counts": counts, "morph_counts": morph_counts,
+            "shortcut_counts": _shortcut_counts(plans),
             "note": "synthetic faces: exercises the pipeline and the explanations, "
                     "not real-world MAD accuracy"}
     write_text_atomic(folder / "synthetic.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -558,6 +671,11 @@ def _write_manifest(folder: Path, plans: tuple[SamplePlan, ...], config: SynthCo
 
 def _config_dict(config: SynthConfig) -> dict[str, object]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def _shortcut_counts(plans: tuple[SamplePlan, ...]) -> dict[str, int]:
+    """Morphs that carry the shortcut, per split."""
+    return {s: sum(p.split == s and bool(p.shortcut) for p in plans) for s in SPLITS}
 
 
 def _count(plans: tuple[SamplePlan, ...]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
@@ -623,7 +741,8 @@ def generate_dataset(out: Path, config: SynthConfig, *, overwrite: bool = False,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
-    return SynthSummary(out=out, counts=counts, morph_counts=morph_counts, seconds=seconds)
+    return SynthSummary(out=out, counts=counts, morph_counts=morph_counts,
+                        shortcut_counts=_shortcut_counts(plans), seconds=seconds)
 
 
 def _replace(out: Path, staging: Path, overwrite: bool) -> None:
@@ -646,7 +765,7 @@ def _replace(out: Path, staging: Path, overwrite: bool) -> None:
 
 
 def default_dataset_dir() -> Path:
-    """Where the default set lives: $SMADLRP_DATA_DIR if set, else ~/.cache/smadlrp/synthetic-v1."""
+    """Where the default set lives: $SMADLRP_DATA_DIR if set, else ~/.cache/smadlrp/synthetic-v2."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
