@@ -20,11 +20,12 @@ from smadlrp.evaluation.metrics import (
     check_gates,
     d_eer,
     det_points,
+    group_breakdown,
     parse_gate,
-    per_group,
     roc_auc,
     summarize,
 )
+from smadlrp.evaluation.thresholds import criterion_threshold, parse_threshold
 
 # 3 morphs (0.9, 0.6, 0.2) and 4 bona fide (0.1, 0.5, 0.7, 0.3); at t = 0.5:
 # morphs 0.9, 0.6 -> TP; 0.2 -> FN; bona fide 0.5 (on the threshold), 0.7 -> FP; 0.1, 0.3 -> TN.
@@ -230,21 +231,79 @@ def test_summary_collects_every_gate_metric() -> None:
     assert summary.confusion == ConfusionMatrix.from_scores(labels, scores, 0.75)
 
 
-def test_per_group_apcer_and_worst_species() -> None:
+def test_group_breakdown_per_species_average_worst_and_apcer_ap_by_hand() -> None:
+    # morphs: A {0.9, 0.8, 0.2}, B {0.1, 0.3}, C {0.7}; bona fide (no group) {0.1, 0.6, 0.2, 0.4}; t = 0.5
     labels = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     scores = [0.9, 0.8, 0.2, 0.1, 0.3, 0.7, 0.1, 0.6, 0.2, 0.4]
-    groups = ["complete", "complete", "complete", "splicing", "splicing", "partial", "-", "-", "-", "-"]
-    result = per_group(labels, scores, groups, 0.5)
-    by_name = {row.group: row for row in result.rows}
-    assert list(by_name) == ["complete", "partial", "splicing"]
-    assert (by_name["complete"].n_morph, by_name["complete"].missed) == (3, 1)
-    assert by_name["complete"].apcer == pytest.approx(1 / 3)
-    assert by_name["splicing"].apcer == 1.0 and by_name["partial"].apcer == 0.0
-    assert result.worst is by_name["splicing"] and result.max_apcer == 1.0
-    assert (result.n_bonafide, result.bpcer) == (4, pytest.approx(0.25))
-    # splicing {0.1, 0.3} against bona fide {0.1, 0.6, 0.2, 0.4}: its own D-EER from the shared bona fide.
-    assert by_name["splicing"].eer.value == d_eer([1, 1, 0, 0, 0, 0], [0.1, 0.3, 0.1, 0.6, 0.2, 0.4]).value
-    assert per_group([0, 0], [0.1, 0.2], ["-", "-"], 0.5).worst is None
+    groups = ["A", "A", "A", "B", "B", "C", "", "", "", ""]
+    result = group_breakdown(labels, scores, groups, 0.5, column="method", threshold_source="fixed")
+    parts = dict(result.parts)
+    assert list(parts) == ["A", "B", "C"] and result.shared_bonafide
+    assert [parts[g].n_bonafide for g in parts] == [4, 4, 4]  # every species against all bona fide images
+    assert [parts[g].confusion.fn for g in parts] == [1, 2, 0]
+    assert [parts[g].value("apcer") for g in parts] == [pytest.approx(1 / 3), 1.0, 0.0]
+    # D-EER by hand: A crosses between t = 0.4 (APCER 1/3, BPCER 1/2) and 0.6 (1/3, 1/4): 1/3;
+    # B meets exactly at t = 0.3 (1/2, 1/2); C at t = 0.7 (0, 0).
+    assert [parts[g].eer.value for g in parts] == [pytest.approx(1 / 3), 0.5, 0.0]
+    assert result.average("apcer").value == pytest.approx(4 / 9)
+    assert result.average("d-eer").value == pytest.approx(5 / 18)
+    assert (result.worst("apcer").value, result.worst("apcer").part) == (1.0, "B")
+    assert (result.worst("d-eer").value, result.worst("d-eer").part) == (0.5, "B")
+    assert (result.apcer_ap.value, result.apcer_ap.part) == (1.0, "B")
+    assert summarize(labels, scores, 0.5, threshold_source="fixed").value("apcer") == 0.5  # pooled APCER
+    assert result.average("bpcer10").value is None
+    assert result.average("bpcer10").reason == "bpcer10 is not estimable for A, B, C"
+
+
+def test_group_breakdown_with_bona_fide_groups_and_a_bona_fide_only_group() -> None:
+    # column "source": bona fide and morphs both carry it; source "z" has no morphs, so no APCER to aggregate
+    labels = [1, 1, 0, 0, 1, 0, 0]
+    scores = [0.9, 0.2, 0.6, 0.1, 0.8, 0.3, 0.7]
+    groups = ["x", "x", "x", "x", "y", "y", "z"]
+    result = group_breakdown(labels, scores, groups, 0.5, column="source", threshold_source="fixed")
+    parts = dict(result.parts)
+    assert not result.shared_bonafide
+    assert [(parts[g].n_morph, parts[g].n_bonafide) for g in parts] == [(2, 2), (1, 1), (0, 1)]
+    assert [parts[g].value("bpcer") for g in parts] == [0.5, 0.0, 1.0]
+    assert result.apcer_ap.value == 0.5 and result.apcer_ap.part == "x"  # z does not count as a species
+    assert result.worst("bpcer").part == "z" and result.average("bpcer").value == pytest.approx(0.5)
+
+
+def test_threshold_criteria_by_hand() -> None:
+    # 20 morphs, 10 per species; A's two lowest 0.30 and 0.50, B's 0.10 and 0.20
+    morph_a = [0.30, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90]
+    morph_b = [0.10, 0.20, 0.62, 0.64, 0.66, 0.68, 0.72, 0.74, 0.76, 0.78]
+    bona = [0.05 * i for i in range(10)]  # 0.00 .. 0.45
+    labels = [1] * 20 + [0] * 10
+    scores = morph_a + morph_b + bona
+    groups = ["A"] * 10 + ["B"] * 10 + [""] * 10
+    # pooled APCER <= 10 %: k = floor(0.1 * 20) = 2, t = third lowest morph score = 0.30
+    assert criterion_threshold(labels, scores, "apcer10") == 0.30
+    # worst species: A's k = 1 gives 0.50, B's gives 0.20; the smallest holds both at <= 10 %
+    worst = criterion_threshold(labels, scores, "apcer10", groups=groups)
+    assert worst == 0.20
+    for name in ("A", "B"):
+        member = [g == name for g in groups[:20]]
+        assert apcer([1] * sum(member), [s for s, m in zip(scores[:20], member, strict=True) if m], worst) <= 0.10
+    assert apcer([1] * 10, morph_b, 0.30) == 0.2  # the pooled threshold leaves species B at 20 %
+    # BPCER <= 10 %: k = floor(0.1 * 10) = 1 bona fide may reach t: just above the second highest (0.40)
+    assert criterion_threshold(labels, scores, "bpcer10") == np.nextafter(0.40, 1.0)
+    assert criterion_threshold(labels, scores, "eer") == d_eer(labels, scores).threshold
+    with pytest.raises(SmadlrpError, match="species 'A': no threshold for APCER <= 1 % .needs >= 100 morphs"):
+        criterion_threshold(labels, scores, "apcer1", groups=groups, where="dev")
+    with pytest.raises(SmadlrpError, match="needs both classes"):
+        criterion_threshold([1, 1], [0.2, 0.3], "eer")
+    with pytest.raises(UsageError, match="worst-species rule applies to APCER criteria"):
+        criterion_threshold(labels, scores, "bpcer10", groups=groups)
+
+
+def test_parse_threshold() -> None:
+    assert parse_threshold("0.25") == 0.25 and parse_threshold("val-apcer5") == "apcer5"
+    assert parse_threshold("val-eer") == "eer"
+    with pytest.raises(UsageError, match="val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1"):
+        parse_threshold("val-apcer7")
+    with pytest.raises(UsageError, match="lies in"):
+        parse_threshold("1.5")
 
 
 def test_parse_gate_names_values_and_errors() -> None:

@@ -14,13 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from smadlrp.core.errors import SmadlrpError, UsageError
-from smadlrp.evaluation.metrics import ConfusionMatrix, bpcer_at_apcer, d_eer, det_points, per_group, summarize
+from smadlrp.evaluation.metrics import ConfusionMatrix, bpcer_at_apcer, d_eer, det_points, group_breakdown, summarize
 from smadlrp.evaluation.plots import plot_det, plot_training_curves, probit
 from smadlrp.evaluation.report import (
+    breakdown_table,
     confusion_table,
     epoch_table,
     metrics_table,
-    per_type_table,
     summary_markdown,
     to_jsonable,
 )
@@ -29,7 +29,7 @@ from smadlrp.evaluation.report import (
 # TP 2 (0.5, 0.8), FN 0, FP 1 (0.5), TN 1 (0.2).
 LABELS = np.array([0, 0, 1, 1])
 SCORES = np.array([0.2, 0.5, 0.5, 0.8])
-GROUPS = ["-", "-", "complete", "splicing"]
+GROUPS = ["", "", "complete", "splicing"]
 
 
 def _text(table: Table) -> list[str]:
@@ -60,10 +60,20 @@ def test_metrics_table_shows_percentages_thresholds_and_not_estimable_reasons() 
     assert any("oracle" in line for line in lines)
 
 
-def test_per_type_table_marks_the_worst_row() -> None:
-    lines = _text(per_type_table(per_group(LABELS, SCORES, GROUPS, 0.6)))
-    assert "<- max APCER" in _line_with(lines, "complete") and "100.00 %" in _line_with(lines, "complete")
-    assert "max APCER" not in _line_with(lines, "splicing")
+def _by_type(threshold: float) -> object:
+    return group_breakdown(LABELS, SCORES, GROUPS, threshold, column="morph_type", threshold_source="fixed")
+
+
+def test_breakdown_table_rows_average_worst_and_apcer_ap() -> None:
+    pooled = summarize(LABELS, SCORES, 0.6, threshold_source="fixed")
+    lines = _text(breakdown_table(_by_type(0.6), pooled, title="By morph_type"))  # type: ignore[arg-type]
+    assert "100.00 % (1 missed)" in _line_with(lines, "│ complete")
+    assert "0.00 % (0 missed)" in _line_with(lines, "│ splicing")
+    assert "50.00 %" in _line_with(lines, "Average") and "n/a" in _line_with(lines, "Average")
+    assert "100.00 % (complete)" in _line_with(lines, "Worst")
+    caption = " ".join(" ".join(lines).split())
+    assert "APCER_AP (worst morph_type) 100.00 % (complete), pooled APCER 50.00 %" in caption
+    assert "BPCER10 *" in " ".join(lines) and " BPCER " not in " ".join(lines)  # the shared BPCER is not repeated
 
 
 def test_epoch_table_renders_values_and_gaps() -> None:
@@ -81,13 +91,14 @@ def test_epoch_table_renders_values_and_gaps() -> None:
 
 def test_summary_markdown_contains_the_numbers() -> None:
     summary = summarize(LABELS, SCORES, 0.5, threshold_source="validation D-EER")
-    text = summary_markdown(summary, per_group(LABELS, SCORES, GROUPS, 0.6), "Test split")
+    text = summary_markdown(summary, [_by_type(0.6)], "Test split")  # type: ignore[list-item]
     assert text.startswith("## Test split\n")
     assert "| `d-eer` \\* | APCER = BPCER | 25.00 % | t = 0.6500 |" in text
     assert "| `bpcer10` \\* | BPCER @ APCER 10 % | n/a | needs >= 10 morphs, split has 2 |" in text
     assert "| morph (attack) | TP 2 | FN 0 | APCER 0.00 % |" in text
     assert "| bona fide | FP 1 | TN 1 | BPCER 50.00 % |" in text
-    assert "| **complete** | **1** | **1** | **100.00 %** |" in text
+    assert "| complete | 1 | 2 | 100.00 % (1 missed) |" in text
+    assert "| **Worst** |  |  | **100.00 % (complete)** |" in text
     assert "threshold t = 0.5000 (validation D-EER)" in text
 
 
@@ -110,10 +121,12 @@ def test_to_jsonable_gives_strict_json() -> None:
     }
     assert to_jsonable(bpcer_at_apcer(LABELS, SCORES, 1.0))["threshold"] == "inf"
     assert to_jsonable(summary) == loaded  # rendered through as_dict()
-    by_type = json.loads(json.dumps(to_jsonable(per_group(LABELS, SCORES, GROUPS, 0.6)), allow_nan=False))
-    assert (by_type["worst"], by_type["max_apcer"], by_type["bpcer"]) == ("complete", 1.0, 0.0)
-    assert [row["morph_type"] for row in by_type["types"]] == ["complete", "splicing"]
-    assert by_type["types"][0]["d-eer"] == d_eer([0, 0, 1], [0.2, 0.5, 0.5]).value
+    by_type = json.loads(json.dumps(to_jsonable(_by_type(0.6)), allow_nan=False))
+    assert (by_type["apcer_ap"], by_type["apcer_ap_part"]) == (1.0, "complete")
+    assert by_type["worst"]["apcer"] == {"value": 1.0, "part": "complete", "reason": None}
+    assert [part["name"] for part in by_type["parts"]] == ["complete", "splicing"]
+    assert by_type["parts"][0]["d-eer"] == d_eer([0, 0, 1], [0.2, 0.5, 0.5]).value
+    assert by_type["average"]["bpcer10"]["value"] is None
     with pytest.raises(TypeError, match="object"):
         to_jsonable(object())
 

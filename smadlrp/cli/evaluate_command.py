@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Annotated
 
@@ -36,9 +34,11 @@ from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict
-from smadlrp.evaluation.metrics import check_gates, d_eer, det_points, parse_gate, per_group, summarize
+from smadlrp.evaluation.metrics import check_gates, det_points, group_breakdown, parse_gate, summarize
 from smadlrp.evaluation.plots import plot_det
-from smadlrp.evaluation.report import confusion_table, metrics_table, per_type_table, summary_markdown, to_jsonable
+from smadlrp.evaluation.report import breakdown_table, confusion_table, metrics_table, summary_markdown, to_jsonable
+from smadlrp.evaluation.scores import scores_csv
+from smadlrp.evaluation.thresholds import ThresholdChoice, criterion_threshold, parse_threshold
 
 
 def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
@@ -53,16 +53,26 @@ def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split:
     return preds, index
 
 
-def _threshold(text: str) -> float | str:
-    if text == "val-eer":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--threshold {text!r}: use a number in [0, 1] or val-eer") from None
-    if not 0.0 <= value <= 1.0:
-        raise UsageError(f"--threshold {text}: a P(morph) threshold lies in [0, 1]")
-    return value
+def _group_values(index: SplitIndex, preds: Predictions, column: str) -> list[str]:
+    """The `column` value of each scored image (in score order); UsageError naming the columns the data has."""
+    if column not in index.groups:
+        have = ", ".join(index.groups) or "none (folders without a manifest.csv, or a protocol without extra columns)"
+        raise UsageError(f"--by {column}: the data has no such column (group columns: {have})")
+    values = index.groups[column]
+    return [values[i] for i in preds.indices]
+
+
+def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple[Predictions, SplitIndex] | None
+                      ) -> ThresholdChoice:
+    """A fixed number, or a criterion on the validation split's scores (per species with `worst_species`)."""
+    if isinstance(wanted, float):
+        return ThresholdChoice(wanted, None)
+    assert val is not None
+    preds, index = val
+    groups = _group_values(index, preds, worst_species) if worst_species is not None else None
+    t = criterion_threshold(preds.labels, preds.scores, wanted, groups=groups, where="the validation split")
+    detail(f"threshold {t:.6f} chosen on the validation split ({wanted})")
+    return ThresholdChoice(t, wanted, worst_species is not None)
 
 
 @app.command()
@@ -76,8 +86,18 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: BatchSizeOption = 64,
     threshold: Annotated[
-        str, typer.Option(help="Decision threshold on P(morph): a number, or val-eer (the validation split's D-EER).")
+        str, typer.Option(help="Decision threshold on P(morph): a number, or a criterion on the validation split: "
+                               "val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1.")
     ] = "0.5",
+    by: Annotated[
+        list[str] | None, typer.Option("--by", help="Group column (repeatable): APCER, D-EER, BPCER10/100 per "
+                                                    "group, Average and Worst rows, APCER_AP; default: morph_type "
+                                                    "when the data has it.")
+    ] = None,
+    worst_species: Annotated[
+        bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst "
+                                                   "group of the first --by column meets the APCER target.")
+    ] = False,
     fail_above: Annotated[
         list[str] | None, typer.Option("--fail-above", help="Gate METRIC=LIMIT: exit 1 if the metric is above.")
     ] = None,
@@ -98,55 +118,43 @@ def evaluate(
     """Score a split with a checkpoint and report APCER, BPCER, D-EER, BPCER10/20/100 and more."""
     above = [parse_gate(g) for g in fail_above or []]
     below = [parse_gate(g) for g in fail_below or []]
-    wanted = _threshold(threshold)
+    wanted = parse_threshold(threshold)
+    if worst_species and (not isinstance(wanted, str) or not wanted.startswith("apcer") or not by):
+        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
-    if wanted == "val-eer":
-        val, _ = _score_split(model, meta, source, "val", batch_size, workers, torch_device)
-        eer = d_eer(val.labels, val.scores)
-        if eer.threshold is None:
-            raise UsageError(f"--threshold val-eer: the validation split's D-EER is not estimable ({eer.reason})")
-        t, threshold_source = eer.threshold, "validation D-EER"
-        detail(f"threshold {t:.6f} from the validation split's D-EER ({eer.value:.2%})")
-    else:
-        t, threshold_source = float(wanted), "fixed"
+    val = _score_split(model, meta, source, "val", batch_size, workers, torch_device) \
+        if isinstance(wanted, str) else None
+    choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
+    t, threshold_source = choice.value, choice.source("validation")
     preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
     paths = [index.samples[i].path for i in preds.indices]
     summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source)
-    types = index.groups.get("morph_type", ("",) * len(index.samples))
-    groups = [types[i] for i in preds.indices]
-    by_type = per_group(preds.labels, preds.scores, groups, t) if any(groups) else None
+    columns = by or (["morph_type"] if "morph_type" in index.groups else [])
+    breakdowns = [group_breakdown(preds.labels, preds.scores, _group_values(index, preds, column), t, column=column,
+                                  threshold_source=threshold_source) for column in columns]
     title = f"{checkpoint.name} on {split} ({summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
             f"{summary.n_morph} {meta.attack_class})"
     console.print(confusion_table(summary.confusion))
     console.print(metrics_table(summary, title=title))
-    if by_type is not None:
-        console.print(per_type_table(by_type))
+    for breakdown in breakdowns:
+        console.print(breakdown_table(breakdown, summary, title=f"By {breakdown.label}"))
     if scores_out is not None:
-        write_text_atomic(scores_out, _scores_csv(paths, preds))
+        write_text_atomic(scores_out, scores_csv(paths, preds.labels, preds.scores))
     if det_out is not None:
         apcer, bpcer = det_points(preds.labels, preds.scores)
         plot_det({checkpoint.stem: (apcer, bpcer)}, det_out,
                  eer={checkpoint.stem: summary.eer.value} if summary.eer.value is not None else None)
     if markdown_out is not None:
-        write_text_atomic(markdown_out, summary_markdown(summary, by_type, title))
+        write_text_atomic(markdown_out, summary_markdown(summary, breakdowns, title))
     failures = check_gates(summary, above, below)
     write_json(json_out, to_jsonable({
         "checkpoint": str(checkpoint), "data": source.name, "split": split, "metrics": summary.as_dict(),
-        "per_morph_type": by_type, "gates": {"failed": failures},
+        "groups": {b.label: b for b in breakdowns}, "gates": {"failed": failures},
     }))
     for message in failures:
         fail_line(f"gate failed: {message}")
     if failures:
         raise typer.Exit(1)
-
-
-def _scores_csv(paths: list[Path], preds: Predictions) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "score"])
-    for path, label, score in zip(paths, preds.labels, preds.scores, strict=True):
-        writer.writerow([str(path), int(label), f"{score:.8f}"])
-    return buffer.getvalue()

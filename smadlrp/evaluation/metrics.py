@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -386,83 +386,114 @@ def summarize(
     )
 
 
+# Metrics of the per-group and per-test-set breakdowns, in table order.
+BREAKDOWN_METRICS: tuple[str, ...] = ("apcer", "bpcer", "d-eer", "bpcer10", "bpcer100")
+
+
+def _applies(summary: MetricsSummary, name: str) -> bool:
+    """Whether a part has the classes `name` is about (a bona-fide-only group has no APCER to aggregate)."""
+    if name == "apcer":
+        return summary.n_morph > 0
+    if name == "bpcer":
+        return summary.n_bonafide > 0
+    return summary.n_morph > 0 and summary.n_bonafide > 0
+
+
 @dataclass(frozen=True)
-class GroupResult:
-    """One attack species (morph type): APCER at the shared threshold, D-EER against all bona fide."""
+class Aggregate:
+    """The Average or Worst of one metric over the parts it applies to: `value` with `part` (the worst one), or
+    None with `reason`."""
 
-    group: str
-    n_morph: int
-    missed: int
-    apcer: float
-    eer: EER
+    value: float | None
+    part: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
-class PerGroupSummary:
-    """APCER per attack species at one threshold, the shared bona fide BPCER, and the worst species."""
+class Breakdown:
+    """One MetricsSummary per part (the groups of a column, or several test sets) at one shared threshold.
 
-    threshold: float
-    n_bonafide: int
-    bpcer: float | None
-    rows: tuple[GroupResult, ...] = field(default_factory=tuple)
+    label: what a part is ("morph_type", "test set"); shared_bonafide: every group is compared against the same
+    bona fide images (their column is empty), so BPCER is one number.
+    """
+
+    label: str
+    parts: tuple[tuple[str, MetricsSummary], ...]
+    shared_bonafide: bool = False
+
+    def _values(self, name: str) -> tuple[list[tuple[str, float]], list[str]]:
+        """(part, value) where estimable, and the parts where `name` applies but is not estimable."""
+        found, missing = [], []
+        for part, summary in self.parts:
+            if _applies(summary, name):
+                value = summary.value(name)
+                if value is None:
+                    missing.append(part)
+                else:
+                    found.append((part, value))
+        return found, missing
+
+    def _not_estimable(self, name: str, missing: list[str]) -> str:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return f"{name} is not estimable for {', '.join(missing[:3])}{more}"
+
+    def average(self, name: str) -> Aggregate:
+        """Mean of `name` over the parts it applies to; None unless every one of them has a value."""
+        found, missing = self._values(name)
+        if missing or not found:
+            return Aggregate(None, reason=self._not_estimable(name, missing) if missing else "no part applies")
+        return Aggregate(float(np.mean([value for _, value in found])))
+
+    def worst(self, name: str) -> Aggregate:
+        """The highest `name` (every breakdown metric is an error rate) and its part (the first on ties)."""
+        found, missing = self._values(name)
+        if missing or not found:
+            return Aggregate(None, reason=self._not_estimable(name, missing) if missing else "no part applies")
+        part, value = max(found, key=lambda item: item[1])
+        return Aggregate(value, part)
 
     @property
-    def worst(self) -> GroupResult | None:
-        """The species with the highest APCER (first by name on ties); None without morphs."""
-        return max(self.rows, key=lambda row: row.apcer, default=None)
-
-    @property
-    def max_apcer(self) -> float | None:
-        """ISO/IEC 30107-3's worst-case APCER over species."""
-        worst = self.worst
-        return worst.apcer if worst is not None else None
+    def apcer_ap(self) -> Aggregate:
+        """ISO/IEC 30107-3's APCER_AP: the highest APCER over the attack species (parts with morphs)."""
+        return self.worst("apcer")
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready mapping: shared threshold and BPCER, the worst species, and one entry per species."""
-        worst = self.worst
+        """JSON-ready: every part's metrics, the Average and Worst of each breakdown metric, and APCER_AP."""
+        def aggregate(agg: Aggregate) -> dict[str, Any]:
+            return {"value": agg.value, "part": agg.part, "reason": agg.reason}
+
         return {
-            "threshold": self.threshold,
-            "n_bonafide": self.n_bonafide,
-            "bpcer": self.bpcer,
-            "worst": worst.group if worst is not None else None,
-            "max_apcer": self.max_apcer,
-            "types": [
-                {
-                    "morph_type": row.group,
-                    "n_morph": row.n_morph,
-                    "missed": row.missed,
-                    "apcer": row.apcer,
-                    "d-eer": row.eer.value,
-                    "d-eer_threshold": row.eer.threshold,
-                }
-                for row in self.rows
-            ],
+            "label": self.label,
+            "shared_bonafide": self.shared_bonafide,
+            "parts": [{"name": name, **summary.as_dict()} for name, summary in self.parts],
+            "average": {name: aggregate(self.average(name)) for name in BREAKDOWN_METRICS},
+            "worst": {name: aggregate(self.worst(name)) for name in BREAKDOWN_METRICS},
+            "apcer_ap": self.apcer_ap.value,
+            "apcer_ap_part": self.apcer_ap.part,
         }
 
 
-def per_group(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, groups: Sequence[str] | npt.ArrayLike, threshold: float
-) -> PerGroupSummary:
-    """APCER of each morph group (groups (N,) names the species of each image; ignored for bona fide)."""
+def group_breakdown(labels: npt.ArrayLike, scores: npt.ArrayLike, groups: Sequence[str] | npt.ArrayLike,
+                    threshold: float, *, column: str, threshold_source: str, **options: Any) -> Breakdown:
+    """Metrics per value of a group column (groups (N,): each image's value) at one threshold.
+
+    A group holds the images with its value plus the bona fide images with no value: a column that only morphs
+    carry (the morphing method, an attack species) compares every group with all bona fide images, as ISO/IEC
+    30107-3 counts APCER per species against one BPCER. `options` go to `summarize` (intervals).
+    """
     y, s = _as_arrays(labels, scores)
     g = np.asarray(groups, dtype=str)
     if g.shape != y.shape:
         raise ValueError(f"groups must have one entry per image, got {g.shape} for {y.shape}")
-    t = _check_threshold(threshold)
-    bona_fide = y == BONAFIDE
-    rows = []
-    for name in sorted(set(g[~bona_fide].tolist())):
-        member = (g == name) & ~bona_fide
-        missed = int(np.sum(s[member] < t))
-        n = int(np.sum(member))
-        keep = member | bona_fide
-        rows.append(GroupResult(name, n, missed, missed / n, d_eer(y[keep], s[keep])))
-    return PerGroupSummary(
-        threshold=t,
-        n_bonafide=int(np.sum(bona_fide)),
-        bpcer=bpcer(y, s, t),
-        rows=tuple(rows),
-    )
+    shared = (y == BONAFIDE) & (g == "")
+    names = sorted(set(g[~shared].tolist()))
+    parts = []
+    for name in names:
+        member = (g == name) | shared
+        parts.append((name or "(none)", summarize(y[member], s[member], threshold,
+                                                  threshold_source=threshold_source, **options)))
+    return Breakdown(column, tuple(parts), shared_bonafide=bool(shared.any()) and not bool(
+        ((y == BONAFIDE) & (g != "")).any()))
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ import numpy as np
 from rich.table import Table
 
 from smadlrp.evaluation.metrics import (
+    BREAKDOWN_METRICS,
     GATE_METRICS,
     ORACLE_METRICS,
+    Aggregate,
+    Breakdown,
     ConfusionMatrix,
     MetricsSummary,
-    PerGroupSummary,
 )
 
 # What each gate metric means, in table order.
@@ -99,29 +101,63 @@ def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> T
     return table
 
 
-def per_type_table(result: PerGroupSummary, *, title: str = "APCER per morph type") -> Table:
-    """One row per attack species at the shared threshold; the worst (highest APCER) row is marked."""
-    worst = result.worst
-    table = Table(
-        title=title,
-        caption=(
-            f"t = {threshold_text(result.threshold)}; shared bona fide: {result.n_bonafide} images, "
-            f"BPCER {percent(result.bpcer)}. D-EER per type is an oracle number."
-        ),
-    )
-    for column in ("morph type", "morphs", "missed", "APCER", "D-EER *", "worst"):
-        table.add_column(column, justify="left" if column == "morph type" else "right")
-    for row in result.rows:
-        is_worst = worst is not None and row.group == worst.group
-        table.add_row(
-            row.group,
-            str(row.n_morph),
-            str(row.missed),
-            percent(row.apcer),
-            percent(row.eer.value) if row.eer.estimable else f"n/a ({row.eer.reason})",
-            "<- max APCER" if is_worst else "",
-            style="bold red" if is_worst else None,
-        )
+def _rate_cell(summary: MetricsSummary, name: str) -> str:
+    """One rate of a summary in %, or "n/a (why)"."""
+    value = summary.value(name)
+    return percent(value) if value is not None else f"n/a ({summary.reason(name)})"
+
+
+def _aggregate_cell(aggregate: Aggregate, *, with_part: bool) -> str:
+    """An Average or Worst value in % (the worst part named); "n/a" when a part's value is (its row says why)."""
+    if aggregate.value is None:
+        return "n/a"
+    return percent(aggregate.value) + (f" ({aggregate.part})" if with_part and aggregate.part else "")
+
+
+def _breakdown_columns(breakdown: Breakdown) -> list[str]:
+    """The metrics a breakdown table shows: BPCER only when the parts have bona fide images of their own."""
+    return [name for name in BREAKDOWN_METRICS if name != "bpcer" or not breakdown.shared_bonafide]
+
+
+def _breakdown_rows(breakdown: Breakdown) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (parts, then Average and Worst) of a breakdown, as plain cells."""
+    metrics = _breakdown_columns(breakdown)
+    header = [breakdown.label, "morphs", "bona fide", *(name.upper() + (" *" if name in ORACLE_METRICS else "")
+                                                       for name in metrics)]
+    rows = []
+    for part, summary in breakdown.parts:
+        cells = [_rate_cell(summary, name) for name in metrics]
+        if summary.n_morph:
+            cells[0] += f" ({summary.confusion.fn} missed)"
+        rows.append([part, str(summary.n_morph), str(summary.n_bonafide), *cells])
+    rows.append(["Average", "", "", *(_aggregate_cell(breakdown.average(n), with_part=False) for n in metrics)])
+    rows.append(["Worst", "", "", *(_aggregate_cell(breakdown.worst(n), with_part=True) for n in metrics)])
+    return header, rows
+
+
+def breakdown_caption(breakdown: Breakdown, pooled: MetricsSummary | None) -> str:
+    """APCER_AP beside the pooled APCER, the shared threshold and what the * means."""
+    ap = breakdown.apcer_ap
+    first = breakdown.parts[0][1] if breakdown.parts else None
+    text = f"APCER_AP (worst {breakdown.label}) {_aggregate_cell(ap, with_part=True)}"
+    if pooled is not None:
+        text += f", pooled APCER {_rate_cell(pooled, 'apcer')}"
+    if first is not None:
+        text += f"; t = {threshold_text(first.threshold)} ({first.threshold_source})"
+    if breakdown.shared_bonafide and first is not None:
+        text += f"; every {breakdown.label} against the same {first.n_bonafide} bona fide images"
+    return text + f". * {ORACLE_NOTE}."
+
+
+def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, *, title: str) -> Table:
+    """One row per part (group or test set) with APCER at the shared threshold and the oracle D-EER, BPCER10
+    and BPCER100, then the Average and the Worst row; the caption gives APCER_AP beside the pooled APCER."""
+    header, rows = _breakdown_rows(breakdown)
+    table = Table(title=title, caption=breakdown_caption(breakdown, pooled))
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for i, row in enumerate(rows):
+        table.add_row(*row, style="bold" if i >= len(rows) - 2 else None, end_section=i == len(rows) - 3)
     return table
 
 
@@ -159,8 +195,9 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Seque
     return [_md_row(header), _md_row(rule), *(_md_row(row) for row in rows)]
 
 
-def summary_markdown(summary: MetricsSummary, per_type: PerGroupSummary | None, title: str) -> str:
-    """GitHub-flavoured Markdown (e.g. for a CI job summary): metrics, confusion matrix, per-type APCER."""
+def summary_markdown(summary: MetricsSummary, breakdowns: Sequence[Breakdown], title: str) -> str:
+    """GitHub-flavoured Markdown (e.g. for a CI job summary): metrics, confusion matrix, one table per group
+    breakdown."""
     cm = summary.confusion
     lines = [
         f"## {title}",
@@ -184,27 +221,23 @@ def summary_markdown(summary: MetricsSummary, per_type: PerGroupSummary | None, 
         ],
         "lrrr",
     )
-    if per_type is not None and per_type.rows:
-        lines += ["", "**APCER per morph type** (worst in bold)", ""]
-        lines += _md_table(["morph type", "morphs", "missed", "APCER"], _md_type_rows(per_type), "lrrr")
+    for breakdown in breakdowns:
+        lines += ["", f"**By {breakdown.label}**", ""]
+        lines += breakdown_markdown(breakdown, summary)
     return "\n".join(lines) + "\n"
 
 
-def _md_type_rows(per_type: PerGroupSummary) -> list[list[str]]:
-    worst = per_type.worst
-    rows = []
-    for row in per_type.rows:
-        cells = [row.group, str(row.n_morph), str(row.missed), percent(row.apcer)]
-        if worst is not None and row.group == worst.group:
-            cells = [f"**{cell}**" for cell in cells]
-        rows.append(cells)
-    return rows
+def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None) -> list[str]:
+    """A breakdown as Markdown table lines (Average and Worst in bold) and its caption."""
+    header, rows = _breakdown_rows(breakdown)
+    rows = rows[:-2] + [[f"**{cell}**" if cell else "" for cell in row] for row in rows[-2:]]
+    return [*_md_table(header, rows, "l" + "r" * (len(header) - 1)), "", breakdown_caption(breakdown, pooled)]
 
 
 def to_jsonable(obj: Any) -> Any:
     """Turn dataclasses, mappings, sequences, numpy values and paths into JSON-serialisable values.
 
-    An object with an `as_dict()` method (MetricsSummary, PerGroupSummary) is rendered through it. NaN becomes
+    An object with an `as_dict()` method (MetricsSummary, Breakdown) is rendered through it. NaN becomes
     None and +-inf the strings "inf"/"-inf", so the output is strict JSON.
     """
     if callable(getattr(obj, "as_dict", None)) and not isinstance(obj, type):
