@@ -32,6 +32,8 @@ def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str
     return {
         "fit": ["fit-patterns", *common, "--kind", "both", "--batch-size", "4", "--out", f"{out}/patterns.safetensors",
                 "--json", f"{out}/fit.json"],
+        "evaluate": ["evaluate", *common, "--batch-size", "3", "--threshold", "val-eer", "--scores",
+                     f"{out}/scores.csv", "--json", f"{out}/evaluate.json"],
     }
 
 
@@ -111,3 +113,18 @@ def test_fit_patterns_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data
     lines = [r["output"] for r in results(two_ranks, "fit")]
     assert "rank 0/2: fitting on 8 of 16 images" in lines[0] and "rank 1/2: fitting on 8 of 16 images" in lines[1]
     assert "wrote" in lines[0] and "wrote" not in lines[1]  # rank 0 alone prints the tables
+
+
+def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
+                                                   tmp_path: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "evaluate")]
+    assert [r["exit_code"] for r in results(two_ranks, "evaluate")] == [0, 0], outputs
+    single_process("evaluate", tiny_data, tiny_checkpoint, tmp_path)
+    assert (two_ranks / "scores.csv").read_bytes() == (tmp_path / "scores.csv").read_bytes()
+    shared = json.loads((two_ranks / "evaluate.json").read_text())
+    alone = json.loads((tmp_path / "evaluate.json").read_text())
+    assert (shared.pop("world_size"), alone.pop("world_size")) == (2, 1)
+    assert shared == alone
+    # batches of 3 dealt in turn: rank 0 takes 9 and rank 1 takes 7 of the 16 images of each split
+    assert "rank 0/2: scoring 9 of 16 test images" in outputs[0] and "APCER" in outputs[0]
+    assert "rank 1/2: scoring 7 of 16 test images" in outputs[1] and "APCER" not in outputs[1]

@@ -25,15 +25,18 @@ from smadlrp.cli.common import (
     find_checkpoint,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
+    rank_line,
     write_json,
 )
+from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
-from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
+from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
-from smadlrp.detector.inference import Predictions, predict
+from smadlrp.detector.inference import Predictions, predict_dataset
 from smadlrp.evaluation.metrics import check_gates, det_points, group_breakdown, parse_gate, summarize
 from smadlrp.evaluation.plots import plot_det
 from smadlrp.evaluation.report import breakdown_table, confusion_table, metrics_table, summary_markdown, to_jsonable
@@ -45,11 +48,15 @@ def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split:
                  workers: int, device: object) -> tuple[Predictions, SplitIndex]:
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
     dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std)
-    loader = make_loader(dataset, batch_size, workers=workers, device=device)  # type: ignore[arg-type]
     with progress_bar() as bar:
-        task = bar.add_task(f"scoring {split}", total=len(dataset))
-        preds = predict(model, loader, device, meta.attack_index,  # type: ignore[arg-type]
-                        on_batch=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"scoring {split}", total=None)
+
+        def start(share: int) -> None:
+            rank_line(f"scoring {share} of {len(dataset)} {split} images")
+            bar.update(task, total=share)
+
+        preds = predict_dataset(model, dataset, batch_size, device, meta.attack_index,  # type: ignore[arg-type]
+                                workers=workers, on_start=start, on_batch=lambda n: bar.advance(task, n))
     return preds, index
 
 
@@ -77,6 +84,7 @@ def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple
 
 @app.command()
 @handle_errors
+@on_ranks
 def evaluate(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
@@ -115,7 +123,8 @@ def evaluate(
     device: DeviceOption = "auto",
     json_out: JsonOption = None,
 ) -> None:
-    """Score a split with a checkpoint and report APCER, BPCER, D-EER, BPCER10/20/100 and more."""
+    """Score a split with a checkpoint and report APCER, BPCER, D-EER, BPCER10/20/100 and more (under torchrun:
+    each process scores a share of the images; rank 0 reports on all of them)."""
     above = [parse_gate(g) for g in fail_above or []]
     below = [parse_gate(g) for g in fail_below or []]
     wanted = parse_threshold(threshold)
@@ -130,6 +139,8 @@ def evaluate(
     choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
     t, threshold_source = choice.value, choice.source("validation")
     preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+    if not distributed.current().is_main:
+        return  # every score is on rank 0, which reports and writes the files
     paths = [index.samples[i].path for i in preds.indices]
     summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source)
     columns = by or (["morph_type"] if "morph_type" in index.groups else [])

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from smadlrp.core.device import autocast
+from smadlrp.core.distributed import Ranks, current
+from smadlrp.data.loading import make_loader
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,12 @@ class Predictions:
     labels: np.ndarray  # (N,) int64, 1 for the attack class, 0 otherwise
     scores: np.ndarray  # (N,) float64, softmax probability of the attack class
     indices: np.ndarray  # (N,) int64, position of each image in the dataset
-    loss: float  # mean cross-entropy over the images (nats)
+    losses: np.ndarray  # (N,) float64, cross-entropy of each image (nats)
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy over the images (nats); 0 for none."""
+        return float(self.losses.sum()) / max(len(self.losses), 1)
 
 
 def logits_of(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -39,16 +47,41 @@ def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = logits_of(model(images)).float()
-        losses.append(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        losses.append(nn.functional.cross_entropy(logits, targets, reduction="none"))
         scores.append(torch.softmax(logits, dim=1)[:, attack_index])
         labels.append(targets == attack_index)
         indices.append(index)
         if on_batch is not None:
             on_batch(len(index))
-    n = sum(len(i) for i in indices)
+    if not indices:
+        return Predictions(*(np.zeros(0, dtype=dtype) for dtype in (np.int64, np.float64, np.int64, np.float64)))
     return Predictions(
         labels=torch.cat(labels).cpu().numpy().astype(np.int64),
         scores=torch.cat(scores).double().cpu().numpy(),
         indices=torch.cat(indices).cpu().numpy().astype(np.int64),
-        loss=float(torch.stack(losses).sum().item()) / max(n, 1),
+        losses=torch.cat(losses).double().cpu().numpy(),
     )
+
+
+def predict_dataset(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, int, int]], batch_size: int,
+                    device: torch.device, attack_index: int, *, workers: int = 0, amp: bool = False,
+                    ranks: Ranks | None = None, on_start: Callable[[int], None] = lambda share: None,
+                    on_batch: Callable[[int], None] | None = None) -> Predictions:
+    """Score every image of `dataset` (items (image, label, index)) in batches of `batch_size`, in dataset order.
+
+    Under torchrun (`ranks`, default: the current ones) each rank scores its share of whole batches, the very
+    batches one process would score, and every rank gets all predictions back in dataset order: the scores are
+    those of one process, bit for bit, on the same kind of device. `on_start(share)` gets this rank's count.
+    """
+    ranks = ranks or current()
+    share = ranks.shard(len(dataset), batch_size)  # type: ignore[arg-type]
+    on_start(len(share))
+    loader = make_loader(Subset(dataset, share), batch_size, workers=workers, device=device)
+    with ranks.shared_failure():
+        local = predict(model, loader, device, attack_index, amp=amp, on_batch=on_batch)
+    if not ranks.distributed:
+        return local
+    parts = ranks.gather(local)
+    order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+    return Predictions(*(np.concatenate([getattr(p, name) for p in parts])[order]
+                         for name in ("labels", "scores", "indices", "losses")))
