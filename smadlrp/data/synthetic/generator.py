@@ -12,13 +12,12 @@ Layout written by `generate_dataset` (paths relative to the output folder):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
+import glob
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import struct
@@ -35,6 +34,7 @@ from PIL import Image as PILImage
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.core.processes import leave_if_reimported, map_in_processes
 from smadlrp.data.regions import REGION_ID, REGIONS_FOLDER
 from smadlrp.data.synthetic import faces
 
@@ -630,10 +630,32 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise SmadlrpError(f"{out} is not empty; use an empty folder or overwrite a previous synthetic set")
+        raise SmadlrpError(f"{out} is not empty; choose an empty folder, or replace the synthetic set there with "
+                           "--overwrite (overwrite=True in Python)")
     if not is_synthetic_set(out):
         raise SmadlrpError(f"{out} is not a smadlrp synthetic data set (no manifest.csv/synthetic.json); "
                            "refusing to replace it")
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove the hidden staging folders (`.OUT.partial-PID`, `.OUT.old-PID`) of runs that were killed: their
+    process no longer exists. (An interrupted or failed run removes its own.)"""
+    if os.name != "posix" or not out.parent.is_dir():
+        return
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = folder.name.rpartition("-")
+        if kind in (f".{out.name}.partial", f".{out.name}.old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
 
 
 def _make_staging(out: Path) -> Path:
@@ -700,16 +722,13 @@ def _render_all(plans: tuple[SamplePlan, ...], config: SynthConfig, staging: Pat
     """Bona fide images first (they leave the captures the morphs are made from), then the morphs."""
     phases = [[(config, p, str(staging)) for p in plans if p.label == label] for label in CLASSES]
     total, done = len(plans), 0
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if workers > 1:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-        for jobs in phases:
-            results = pool.imap_unordered(_write_sample, jobs, 8) if pool else map(_write_sample, jobs)
-            for _ in results:
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+    for jobs in phases:
+        results = map_in_processes(_write_sample, jobs, workers, "generate_dataset") if workers > 1 else \
+            map(_write_sample, jobs)
+        for _ in results:
+            done += 1
+            if progress is not None:
+                progress(done, total)
     shutil.rmtree(staging / _RENDERS)
 
 
@@ -723,9 +742,11 @@ def generate_dataset(out: Path, config: SynthConfig, *, overwrite: bool = False,
     `progress(done, total)` is called as images are written; `workers` processes render in parallel
     (default: one per CPU, at most 4, for sets of 64 images or more); the files do not depend on it.
     """
+    leave_if_reimported()
     start = time.perf_counter()
     out = Path(out).expanduser()
     _check_target(out, overwrite)
+    _remove_abandoned(out)
     plans = plan_samples(config)
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(plans) >= 64 else 1
