@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,10 +33,17 @@ def main_options(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", dir_okay=False,
+                                  help="Project configuration file (smadlrp.toml, or a pyproject.toml with "
+                                       "[tool.smadlrp]); default: the first found walking up from here.")
+    ] = None,
 ) -> None:
     """Options that apply to every command (put them before the command name)."""
     state.verbose = verbose
     state.debug = debug
+    state.config_path = config
+    state.config = None
 
 
 from smadlrp.cli import (  # noqa: E402,F401  (each module registers its commands)

@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from smadlrp.core import distributed
+from smadlrp.core.config import ProjectConfig, load_config
 from smadlrp.core.device import DEVICE_HELP, resolve_device
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
@@ -38,15 +39,30 @@ err_console = Console(stderr=True)
 
 
 class _State:
-    """Global flags set by the top-level callback."""
+    """Global flags set by the top-level callback, and the project configuration once read."""
 
     debug: bool = False
     verbose: bool = False
+    config_path: Path | None = None
+    config: ProjectConfig | None = None
 
 
 state = _State()
 
-DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_HELP, show_default=True)]
+
+def project_config() -> ProjectConfig:
+    """The configuration of `--config FILE`, else of the file found walking up from the working directory (read
+    once per command; an empty configuration when there is none)."""
+    if state.config is None:
+        state.config = load_config(state.config_path)
+        if state.config.source is not None:
+            detail(f"configuration: {state.config.where}")
+    return state.config
+
+
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help=f"{DEVICE_HELP}; default: the configured device, else auto.")
+]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random generator.")]
 JsonOption = Annotated[
     Path | None, typer.Option("--json", help="Also write the results as JSON to this file.", dir_okay=False)
@@ -157,7 +173,7 @@ def on_ranks(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with distributed.session(str(kwargs.get("device", "auto"))) as ranks:
+        with distributed.session(device_spec(kwargs.get("device"))) as ranks:  # type: ignore[arg-type]
             if not ranks.distributed:
                 return command(*args, **kwargs)
             quiet = console.quiet, err_console.quiet
@@ -172,19 +188,36 @@ def on_ranks(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def pick_device(spec: str) -> torch.device:
-    """Resolve `--device` (under torchrun: this rank's device) and print the choice."""
+def device_spec(spec: str | None) -> str:
+    """`--device`, else the configured device, else auto."""
+    return spec if spec is not None else project_config().device or "auto"
+
+
+def pick_device(spec: str | None) -> torch.device:
+    """Resolve `--device`, else the configured device, else auto (under torchrun: this rank's device), and print
+    the choice."""
     ranks = distributed.current()
-    device = ranks.device if ranks.distributed else resolve_device(spec)
+    try:
+        device = ranks.device if ranks.distributed else resolve_device(device_spec(spec))
+    except SmadlrpError as exc:
+        config = project_config()
+        if spec is None and config.device is not None:
+            raise config.error("device", exc.message) from None
+        raise
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     err_console.print(f"[dim]device: {device} ({name})[/dim]", highlight=False)
     return device
 
 
 def find_checkpoint(given: Path | None) -> Path:
-    """`--checkpoint`, else the newest `best.safetensors` under ./runs/ (with a notice saying which)."""
+    """`--checkpoint`, else the configured one, else the newest `best.safetensors` under ./runs/ (with a notice
+    saying which)."""
     if given is not None:
         return given
+    config = project_config()
+    if config.checkpoint is not None:
+        notice(f"checkpoint: {config.checkpoint} (from {config.where})")
+        return config.checkpoint
     newest = newest_checkpoint(RUNS_DIR)
     if newest is None:
         raise SmadlrpError("no checkpoint: none given with --checkpoint and no best.safetensors under ./runs/; "
@@ -198,6 +231,10 @@ def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
     synthetic set (generated once into its cache folder); a notice says which default was taken."""
     if data is not None:
         return data
+    config = project_config()
+    if config.data is not None:
+        notice(f"data: {config.data} (from {config.where})")
+        return config.data
     recorded = meta.training_data if meta is not None else None
     if recorded is not None:
         notice(f"data: {recorded} (the checkpoint's training data; choose other data with --data)")
@@ -219,9 +256,10 @@ def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
 def data_source(data: Path | None, protocol: Path | None = None, bonafide_label: str = "bonafide",
                 attack_label: str = "morph", meta: CheckpointMeta | None = None) -> DataSource:
     """`--protocol` (paths relative to --data when given, else to the file), else `--data` split folders, else the
-    protocol or folder `meta`'s checkpoint was trained on, else the embedded synthetic set (see `data_root`).
-    Warns when a subject column shows one subject in two splits."""
-    recorded = meta.training.get("protocol") if meta is not None and data is None else None
+    configured data, else the protocol or folder `meta`'s checkpoint was trained on, else the embedded synthetic
+    set (see `data_root`). Warns when a subject column shows one subject in two splits."""
+    unset = data is None and project_config().data is None
+    recorded = meta.training.get("protocol") if meta is not None and unset else None
     if protocol is None and recorded and Path(recorded).is_file():
         notice(f"data: {recorded} (the checkpoint's training protocol; choose other data with --data or --protocol)")
         protocol, data = Path(recorded), Path(meta.training["data"])  # type: ignore[union-attr]

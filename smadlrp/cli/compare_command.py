@@ -147,13 +147,13 @@ def compare_rules(
     seed: SeedOption = 0,
     out: Annotated[Path, typer.Option(help="Output folder (CSV and figure).")] = Path("compare_results"),
     workers: WorkersOption = 0,
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
     masks, region perturbation (AOPC) and time per image."""
-    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
+    checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device)
     wanted = _target(target, meta.class_names)

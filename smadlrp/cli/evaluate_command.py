@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,18 +29,29 @@ from smadlrp.cli.common import (
     on_ranks,
     pick_device,
     progress_bar,
+    project_config,
     rank_line,
     write_json,
 )
 from smadlrp.core import distributed
-from smadlrp.core.errors import UsageError
+from smadlrp.core.config import ProjectConfig
+from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict_dataset
-from smadlrp.evaluation.metrics import check_gates, det_points, group_breakdown, parse_gate, summarize
+from smadlrp.evaluation.metrics import Gate, det_points, gate_results, group_breakdown, parse_gate, summarize
 from smadlrp.evaluation.plots import plot_det
-from smadlrp.evaluation.report import breakdown_table, confusion_table, metrics_table, summary_markdown, to_jsonable
+from smadlrp.evaluation.report import (
+    breakdown_table,
+    confusion_table,
+    gates_markdown,
+    github_error,
+    junit_xml,
+    metrics_table,
+    summary_markdown,
+    to_jsonable,
+)
 from smadlrp.evaluation.scores import scores_csv
 from smadlrp.evaluation.thresholds import ThresholdChoice, criterion_threshold, parse_threshold
 
@@ -82,6 +94,40 @@ def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple
     return ThresholdChoice(t, wanted, worst_species is not None)
 
 
+DEFAULT_SPLIT = "test"
+DEFAULT_THRESHOLD = "0.5"
+
+
+def _gates(cli_above: list[str] | None, cli_below: list[str] | None, config: ProjectConfig) -> tuple[
+        list[Gate], list[Gate]]:
+    """The configured gates with the command line's on top (a metric given on the command line replaces the
+    configured limit on the same side)."""
+    sides = []
+    for key, configured, given in (("fail-above", config.fail_above, cli_above),
+                                   ("fail-below", config.fail_below, cli_below)):
+        gates: dict[str, Gate] = {}
+        for name, limit in configured.items():
+            try:
+                gates[name.lower()] = parse_gate(f"{name}={limit}")
+            except UsageError as exc:
+                raise config.error(f"{key}.{name}", exc.message) from None
+        for text in given or []:
+            gate = parse_gate(text)
+            gates[gate.metric] = gate
+        sides.append(list(gates.values()))
+    return sides[0], sides[1]
+
+
+def _configured_threshold(given: str | None, config: ProjectConfig) -> float | str:
+    """`--threshold`, else the configured threshold (an error names the key and the file), else the default."""
+    if given is None and config.threshold is not None:
+        try:
+            return parse_threshold(config.threshold)
+        except UsageError as exc:
+            raise config.error("threshold", exc.message) from None
+    return parse_threshold(given or DEFAULT_THRESHOLD)
+
+
 @app.command()
 @handle_errors
 @on_ranks
@@ -91,12 +137,14 @@ def evaluate(
     protocol: ProtocolOption = None,
     bonafide_label: BonafideLabelOption = "bonafide",
     attack_label: AttackLabelOption = "morph",
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    split: Annotated[str | None, typer.Option(help=f"Split to evaluate; default: the configured split, else "
+                                                   f"{DEFAULT_SPLIT}.")] = None,
     batch_size: BatchSizeOption = 64,
     threshold: Annotated[
-        str, typer.Option(help="Decision threshold on P(morph): a number, or a criterion on the validation split: "
-                               "val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1.")
-    ] = "0.5",
+        str | None, typer.Option(help="Decision threshold on P(morph): a number, or a criterion on the validation "
+                                      "split: val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1; "
+                                      f"default: the configured one, else {DEFAULT_THRESHOLD}.")
+    ] = None,
     by: Annotated[
         list[str] | None, typer.Option("--by", help="Group column (repeatable): APCER, D-EER, BPCER10/100 per "
                                                     "group, Average and Worst rows, APCER_AP; default: morph_type "
@@ -107,10 +155,12 @@ def evaluate(
                                                    "group of the first --by column meets the APCER target.")
     ] = False,
     fail_above: Annotated[
-        list[str] | None, typer.Option("--fail-above", help="Gate METRIC=LIMIT: exit 1 if the metric is above.")
+        list[str] | None, typer.Option("--fail-above", help="Gate METRIC=LIMIT: exit 1 if the metric is above "
+                                                            "(repeatable; adds to the configured gates).")
     ] = None,
     fail_below: Annotated[
-        list[str] | None, typer.Option("--fail-below", help="Gate METRIC=LIMIT: exit 1 if the metric is below.")
+        list[str] | None, typer.Option("--fail-below", help="Gate METRIC=LIMIT: exit 1 if the metric is below "
+                                                            "(repeatable; adds to the configured gates).")
     ] = None,
     scores_out: Annotated[Path | None, typer.Option("--scores", help="Write path,label,score as CSV.",
                                                     dir_okay=False)] = None,
@@ -119,15 +169,24 @@ def evaluate(
         Path | None, typer.Option("--markdown", help="Write a Markdown summary (e.g. for a CI job summary).",
                                   dir_okay=False)
     ] = None,
+    junit_out: Annotated[
+        Path | None, typer.Option("--junit", help="Write the gates as JUnit XML (one testcase per gate).",
+                                  dir_okay=False)
+    ] = None,
     workers: WorkersOption = 0,
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Score a split with a checkpoint and report APCER, BPCER, D-EER, BPCER10/20/100 and more (under torchrun:
-    each process scores a share of the images; rank 0 reports on all of them)."""
-    above = [parse_gate(g) for g in fail_above or []]
-    below = [parse_gate(g) for g in fail_below or []]
-    wanted = parse_threshold(threshold)
+    each process scores a share of the images; rank 0 reports on all of them).
+
+    Exit code 1 when a gate fails (each failed gate is named). With GITHUB_ACTIONS set, failed gates are also
+    ::error annotations and the Markdown report is appended to $GITHUB_STEP_SUMMARY.
+    """
+    config = project_config()
+    above, below = _gates(fail_above, fail_below, config)
+    split = split or config.split or DEFAULT_SPLIT
+    wanted = _configured_threshold(threshold, config)
     if worst_species and (not isinstance(wanted, str) or not wanted.startswith("apcer") or not by):
         raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
     checkpoint = find_checkpoint(checkpoint)
@@ -158,14 +217,33 @@ def evaluate(
         apcer, bpcer = det_points(preds.labels, preds.scores)
         plot_det({checkpoint.stem: (apcer, bpcer)}, det_out,
                  eer={checkpoint.stem: summary.eer.value} if summary.eer.value is not None else None)
+    gates = gate_results(summary, above, below)
+    report = summary_markdown(summary, breakdowns, title) + (f"\n{gates_markdown(gates)}" if gates else "")
     if markdown_out is not None:
-        write_text_atomic(markdown_out, summary_markdown(summary, breakdowns, title))
-    failures = check_gates(summary, above, below)
+        write_text_atomic(markdown_out, report)
+    if junit_out is not None:
+        write_text_atomic(junit_out, junit_xml(gates, suite=f"{checkpoint.name} on {split}"))
+    failures = [g.failure for g in gates if g.failure is not None]
     write_json(json_out, to_jsonable({
         "checkpoint": str(checkpoint), "data": source.name, "split": split, "metrics": summary.as_dict(),
         "groups": {b.label: b for b in breakdowns}, "gates": {"failed": failures},
     }))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        _github_outputs(report, failures)
     for message in failures:
         fail_line(f"gate failed: {message}")
     if failures:
         raise typer.Exit(1)
+
+
+def _github_outputs(report: str, failures: list[str]) -> None:
+    """::error annotations on stdout and the report appended to the job's step summary file."""
+    for message in failures:
+        console.print(github_error("smadlrp gate failed", message), highlight=False, markup=False, soft_wrap=True)
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        try:
+            with open(summary_file, "a", encoding="utf-8") as handle:
+                handle.write(report + "\n")
+        except OSError as exc:
+            raise SmadlrpError(f"cannot append to $GITHUB_STEP_SUMMARY {summary_file}: {exc.strerror}") from None

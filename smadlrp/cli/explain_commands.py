@@ -110,13 +110,13 @@ def explain(
     save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write the relevance tensors (safetensors).")]
     = False,
     workers: WorkersOption = 0,
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules."""
     images = collect_images(paths)
-    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
+    checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or ["epsilon"], patterns, checkpoint, model, meta, torch_device)
     explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
@@ -161,15 +161,15 @@ def trace(
     target: TargetOption = "predicted",
     param: ParamOption = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Relevance at the input of every layer and at the output: a conservation table, tensors and a figure."""
     images = collect_images([image])
     if rule == "all":
         raise UsageError("trace takes one rule, not all")
-    checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
+    checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]

@@ -80,7 +80,7 @@ def fit_patterns_command(
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 0,
     seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Fit PatternNet/PatternAttribution patterns for every Conv2d and Linear layer of a checkpoint (under

@@ -71,7 +71,7 @@ def finetune(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the interrupted run in this output folder.", file_okay=False)
     ] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images."""

@@ -537,9 +537,33 @@ def _gate_failure(summary: MetricsSummary, gate: Gate, above: bool) -> str | Non
     return None
 
 
+@dataclass(frozen=True)
+class GateResult:
+    """One gate checked on a summary: the measured value (None when not estimable) and, when it fails, why."""
+
+    gate: Gate
+    above: bool  # True: fails when the value is above the limit; False: when it is below
+    value: float | None
+    failure: str | None  # None when the gate passes
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    @property
+    def name(self) -> str:
+        """What the gate requires, e.g. "d-eer <= 0.05"."""
+        return f"{self.gate.metric} {'<=' if self.above else '>='} {self.gate.limit:.4g}"
+
+
+def gate_results(summary: MetricsSummary, fail_above: Sequence[Gate], fail_below: Sequence[Gate]) -> list[GateResult]:
+    """Every gate with its measured value, fail_above gates first, each in the order given."""
+    checks = [(gate, True) for gate in fail_above] + [(gate, False) for gate in fail_below]
+    return [GateResult(gate, above, summary.value(gate.metric), _gate_failure(summary, gate, above))
+            for gate, above in checks]
+
+
 def check_gates(summary: MetricsSummary, fail_above: Sequence[Gate], fail_below: Sequence[Gate]) -> list[str]:
     """One message per failed gate: a value strictly above a fail_above limit or strictly below a fail_below
     limit, or a gated metric that is not estimable. An empty list means every gate passed."""
-    checks = [(gate, True) for gate in fail_above] + [(gate, False) for gate in fail_below]
-    failures = (_gate_failure(summary, gate, above) for gate, above in checks)
-    return [message for message in failures if message is not None]
+    return [r.failure for r in gate_results(summary, fail_above, fail_below) if r.failure is not None]

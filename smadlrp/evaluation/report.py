@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from smadlrp.evaluation.metrics import (
     Aggregate,
     Breakdown,
     ConfusionMatrix,
+    GateResult,
     MetricsSummary,
 )
 
@@ -232,6 +234,39 @@ def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None) -> l
     header, rows = _breakdown_rows(breakdown)
     rows = rows[:-2] + [[f"**{cell}**" if cell else "" for cell in row] for row in rows[-2:]]
     return [*_md_table(header, rows, "l" + "r" * (len(header) - 1)), "", breakdown_caption(breakdown, pooled)]
+
+
+def gates_markdown(results: Sequence[GateResult]) -> str:
+    """A Markdown table of the gates: requirement, measured value, pass or FAIL with the reason."""
+    rows = [[f"`{r.name}`", "n/a" if r.value is None else f"{r.value:.4g}",
+             "pass" if r.passed else f"**FAIL**: {r.failure}"] for r in results]
+    return "\n".join(["**Gates**", "", *_md_table(["gate", "measured", "result"], rows, "lrl")]) + "\n"
+
+
+def junit_xml(results: Sequence[GateResult], suite: str) -> str:
+    """JUnit XML with one testcase per gate in one testsuite; a failed gate's <failure> carries the measured
+    value in its message and text."""
+    failures = sum(not r.passed for r in results)
+    suites = ET.Element("testsuites", name="smadlrp", tests=str(len(results)), failures=str(failures))
+    node = ET.SubElement(suites, "testsuite", name=suite, tests=str(len(results)), failures=str(failures),
+                         errors="0", skipped="0")
+    for result in results:
+        case = ET.SubElement(node, "testcase", classname=f"smadlrp.gates.{suite}", name=result.name)
+        measured = "not estimable" if result.value is None else f"{result.value:.6g}"
+        ET.SubElement(case, "properties").append(ET.Element("property", name="measured", value=measured))
+        if result.failure is not None:
+            failure = ET.SubElement(case, "failure", message=result.failure, type="gate")
+            failure.text = f"{result.name}: measured {measured}"
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def github_error(title: str, message: str) -> str:
+    """A GitHub Actions `::error` workflow command (its data and title escaped as the runner expects)."""
+    def escape(text: str, *, prop: bool = False) -> str:
+        text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+    return f"::error title={escape(title, prop=True)}::{escape(message)}"
 
 
 def to_jsonable(obj: Any) -> Any:
