@@ -95,10 +95,10 @@ def test_command_line_overrides_the_configuration(ci_project: Path, monkeypatch:
     ('device = "tpu"\n', ["evaluate"], "smadlrp.toml: device: --device 'tpu'"),
     ('chekpoint = "a"\n', ["evaluate"], "smadlrp.toml: chekpoint: unknown key"),
 ])
-def test_configuration_errors_are_one_red_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
-                                               args: list[str], message: str) -> None:
+def test_configuration_errors_are_one_red_line(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                               text: str, args: list[str], message: str) -> None:
     monkeypatch.chdir(_project(tmp_path, text))
-    code, output = _invoke(*args)
+    code, output = _invoke(*args, "--checkpoint", str(tiny_checkpoint))
     assert code in (1, 2), output
     lines = output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], output

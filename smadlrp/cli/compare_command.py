@@ -152,8 +152,8 @@ def compare_rules(
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
     masks, region perturbation (AOPC) and time per image."""
-    torch_device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device)
     wanted = _target(target, meta.class_names)

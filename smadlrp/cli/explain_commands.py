@@ -115,8 +115,8 @@ def explain(
 ) -> None:
     """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules."""
     images = collect_images(paths)
-    torch_device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or ["epsilon"], patterns, checkpoint, model, meta, torch_device)
     explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
@@ -168,8 +168,8 @@ def trace(
     images = collect_images([image])
     if rule == "all":
         raise UsageError("trace takes one rule, not all")
-    torch_device = pick_device(device)
     checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
