@@ -92,6 +92,14 @@ AttackLabelOption = Annotated[
                                              "(MorDeephy: --attack-label 0 --bonafide-label 1).")
 ]
 RUNS_DIR = Path("runs")
+CiOption = Annotated[
+    float, typer.Option("--ci", min=0.0, max=0.999, help="Confidence level of the intervals on every figure "
+                                                         "(0: none).")
+]
+BootstrapOption = Annotated[
+    int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the D-EER, BPCER@APCER and AUC "
+                                                 "intervals, over subjects when the data names them (0: none).")
+]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOption = Annotated[
     int, typer.Option("--workers", min=0, help="DataLoader worker processes (0: load in-process).")

@@ -13,11 +13,14 @@ from smadlrp.cli.common import (
     AttackLabelOption,
     BatchSizeOption,
     BonafideLabelOption,
+    BootstrapOption,
     CheckpointOption,
+    CiOption,
     DataOption,
     DeviceOption,
     JsonOption,
     ProtocolOption,
+    SeedOption,
     WorkersOption,
     console,
     data_source,
@@ -40,7 +43,15 @@ from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict_dataset
-from smadlrp.evaluation.metrics import Gate, det_points, gate_results, group_breakdown, parse_gate, summarize
+from smadlrp.evaluation.metrics import (
+    Gate,
+    IntervalOptions,
+    det_points,
+    gate_results,
+    group_breakdown,
+    parse_gate,
+    summarize,
+)
 from smadlrp.evaluation.plots import plot_det
 from smadlrp.evaluation.report import (
     breakdown_table,
@@ -79,6 +90,19 @@ def _group_values(index: SplitIndex, preds: Predictions, column: str) -> list[st
         raise UsageError(f"--by {column}: the data has no such column (group columns: {have})")
     values = index.groups[column]
     return [values[i] for i in preds.indices]
+
+
+def interval_options(ci: float, bootstrap: int, seed: int, index: SplitIndex, preds: Predictions
+                     ) -> IntervalOptions | None:
+    """--ci/--bootstrap/--seed as IntervalOptions; the bootstrap resamples subjects (each image's first subject
+    id) when the data names them, else images. None with --ci 0."""
+    if ci == 0:
+        return None
+    subjects = index.subjects()
+    clusters = None
+    if any(subjects):
+        clusters = [subjects[i][0] if subjects[i] else f"image {i}" for i in preds.indices]
+    return IntervalOptions(confidence=ci, resamples=bootstrap, seed=seed, clusters=clusters)
 
 
 def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple[Predictions, SplitIndex] | None
@@ -173,6 +197,9 @@ def evaluate(
         Path | None, typer.Option("--junit", help="Write the gates as JUnit XML (one testcase per gate).",
                                   dir_okay=False)
     ] = None,
+    ci: CiOption = 0.95,
+    bootstrap: BootstrapOption = 1000,
+    seed: SeedOption = 0,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -201,10 +228,11 @@ def evaluate(
     if not distributed.current().is_main:
         return  # every score is on rank 0, which reports and writes the files
     paths = [index.samples[i].path for i in preds.indices]
-    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source)
+    options = interval_options(ci, bootstrap, seed, index, preds)
+    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source, intervals=options)
     columns = by or (["morph_type"] if "morph_type" in index.groups else [])
     breakdowns = [group_breakdown(preds.labels, preds.scores, _group_values(index, preds, column), t, column=column,
-                                  threshold_source=threshold_source) for column in columns]
+                                  threshold_source=threshold_source, intervals=options) for column in columns]
     title = f"{checkpoint.name} on {split} ({summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
             f"{summary.n_morph} {meta.attack_class})"
     console.print(confusion_table(summary.confusion))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.evaluation.intervals import Interval, bootstrap_intervals, clopper_pearson
 
 MORPH = 1
 BONAFIDE = 0
@@ -180,7 +181,11 @@ def d_eer(labels: npt.ArrayLike, scores: npt.ArrayLike) -> EER:
     detector gives 0 (threshold = lowest morph score), one scoring every image alike 0.5, and an inverted one
     (every morph below every bona fide image) 1.
     """
-    morph, bona = _split(labels, scores)
+    return _d_eer_sorted(*_split(labels, scores))
+
+
+def _d_eer_sorted(morph: FloatArray, bona: FloatArray) -> EER:
+    """`d_eer` on sorted morph (Nm,) and bona fide (Nb,) scores."""
     reason = _missing_class(morph.size, bona.size)
     if reason is not None:
         return EER(None, None, f"needs both classes: {reason}")
@@ -243,8 +248,11 @@ def bpcer_at_apcer(labels: npt.ArrayLike, scores: npt.ArrayLike, alpha: float) -
     Morph scores sorted m(1) <= ... <= m(N), k = floor(alpha N), t* = m(k+1) or +inf when k = N: the largest
     threshold with at most k morphs below it. Not estimable with fewer than 1/alpha morphs or no bona fide.
     """
+    return _bpcer_at_apcer_sorted(*_split(labels, scores), alpha)
+
+
+def _bpcer_at_apcer_sorted(morph: FloatArray, bona: FloatArray, alpha: float) -> OperatingPoint:
     required, alpha = _check_target("alpha", alpha)
-    morph, bona = _split(labels, scores)
     reason = _not_estimable("apcer", required, morph.size, bona.size)
     if reason is not None:
         return OperatingPoint("apcer", alpha, None, None, None, required, reason)
@@ -261,8 +269,11 @@ def apcer_at_bpcer(labels: npt.ArrayLike, scores: npt.ArrayLike, beta: float) ->
     that at most k bona fide scores are >= t*), or -inf when k = N. Not estimable with fewer than 1/beta
     bona fide images or no morphs.
     """
+    return _apcer_at_bpcer_sorted(*_split(labels, scores), beta)
+
+
+def _apcer_at_bpcer_sorted(morph: FloatArray, bona: FloatArray, beta: float) -> OperatingPoint:
     required, beta = _check_target("beta", beta)
-    morph, bona = _split(labels, scores)
     reason = _not_estimable("bpcer", required, bona.size, morph.size)
     if reason is not None:
         return OperatingPoint("bpcer", beta, None, None, None, required, reason)
@@ -274,7 +285,10 @@ def apcer_at_bpcer(labels: npt.ArrayLike, scores: npt.ArrayLike, beta: float) ->
 
 def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
     """ROC AUC = P(morph score > bona fide score) + P(tie) / 2; None when a class is missing."""
-    morph, bona = _split(labels, scores)
+    return _roc_auc_sorted(*_split(labels, scores))
+
+
+def _roc_auc_sorted(morph: FloatArray, bona: FloatArray) -> float | None:
     if morph.size == 0 or bona.size == 0:
         return None
     below = np.searchsorted(bona, morph, side="left")
@@ -309,6 +323,9 @@ class MetricsSummary:
     eer: EER
     operating_points: Mapping[str, OperatingPoint]
     auc: float | None
+    # confidence intervals by metric name: Clopper-Pearson for the rates at the threshold, bootstrap for the
+    # curve figures; a string says why a metric with a value has no interval. Empty when none were asked for.
+    intervals: Mapping[str, Interval | str] = field(default_factory=dict)
 
     @property
     def n_morph(self) -> int:
@@ -344,9 +361,10 @@ class MetricsSummary:
         missing = _missing_class(self.n_morph, self.n_bonafide)
         return f"needs both classes: {missing}" if name == "auc" else missing
 
-    def as_dict(self) -> dict[str, float | int | str | None]:
-        """Flat mapping for JSON: counts, confusion cells, every gate metric, thresholds, reached rates."""
-        out: dict[str, float | int | str | None] = {
+    def as_dict(self) -> dict[str, Any]:
+        """Flat mapping for JSON: counts, confusion cells, every gate metric, thresholds, reached rates, and with
+        intervals `NAME_ci` = [low, high] (or None and `NAME_ci_note` saying why)."""
+        out: dict[str, Any] = {
             "n_bonafide": self.n_bonafide,
             "n_morph": self.n_morph,
             "threshold": self.threshold,
@@ -358,6 +376,11 @@ class MetricsSummary:
         }
         for name in GATE_METRICS:
             out[name] = self.value(name)
+            if self.intervals:
+                interval = self.intervals.get(name)
+                out[f"{name}_ci"] = [interval.low, interval.high] if isinstance(interval, Interval) else None
+                if isinstance(interval, str):
+                    out[f"{name}_ci_note"] = interval
             if name == "d-eer":
                 out["d-eer_threshold"] = self.eer.threshold
             elif name in self.operating_points:
@@ -367,22 +390,63 @@ class MetricsSummary:
         return out
 
 
+def _operating_points(morph: FloatArray, bona: FloatArray) -> dict[str, OperatingPoint]:
+    return {name: (_bpcer_at_apcer_sorted if fixed == "apcer" else _apcer_at_bpcer_sorted)(morph, bona, target)
+            for name, (fixed, target) in OPERATING_POINTS.items()}
+
+
+def curve_figures(labels: npt.ArrayLike, scores: npt.ArrayLike) -> dict[str, float | None]:
+    """The threshold-free figures of one score set: D-EER, the OPERATING_POINTS and the AUC (None: n/a)."""
+    morph, bona = _split(labels, scores)
+    figures = {name: point.value for name, point in _operating_points(morph, bona).items()}
+    return {"d-eer": _d_eer_sorted(morph, bona).value, **figures, "auc": _roc_auc_sorted(morph, bona)}
+
+
+@dataclass(frozen=True)
+class IntervalOptions:
+    """What confidence intervals `summarize` adds: at `confidence` (e.g. 0.95); `resamples` bootstrap draws
+    (0: Clopper-Pearson only) seeded with `seed`; over the clusters `clusters` (N,) names, else over images."""
+
+    confidence: float = 0.95
+    resamples: int = 1000
+    seed: int = 0
+    clusters: Sequence[str] | None = None
+
+
+def _intervals(y: npt.NDArray[np.int64], s: FloatArray, confusion: ConfusionMatrix,
+               values: Mapping[str, float | None], options: IntervalOptions) -> dict[str, Interval | str]:
+    """Clopper-Pearson for accuracy, APCER and BPCER at the threshold; a bootstrap for the curve figures."""
+    c = options.confidence
+    exact = {"accuracy": clopper_pearson(confusion.tp + confusion.tn, confusion.total, c),
+             "apcer": clopper_pearson(confusion.fn, confusion.n_morph, c),
+             "bpcer": clopper_pearson(confusion.fp, confusion.n_bonafide, c)}
+    out: dict[str, Interval | str] = {name: interval for name, interval in exact.items() if interval is not None}
+    if options.resamples > 0 and any(values[name] is not None for name in values):
+        booted = bootstrap_intervals(y, s, curve_figures, clusters=options.clusters, resamples=options.resamples,
+                                     confidence=c, seed=options.seed)
+        out.update({name: booted[name] for name, value in values.items() if value is not None})
+    return out
+
+
 def summarize(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float, *, threshold_source: str
+    labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float, *, threshold_source: str,
+    intervals: IntervalOptions | None = None,
 ) -> MetricsSummary:
-    """All metrics for one split: the confusion matrix at `threshold` plus the oracle (curve) ones."""
+    """All metrics for one split: the confusion matrix at `threshold` plus the oracle (curve) ones, and their
+    confidence intervals when `intervals` asks for them."""
     y, s = _as_arrays(labels, scores)
-    points = {
-        name: (bpcer_at_apcer if fixed == "apcer" else apcer_at_bpcer)(y, s, target)
-        for name, (fixed, target) in OPERATING_POINTS.items()
-    }
+    confusion = ConfusionMatrix.from_scores(y, s, threshold)
+    morph, bona = np.sort(s[y == MORPH]), np.sort(s[y == BONAFIDE])
+    eer, points, auc = _d_eer_sorted(morph, bona), _operating_points(morph, bona), _roc_auc_sorted(morph, bona)
+    values = {"d-eer": eer.value, **{name: point.value for name, point in points.items()}, "auc": auc}
     return MetricsSummary(
         threshold=_check_threshold(threshold),
         threshold_source=threshold_source,
-        confusion=ConfusionMatrix.from_scores(y, s, threshold),
-        eer=d_eer(y, s),
+        confusion=confusion,
+        eer=eer,
         operating_points=points,
-        auc=roc_auc(y, s),
+        auc=auc,
+        intervals=_intervals(y, s, confusion, values, intervals) if intervals is not None else {},
     )
 
 
@@ -474,12 +538,14 @@ class Breakdown:
 
 
 def group_breakdown(labels: npt.ArrayLike, scores: npt.ArrayLike, groups: Sequence[str] | npt.ArrayLike,
-                    threshold: float, *, column: str, threshold_source: str, **options: Any) -> Breakdown:
+                    threshold: float, *, column: str, threshold_source: str,
+                    intervals: IntervalOptions | None = None) -> Breakdown:
     """Metrics per value of a group column (groups (N,): each image's value) at one threshold.
 
     A group holds the images with its value plus the bona fide images with no value: a column that only morphs
     carry (the morphing method, an attack species) compares every group with all bona fide images, as ISO/IEC
-    30107-3 counts APCER per species against one BPCER. `options` go to `summarize` (intervals).
+    30107-3 counts APCER per species against one BPCER. `intervals` as for `summarize` (clusters (N,) are
+    taken per group).
     """
     y, s = _as_arrays(labels, scores)
     g = np.asarray(groups, dtype=str)
@@ -490,8 +556,11 @@ def group_breakdown(labels: npt.ArrayLike, scores: npt.ArrayLike, groups: Sequen
     parts = []
     for name in names:
         member = (g == name) | shared
+        options = intervals
+        if intervals is not None and intervals.clusters is not None:
+            options = replace(intervals, clusters=list(np.asarray(intervals.clusters, dtype=str)[member]))
         parts.append((name or "(none)", summarize(y[member], s[member], threshold,
-                                                  threshold_source=threshold_source, **options)))
+                                                  threshold_source=threshold_source, intervals=options)))
     return Breakdown(column, tuple(parts), shared_bonafide=bool(shared.any()) and not bool(
         ((y == BONAFIDE) & (g != "")).any()))
 

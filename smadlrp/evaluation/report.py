@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from smadlrp.evaluation.intervals import Interval
 from smadlrp.evaluation.metrics import (
     BREAKDOWN_METRICS,
     GATE_METRICS,
@@ -51,13 +52,41 @@ def threshold_text(value: float | None) -> str:
     return f"{value:+}" if math.isinf(value) else f"{value:.4f}"
 
 
-def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
-    """Value and note of one gate metric: the value in % (the AUC as a number) with the threshold behind it,
-    or "n/a" with why it is not estimable."""
+def value_text(summary: MetricsSummary, name: str) -> str:
+    """A metric's value in % (the AUC as a number) with its confidence interval when it has one:
+    "7.05 % [4.1, 11.2]"; "n/a" when not estimable."""
     value = summary.value(name)
     if value is None:
+        return "n/a"
+    interval = summary.intervals.get(name)
+    if name == "auc":
+        text, bounds = f"{value:.4f}", (lambda i: f" [{i.low:.3f}, {i.high:.3f}]")
+    else:
+        text, bounds = percent(value), (lambda i: f" [{100 * i.low:.1f}, {100 * i.high:.1f}]")
+    return text + (bounds(interval) if isinstance(interval, Interval) else "")
+
+
+def interval_note(summaries: Sequence[MetricsSummary]) -> str:
+    """What the bracketed intervals are, e.g. "[95 % CI: clopper-pearson; bootstrap over images]"; "" without."""
+    found = [i for summary in summaries for i in summary.intervals.values() if isinstance(i, Interval)]
+    if not found:
+        return ""
+    names = {"clopper-pearson": "Clopper-Pearson (exact binomial) at the threshold"}
+    methods = "; ".join(names.get(m, f"{m} for the curve figures") for m in sorted({i.method for i in found},
+                                                                                  reverse=True))
+    return f"[{100 * found[0].confidence:g} % confidence intervals: {methods}]"
+
+
+def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
+    """Value and note of one gate metric: the value (with its interval) and the threshold behind it, or "n/a"
+    with why it is not estimable."""
+    if summary.value(name) is None:
         return "n/a", str(summary.reason(name))
-    return (f"{value:.4f}" if name == "auc" else percent(value)), _metric_note(summary, name)
+    note = _metric_note(summary, name)
+    interval = summary.intervals.get(name)
+    if isinstance(interval, str):
+        note += f"; no interval: {interval}"
+    return value_text(summary, name), note
 
 
 def _metric_note(summary: MetricsSummary, name: str) -> str:
@@ -92,8 +121,8 @@ def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> T
         title=title,
         caption=(
             f"{summary.n_morph} morphs, {summary.n_bonafide} bona fide. "
-            f"* {ORACLE_NOTE}. ACER is not reported (not ISO/IEC 30107-3 conformant)."
-        ),
+            f"* {ORACLE_NOTE}. ACER is not reported (not ISO/IEC 30107-3 conformant). {interval_note([summary])}"
+        ).strip(),
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -104,9 +133,8 @@ def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> T
 
 
 def _rate_cell(summary: MetricsSummary, name: str) -> str:
-    """One rate of a summary in %, or "n/a (why)"."""
-    value = summary.value(name)
-    return percent(value) if value is not None else f"n/a ({summary.reason(name)})"
+    """One rate of a summary in % with its interval, or "n/a (why)"."""
+    return value_text(summary, name) if summary.value(name) is not None else f"n/a ({summary.reason(name)})"
 
 
 def _aggregate_cell(aggregate: Aggregate, *, with_part: bool) -> str:
@@ -148,7 +176,8 @@ def breakdown_caption(breakdown: Breakdown, pooled: MetricsSummary | None) -> st
         text += f"; t = {threshold_text(first.threshold)} ({first.threshold_source})"
     if breakdown.shared_bonafide and first is not None:
         text += f"; every {breakdown.label} against the same {first.n_bonafide} bona fide images"
-    return text + f". * {ORACLE_NOTE}."
+    note = interval_note([summary for _, summary in breakdown.parts])
+    return text + f". * {ORACLE_NOTE}." + (f" {note}" if note else "")
 
 
 def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, *, title: str) -> Table:
@@ -214,7 +243,8 @@ def summary_markdown(summary: MetricsSummary, breakdowns: Sequence[Breakdown], t
         for name in GATE_METRICS
     ]
     lines += _md_table(["metric", "meaning", "value", "threshold / note"], metric_rows, "llrl")
-    lines += ["", f"\\* {ORACLE_NOTE}.", "", "**Confusion matrix** (rows: true class, columns: called)", ""]
+    lines += ["", f"\\* {ORACLE_NOTE}. {interval_note([summary])}".rstrip(), "",
+              "**Confusion matrix** (rows: true class, columns: called)", ""]
     lines += _md_table(
         ["true \\ called", "morph", "bona fide", "error rate"],
         [
