@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
 from smadlrp.core import distributed
+from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.lrp.patterns import load_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +31,13 @@ runner = CliRunner()
 
 
 def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str]]:
-    """The commands run on two ranks and again in one process (OUT stands for the output folder)."""
+    """The commands run on two ranks, and some of them again in one process writing into `out`."""
     common = ["--checkpoint", str(checkpoint), "--data", str(data), "--device", "cpu"]
+    train = ["finetune", "--weights", "none", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     return {
+        "finetune": [*train, "--data", str(data), "--out", f"{out}/run", "--json", f"{out}/finetune.json"],
+        "resume": ["finetune", "--resume", f"{out}/run", "--epochs", "2", "--device", "cpu"],
+        "broken": [*train, "--data", str(out.parent / "broken"), "--out", f"{out}/broken-run"],
         "fit": ["fit-patterns", *common, "--kind", "both", "--batch-size", "4", "--out", f"{out}/patterns.safetensors",
                 "--json", f"{out}/fit.json"],
         "evaluate": ["evaluate", *common, "--batch-size", "3", "--threshold", "val-eer", "--scores",
@@ -41,6 +49,10 @@ def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_checkpoint: Path) -> Path:
     """Run every job on two ranks once; the folder of their results."""
     out = tmp_path_factory.mktemp("ranks")
+    broken = shutil.copytree(tiny_data, out.parent / "broken")  # one unreadable image, in rank 1's validation share
+    corrupt = broken / "val" / "bonafide" / "val_bonafide_05z.jpg"  # its header reads, its pixels do not
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:-10])
     jobs = ["core", *(f"{name}:{json.dumps(args)}" for name, args in
                       command_lines(tiny_data, tiny_checkpoint, out).items())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -128,3 +140,37 @@ def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Pa
     # batches of 3 dealt in turn: rank 0 takes 9 and rank 1 takes 7 of the 16 images of each split
     assert "rank 0/2: scoring 9 of 16 test images" in outputs[0] and "APCER" in outputs[0]
     assert "rank 1/2: scoring 7 of 16 test images" in outputs[1] and "APCER" not in outputs[1]
+
+
+def test_finetune_on_two_ranks_writes_one_run(two_ranks: Path, tmp_path: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "finetune")]
+    assert [r["exit_code"] for r in results(two_ranks, "finetune")] == [0, 0], outputs
+    run = two_ranks / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "history.json", "last.safetensors",
+                                                     "resume.safetensors", "training-curves.png"]
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.training["world_size"] == 2 and meta.training["batch_size"] == 4
+    assert meta.metrics["train"]["samples"] == 16  # 8 training images on each rank, counted together
+    assert json.loads((two_ranks / "finetune.json").read_text())["world_size"] == 2
+    assert "rank 0/2: training on 8 of 16 images (2 per batch of 4), validating on 8 of 16" in outputs[0]
+    assert "rank 1/2: training on 8 of 16 images (2 per batch of 4), validating on 8 of 16" in outputs[1]
+    assert "best epoch 1" in outputs[0] and "best epoch" not in outputs[1]
+    # resumed on two ranks, then on one process: the history carries on
+    assert [r["exit_code"] for r in results(two_ranks, "resume")] == [0, 0]
+    history = json.loads((run / "history.json").read_text())["epochs"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    copy = shutil.copytree(run, tmp_path / "run")
+    again = runner.invoke(app, ["finetune", "--resume", str(copy), "--epochs", "3", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "trained on 2 process(es) and continues on 1" in again.output
+    assert [row["epoch"] for row in json.loads((copy / "history.json").read_text())["epochs"]] == [1, 2, 3]
+
+
+def test_an_unreadable_image_on_one_rank_ends_both_with_one_line(two_ranks: Path) -> None:
+    first, second = results(two_ranks, "broken")
+    assert (first["exit_code"], second["exit_code"]) == (1, 1)
+    errors = [line for line in first["output"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and "val_bonafide_05z.jpg" in errors[0]
+    assert "not a readable image" in errors[0]
+    assert "error" not in second["output"]  # rank 0 says it for both
+    assert not (two_ranks / "broken-run" / "best.safetensors").exists()

@@ -128,7 +128,7 @@ def rank_line(message: str) -> None:
     """A dim line on stderr from every rank (prefixed with the rank under torchrun), e.g. the share it took."""
     ranks = distributed.current()
     prefix = f"{ranks.describe()}: " if ranks.distributed else ""
-    _rank_console.print(f"[dim]{prefix}{message}[/dim]", highlight=False)
+    _rank_console.print(f"[dim]{prefix}{message}[/dim]", highlight=False, soft_wrap=True)
 
 
 _rank_console = Console(stderr=True)

@@ -13,7 +13,6 @@ from rich.progress import TextColumn
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     AttackLabelOption,
-    BatchSizeOption,
     BonafideLabelOption,
     DataOption,
     DeviceOption,
@@ -25,10 +24,13 @@ from smadlrp.cli.common import (
     data_source,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
+    rank_line,
     write_json,
 )
+from smadlrp.core import distributed
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
@@ -39,8 +41,15 @@ from smadlrp.evaluation.report import epoch_table
 ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}.")]
 
 
+GlobalBatchOption = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per batch; under torchrun the global batch, split "
+                                                        "evenly over the processes (a multiple of their number).")
+]
+
+
 @app.command()
 @handle_errors
+@on_ranks
 def finetune(
     arch: ArchOption = "vgg_compact",
     data: DataOption = None,
@@ -49,7 +58,7 @@ def finetune(
     attack_label: AttackLabelOption = "morph",
     epochs: Annotated[int | None, typer.Option(help="Epochs to train (default 10; with --resume: the new total).")]
     = None,
-    batch_size: BatchSizeOption = 32,
+    batch_size: GlobalBatchOption = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help=f"Optimizer: {', '.join(OPTIMIZERS)}.")] = "adam",
     schedule: Annotated[str, typer.Option(help="Learning rate per epoch: cosine (decays to 0) or constant.")]
@@ -74,17 +83,24 @@ def finetune(
     device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
-    """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images."""
+    """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images (under torchrun: data-parallel
+    on every process, rank 0 writes the run folder)."""
     torch_device = pick_device(device)
+    ranks = distributed.current()
     if resume is not None:
-        config, doc, tensors = read_resume(resume)
+        with ranks.shared_failure():
+            config, doc, tensors = read_resume(resume)
         config.epochs = epochs or config.epochs
         out = resume
         source = data_source(Path(config.data), Path(config.protocol) if config.protocol else None,
                              config.bonafide_label, config.attack_label)
-        trainer = Finetuner(config, source, out, torch_device, notice, workers)
-        trainer.restore(doc, tensors)
+        with ranks.shared_failure():
+            trainer = Finetuner(config, source, out, torch_device, notice, workers)
+            trainer.restore(doc, tensors)
         notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
+        if doc.get("world_size", 1) != ranks.world_size:
+            notice(f"the run trained on {doc.get('world_size', 1)} process(es) and continues on {ranks.world_size}: "
+                   "weights, optimizer, schedule and history carry on; later epochs visit the images in another order")
     else:
         source = data_source(data, protocol, bonafide_label, attack_label)
         config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, schedule=schedule,
@@ -93,10 +109,14 @@ def finetune(
                              select_by=select_by, attack_class=attack_class, seed=seed, data=str(source.root.resolve()),
                              protocol=str(protocol.resolve()) if protocol is not None else "",
                              bonafide_label=bonafide_label, attack_label=attack_label)
-        out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(f"{out} is not empty: choose another --out, or continue that run with --resume {out}")
-        trainer = Finetuner(config, source, out, torch_device, notice, workers)
+        out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+        with ranks.shared_failure():
+            if out.exists() and any(out.iterdir()):
+                raise UsageError(f"{out} is not empty: choose another --out, or continue that run with --resume {out}")
+            trainer = Finetuner(config, source, out, torch_device, notice, workers)
+    train_share, train_total, val_share, val_total = trainer.shares
+    rank_line(f"training on {train_share} of {train_total} images ({config.batch_size // ranks.world_size} per "
+              f"batch of {config.batch_size}), validating on {val_share} of {val_total}")
     console.print(f"[bold]{config.arch}[/bold] ({'all layers' if config.full else 'head only'}), "
                   f"{config.image_size} px, weights: {trainer.weights_source}, attack class: {config.attack_class}, "
                   f"output: {out}", highlight=False)

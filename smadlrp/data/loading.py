@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from smadlrp.core.errors import SmadlrpError
@@ -270,9 +270,12 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
 
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int, int]], batch_size: int, *, shuffle: bool = False,
                 workers: int = 0, generator: torch.Generator | None = None,
-                device: torch.device | None = None) -> DataLoader[tuple[torch.Tensor, int, int]]:
-    """A DataLoader with pinned memory on CUDA and persistent workers when `workers` > 0."""
+                device: torch.device | None = None,
+                sampler: Sampler[int] | None = None) -> DataLoader[tuple[torch.Tensor, int, int]]:
+    """A DataLoader with pinned memory on CUDA and persistent workers when `workers` > 0 (`sampler`: the order,
+    e.g. one process's share under torchrun, instead of `shuffle`)."""
     if batch_size < 1:
         raise SmadlrpError("--batch-size must be at least 1", exit_code=2)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-                      pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0)
+                      pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0,
+                      sampler=sampler)

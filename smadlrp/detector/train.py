@@ -10,11 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 from smadlrp.core.container import read_document, read_tensors, write_document
 from smadlrp.core.device import autocast, seed_everything
+from smadlrp.core.distributed import RankError, Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import (
@@ -25,7 +29,7 @@ from smadlrp.data.loading import (
     make_loader,
 )
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
-from smadlrp.detector.inference import logits_of, predict
+from smadlrp.detector.inference import logits_of, predict_dataset
 from smadlrp.detector.models import build_model, get_architecture, set_trainable
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
 
@@ -123,12 +127,23 @@ def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.opt
 
 
 class Finetuner:
-    """A fine-tuning run writing into `out`: best/last checkpoints, history.json, curves, resume state."""
+    """A fine-tuning run writing into `out`: best/last checkpoints, history.json, curves, resume state.
+
+    Under torchrun (`ranks`, default: the current ones) the model trains as DistributedDataParallel: each rank
+    takes `batch_size / world size` images of every global batch (a DistributedSampler reshuffled each epoch),
+    validation is scored in shares and gathered, so every rank computes the same metrics on all scores, and rank
+    0 alone writes the files.
+    """
 
     def __init__(self, config: TrainConfig, data: DataSource | Path, out: Path, device: torch.device,
-                 notify: Callable[[str], None] = lambda msg: None, workers: int = 0) -> None:
+                 notify: Callable[[str], None] = lambda msg: None, workers: int = 0,
+                 ranks: Ranks | None = None) -> None:
         self.config = config.validate()
-        self.out, self.device, self.notify = out, device, notify
+        self.ranks = ranks = ranks or current()
+        if config.batch_size % ranks.world_size:
+            raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must be a multiple of the "
+                             f"{ranks.world_size} processes")
+        self.out, self.device, self.notify, self.workers = out, device, notify, workers
         self.generator = seed_everything(config.seed)
         arch = get_architecture(config.arch)
         data = data if isinstance(data, DataSource) else DataSource(Path(data))
@@ -140,19 +155,33 @@ class Finetuner:
         val_split = data.split("val", self.class_names, config.attack_class, warn=notify)
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
+        train_data = ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True)
+        self.sampler: DistributedSampler[int] | None = None  # one process: the loader shuffles itself
+        if ranks.distributed:
+            self.sampler = DistributedSampler(train_data, ranks.world_size, ranks.rank, seed=config.seed)
         self.train_loader = make_loader(
-            ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True),
-            config.batch_size,
-            shuffle=True, workers=workers, generator=self.generator, device=device)
-        self.val_loader = make_loader(
-            ImageDataset(val_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, cache=True), config.batch_size,
-            workers=workers, device=device)
+            train_data, config.batch_size // ranks.world_size, shuffle=self.sampler is None, sampler=self.sampler,
+            workers=workers, generator=self.generator, device=device)
+        self.val_data = ImageDataset(val_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, cache=True)
+        self.shares = (len(self.sampler or train_data), len(train_data),
+                       len(ranks.shard(len(self.val_data), config.batch_size)), len(self.val_data))
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify)
         self.model = model.to(device)
         self.params = set_trainable(self.model, arch, config.full)
         self.optimizer = make_optimizer(config, self.params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
         self.state = RunState()
+        self._trained: nn.Module | None = None  # the model as trained: itself, or wrapped for DDP
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module the training steps call: DistributedDataParallel under torchrun (built on first use, as
+        building it is a collective), else the model."""
+        if self._trained is None:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._trained = DistributedDataParallel(self.model, device_ids=ids) if self.ranks.distributed \
+                else self.model
+        return self._trained
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, callbacks: Callbacks | None = None) -> RunState:
@@ -162,9 +191,11 @@ class Finetuner:
             while self.state.epoch < self.config.epochs:
                 self._epoch(callbacks or Callbacks())
         except KeyboardInterrupt:
-            raise SmadlrpError(
-                f"interrupted in epoch {self.state.epoch + 1}; {self.state.epoch} completed epoch(s) are saved. "
-                f"Continue with: smadlrp finetune --resume {self.out}", exit_code=130) from None
+            message = (f"interrupted in epoch {self.state.epoch + 1}; {self.state.epoch} completed epoch(s) are saved. "
+                       f"Continue with: smadlrp finetune --resume {self.out}")
+            if self.ranks.distributed:  # Ctrl-C reaches every rank: one of them says so
+                raise RankError(self.ranks.rank, message, exit_code=130) from None
+            raise SmadlrpError(message, exit_code=130) from None
         return self.state
 
     def learning_rate(self, epoch: int) -> float:
@@ -178,9 +209,14 @@ class Finetuner:
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            seed = np.random.SeedSequence([self.config.seed, epoch, self.ranks.rank]).generate_state(1)[0]
+            torch.manual_seed(int(seed))  # each rank's flips, reproducible from (seed, epoch, rank) alone
         callbacks.epoch_start(epoch, len(self.train_loader))
-        train_loss, train_acc = self._train_pass(callbacks)
-        preds = predict(self.model, self.val_loader, self.device, self.attack_index, amp=self.config.amp)
+        train_loss, train_acc, samples = self._train_pass(callbacks)
+        preds = predict_dataset(self.model, self.val_data, self.config.batch_size, self.device, self.attack_index,
+                                workers=self.workers, amp=self.config.amp, ranks=self.ranks)
         at_half = ConfusionMatrix.from_scores(preds.labels, preds.scores, 0.5)
         eer = d_eer(preds.labels, preds.scores)
         row = EpochRow(epoch, train_loss, train_acc, preds.loss, at_half.accuracy, at_half.apcer, at_half.bpcer,
@@ -188,27 +224,34 @@ class Finetuner:
         is_best = self._select(row)
         self.state.epoch = epoch
         self.state.history.append(asdict(row))
-        metrics = {"epoch": epoch, "train": {"loss": row.train_loss, "accuracy": row.train_acc},
+        metrics = {"epoch": epoch, "train": {"loss": row.train_loss, "accuracy": row.train_acc, "samples": samples},
                    "val": {"loss": row.val_loss, "accuracy": row.val_acc, "apcer": row.apcer, "bpcer": row.bpcer,
                            "d-eer": row.d_eer, "threshold": 0.5}}
-        save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics))
-        if is_best:
-            save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics))
-        self._save_resume()
-        self._save_history()
+        with self.ranks.shared_failure():  # rank 0 writes; a failed write ends every rank
+            if self.ranks.is_main:
+                save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics))
+                if is_best:
+                    save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics))
+                self._save_resume()
+                self._save_history()
         callbacks.epoch_end(row, is_best)
 
-    def _train_pass(self, callbacks: Callbacks) -> tuple[float, float]:
-        self.model.train()
+    def _train_pass(self, callbacks: Callbacks) -> tuple[float, float, int]:
+        """Mean loss and accuracy over the epoch's training images on every rank, and their number."""
+        model = self.trained
+        model.train()
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         aux = self.config.arch == "inception_v3"
-        for images, targets, _ in self.train_loader:
+        batches = iter(self.train_loader)
+        for _ in range(len(self.train_loader)):  # the same number of batches on every rank
+            with self.ranks.shared_failure():  # an unreadable image on one rank ends them all
+                images, targets, _ = next(batches)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with autocast(self.device, self.config.amp):
-                output = self.model(images)
+                output = model(images)
                 logits = logits_of(output)
                 loss = nn.functional.cross_entropy(logits, targets)
                 if aux and isinstance(output, tuple):
@@ -222,9 +265,10 @@ class Finetuner:
             total_loss += loss.detach() * batch
             correct += (logits.detach().argmax(1) == targets).sum()
             callbacks.batch_end(float(total_loss) / seen)
-        if seen == 0:
+        loss_sum, right, n = self.ranks.sum([float(total_loss), float(correct), seen])
+        if n == 0:
             raise SmadlrpError("the training split yielded no images")
-        return float(total_loss) / seen, float(correct) / seen
+        return loss_sum / n, right / n, int(n)
 
     def _select(self, row: EpochRow) -> bool:
         """Is this epoch the best so far on the validation split? Ties go to the lower validation loss; a
@@ -242,7 +286,8 @@ class Finetuner:
         return CheckpointMeta(
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
             input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            weights_source=self.weights_source, training=asdict(self.config), metrics=metrics,
+            weights_source=self.weights_source, training={**asdict(self.config), "world_size": self.ranks.world_size},
+            metrics=metrics,
         )
 
     def _save_history(self) -> None:
@@ -270,7 +315,7 @@ class Finetuner:
         doc = {"schema": RESUME_SCHEMA, "config": asdict(self.config), "state": asdict(self.state),
                "param_groups": optim["param_groups"], "optim_scalars": scalars,
                "scaler": self.scaler.state_dict(), "weights_source": self.weights_source,
-               "class_names": self.class_names}
+               "class_names": self.class_names, "world_size": self.ranks.world_size}
         write_document(self.out / RESUME_FILE, tensors, doc)
 
     def restore(self, doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
