@@ -149,3 +149,25 @@ def test_overlay_blends_heatmap_over_grey_by_relevance_magnitude() -> None:
     np.testing.assert_array_equal(blended, expected)
     assert (blended[0, 0] == 30).all()
     assert (heat[0, 0] >= 250).all()  # zero maps to (near) white
+
+
+def test_pattern_kind_picks_the_estimator_of_the_pattern_file(tiny_checkpoint: Path, tiny_data: Path,
+                                                                tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from smadlrp.lrp.patterns import load_patterns
+
+    patterns, image, out = tmp_path / "p.safetensors", tiny_data / "test/morph/test_morph_00.png", tmp_path / "out"
+    code, output = _invoke("fit-patterns", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data), "--kind",
+                           "all", "--max-images", "8", "--out", str(patterns), "--device", "cpu")
+    assert code == 0, output
+    common = (str(image), "--checkpoint", str(tiny_checkpoint), "--rule", "patternattribution", "--patterns",
+              str(patterns), "--device", "cpu")
+    code, output = _invoke("explain", *common, "--pattern-kind", "all", "--save-raw", "--out", str(out))
+    assert code == 0, output
+    model, meta = load_checkpoint(tiny_checkpoint)
+    x = eval_transform(meta.input_size, meta.mean, meta.std)(load_rgb(image)).unsqueeze(0)
+    expected = lrp.explain(model, x, "patternattribution", patterns=load_patterns(patterns)[0]["all"].patterns)
+    assert torch.allclose(load_file(out / "relevance.safetensors")["patternattribution"], expected, atol=1e-6)
+    code, output = _invoke("explain", *common, "--out", str(tmp_path / "out2"))  # default: positive, not in file
+    assert code == 2 and "--pattern-kind all" in output and "--kind positive" in output, output

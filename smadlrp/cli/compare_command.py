@@ -31,14 +31,14 @@ from smadlrp.cli.common import (
     progress_bar,
     write_json,
 )
-from smadlrp.cli.explain_commands import PatternsOption, RuleOption, rules_and_patterns
+from smadlrp.cli.explain_commands import PatternKindOption, PatternsOption, rule_option, rules_and_patterns
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.paths import prepare_out_dir
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
 from smadlrp.explain.heatmaps import plot_perturbation_curves
-from smadlrp.explain.run import build_explainers
+from smadlrp.explain.run import PATTERN_KINDS, build_explainers
 
 BEST = "bold green"
 Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better
@@ -117,8 +117,11 @@ def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
         return text
     if text.isdigit():
         return int(text)
-    raise UsageError(f"--target {text!r}: compare-rules explains one class for every image; use a class name "
-                     f"({', '.join(class_names)}) or an index")
+    if text == "predicted":
+        raise UsageError("--target predicted: compare-rules explains one class for every image, so that all maps of "
+                         f"an image answer the same question; use a class name ({', '.join(class_names)}) or an index")
+    raise UsageError(f"--target {text!r}: unknown class; use a class name ({', '.join(class_names)}) or an index "
+                     f"(0 to {len(class_names) - 1})")
 
 
 @app.command("compare-rules")
@@ -130,8 +133,10 @@ def compare_rules(
     bonafide_label: BonafideLabelOption = "bonafide",
     attack_label: AttackLabelOption = "morph",
     split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
-    rule: RuleOption = None,
+    rule: Annotated[list[str] | None, rule_option("all (every method; the pattern rules when patterns are "
+                                                  "available)")] = None,
     patterns: PatternsOption = None,
+    pattern_kind: PatternKindOption = PATTERN_KINDS[0],
     target: Annotated[
         str | None, typer.Option(help="Class explained and scored for every image (name or index); default: the "
                                       "attack class.")
@@ -155,7 +160,8 @@ def compare_rules(
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device)
+    rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
+                                                pattern_kind)
     wanted = _target(target, meta.class_names)
     explainers = build_explainers(model, meta, rules, {}, pattern_tensors)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -36,6 +36,7 @@ from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
 from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fits_model
 from smadlrp.explain.run import (
+    PATTERN_KINDS,
     build_explainers,
     explain_images,
     image_batches,
@@ -48,10 +49,15 @@ from smadlrp.explain.run import (
 )
 from smadlrp.lrp import trace as lrp_trace
 
-RuleOption = Annotated[
-    list[str] | None,
-    typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available."),
-]
+DEFAULT_RULE = "epsilon"
+
+
+def rule_option(default: str) -> Any:
+    """`--rule`, repeatable, with its default (`default`) stated in the help."""
+    return typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available. "
+                                             f"Default: {default}.")
+
+
 PatternsOption = Annotated[
     Path | None, typer.Option("--patterns", dir_okay=False,
                               help="Pattern file from `smadlrp fit-patterns`; default: patterns.safetensors beside "
@@ -60,30 +66,37 @@ PatternsOption = Annotated[
 TargetOption = Annotated[
     str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
 ]
+PatternKindOption = Annotated[
+    str, typer.Option("--pattern-kind", metavar="|".join(PATTERN_KINDS),
+                      help="Which fitted patterns patternnet and patternattribution use: positive (two-component "
+                           "estimator, suited to ReLU networks) or all (linear).")
+]
 ParamOption = Annotated[
     list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
 ]
 
 
 def rules_and_patterns(requested: list[str], patterns: Path | None, checkpoint: Path, model: nn.Module,
-                       meta: CheckpointMeta, device: torch.device) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+                       meta: CheckpointMeta, device: torch.device,
+                       kind: str = PATTERN_KINDS[0]) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """The rules to run and the patterns they need. Without `--patterns`, `patterns.safetensors` beside the
     checkpoint is used when it was fitted on these weights; when a pattern rule is asked for by name and that
     file does not fit, it is fitted on the checkpoint's training split (at most AUTO_FIT_MAX_IMAGES images) and
-    written there for next time. `all` takes the pattern rules only when patterns are available."""
+    written there for next time. `all` takes the pattern rules only when patterns are available. `kind` picks
+    the estimator (positive or all) of the pattern file."""
     if patterns is None:
         default = default_pattern_path(checkpoint)
         if fits_model(default, model):
             patterns = default
             notice(f"patterns: {default}")
         elif needing := [r for r in requested if r in pattern_rules()]:
-            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default)
-    tensors = load_pattern_tensors(patterns, model)[0] if patterns is not None else None
+            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default, kind)
+    tensors = load_pattern_tensors(patterns, model, kind) if patterns is not None else None
     return resolve_rules(requested, tensors is not None), tensors
 
 
 def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, meta: CheckpointMeta,
-                          device: torch.device, out: Path) -> Path:
+                          device: torch.device, out: Path, kind: str) -> Path:
     if meta.training_data is None:
         raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
                          "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
@@ -91,7 +104,7 @@ def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, 
     source = data_source(None, meta=meta)
     notice(f"fitting patterns for {checkpoint.name} on {source.name} (train split, at most {AUTO_FIT_MAX_IMAGES} "
            f"images) into {out}; later runs reuse that file")
-    fit_with_progress(model, meta, checkpoint, source, "train", ("positive",), out, max_images=AUTO_FIT_MAX_IMAGES,
+    fit_with_progress(model, meta, checkpoint, source, "train", (kind,), out, max_images=AUTO_FIT_MAX_IMAGES,
                       seed=0, batch_size=32, workers=0, device=device)
     return out
 
@@ -101,8 +114,9 @@ def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, 
 def explain(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     checkpoint: CheckpointOption = None,
-    rule: RuleOption = None,
+    rule: Annotated[list[str] | None, rule_option(DEFAULT_RULE)] = None,
     patterns: PatternsOption = None,
+    pattern_kind: PatternKindOption = PATTERN_KINDS[0],
     target: TargetOption = "predicted",
     param: ParamOption = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
@@ -118,7 +132,8 @@ def explain(
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    rules, pattern_tensors = rules_and_patterns(rule or ["epsilon"], patterns, checkpoint, model, meta, torch_device)
+    rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
+                                                pattern_kind)
     explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
@@ -156,8 +171,9 @@ def explain(
 def trace(
     image: Annotated[Path, typer.Argument(help="One image file.", dir_okay=False)],
     checkpoint: CheckpointOption = None,
-    rule: Annotated[str, typer.Option("--rule", "-r", help="Rule or composite.")] = "epsilon",
+    rule: Annotated[str, typer.Option("--rule", "-r", help="Rule or composite.")] = DEFAULT_RULE,
     patterns: PatternsOption = None,
+    pattern_kind: PatternKindOption = PATTERN_KINDS[0],
     target: TargetOption = "predicted",
     param: ParamOption = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
@@ -171,7 +187,8 @@ def trace(
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device)
+    (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,
+                                                  pattern_kind)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))

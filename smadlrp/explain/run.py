@@ -36,7 +36,7 @@ from smadlrp.explain.heatmaps import (
 from smadlrp.lrp import Explainer, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
-PATTERN_KIND_PREFERENCE = ("positive", "all")  # the two-component estimator suits ReLU networks (Kindermans 2018)
+PATTERN_KINDS = ("positive", "all")  # default first: the two-component estimator suits ReLU networks (Kindermans 2018)
 
 
 def pattern_rules() -> tuple[str, ...]:
@@ -74,12 +74,17 @@ def parse_params(items: Sequence[str]) -> dict[str, float]:
     return params
 
 
-def load_pattern_tensors(path: Path, model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
-    """Patterns of `path` for `model` (refused when fitted on other weights) and the kind used."""
+def load_pattern_tensors(path: Path, model: nn.Module, kind: str = PATTERN_KINDS[0]) -> dict[str, torch.Tensor]:
+    """The `kind` patterns (positive or all) of `path` for `model`; refused when fitted on other weights or
+    when the file holds no patterns of that kind."""
+    if kind not in PATTERN_KINDS:
+        raise UsageError(f"--pattern-kind {kind!r}: choose {' or '.join(PATTERN_KINDS)}")
     sets, meta = load_patterns(path)
     check_fingerprint(meta, weights_fingerprint(model.state_dict()))
-    kind = next(k for k in (*PATTERN_KIND_PREFERENCE, *sets) if k in sets)
-    return sets[kind].patterns, kind
+    if kind not in sets:
+        raise UsageError(f"{path} holds {' and '.join(sets)} patterns, not {kind}: choose --pattern-kind "
+                         f"{next(iter(sets))}, or refit with `smadlrp fit-patterns --kind {kind}` (or --kind both)")
+    return sets[kind].patterns
 
 
 def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str], params: Mapping[str, float],
