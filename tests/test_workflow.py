@@ -1,7 +1,9 @@
-"""The commands as people type them: checkpoint discovery, the default pattern file and its automatic fit."""
+"""The commands as people type them: checkpoint discovery, the default pattern file and its automatic fit, the
+stored operating points."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
+from smadlrp.detector.checkpoint import load_meta
+from smadlrp.evaluation.thresholds import operating_points
 from smadlrp.lrp.patterns import load_patterns
 
 runner = CliRunner()
@@ -86,3 +90,53 @@ def test_without_any_checkpoint_one_line_says_to_finetune(tmp_path: Path, monkey
         assert code == 1, (command, output)
         lines = output.strip().splitlines()
         assert len(lines) == 1 and "run `smadlrp finetune` first" in lines[0], (command, output)
+
+
+def test_operating_points_match_hand_computation() -> None:
+    morph = [0.1 * i for i in range(1, 11)]  # 0.1 ... 1.0
+    bona = [0.05 * i for i in range(10)]  # 0.0 ... 0.45
+    stored = operating_points([1] * 10 + [0] * 10, morph + bona)
+    assert (stored["n_morph"], stored["n_bonafide"]) == (10, 10)
+    apcer10 = stored["points"]["apcer10"]  # k = floor(0.1 * 10) = 1: t = second-lowest morph score
+    assert apcer10["threshold"] == pytest.approx(0.2) and apcer10["apcer"] == 0.1 and apcer10["bpcer"] == 0.6
+    bpcer10 = stored["points"]["bpcer10"]  # just above the second-highest bona fide score, 0.4
+    assert 0.4 < bpcer10["threshold"] < 0.4 + 1e-12 and bpcer10["bpcer"] == 0.1 and bpcer10["apcer"] == 0.4
+    assert stored["points"]["apcer5"] == {"threshold": None, "reason": stored["points"]["apcer5"]["reason"]}
+    assert "needs >= 20 morphs, split has 10" in stored["points"]["apcer5"]["reason"]
+    eer = stored["points"]["eer"]
+    # at t = 0.35 three morphs (0.1, 0.2, 0.3) are below and three bona fide (0.35, 0.4, 0.45) at or above it
+    assert eer["threshold"] == pytest.approx(0.35) and eer["apcer"] == eer["bpcer"] == pytest.approx(0.3)
+
+
+def test_finetune_stores_operating_points_that_evaluate_uses(trained_project: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained_project)
+    (best,) = Path("runs").glob("*/best.safetensors")
+    meta = load_meta(best)
+    assert meta.operating_points["split"] == "val" and meta.operating_points["epoch"] == meta.metrics["epoch"]
+    assert (meta.operating_points["n_bonafide"], meta.operating_points["n_morph"]) == (8, 8)
+    code, output = _invoke("info")
+    assert code == 0 and "Stored operating points (val split" in output and "APCER <= 10 %" in output
+    runs = {}
+    for name, extra in (("stored", []), ("val-eer", ["--threshold", "val-eer"])):
+        code, output = _invoke("evaluate", "--json", str(tmp_path / f"{name}.json"), *extra)
+        assert code == 0, output
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]
+    assert runs["stored"]["threshold_source"].startswith("stored val D-EER")
+    assert runs["val-eer"]["threshold_source"] == "validation D-EER"
+    assert runs["stored"]["threshold"] == pytest.approx(runs["val-eer"]["threshold"], abs=1e-6)
+    for rate in ("apcer", "bpcer", "tp", "fp"):
+        assert runs["stored"][rate] == runs["val-eer"][rate], rate
+    code, output = _invoke("evaluate", "--threshold", "apcer10")  # 8 validation morphs cannot support it
+    assert code == 1 and "the stored operating point apcer10 was not estimable" in output
+
+
+def test_checkpoints_without_stored_points_fall_back_to_val_eer(tiny_checkpoint: Path, tiny_data: Path) -> None:
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data)]
+    code, output = _invoke(*args)
+    assert code == 0, output
+    assert "stores no operating points" in output and "validation D-EER" in output
+    code, output = _invoke(*args, "--threshold", "bpcer1")
+    assert code == 1 and "use --threshold val-bpcer1 or a number" in output
+    code, output = _invoke(*args, "--threshold", "middle")
+    assert code == 2 and "use a number in [0, 1], stored, a stored operating point (eer, apcer10" in output

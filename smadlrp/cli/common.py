@@ -33,6 +33,14 @@ from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource
 from smadlrp.data.protocol import read_protocol
 from smadlrp.detector.checkpoint import CheckpointMeta, newest_checkpoint
+from smadlrp.evaluation.thresholds import (
+    CRITERIA,
+    STORED,
+    VALIDATION_PREFIX,
+    describe,
+    parse_threshold,
+    stored_point_name,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -282,6 +290,41 @@ def data_source(data: Path | None, protocol: Path | None = None, bonafide_label:
     if warning is not None:
         notice(f"warning: {warning}")
     return source
+
+
+def threshold_text(given: str | None, default: str = STORED) -> str:
+    """`--threshold`, else the configured threshold, else `default`, checked: a number in [0, 1], `stored`, a
+    stored operating point, or a `val-` criterion (an error from the file names the key and the file)."""
+    config = project_config()
+    text = given if given is not None else config.threshold or default
+    if stored_point_name(text) is None:
+        try:
+            parse_threshold(text)
+        except UsageError:
+            message = (f"--threshold {text!r}: use a number in [0, 1], {STORED}, a stored operating point "
+                       f"({', '.join(CRITERIA)}) or a criterion on the validation split "
+                       f"({', '.join(VALIDATION_PREFIX + name for name in CRITERIA)})")
+            if given is None and config.threshold is not None:
+                raise config.error("threshold", message) from None
+            raise UsageError(message) from None
+    return text
+
+
+def stored_threshold(text: str, meta: CheckpointMeta, checkpoint: Path) -> tuple[float, str] | None:
+    """The threshold of the stored operating point that `text` names (`stored` is the D-EER one) and a
+    description of it; None when `text` names none, or when it is `stored` and the checkpoint stores no
+    operating points (older or imported checkpoints: the caller falls back, with a notice)."""
+    name = stored_point_name(text)
+    if name is None:
+        return None
+    value = meta.stored_threshold(name, checkpoint)
+    if value is None:
+        if text != STORED:
+            raise SmadlrpError(f"--threshold {text}: {checkpoint} stores no operating points (it was written by an "
+                               f"older smadlrp or imported); use --threshold {VALIDATION_PREFIX}{name} or a number")
+        return None
+    points = meta.operating_points
+    return value, f"stored {points.get('split', 'val')} {describe(name)}, epoch {points.get('epoch', '?')}"
 
 
 def write_json(path: Path | None, payload: Any) -> None:

@@ -15,6 +15,7 @@ from smadlrp.core.container import read_document, read_header
 from smadlrp.core.errors import UsageError
 from smadlrp.data.synthetic.generator import CORNERS, SHORTCUT_KINDS, SynthConfig, generate_dataset
 from smadlrp.detector.checkpoint import CHECKPOINT_SCHEMA, CheckpointMeta
+from smadlrp.evaluation.report import operating_points_table
 
 
 @app.command()
@@ -93,10 +94,15 @@ def info(
     table = Table(title=str(file), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    points = doc.get("operating_points") if doc["schema"] == CHECKPOINT_SCHEMA else None
     for key, value in doc.items():
+        if key == "operating_points" and points:
+            value = "below"
         table.add_row(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     table.add_row("tensors", f"{len(header)} ({n_values:,} values)")
     console.print(table)
+    if points:
+        console.print(operating_points_table(points))
     write_json(json_out, {"file": str(file), "metadata": doc, "tensors": len(header), "values": n_values})
 
 

@@ -34,6 +34,8 @@ from smadlrp.cli.common import (
     progress_bar,
     project_config,
     rank_line,
+    stored_threshold,
+    threshold_text,
     write_json,
 )
 from smadlrp.core import distributed
@@ -64,7 +66,13 @@ from smadlrp.evaluation.report import (
     to_jsonable,
 )
 from smadlrp.evaluation.scores import scores_csv
-from smadlrp.evaluation.thresholds import ThresholdChoice, criterion_threshold, parse_threshold
+from smadlrp.evaluation.thresholds import (
+    VALIDATION_PREFIX,
+    ThresholdChoice,
+    criterion_threshold,
+    parse_threshold,
+    stored_point_name,
+)
 
 
 def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
@@ -119,7 +127,6 @@ def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple
 
 
 DEFAULT_SPLIT = "test"
-DEFAULT_THRESHOLD = "0.5"
 
 
 def _gates(cli_above: list[str] | None, cli_below: list[str] | None, config: ProjectConfig) -> tuple[
@@ -142,16 +149,6 @@ def _gates(cli_above: list[str] | None, cli_below: list[str] | None, config: Pro
     return sides[0], sides[1]
 
 
-def _configured_threshold(given: str | None, config: ProjectConfig) -> float | str:
-    """`--threshold`, else the configured threshold (an error names the key and the file), else the default."""
-    if given is None and config.threshold is not None:
-        try:
-            return parse_threshold(config.threshold)
-        except UsageError as exc:
-            raise config.error("threshold", exc.message) from None
-    return parse_threshold(given or DEFAULT_THRESHOLD)
-
-
 @app.command()
 @handle_errors
 @on_ranks
@@ -165,9 +162,12 @@ def evaluate(
                                                    f"{DEFAULT_SPLIT}.")] = None,
     batch_size: BatchSizeOption = 64,
     threshold: Annotated[
-        str | None, typer.Option(help="Decision threshold on P(morph): a number, or a criterion on the validation "
-                                      "split: val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1; "
-                                      f"default: the configured one, else {DEFAULT_THRESHOLD}.")
+        str | None, typer.Option(help="Decision threshold on P(morph): a number; stored (the checkpoint's validation "
+                                      "D-EER threshold) or another stored operating point (apcer10, apcer5, apcer1, "
+                                      "bpcer10, bpcer1); or a criterion computed on the validation split now: "
+                                      "val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1. "
+                                      "Default: the configured one, else stored (val-eer for checkpoints without "
+                                      "stored points).")
     ] = None,
     by: Annotated[
         list[str] | None, typer.Option("--by", help="Group column (repeatable): APCER, D-EER, BPCER10/100 per "
@@ -213,17 +213,26 @@ def evaluate(
     config = project_config()
     above, below = _gates(fail_above, fail_below, config)
     split = split or config.split or DEFAULT_SPLIT
-    wanted = _configured_threshold(threshold, config)
-    if worst_species and (not isinstance(wanted, str) or not wanted.startswith("apcer") or not by):
+    text = threshold_text(threshold)
+    if worst_species and (not text.startswith(f"{VALIDATION_PREFIX}apcer") or not by):
         raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
-    val = _score_split(model, meta, source, "val", batch_size, workers, torch_device) \
-        if isinstance(wanted, str) else None
-    choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
-    t, threshold_source = choice.value, choice.source("validation")
+    stored = stored_threshold(text, meta, checkpoint)
+    if stored is not None:
+        t, threshold_source = stored
+    else:
+        if stored_point_name(text) is not None:
+            notice(f"{checkpoint} stores no operating points (written by an older smadlrp, or imported): using "
+                   f"--threshold {VALIDATION_PREFIX}eer")
+            text = f"{VALIDATION_PREFIX}eer"
+        wanted = parse_threshold(text)
+        val = _score_split(model, meta, source, "val", batch_size, workers, torch_device) \
+            if isinstance(wanted, str) else None
+        choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
+        t, threshold_source = choice.value, choice.source("validation")
     preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
     if not distributed.current().is_main:
         return  # every score is on rank 0, which reports and writes the files

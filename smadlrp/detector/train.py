@@ -32,6 +32,7 @@ from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict_dataset
 from smadlrp.detector.models import build_model, get_architecture, set_trainable
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
+from smadlrp.evaluation.thresholds import operating_points
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -227,11 +228,12 @@ class Finetuner:
         metrics = {"epoch": epoch, "train": {"loss": row.train_loss, "accuracy": row.train_acc, "samples": samples},
                    "val": {"loss": row.val_loss, "accuracy": row.val_acc, "apcer": row.apcer, "bpcer": row.bpcer,
                            "d-eer": row.d_eer, "threshold": 0.5}}
+        points = {"split": "val", "epoch": epoch, **operating_points(preds.labels, preds.scores)}
         with self.ranks.shared_failure():  # rank 0 writes; a failed write ends every rank
             if self.ranks.is_main:
-                save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics))
+                save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics, points))
                 if is_best:
-                    save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics))
+                    save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics, points))
                 self._save_resume()
                 self._save_history()
         callbacks.epoch_end(row, is_best)
@@ -282,12 +284,13 @@ class Finetuner:
         return False
 
     # ---- files ----------------------------------------------------------------------------------------------
-    def meta(self, metrics: dict[str, Any]) -> CheckpointMeta:
+    def meta(self, metrics: dict[str, Any], points: dict[str, Any] | None = None) -> CheckpointMeta:
+        """The checkpoint metadata of this run with an epoch's metrics and validation operating points."""
         return CheckpointMeta(
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
             input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             weights_source=self.weights_source, training={**asdict(self.config), "world_size": self.ranks.world_size},
-            metrics=metrics,
+            metrics=metrics, operating_points=points or {},
         )
 
     def _save_history(self) -> None:

@@ -23,6 +23,7 @@ from smadlrp.evaluation.metrics import (
     GateResult,
     MetricsSummary,
 )
+from smadlrp.evaluation.thresholds import describe
 
 # What each gate metric means, in table order.
 METRIC_MEANINGS: Mapping[str, str] = {
@@ -266,6 +267,23 @@ def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None) -> l
     return [*_md_table(header, rows, "l" + "r" * (len(header) - 1)), "", breakdown_caption(breakdown, pooled)]
 
 
+def operating_points_table(stored: Mapping[str, Any]) -> Table:
+    """The operating points a checkpoint stores (see CheckpointMeta.operating_points): per criterion its
+    threshold and the APCER and BPCER it gave on the split it was chosen on."""
+    table = Table(title=f"Stored operating points ({stored.get('split', 'val')} split, epoch {stored.get('epoch')}: "
+                        f"{stored.get('n_bonafide')} bona fide, {stored.get('n_morph')} morphs)",
+                  caption="evaluate --threshold stored uses eer; --threshold NAME another point; predict likewise")
+    for column in ("name", "criterion", "threshold", "APCER", "BPCER"):
+        table.add_column(column, justify="left" if column in ("name", "criterion") else "right")
+    for name, point in stored.get("points", {}).items():
+        if point.get("threshold") is None:
+            table.add_row(name, describe(name), "n/a", f"({point.get('reason')})", "")
+        else:
+            table.add_row(name, describe(name), threshold_text(point["threshold"]), percent(point.get("apcer")),
+                          percent(point.get("bpcer")))
+    return table
+
+
 def gates_markdown(results: Sequence[GateResult]) -> str:
     """A Markdown table of the gates: requirement, measured value, pass or FAIL with the reason."""
     rows = [[f"`{r.name}`", "n/a" if r.value is None else f"{r.value:.4g}",
@@ -281,7 +299,7 @@ def junit_xml(results: Sequence[GateResult], suite: str) -> str:
     node = ET.SubElement(suites, "testsuite", name=suite, tests=str(len(results)), failures=str(failures),
                          errors="0", skipped="0")
     for result in results:
-        case = ET.SubElement(node, "testcase", classname=f"smadlrp.gates.{suite}", name=result.name)
+        case = ET.SubElement(node, "testcase", classname="smadlrp.gates", name=result.name)
         measured = "not estimable" if result.value is None else f"{result.value:.6g}"
         ET.SubElement(case, "properties").append(ET.Element("property", name="measured", value=measured))
         if result.failure is not None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from smadlrp.core.errors import SmadlrpError, UsageError
-from smadlrp.evaluation.metrics import BONAFIDE, apcer_at_bpcer, bpcer_at_apcer, d_eer
+from smadlrp.evaluation.metrics import BONAFIDE, ConfusionMatrix, apcer_at_bpcer, bpcer_at_apcer, d_eer
 
 # criterion -> (rate held, its target); None for the D-EER.
 CRITERIA: Mapping[str, tuple[str, float] | None] = {
@@ -98,3 +99,35 @@ def criterion_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike, criterion:
     if point.threshold is None:
         raise SmadlrpError(f"{where}: no threshold for {describe(criterion)} ({point.reason})")
     return point.threshold
+
+
+STORED = "stored"  # evaluate --threshold stored: the checkpoint's own validation D-EER threshold
+
+
+def stored_point_name(text: str) -> str | None:
+    """`--threshold stored` -> "eer", a criterion name (`apcer10`, ...) -> itself: an operating point stored in
+    the checkpoint; None for anything else (a number, a `val-` criterion)."""
+    if text == STORED:
+        return "eer"
+    return text if text in CRITERIA else None
+
+
+def operating_points(labels: npt.ArrayLike, scores: npt.ArrayLike) -> dict[str, Any]:
+    """Every criterion's threshold on these labelled scores, with the APCER and BPCER it gives on them, and the
+    counts they come from: {"n_bonafide", "n_morph", "points": {criterion: {"threshold", "apcer", "bpcer"}}}.
+    A criterion the data cannot support has threshold None and a "reason"."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    points: dict[str, dict[str, Any]] = {}
+    for name in CRITERIA:
+        try:
+            t = criterion_threshold(y, s, name)
+        except SmadlrpError as exc:
+            points[name] = {"threshold": None, "reason": exc.message.removeprefix("the scores: ")}
+            continue
+        if not np.isfinite(t):
+            points[name] = {"threshold": None, "reason": "the threshold is infinite"}
+            continue
+        cm = ConfusionMatrix.from_scores(y, s, t)
+        points[name] = {"threshold": t, "apcer": cm.apcer, "bpcer": cm.bpcer}
+    return {"n_bonafide": int(np.sum(y == BONAFIDE)), "n_morph": int(np.sum(y != BONAFIDE)), "points": points}
