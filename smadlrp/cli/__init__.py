@@ -51,6 +51,7 @@ from smadlrp.cli import (  # noqa: E402,F401  (each module registers its command
     dataset_commands,
     evaluate_command,
     explain_commands,
+    metrics_command,
     patterns_command,
     train_commands,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -46,8 +47,10 @@ from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict_dataset
 from smadlrp.evaluation.metrics import (
+    Breakdown,
     Gate,
     IntervalOptions,
+    MetricsSummary,
     det_points,
     gate_results,
     group_breakdown,
@@ -111,6 +114,14 @@ def interval_options(ci: float, bootstrap: int, seed: int, index: SplitIndex, pr
     if any(subjects):
         clusters = [subjects[i][0] if subjects[i] else f"image {i}" for i in preds.indices]
     return IntervalOptions(confidence=ci, resamples=bootstrap, seed=seed, clusters=clusters)
+
+
+def show_summary(summary: MetricsSummary, breakdowns: Sequence[Breakdown], title: str) -> None:
+    """Print the confusion matrix, the metrics table and one table per group breakdown."""
+    console.print(confusion_table(summary.confusion))
+    console.print(metrics_table(summary, title=title))
+    for breakdown in breakdowns:
+        console.print(breakdown_table(breakdown, summary, title=f"By {breakdown.label}"))
 
 
 def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple[Predictions, SplitIndex] | None
@@ -186,8 +197,9 @@ def evaluate(
         list[str] | None, typer.Option("--fail-below", help="Gate METRIC=LIMIT: exit 1 if the metric is below "
                                                             "(repeatable; adds to the configured gates).")
     ] = None,
-    scores_out: Annotated[Path | None, typer.Option("--scores", help="Write path,label,score as CSV.",
-                                                    dir_okay=False)] = None,
+    scores_out: Annotated[Path | None, typer.Option("--scores", dir_okay=False,
+                                                    help="Write path,label,score and the group columns as CSV.")]
+    = None,
     det_out: Annotated[Path | None, typer.Option("--det", help="Write the DET curve as PNG.", dir_okay=False)] = None,
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Write a Markdown summary (e.g. for a CI job summary).",
@@ -244,12 +256,10 @@ def evaluate(
                                   threshold_source=threshold_source, intervals=options) for column in columns]
     title = f"{checkpoint.name} on {split} ({summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
             f"{summary.n_morph} {meta.attack_class})"
-    console.print(confusion_table(summary.confusion))
-    console.print(metrics_table(summary, title=title))
-    for breakdown in breakdowns:
-        console.print(breakdown_table(breakdown, summary, title=f"By {breakdown.label}"))
+    show_summary(summary, breakdowns, title)
     if scores_out is not None:
-        write_text_atomic(scores_out, scores_csv(paths, preds.labels, preds.scores))
+        groups = {column: [values[i] for i in preds.indices] for column, values in index.groups.items()}
+        write_text_atomic(scores_out, scores_csv(paths, preds.labels, preds.scores, groups))
     if det_out is not None:
         apcer, bpcer = det_points(preds.labels, preds.scores)
         plot_det({checkpoint.stem: (apcer, bpcer)}, det_out,

@@ -150,8 +150,9 @@ def _breakdown_columns(breakdown: Breakdown) -> list[str]:
     return [name for name in BREAKDOWN_METRICS if name != "bpcer" or not breakdown.shared_bonafide]
 
 
-def _breakdown_rows(breakdown: Breakdown) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (parts, then Average and Worst) of a breakdown, as plain cells."""
+def _breakdown_rows(breakdown: Breakdown, aggregates: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (parts, then Average and Worst unless `aggregates` is False) of a breakdown, as plain
+    cells."""
     metrics = _breakdown_columns(breakdown)
     header = [breakdown.label, "morphs", "bona fide", *(name.upper() + (" *" if name in ORACLE_METRICS else "")
                                                        for name in metrics)]
@@ -161,35 +162,40 @@ def _breakdown_rows(breakdown: Breakdown) -> tuple[list[str], list[list[str]]]:
         if summary.n_morph:
             cells[0] += f" ({summary.confusion.fn} missed)"
         rows.append([part, str(summary.n_morph), str(summary.n_bonafide), *cells])
-    rows.append(["Average", "", "", *(_aggregate_cell(breakdown.average(n), with_part=False) for n in metrics)])
-    rows.append(["Worst", "", "", *(_aggregate_cell(breakdown.worst(n), with_part=True) for n in metrics)])
+    if aggregates:
+        rows.append(["Average", "", "", *(_aggregate_cell(breakdown.average(n), with_part=False) for n in metrics)])
+        rows.append(["Worst", "", "", *(_aggregate_cell(breakdown.worst(n), with_part=True) for n in metrics)])
     return header, rows
 
 
-def breakdown_caption(breakdown: Breakdown, pooled: MetricsSummary | None) -> str:
-    """APCER_AP beside the pooled APCER, the shared threshold and what the * means."""
-    ap = breakdown.apcer_ap
+def breakdown_caption(breakdown: Breakdown, pooled: MetricsSummary | None, aggregates: bool = True) -> str:
+    """APCER_AP beside the pooled APCER and the shared threshold (with `aggregates`), what the * means and the
+    intervals."""
     first = breakdown.parts[0][1] if breakdown.parts else None
-    text = f"APCER_AP (worst {breakdown.label}) {_aggregate_cell(ap, with_part=True)}"
-    if pooled is not None:
-        text += f", pooled APCER {_rate_cell(pooled, 'apcer')}"
-    if first is not None:
-        text += f"; t = {threshold_text(first.threshold)} ({first.threshold_source})"
+    pieces = []
+    if aggregates:
+        pieces.append(f"APCER_AP (worst {breakdown.label}) {_aggregate_cell(breakdown.apcer_ap, with_part=True)}"
+                      + (f", pooled APCER {_rate_cell(pooled, 'apcer')}" if pooled is not None else ""))
+        if first is not None:
+            pieces.append(f"t = {threshold_text(first.threshold)} ({first.threshold_source})")
     if breakdown.shared_bonafide and first is not None:
-        text += f"; every {breakdown.label} against the same {first.n_bonafide} bona fide images"
+        pieces.append(f"every {breakdown.label} against the same {first.n_bonafide} bona fide images")
     note = interval_note([summary for _, summary in breakdown.parts])
-    return text + f". * {ORACLE_NOTE}." + (f" {note}" if note else "")
+    return "; ".join(pieces) + (". " if pieces else "") + f"* {ORACLE_NOTE}." + (f" {note}" if note else "")
 
 
-def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, *, title: str) -> Table:
-    """One row per part (group or test set) with APCER at the shared threshold and the oracle D-EER, BPCER10
-    and BPCER100, then the Average and the Worst row; the caption gives APCER_AP beside the pooled APCER."""
-    header, rows = _breakdown_rows(breakdown)
-    table = Table(title=title, caption=breakdown_caption(breakdown, pooled))
+def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, *, title: str,
+                    aggregates: bool = True) -> Table:
+    """One row per part (group, test set or system) with APCER at its threshold and the oracle D-EER, BPCER10
+    and BPCER100, then (with `aggregates`) the Average and the Worst row, and a caption giving APCER_AP beside
+    the pooled APCER."""
+    header, rows = _breakdown_rows(breakdown, aggregates)
+    table = Table(title=title, caption=breakdown_caption(breakdown, pooled, aggregates))
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
+    last_part = len(rows) - (3 if aggregates else 1)
     for i, row in enumerate(rows):
-        table.add_row(*row, style="bold" if i >= len(rows) - 2 else None, end_section=i == len(rows) - 3)
+        table.add_row(*row, style="bold" if i > last_part else None, end_section=i == last_part and aggregates)
     return table
 
 
@@ -260,11 +266,13 @@ def summary_markdown(summary: MetricsSummary, breakdowns: Sequence[Breakdown], t
     return "\n".join(lines) + "\n"
 
 
-def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None) -> list[str]:
+def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None, aggregates: bool = True) -> list[str]:
     """A breakdown as Markdown table lines (Average and Worst in bold) and its caption."""
-    header, rows = _breakdown_rows(breakdown)
-    rows = rows[:-2] + [[f"**{cell}**" if cell else "" for cell in row] for row in rows[-2:]]
-    return [*_md_table(header, rows, "l" + "r" * (len(header) - 1)), "", breakdown_caption(breakdown, pooled)]
+    header, rows = _breakdown_rows(breakdown, aggregates)
+    if aggregates:
+        rows = rows[:-2] + [[f"**{cell}**" if cell else "" for cell in row] for row in rows[-2:]]
+    caption = breakdown_caption(breakdown, pooled, aggregates)
+    return [*_md_table(header, rows, "l" + "r" * (len(header) - 1)), "", caption]
 
 
 def operating_points_table(stored: Mapping[str, Any]) -> Table:

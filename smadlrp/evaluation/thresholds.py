@@ -53,16 +53,17 @@ class ThresholdChoice:
         return text + " (worst species)" if self.worst_species else text
 
 
-def parse_threshold(text: str) -> float | str:
-    """`--threshold`: a number in [0, 1], or `val-<criterion>` (returned as the criterion name)."""
+def parse_threshold(text: str, *, probability: bool = True) -> float | str:
+    """`--threshold`: a number (in [0, 1] for a P(morph) score), or `val-<criterion>` (returned as the
+    criterion name)."""
     if text.startswith(VALIDATION_PREFIX) and text[len(VALIDATION_PREFIX):] in CRITERIA:
         return text[len(VALIDATION_PREFIX):]
     try:
         value = float(text)
     except ValueError:
         names = ", ".join(VALIDATION_PREFIX + name for name in CRITERIA)
-        raise UsageError(f"--threshold {text!r}: use a number in [0, 1] or one of {names}") from None
-    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"--threshold {text!r}: use a number or one of {names}") from None
+    if not np.isfinite(value) or (probability and not 0.0 <= value <= 1.0):
         raise UsageError(f"--threshold {text}: a P(morph) threshold lies in [0, 1]")
     return value
 

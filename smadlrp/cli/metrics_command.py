@@ -1,0 +1,141 @@
+"""`smadlrp metrics`: the evaluate report from score files, without a model (one system or a comparison)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    AttackLabelOption,
+    BonafideLabelOption,
+    BootstrapOption,
+    CiOption,
+    JsonOption,
+    SeedOption,
+    console,
+    handle_errors,
+    write_json,
+)
+from smadlrp.cli.evaluate_command import show_summary
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.evaluation.metrics import (
+    Breakdown,
+    IntervalOptions,
+    MetricsSummary,
+    det_points,
+    group_breakdown,
+    summarize,
+)
+from smadlrp.evaluation.plots import plot_det
+from smadlrp.evaluation.report import breakdown_markdown, breakdown_table, summary_markdown, to_jsonable
+from smadlrp.evaluation.scores import DIRECTIONS, ScoreSet, read_scores
+from smadlrp.evaluation.thresholds import ThresholdChoice, criterion_threshold, parse_threshold
+
+
+def _threshold(wanted: float | str, system: ScoreSet, dev: ScoreSet | None, worst: str | None) -> ThresholdChoice:
+    """A number in the file's score units, or a criterion on the system's dev scores."""
+    if isinstance(wanted, float):
+        return ThresholdChoice(system.threshold(wanted), None)
+    if dev is None:
+        raise UsageError(f"--threshold val-{wanted} needs the system's development scores: give --dev FILE")
+    for label, name in ((0, "bona fide"), (1, "attack")):
+        if not (dev.labels == label).any():
+            raise SmadlrpError(f"--dev {dev.file}: no {name} rows; choosing a threshold needs both classes")
+    groups = list(_groups(dev, worst)) if worst is not None else None
+    return ThresholdChoice(criterion_threshold(dev.labels, dev.scores, wanted, groups=groups, where=str(dev.file)),
+                           wanted, worst is not None)
+
+
+def _groups(system: ScoreSet, column: str) -> tuple[str, ...]:
+    if column not in system.groups:
+        raise UsageError(f"--by {column}: {system.file} has no such column "
+                         f"(group columns: {', '.join(system.groups) or 'none'})")
+    return system.groups[column]
+
+
+@app.command()
+@handle_errors
+def metrics(
+    scores: Annotated[list[Path], typer.Argument(help="Score files, one per system: smadlrp's --scores CSV, a "
+                                                      "path,label,score CSV or Bob PAD's score CSV.",
+                                                 dir_okay=False)],
+    dev: Annotated[
+        list[Path] | None, typer.Option("--dev", help="Development scores to choose a val-* threshold on: one file, "
+                                                      "or one per system in the same order.", dir_okay=False)
+    ] = None,
+    threshold: Annotated[
+        str, typer.Option(help="Decision threshold in the files' score units, or a criterion on --dev: val-eer, "
+                               "val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1.")
+    ] = "0.5",
+    by: Annotated[
+        list[str] | None, typer.Option("--by", help="Group column (repeatable; Bob files: attack_type, the default)."
+                                       )
+    ] = None,
+    worst_species: Annotated[
+        bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst "
+                                                   "group of the first --by column meets the target.")
+    ] = False,
+    score_direction: Annotated[
+        str, typer.Option("--score-direction", help="higher-is-morph or higher-is-bonafide; auto: Bob files are "
+                                                    "higher-is-bonafide, others higher-is-morph.")
+    ] = "auto",
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
+    ci: CiOption = 0.95,
+    bootstrap: BootstrapOption = 1000,
+    seed: SeedOption = 0,
+    det_out: Annotated[Path | None, typer.Option("--det", help="Write the DET curves (one per system) as PNG.",
+                                                 dir_okay=False)] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown report.",
+                                                      dir_okay=False)] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """APCER, BPCER, D-EER, BPCER10/100 with confidence intervals, per group and per system, from score files of
+    smadlrp or other tools (no model needed)."""
+    if score_direction not in DIRECTIONS:
+        raise UsageError(f"--score-direction {score_direction!r}: choose {', '.join(DIRECTIONS[1:])}")
+    wanted = parse_threshold(threshold, probability=False)
+    if dev and len(dev) not in (1, len(scores)):
+        raise UsageError(f"--dev: give one file, or one per score file ({len(scores)}), not {len(dev)}")
+    if worst_species and (not isinstance(wanted, str) or not wanted.startswith("apcer") or not by):
+        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    read = {"direction": score_direction, "bonafide_label": bonafide_label, "attack_label": attack_label}
+    systems = [read_scores(path, **read) for path in scores]
+    devs = [read_scores(path, **read) for path in dev or []]
+    results: list[tuple[ScoreSet, MetricsSummary, list[Breakdown]]] = []
+    for i, system in enumerate(systems):
+        choice = _threshold(wanted, system, devs[min(i, len(devs) - 1)] if devs else None,
+                            by[0] if worst_species and by else None)
+        source = choice.source("dev")
+        subjects = system.subjects
+        options = None if ci == 0 else IntervalOptions(
+            ci, bootstrap, seed, [s or f"row {j}" for j, s in enumerate(subjects)] if any(subjects) else None)
+        summary = summarize(system.labels, system.scores, choice.value, threshold_source=source, intervals=options)
+        columns = by or [c for c in ("attack_type",) if c in system.groups]
+        breakdowns = [group_breakdown(system.labels, system.scores, _groups(system, c), choice.value, column=c,
+                                      threshold_source=source, intervals=options) for c in columns]
+        results.append((system, summary, breakdowns))
+        note = " (scores negated: higher is bona fide)" if system.negated else ""
+        show_summary(summary, breakdowns, f"{system.name}: {summary.n_bonafide} bona fide, {summary.n_morph} "
+                                          f"morphs{note}")
+    comparison = Breakdown("system", tuple((system.name, summary) for system, summary, _ in results))
+    if len(results) > 1:
+        console.print(breakdown_table(comparison, title="Systems", aggregates=False))
+    if det_out is not None:
+        curves = {system.name: det_points(system.labels, system.scores) for system, _, _ in results}
+        plot_det(curves, det_out, eer={system.name: summary.eer.value for system, summary, _ in results
+                                       if summary.eer.value is not None})
+    if markdown_out is not None:
+        text = "".join(summary_markdown(summary, breakdowns, system.name) + "\n"
+                       for system, summary, breakdowns in results)
+        if len(results) > 1:
+            text += "\n".join(["## Systems", "", *breakdown_markdown(comparison, None, aggregates=False)]) + "\n"
+        write_text_atomic(markdown_out, text)
+    write_json(json_out, to_jsonable({"systems": [
+        {"name": system.name, "file": str(system.file), "format": system.format, "negated": system.negated,
+         "metrics": summary, "groups": {b.label: b for b in breakdowns}}
+        for system, summary, breakdowns in results]}))
