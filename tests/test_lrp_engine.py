@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp import (
+    AffineBatchNorm,
     Explainer,
     FoldedBatchNorm,
     canonize,
@@ -184,10 +185,13 @@ def test_canonize_folds_batchnorm_and_keeps_outputs_and_names() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_canonize_refuses_batchnorm_it_cannot_fold() -> None:
-    after_relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    with pytest.raises(UsageError, match="cannot fold BatchNorm2d '2': it does not directly follow a Conv2d"):
-        canonize(after_relu)
+def test_canonize_makes_unfoldable_batchnorm_affine_and_refuses_batch_statistics() -> None:
+    after_relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    _randomise_batchnorm(after_relu)
+    canonical = canonize(after_relu)
+    assert isinstance(canonical[2], AffineBatchNorm)
+    x = images(2)
+    torch.testing.assert_close(canonical(x), after_relu(x), rtol=1e-5, atol=1e-6)
     batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(UsageError, match="no running statistics"):
         canonize(batch_stats)

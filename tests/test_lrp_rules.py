@@ -68,12 +68,17 @@ def ref_gamma(m: Tensor, b: Tensor, a: Tensor, r: Tensor, gamma: float, eps: flo
 
 
 def ref_alpha_beta(m: Tensor, b: Tensor, a: Tensor, r: Tensor, alpha: float, beta: float) -> Tensor:
+    """Where an output has no negative (positive) contributions, the positive (negative) ones take all of its
+    relevance: alpha, beta become 1, 0 (0, -1) there."""
     contrib = m * a[None, :]
     pos, neg = contrib.clamp(min=0), contrib.clamp(max=0)
+    z_pos, z_neg = pos.sum(1) + b.clamp(min=0), neg.sum(1) + b.clamp(max=0)
+    alphas = torch.where(z_neg == 0, 1.0, torch.where(z_pos == 0, 0.0, alpha)).double()
+    betas = torch.where(z_neg == 0, 0.0, torch.where(z_pos == 0, -1.0, beta)).double()
     eps = DEFAULT_STABILIZER
-    positive = _share(pos, pos.sum(1) + b.clamp(min=0), r, eps)
-    negative = _share(neg, neg.sum(1) + b.clamp(max=0), r, eps)
-    return alpha * positive - beta * negative
+    positive = _share(pos, z_pos, alphas * r, eps)
+    negative = _share(neg, z_neg, betas * r, eps)
+    return positive - negative
 
 
 def ref_zbox(m: Tensor, a: Tensor, r: Tensor, low: Tensor, high: Tensor) -> Tensor:

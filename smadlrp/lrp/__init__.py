@@ -1,4 +1,4 @@
-"""Layer-wise Relevance Propagation for feed-forward CNNs: rules, composites, canonization, engine, tracing.
+"""Layer-wise Relevance Propagation on the traced graph of a CNN: rules, composites, canonization, engine, tracing.
 
     import smadlrp.lrp as lrp
     relevance = lrp.explain(model, x, rule="epsilon")              # (B, C, H, W), one pass for the batch
@@ -8,7 +8,7 @@
 See docs/lrp.md for the maths of every rule and composite.
 """
 
-from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
+from smadlrp.lrp.canonize import AffineBatchNorm, FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import (
     COMPOSITES,
     Composite,
@@ -19,7 +19,6 @@ from smadlrp.lrp.composites import (
     method_parameters,
 )
 from smadlrp.lrp.engine import (
-    SUPPORTED_LAYERS,
     Explainer,
     LRPModel,
     Relevance,
@@ -32,9 +31,9 @@ from smadlrp.lrp.rules import RULES, Rule, make_rule, register, rule_names, rule
 from smadlrp.lrp.trace import TraceRecord, collect_and_disable, enable_and_clean, trace
 
 __all__ = [
+    "AffineBatchNorm",
     "COMPOSITES",
     "RULES",
-    "SUPPORTED_LAYERS",
     "Composite",
     "CompositeSpec",
     "Explainer",

@@ -1,17 +1,17 @@
-"""The LRP engine: rules attached to an eval-mode copy of a model, one relevance pass per batch.
+"""The LRP engine: rules attached to the traced graph of an eval-mode copy of a model, one relevance pass per batch.
 
-The copy (BatchNorm folded, see `canonize`) has its Conv2d/Linear layers replaced by subclasses whose
-`torch.autograd.Function` maps the relevance at the layer output to the relevance at its input with the layer's
-rule; average pools use the z-rule on their own weights. ReLU, MaxPool, Dropout and reshapes are left to
-autograd: their gradient already redistributes relevance correctly (ReLU passes it where the unit was active,
-MaxPool gives it to the winner). The backward pass of the target logit, started with one-hot x logit, then
-carries relevance (not gradient) down to the input.
+The copy is canonized (BatchNorm folded or made affine, see `canonize`) and traced with torch.fx (`graph`).
+Every node that carries relevance gets a rule before anything runs, or the model is refused: Conv2d/Linear
+layers become subclasses whose `torch.autograd.Function` maps the relevance at the layer output to the
+relevance at its input with the layer's rule; sums, unfoldable BatchNorms, average pools, element-wise
+activations and gates become `RuleNode`s with the rules of `node_rules`; ReLU, max pools, concatenations,
+reshapes and Dropout are left to autograd, whose gradient already shares relevance correctly. The backward
+pass of the target logit, started with one-hot x logit, then carries relevance (not gradient) to the input.
 """
 
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,62 +19,36 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from smadlrp.core.errors import UsageError
-from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
+from smadlrp.lrp.canonize import AffineBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, LayerSlot, Override, build_composite
-from smadlrp.lrp.rules import ConvOp, DenseOp, LayerOp, LayerState, Prepared, Rule, stabilized_divide
+from smadlrp.lrp.graph import LeafModule, NodePlan, plan_graph, trace_model
+from smadlrp.lrp.node_rules import AffineFunction, GateFunction, PassFunction, PoolFunction, SumFunction, alias
+from smadlrp.lrp.rules import ConvOp, DenseOp, LayerOp, LayerState, Prepared, Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Flatten, nn.Identity, FoldedBatchNorm,
-)  # fmt: skip
 Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
 _CACHE_SIZE = 8  # prepared rules kept per layer
-# Layers whose output is non-negative when their input is (ReLU's output always is).
-_KEEP_SIGN = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Flatten, nn.Identity)
 _PASS_IDS = itertools.count()
 
 
 def check_supported(model: nn.Module) -> None:
-    """UsageError listing every layer the engine cannot explain (leaf layers of other types, or containers
-    with parameters of their own)."""
-    unsupported, seen = [], set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in seen:
-            unsupported.append(f"{name} ({type(module).__name__} used a second time)")
-            continue
-        seen.add(id(module))
-        leaf = next(module.children(), None) is None
-        if leaf and type(module) not in SUPPORTED_LAYERS:
-            unsupported.append(f"{name or '<model>'} ({type(module).__name__})")
-        elif not leaf and next(module.parameters(recurse=False), None) is not None:
-            unsupported.append(f"{name or '<model>'} ({type(module).__name__} with parameters of its own)")
-    if unsupported:
-        supported = ", ".join(t.__name__ for t in SUPPORTED_LAYERS if t is not FoldedBatchNorm)
-        raise UsageError(f"cannot explain unsupported layer(s): {', '.join(unsupported)}; supported: {supported}")
+    """UsageError (one line) naming every node of `model`'s graph that carries relevance but has no LRP rule,
+    or why the model cannot be traced; nothing is computed."""
+    root = canonize(model, share_weights=True)
+    plan_graph(trace_model(root), dict(root.named_modules()))
 
 
 class _Pass:
-    """One explaining forward pass: the composite and counters for explained layers and traced layers."""
+    """One explaining forward pass: the composite and the counter of explained layers."""
 
     def __init__(self, composite: Composite, count: int) -> None:
         self.composite = composite
         self.count = count
         self.id = next(_PASS_IDS)
         self.explained = 0
-        self.traced = 0
-        self._nonnegative: dict[int, weakref.ref[Tensor]] = {}
-
-    def mark_nonnegative(self, t: Tensor) -> None:
-        self._nonnegative[id(t)] = weakref.ref(t)
-
-    def is_nonnegative(self, t: object) -> bool:
-        """Whether `t` is known to be >= 0: the output of a ReLU, or of a sign-keeping layer fed such a tensor."""
-        known = self._nonnegative.get(id(t))
-        return known is not None and known() is t
 
     def rule_for(self, name: str, kind: Literal["conv", "dense"]) -> Rule:
         rule = self.composite.rule_for(LayerSlot(self.explained, name, kind), self.count)
@@ -83,41 +57,25 @@ class _Pass:
 
 
 class _Switch:
-    """Shared by the layers of one converted model: the pass in progress (None: ordinary forward), and the
-    forward pre-hook of every layer, which lets tracing see the relevance arriving at the layer's input."""
+    """Shared by the rule-carrying modules of one converted model: the pass in progress (None: ordinary
+    forward)."""
 
     def __init__(self) -> None:
         self.current: _Pass | None = None
-        self.layers: dict[nn.Module, tuple[str, str]] = {}  # module -> (qualified name, layer type)
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        current = self.current
-        if current is None:
-            return
-        index, current.traced = current.traced, current.traced + 1
-        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
-            args[0].register_hook(relevance_hook(current.id, index, *self.layers[module]))
-
-    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook: remember which outputs are known to be non-negative."""
-        current = self.current
-        if current is None or not isinstance(output, Tensor):
-            return
-        if isinstance(module, nn.ReLU) or (isinstance(module, _KEEP_SIGN) and args and current.is_nonnegative(args[0])):
-            current.mark_nonnegative(output)
-
-    def name(self, module: nn.Module) -> str:
-        return self.layers[module][0]
 
 
-def _alias(t: Tensor) -> Tensor:
-    """A tensor on `t`'s memory with a version counter of its own, to save a layer output for the backward pass.
+class _Tap(LeafModule, nn.Module):
+    """Identity on a tensor that, during a relevance pass, lets tracing see the relevance arriving at it."""
 
-    A following in-place ReLU may overwrite the output with relu(z), which equals z wherever relevance arrives
-    (elsewhere the incoming relevance is 0); saved through this alias, autograd keeps the memory exactly as long
-    as the graph needs it instead of refusing the in-place change.
-    """
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    def __init__(self, switch: _Switch, index: int, name: str, op: str) -> None:
+        super().__init__()
+        self.switch, self.index, self.node_name, self.op = switch, index, name, op
+
+    def forward(self, x: Any) -> Any:
+        current = self.switch.current
+        if current is not None and isinstance(x, Tensor) and x.requires_grad:
+            x.register_hook(relevance_hook(current.id, self.index, self.node_name, self.op))
+        return x
 
 
 class _RuleFunction(torch.autograd.Function):
@@ -131,7 +89,7 @@ class _RuleFunction(torch.autograd.Function):
             a_nonnegative = not bool(a.numel() and a.min() < 0)
         z = op.forward(a, prepared["weight"], prepared.get("bias"))
         if rule.needs_output(bool(a_nonnegative)):
-            ctx.save_for_backward(a, _alias(z))
+            ctx.save_for_backward(a, alias(z))
         else:
             ctx.save_for_backward(a)
         ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative = op, rule, prepared, a_nonnegative
@@ -144,25 +102,6 @@ class _RuleFunction(torch.autograd.Function):
         with torch.autocast(r.device.type, enabled=False):
             relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.float())
         return relevance, None, None, None, None
-
-
-class _PoolFunction(torch.autograd.Function):
-    """An average pool with the z-rule on its own weights: `R_in = a * P^T (R / (P a))`."""
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
-        y = pool(a)
-        ctx.save_for_backward(a, _alias(y))
-        ctx.pool = pool
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        a, y = ctx.saved_tensors
-        with torch.autocast(r.device.type, enabled=False), torch.enable_grad():
-            leaf = a.detach().requires_grad_(True)
-            (c,) = torch.autograd.grad(ctx.pool(leaf), leaf, stabilized_divide(r.float(), y, 0.0))
-        return c.mul_(a), None
 
 
 class _StartFunction(torch.autograd.Function):
@@ -180,15 +119,21 @@ class _StartFunction(torch.autograd.Function):
         return grad * logits
 
 
-class _Explained:
-    """What LRP Conv2d/Linear layers share: the switch and a cache of prepared weights per rule."""
+class _Explained(LeafModule):
+    """What LRP Conv2d/Linear layers share: the switch, the layer's qualified name, what the graph knows about
+    its input and whether it carries relevance (not inside a gate's branch), and a cache of prepared weights
+    per rule."""
 
     _lrp_switch: _Switch
+    _lrp_name: str
+    _lrp_nonnegative: bool
+    _lrp_carries: bool
     _lrp_cache: OrderedDict[Rule, Prepared]
     _lrp_key: tuple[Any, ...]
 
-    def _lrp_init(self, switch: _Switch) -> None:
-        self._lrp_switch = switch
+    def _lrp_init(self, switch: _Switch, name: str, nonnegative: bool, carries: bool) -> None:
+        self._lrp_switch, self._lrp_name = switch, name
+        self._lrp_nonnegative, self._lrp_carries = nonnegative, carries
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
@@ -218,12 +163,14 @@ class _Explained:
         params: tuple[Tensor, Any],
     ) -> Tensor:
         """Apply this layer's rule from `current` to `a` (the `input`, padded if the layer pads explicitly);
-        `params` are the layer's (weight, bias)."""
-        name = self._lrp_switch.name(self)  # type: ignore[arg-type]
+        `params` are the layer's (weight, bias). Inside a gate's branch (no relevance) the plain layer runs."""
+        name = self._lrp_name
         rule = current.rule_for(name, kind)
+        if not self._lrp_carries:
+            return op.forward(a, *params)
         rule.check(name, op, a)
         prepared = self._prepared(name, rule, *params)
-        nonnegative = True if current.is_nonnegative(input) else None
+        nonnegative = True if self._lrp_nonnegative else None
         with torch.autocast(a.device.type, enabled=False):
             out = _RuleFunction.apply(a.float(), op, rule, prepared, nonnegative)
         assert isinstance(out, Tensor)
@@ -237,8 +184,8 @@ class LRPConv2d(_Explained, nn.Conv2d):
     _lrp_pad: bool
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, switch: _Switch) -> LRPConv2d:
-        """Wrap `conv`, sharing its parameters."""
+    def from_module(cls, conv: nn.Conv2d, switch: _Switch, name: str, nonnegative: bool, carries: bool) -> LRPConv2d:
+        """Wrap `conv` (qualified name `name`), sharing its parameters; `nonnegative`: its input is known >= 0."""
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",  # type: ignore[arg-type]
@@ -246,7 +193,7 @@ class LRPConv2d(_Explained, nn.Conv2d):
         new.weight = conv.weight
         if conv.bias is not None:
             new.bias = conv.bias
-        new._lrp_init(switch)
+        new._lrp_init(switch, name, nonnegative, carries)
         explicit = conv.padding_mode != "zeros" or isinstance(conv.padding, str)
         padding = (0, 0) if explicit else tuple(conv.padding)
         new._lrp_op = ConvOp(tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)  # type: ignore[arg-type]
@@ -259,7 +206,7 @@ class LRPConv2d(_Explained, nn.Conv2d):
             return super().forward(input)
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise UsageError(
-                f"layer {self._lrp_switch.name(self)!r} (Conv2d) expects (B, {self.in_channels}, H, W) input, "
+                f"layer {self._lrp_name!r} (Conv2d) expects (B, {self.in_channels}, H, W) input, "
                 f"got shape {tuple(input.shape)}"
             )
         a = input
@@ -275,13 +222,13 @@ class LRPLinear(_Explained, nn.Linear):
     _OP = DenseOp()
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, switch: _Switch) -> LRPLinear:
-        """Wrap `linear`, sharing its parameters."""
+    def from_module(cls, linear: nn.Linear, switch: _Switch, name: str, nonnegative: bool, carries: bool) -> LRPLinear:
+        """Wrap `linear` (qualified name `name`), sharing its parameters; `nonnegative`: its input is known >= 0."""
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         new.weight = linear.weight
         if linear.bias is not None:
             new.bias = linear.bias
-        new._lrp_init(switch)
+        new._lrp_init(switch, name, nonnegative, carries)
         return new
 
     def forward(self, input: Tensor) -> Tensor:
@@ -290,64 +237,74 @@ class LRPLinear(_Explained, nn.Linear):
             return super().forward(input)
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise UsageError(
-                f"layer {self._lrp_switch.name(self)!r} (Linear) expects {self.in_features} input features, "
+                f"layer {self._lrp_name!r} (Linear) expects {self.in_features} input features, "
                 f"got shape {tuple(input.shape)}"
             )
         return self._explain(input, input, self._OP, "dense", current, (self.weight, self.bias))
 
 
-def _pool_relevance(switch: _Switch, pool: Callable[[Tensor], Tensor], input: Tensor) -> Tensor:
-    """The pool's z-rule during a relevance pass; the plain pool otherwise (and for signal methods)."""
-    current = switch.current
-    if current is None or current.composite.signal:
-        return pool(input)
-    with torch.autocast(input.device.type, enabled=False):
-        out = _PoolFunction.apply(input.float(), pool)
-    assert isinstance(out, Tensor)
-    return out
+_OUT_OF_PLACE: dict[type[nn.Module], Callable[[Any, Tensor], Tensor]] = {
+    nn.ReLU6: lambda m, x: F.relu6(x), nn.SiLU: lambda m, x: F.silu(x), nn.Hardswish: lambda m, x: F.hardswish(x),
+    nn.GELU: lambda m, x: F.gelu(x, approximate=m.approximate), nn.Mish: lambda m, x: F.mish(x),
+}  # fmt: skip
 
 
-class LRPAvgPool2d(nn.AvgPool2d):
-    """An AvgPool2d that uses the z-rule on its own weights while its model explains."""
+class RuleNode(LeafModule, nn.Module):
+    """One graph node with an LRP rule of its own (`node_rules`): `plain` (a module or function) computes the
+    node's output as the model does; during a relevance pass with an LRP rule the same output is computed with
+    the node's rule in the backward pass. Signal methods (PatternNet family) use the gradient instead, except
+    at gates, which are constants of the forward pass for every method."""
 
-    _lrp_switch: _Switch
+    def __init__(self, switch: _Switch, plan: NodePlan, plain: Callable[..., Any]) -> None:
+        super().__init__()
+        self.switch, self.kind, self.constant, self.gate_index = switch, plan.kind, plan.constant, plan.gate_index
+        self.label = f"{plan.name}: {plan.op}"
+        if isinstance(plain, nn.Module):
+            self.plain: Callable[..., Any] = plain
+        else:
+            self.__dict__["plain"] = plain  # a function, not a submodule
 
-    def forward(self, input: Tensor) -> Tensor:
-        return _pool_relevance(self._lrp_switch, super().forward, input)
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.label}"
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        current = self.switch.current
+        if self.kind == "gate":
+            x, g = args[1 - self.gate_index], args[self.gate_index]
+            if current is None:
+                return self.plain(*args, **kwargs)
+            if current.composite.signal:
+                return x * g.detach()
+            return GateFunction.apply(x, g.detach())
+        if current is None or current.composite.signal:
+            return self.plain(*args, **kwargs)
+        x = next(a for a in args if isinstance(a, Tensor))
+        with torch.autocast(x.device.type, enabled=False):
+            return self._explained(x.float(), args, kwargs)
 
-class LRPAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """An AdaptiveAvgPool2d that uses the z-rule on its own weights while its model explains."""
-
-    _lrp_switch: _Switch
-
-    def forward(self, input: Tensor) -> Tensor:
-        return _pool_relevance(self._lrp_switch, super().forward, input)
-
-
-def _lrp_layer(module: nn.Module, switch: _Switch) -> nn.Module:
-    """The LRP version of `module` sharing its parameters, or `module` itself when autograd already does LRP."""
-    kind = type(module)
-    if kind is nn.Conv2d:
-        assert isinstance(module, nn.Conv2d)
-        return LRPConv2d.from_module(module, switch)
-    if kind is nn.Linear:
-        assert isinstance(module, nn.Linear)
-        return LRPLinear.from_module(module, switch)
-    pool: LRPAvgPool2d | LRPAdaptiveAvgPool2d
-    if kind is nn.AvgPool2d:
-        assert isinstance(module, nn.AvgPool2d)
-        pool = LRPAvgPool2d(
-            module.kernel_size, module.stride, module.padding, module.ceil_mode,  # type: ignore[arg-type]
-            module.count_include_pad, module.divisor_override,
-        )  # fmt: skip
-    elif kind is nn.AdaptiveAvgPool2d:
-        assert isinstance(module, nn.AdaptiveAvgPool2d)
-        pool = LRPAdaptiveAvgPool2d(module.output_size)
-    else:
-        return module
-    pool._lrp_switch = switch
-    return pool
+    def _explained(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The node's output with its LRP rule attached; `x` is its (first) tensor input in float32."""
+        if self.kind == "sum":
+            return SumFunction.apply(args[0].float(), args[1].float())  # type: ignore[no-any-return]
+        if self.kind == "shift":
+            return SumFunction.apply(x, x.new_tensor(self.constant))  # type: ignore[no-any-return]
+        if self.kind == "affine":
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            m = self.plain
+            assert isinstance(m, AffineBatchNorm)
+            scale, shift = m.scale.float().view(shape), m.shift.float().view(shape)
+            return AffineFunction.apply(x, scale, shift)  # type: ignore[no-any-return]
+        rest = {k: v for k, v in kwargs.items() if k != "inplace"}
+        if self.kind == "pool":
+            return PoolFunction.apply(x, lambda t: self.plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
+        if self.kind == "scale":
+            return PassFunction.apply(x, lambda t: t * self.constant)  # type: ignore[no-any-return]
+        assert self.kind == "activation", self.kind
+        plain = self.plain
+        if isinstance(plain, nn.Module):
+            out_of_place = _OUT_OF_PLACE[next(t for t in _OUT_OF_PLACE if isinstance(plain, t))]
+            return PassFunction.apply(x, lambda t: out_of_place(plain, t))  # type: ignore[no-any-return]
+        return PassFunction.apply(x, lambda t: plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
 
 
 class LRPModel(nn.Module):
@@ -357,9 +314,12 @@ class LRPModel(nn.Module):
     The wrapped copy is `.module`; its layers keep the qualified names of the original model.
     """
 
-    def __init__(self, module: nn.Module, switch: _Switch, explained: dict[str, LRPConv2d | LRPLinear]) -> None:
+    def __init__(
+        self, module: nn.Module, switch: _Switch, explained: dict[str, LRPConv2d | LRPLinear], rows: int
+    ) -> None:
         super().__init__()
         self.module = module
+        self._rows = rows  # traced nodes; the output's record comes after them
         self._switch = switch
         self._explained = explained
 
@@ -419,7 +379,7 @@ class LRPModel(nn.Module):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise UsageError(f"the model must return (B, K) logits to be explained, got {shape}")
         if out.requires_grad:
-            out.register_hook(relevance_hook(current.id, current.traced, OUTPUT_NAME, OUTPUT_TYPE))
+            out.register_hook(relevance_hook(current.id, self._rows, OUTPUT_NAME, OUTPUT_TYPE))
         return out
 
     def _check_input(self, x: Tensor) -> None:
@@ -439,29 +399,86 @@ class LRPModel(nn.Module):
         return dict(zip(self._explained, pattern, strict=True))
 
 
+_MULTI_INPUT = ("sum", "gate")
+
+
 def _convert(model: nn.Module, share_weights: bool) -> LRPModel:
-    check_supported(model)
+    """Canonize and trace `model`, give every relevance-carrying node its rule (or refuse), and build the
+    explainable graph module."""
     root = canonize(model, share_weights=share_weights)
+    graph = trace_model(root)
+    modules = dict(root.named_modules())
+    plan = plan_graph(graph, modules).nodes
     switch = _Switch()
     explained: dict[str, LRPConv2d | LRPLinear] = {}
-    for name, module in list(root.named_modules()):
-        if next(module.children(), None) is not None:
+    taps, nodes = nn.ModuleList(), nn.ModuleList()
+    wrapped: dict[str, RuleNode] = {}
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        layer = _lrp_layer(module, switch)
-        if layer is not module:
-            if name:
-                parent, _, child = name.rpartition(".")
-                setattr(root.get_submodule(parent), child, layer)
-            else:
-                root = layer
-        if isinstance(layer, (LRPConv2d, LRPLinear)):
+        node_plan = plan.get(node.name)
+        if node.op == "call_module" and type(modules[str(node.target)]) in (nn.Conv2d, nn.Linear):
+            name = str(node.target)
+            source = node.args[0] if node.args else None
+            nonnegative = isinstance(source, fx.Node) and source.name in plan and plan[source.name].nonnegative
+            layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
+            _set_submodule(root, name, layer)
             explained[name] = layer
-        switch.layers[layer] = (name, type(module).__name__)
-        layer.register_forward_pre_hook(switch)
-        layer.register_forward_hook(switch.after)
+        elif node_plan is not None and node_plan.kind != "gradient":
+            if node.op == "call_module":
+                name = str(node.target)
+                if name not in wrapped:
+                    wrapped[name] = RuleNode(switch, node_plan, modules[name])
+                    _set_submodule(root, name, wrapped[name])
+            else:
+                rule_node = RuleNode(switch, node_plan, _callable(node))
+                nodes.append(rule_node)
+                with graph.inserting_before(node):
+                    new = graph.call_module(f"lrp_nodes.{len(nodes) - 1}", tuple(node.args), node.kwargs)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                node = new
+        if node_plan is None:
+            continue
+        tap = _Tap(switch, len(taps), node_plan.name, node_plan.op)
+        taps.append(tap)
+        if node_plan.kind in _MULTI_INPUT or not node.args or not isinstance(node.args[0], fx.Node):
+            with graph.inserting_after(node):  # relevance at the output of a node with several inputs
+                tapped = graph.call_module(f"lrp_taps.{tap.index}", (node,))
+            node.replace_all_uses_with(tapped, delete_user_cb=lambda user, tap_node=tapped: user is not tap_node)
+        else:
+            with graph.inserting_before(node):
+                tapped = graph.call_module(f"lrp_taps.{tap.index}", (node.args[0],))
+            node.args = (tapped, *node.args[1:])
     if not explained:
         raise UsageError("the model has no Conv2d or Linear layer to explain")
-    return LRPModel(root.eval(), switch, explained)
+    root.add_module("lrp_taps", taps)
+    root.add_module("lrp_nodes", nodes)
+    module = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    return LRPModel(module.eval(), switch, explained, len(taps))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
+def _callable(node: fx.Node) -> Callable[..., Any]:
+    """The function a call_function node calls, or for a call_method node a function of the tensor."""
+    if node.op == "call_method":
+        method = str(node.target)
+        return lambda x, *args, **kwargs: getattr(x, method)(*args, **kwargs)
+    return node.target  # type: ignore[return-value]
+
+
+def _lrp_layer(
+    module: nn.Module, switch: _Switch, name: str, nonnegative: bool, carries: bool
+) -> LRPConv2d | LRPLinear:
+    """The LRP version of a Conv2d or Linear, sharing its parameters."""
+    if isinstance(module, nn.Conv2d):
+        return LRPConv2d.from_module(module, switch, name, nonnegative, carries)
+    assert isinstance(module, nn.Linear)
+    return LRPLinear.from_module(module, switch, name, nonnegative, carries)
 
 
 def convert(model: nn.Module) -> LRPModel:

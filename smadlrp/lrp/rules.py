@@ -463,7 +463,7 @@ class AlphaBeta(Rule):
         object.__setattr__(self, "stabilizer", _non_negative(self.key, "stabilizer", self.stabilizer))
 
     def needs_output(self, nonnegative_input: bool) -> bool:
-        return self.beta != 0.0
+        return True
 
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
         prepared = {"w_pos": weight.clamp(min=0)}
@@ -473,39 +473,77 @@ class AlphaBeta(Rule):
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         a, w_pos, eps = state.a, w["w_pos"], self.stabilizer
+        assert state.z is not None
         if not state.input_nonnegative():
             return self._relevance_signed(op, w, state, r)
         # a >= 0: (a w)+ = a w+, (a w)- = a w-, and z+ = a W+ + b+ >= 0
         z_pos = op.forward(a, w_pos, w.get("b_pos"))
         if self.beta == 0.0:
+            dead = _dead_signal(r, z_pos, state.z)
             s = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, overwrite=True)
-            return op.vjp(a, w_pos, s).mul_(a)
-        assert state.z is not None
-        w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0))
-        t_pos = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha)
-        # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator, also where an in-place ReLU has
-        # turned z into relu(z) (the relevance is zero there).
-        t_neg = stabilized_divide(r, z_pos.sub_(state.z), eps, nonnegative=True, scale=self.beta, overwrite=True)
-        c = op.vjp(a, w_pos, t_pos)
+            c = op.vjp(a, w_pos, s)
+            if dead is not None:
+                c.add_(op.vjp(a, w["weight"], dead))
+            return c.mul_(a)
+        t_pos, t_neg = self._signals(r, z_pos, state.z)
+        # W-^T t- = W^T t- - W+^T t-: W- is never stored
+        c = op.vjp(a, w_pos, t_pos.sub_(t_neg))
         del t_pos  # released before the second product
-        return c.add_(op.vjp(a, w_neg, t_neg)).mul_(a)
+        return c.add_(op.vjp(a, w["weight"], t_neg)).mul_(a)
+
+    def _signals(self, r: Tensor, z_pos: Tensor, z: Tensor, out: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+        """(t+, t-) with R_i = sum_j (a w)+_ij t+_j + (a w)-_ij t-_j: `alpha R / z+` and `beta R / -z-`, except
+        where one side has no contributions: there the other side takes all of R (`R / z+`, or `R / z-` through
+        t-), so relevance is conserved at every output. `z_pos` is overwritten; `out`: tensors for (t+, t-)."""
+        eps = self.stabilizer
+        t_pos, t_neg = out if out else (None, None)
+        z_neg = torch.sub(z_pos, z)  # -z- >= 0, also where an in-place ReLU has turned z into relu(z)
+        # z- = 0 up to rounding (z- is taken as z+ - z), or z+ = 0 exactly (a sum of exact zeros)
+        no_neg = z_neg <= _NO_CONTRIBUTION_RTOL * z_pos
+        no_pos = z_pos == 0
+        t_pos = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, out=t_pos)
+        if bool(no_neg.any()):
+            t_pos = torch.where(no_neg, stabilized_divide(r, z_pos, eps, nonnegative=True), t_pos, out=t_pos)
+        # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator
+        t_neg = stabilized_divide(r, z_neg, eps, nonnegative=True, scale=self.beta, overwrite=True, out=t_neg)
+        if bool(no_neg.any()):
+            t_neg.masked_fill_(no_neg, 0.0)
+        if bool(no_pos.any()):  # there z- = z
+            t_neg = torch.where(no_pos, stabilized_divide(r, z, eps), t_neg, out=t_neg)
+        return t_pos, t_neg
 
     def _relevance_signed(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         """Inputs of both signs: (a w)+ = a+ w+ + a- w-, (a w)- = a+ w- + a- w+."""
         w_pos, eps = w["w_pos"], self.stabilizer
+        assert state.z is not None
         w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0))
         parts = _signed_parts(state.a)
         z_pos = _forward_parts(op, parts, [w_pos, w_neg], w.get("b_pos"))  # exactly 0 without positive parts
         if self.beta == 0.0:
+            dead = _dead_signal(r, z_pos, state.z)
             s = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, overwrite=True)
-            return _share_parts(op, parts, [[w_pos, w_neg]], s)
-        assert state.z is not None
+            out = _share_parts(op, parts, [[w_pos, w_neg]], s)
+            if dead is not None:
+                out.add_(op.vjp(state.a, w["weight"], dead).mul_(state.a))
+            return out
         t = _stacked_like(op, r, 2)  # [t+, t-], written in place
-        t_pos, t_neg = t.chunk(2, op.channel_dim)
-        stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, out=t_pos)
-        stabilized_divide(r, z_pos.sub_(state.z), eps, nonnegative=True, scale=self.beta, out=t_neg)
-        del z_pos, t_pos, t_neg
+        self._signals(r, z_pos, state.z, out=t.chunk(2, op.channel_dim))
+        del z_pos
         return _share_parts(op, parts, [[w_pos, w_neg], [w_neg, w_pos]], t)
+
+
+# alpha-beta: an output whose negative contributions are below this share of its positive ones has none.
+_NO_CONTRIBUTION_RTOL = 1e-5
+
+
+def _dead_signal(r: Tensor, z_pos: Tensor, z: Tensor) -> Tensor | None:
+    """For alpha1beta0: `R / z` at the outputs without positive contributions (z+ = 0, so every contribution
+    is negative and z = z-), 0 elsewhere; None when there are none. There the negative contributions take
+    the relevance, which is otherwise lost."""
+    dead = z_pos == 0
+    if not bool(dead.any()):
+        return None
+    return stabilized_divide(r, z, 0.0).mul_(dead)
 
 
 @register

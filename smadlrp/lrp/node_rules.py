@@ -1,0 +1,117 @@
+"""The rules of the graph's relevance-carrying nodes other than Conv2d/Linear, as autograd functions.
+
+Each forward computes the node's ordinary output; each backward maps the relevance `R` at the output to the
+relevance at the inputs (not the gradient):
+
+- `SumFunction`, `y = sum_k x_k` (a constant term takes part and absorbs its share): `R_k = x_k / y * R`;
+- `AffineFunction`, `y = s x + t` element-wise: `R_x = s x / y * R = (y - t) / y * R`;
+- `PoolFunction`, a linear pool `y = P x`: `R_x = x * P^T (R / y)`;
+- `PassFunction`, `y = f(x)` element-wise (ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
+- `GateFunction`, `y = x * g` with a gate g (a constant of the forward pass): `R_x = R`, nothing to g.
+
+Denominators are not stabilised: where `y = 0` the relevance is 0, which loses nothing, because the relevance
+arriving at a tensor is `y * c` for every rule of the engine (it is 0 where y is). Outputs are saved for the
+backward pass through an alias (see `alias`): a following in-place ReLU may turn y into relu(y), which equals
+y wherever relevance can arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smadlrp.lrp.rules import stabilized_divide
+
+
+def alias(t: Tensor) -> Tensor:
+    """A tensor on `t`'s memory with a version counter of its own, to save an output for the backward pass.
+
+    A following in-place ReLU may overwrite the output with relu(z), which equals z wherever relevance arrives
+    (elsewhere the incoming relevance is 0); saved through this alias, autograd keeps the memory exactly as long
+    as the graph needs it instead of refusing the in-place change.
+    """
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+class SumFunction(torch.autograd.Function):
+    """`y = a + b` with the z-rule: `R_a = a / y * R`, `R_b = b / y * R` (summed back over broadcast dims)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        y = a + b
+        ctx.save_for_backward(a, b, alias(y))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        a, b, y = ctx.saved_tensors
+        s = stabilized_divide(r.float(), y, 0.0)
+        grads = []
+        for term, needed in zip((a, b), ctx.needs_input_grad, strict=True):
+            grads.append((term * s).sum_to_size(term.shape) if needed else None)
+        return tuple(grads)
+
+
+class AffineFunction(torch.autograd.Function):
+    """`y = scale * x + shift` element-wise (scale, shift broadcast over x) with the z-rule
+    `R_x = scale x / y * R`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        y = torch.addcmul(shift, x, scale)
+        ctx.save_for_backward(shift, alias(y))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        shift, y = ctx.saved_tensors
+        s = stabilized_divide(r.float(), y, 0.0)
+        return s.mul_(y - shift), None, None
+
+
+class PoolFunction(torch.autograd.Function):
+    """A linear pool `y = pool(a)` (average pools, means) with the z-rule on its own weights:
+    `R_a = a * P^T (R / y)`."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        y = pool(a)
+        ctx.save_for_backward(a, alias(y))
+        ctx.pool = pool
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        a, y = ctx.saved_tensors
+        with torch.autocast(r.device.type, enabled=False), torch.enable_grad():
+            leaf = a.detach().requires_grad_(True)
+            (c,) = torch.autograd.grad(ctx.pool(leaf), leaf, stabilized_divide(r.float(), y, 0.0))
+        return c.mul_(a), None
+
+
+class PassFunction(torch.autograd.Function):
+    """`y = f(x)` for an element-wise `f` with the identity rule: `R_x = R` (not R times f's derivative)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        return f(x)
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return r, None
+
+
+class GateFunction(torch.autograd.Function):
+    """`y = x * g` for a gate `g` (detached by the caller): all relevance to x, `R_x = R`; none to g."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        return x * g
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return r.sum_to_size(ctx.shape), None

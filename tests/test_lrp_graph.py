@@ -1,0 +1,198 @@
+"""LRP on the traced graph of torchvision architectures: LRP-0 equals gradient x input on piecewise-linear
+networks, relevance is conserved on bias-free ones, and anything without a rule is refused before any
+relevance is computed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+import smadlrp.lrp as lrp
+from smadlrp.core.device import num_threads
+from smadlrp.core.errors import UsageError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with num_threads(1):
+        yield
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "inception_v3":
+        kwargs = {"aux_logits": False, "init_weights": False, "transform_input": False, **kwargs}
+    return torchvision.models.get_model(name, weights=None, num_classes=3, **kwargs).eval()
+
+
+def randomise_batchnorm(model: nn.Module) -> None:
+    """Random running statistics and affine parameters: folding and the affine rule then matter."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.2, 0.2)  # type: ignore[union-attr]
+                bn.running_var.uniform_(0.5, 2.0)  # type: ignore[union-attr]
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+
+def zero_biases(model: nn.Module) -> None:
+    """Every bias zero (BatchNorm keeps its default statistics, so folding adds none)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and m.bias is not None:
+                m.bias.zero_()
+
+
+def images(size: int, batch: int = 2) -> Tensor:
+    """Normalised images: pixels in [0, 1] through (p - MEAN) / STD (inside the zbox bounds)."""
+    torch.manual_seed(2)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (torch.rand(batch, 3, size, size) - mean) / std
+
+
+def gradient_x_input(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(gradient x input of the predicted logit, that logit) per sample."""
+    leaf = x.clone().requires_grad_(True)
+    logits = model(leaf)
+    picked = logits[torch.arange(len(x)), logits.argmax(1)]
+    (grad,) = torch.autograd.grad(picked.sum(), leaf)
+    return grad * x, picked.detach()
+
+
+def relative_l2(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+IDENTITY = [("resnet18", 32), ("resnet50", 32), ("densenet121", 32), ("inception_v3", 75),
+            ("squeezenet1_1", 48), ("mobilenet_v2", 32)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "size"), IDENTITY)
+def test_zero_rule_is_gradient_times_input(name: str, size: int) -> None:
+    model = build(name)
+    randomise_batchnorm(model)
+    x = images(size)
+    saturated: list[bool] = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: saturated.append(bool((out >= 6).any())))
+             for m in model.modules() if isinstance(m, nn.ReLU6)]  # fmt: skip
+    canonical = lrp.canonize(model)
+    torch.testing.assert_close(canonical(x), model(x), rtol=1e-4, atol=1e-6)
+    for hook in hooks:
+        hook.remove()
+    assert not any(saturated)  # ReLU6 is piecewise linear only below 6: the identity needs no saturation
+    # The reference is taken on the canonized copy: the same function, and the same rounding, so that no ReLU
+    # or max-pool tie flips between the two forward passes.
+    expected, _ = gradient_x_input(canonical, x)
+    relevance = lrp.explain(model, x, "zero")
+    assert relative_l2(relevance, expected) <= 1e-4
+
+
+def test_inception_transform_input_is_an_affine_node() -> None:
+    model = build("inception_v3", transform_input=True)
+    x = images(75, batch=1)
+    expected, _ = gradient_x_input(lrp.canonize(model), x)
+    assert relative_l2(lrp.explain(model, x, "zero"), expected) <= 1e-4
+
+
+CONSERVING: list[tuple[str, dict[str, Any]]] = [
+    ("zero", {}),
+    ("alpha1beta0", {}),
+    ("alpha2beta1", {}),
+    ("zbox", {"mean": MEAN, "std": STD}),  # z^B on the first layer, LRP-0 on the others
+    ("epsilon-plus-flat", {"epsilon": 0.0}),
+]
+GAMMA_BOX = ("epsilon-gamma-box", {"mean": MEAN, "std": STD, "epsilon": 0.0})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "efficientnet_b0", "mobilenet_v3_small"])
+def test_relevance_is_conserved_without_biases(name: str) -> None:
+    model = build(name)
+    zero_biases(model)
+    x = images(32, batch=1)
+    _, logit = gradient_x_input(model, x)
+    # gamma divides by z + gamma z+, which can cross zero where relevance reaches negative outputs (outputs
+    # feeding a sum, or SiLU/Hardswish): there it conserves only up to rounding
+    methods = CONSERVING + ([GAMMA_BOX] if name == "densenet121" else [])
+    for rule, params in methods:
+        sums = lrp.Explainer(model, rule, **params).explain(x).relevance.sum((1, 2, 3))
+        torch.testing.assert_close(sums, logit, rtol=1e-4, atol=0.0, msg=lambda m, r=rule: f"{r}: {m}")
+
+
+class Square(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        h = h * h
+        return self.fc(h.mean((2, 3)))
+
+
+class ScaledSigmoid(Square):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)) * 3)
+
+
+class Branching(Square):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_ops_without_a_rule_are_refused_by_name() -> None:
+    with pytest.raises(UsageError, match=r"unsupported layer\(s\): mul \(operator\.mul of two tensors") as info:
+        lrp.explain(Square(), images(8))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match=r"unsupported layer\(s\): sigmoid \(torch\.sigmoid: a sigmoid is "):
+        lrp.Explainer(ScaledSigmoid())
+    with pytest.raises(UsageError, match="cannot explain Branching: torch.fx cannot trace its forward pass"):
+        lrp.Explainer(Branching())
+
+
+def test_gate_branch_gets_no_relevance_and_module_reuse_works() -> None:
+    """A squeeze-excitation gate is a constant: the relevance of x * g(x) all goes to x."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.squeeze = nn.Conv2d(4, 4, 1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.relu(self.conv(x))
+            g = torch.sigmoid(self.squeeze(h.mean((2, 3), keepdim=True)))
+            return self.fc(self.relu(h * g + h).mean((2, 3)))
+
+    torch.manual_seed(3)
+    model, x = Gated().eval(), images(8)
+    with lrp.trace() as t:
+        relevance = lrp.explain(model, x, "zero")
+    # By hand: R at h * g + h splits by the z-rule; the gated half passes to h unchanged.
+    h = model.relu(model.conv(x))
+    g = torch.sigmoid(model.squeeze(h.mean((2, 3), keepdim=True)))
+    y = model.relu(h * g + h)
+    logits = model.fc(y.mean((2, 3)))
+    k = logits.argmax(1)
+    c = model.fc.weight[k][:, :, None, None] / (y.shape[2] * y.shape[3])  # R_y = y * c through mean and fc
+    r_h = (y * c) / (h * g + h) * (h * g) + (y * c) / (h * g + h) * h
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((model.conv(leaf) * (r_h / model.conv(x)).nan_to_num(0.0).detach()).sum(), leaf)
+    expected = grad * x
+    torch.testing.assert_close(relevance, expected.detach(), rtol=1e-4, atol=1e-6)
+    names = [r.name for r in t.records]
+    assert "squeeze" not in names and "sigmoid" not in names  # the gate's branch carries no relevance
+    assert names.count("relu") == 1 and "relu#2" in names  # one module called twice: two nodes
