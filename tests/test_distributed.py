@@ -16,11 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
 from smadlrp.core import distributed
+from smadlrp.core.container import read_tensors
+from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.lrp.patterns import load_patterns
 
@@ -30,14 +33,21 @@ TIMEOUT_S = 20  # the collective timeout of the two ranks
 runner = CliRunner()
 
 
-def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str]]:
-    """The commands run on two ranks, and some of them again in one process writing into `out`."""
+def command_lines(data: Path, checkpoint: Path, sets: Path, out: Path) -> dict[str, list[str]]:
+    """The commands run on two ranks, and some of them again in one process writing into `out`; `sets` holds
+    the synthetic set with artifact masks and the set with an unreadable image."""
     common = ["--checkpoint", str(checkpoint), "--data", str(data), "--device", "cpu"]
     train = ["finetune", "--weights", "none", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     return {
         "finetune": [*train, "--data", str(data), "--out", f"{out}/run", "--json", f"{out}/finetune.json"],
         "resume": ["finetune", "--resume", f"{out}/run", "--epochs", "2", "--device", "cpu"],
-        "broken": [*train, "--data", str(out.parent / "broken"), "--out", f"{out}/broken-run"],
+        "broken": [*train, "--data", str(sets / "broken"), "--out", f"{out}/broken-run"],
+        "explain": ["explain", str(data / "test" / "morph"), "--checkpoint", str(checkpoint), "--rule", "epsilon",
+                    "--rule", "gamma", "--batch-size", "3", "--save-raw", "--device", "cpu", "--out", f"{out}/explain",
+                    "--json", f"{out}/explain.json"],
+        "compare": ["compare-rules", "--checkpoint", str(checkpoint), "--data", str(sets / "synthetic"),
+                    "--rule", "epsilon", "--max-images", "12", "--batch-size", "4", "--patch-size", "4",
+                    "--steps", "5", "--device", "cpu", "--out", f"{out}/compare", "--json", f"{out}/compare.json"],
         "fit": ["fit-patterns", *common, "--kind", "both", "--batch-size", "4", "--out", f"{out}/patterns.safetensors",
                 "--json", f"{out}/fit.json"],
         "evaluate": ["evaluate", *common, "--batch-size", "3", "--threshold", "val-eer", "--scores",
@@ -48,13 +58,14 @@ def command_lines(data: Path, checkpoint: Path, out: Path) -> dict[str, list[str
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_checkpoint: Path) -> Path:
     """Run every job on two ranks once; the folder of their results."""
-    out = tmp_path_factory.mktemp("ranks")
-    broken = shutil.copytree(tiny_data, out.parent / "broken")  # one unreadable image, in rank 1's validation share
+    out, sets = tmp_path_factory.mktemp("ranks"), tmp_path_factory.mktemp("sets")
+    generate_dataset(sets / "synthetic", SynthConfig(identities=8, image_size=32, seed=0), workers=1)
+    broken = shutil.copytree(tiny_data, sets / "broken")  # one unreadable image, in rank 1's validation share
     corrupt = broken / "val" / "bonafide" / "val_bonafide_05z.jpg"  # its header reads, its pixels do not
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:-10])
     jobs = ["core", *(f"{name}:{json.dumps(args)}" for name, args in
-                      command_lines(tiny_data, tiny_checkpoint, out).items())]
+                      command_lines(tiny_data, tiny_checkpoint, sets, out).items())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            distributed.TIMEOUT_ENV: str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -103,15 +114,16 @@ def test_shards_cover_every_position_once() -> None:
             assert sorted(i for s in shards for i in s) == list(range(n))
 
 
-def single_process(name: str, data: Path, checkpoint: Path, out: Path) -> None:
-    result = runner.invoke(app, command_lines(data, checkpoint, out)[name])
+def single_process(name: str, data: Path, checkpoint: Path, out: Path, two_ranks: Path) -> None:
+    """Run job `name` in this process with `out` as its output folder."""
+    result = runner.invoke(app, command_lines(data, checkpoint, two_ranks.parent / "sets0", out)[name])
     assert result.exit_code == 0, result.output
 
 
 def test_fit_patterns_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     assert [r["exit_code"] for r in results(two_ranks, "fit")] == [0, 0]
-    single_process("fit", tiny_data, tiny_checkpoint, tmp_path)
+    single_process("fit", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
     shared, shared_meta = load_patterns(two_ranks / "patterns.safetensors")
     alone, alone_meta = load_patterns(tmp_path / "patterns.safetensors")
     assert shared_meta["world_size"] == 2 and alone_meta["world_size"] == 1
@@ -131,7 +143,7 @@ def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Pa
                                                    tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "evaluate")]
     assert [r["exit_code"] for r in results(two_ranks, "evaluate")] == [0, 0], outputs
-    single_process("evaluate", tiny_data, tiny_checkpoint, tmp_path)
+    single_process("evaluate", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
     assert (two_ranks / "scores.csv").read_bytes() == (tmp_path / "scores.csv").read_bytes()
     shared = json.loads((two_ranks / "evaluate.json").read_text())
     alone = json.loads((tmp_path / "evaluate.json").read_text())
@@ -174,3 +186,38 @@ def test_an_unreadable_image_on_one_rank_ends_both_with_one_line(two_ranks: Path
     assert "not a readable image" in errors[0]
     assert "error" not in second["output"]  # rank 0 says it for both
     assert not (two_ranks / "broken-run" / "best.safetensors").exists()
+
+
+def test_explain_on_two_ranks_writes_the_files_of_one_process(two_ranks: Path, tiny_data: Path,
+                                                               tiny_checkpoint: Path, tmp_path: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "explain")]
+    assert [r["exit_code"] for r in results(two_ranks, "explain")] == [0, 0], outputs
+    single_process("explain", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
+    shared, alone = two_ranks / "explain", tmp_path / "explain"
+    names = sorted(p.name for p in alone.iterdir())
+    assert sorted(p.name for p in shared.iterdir()) == names and len(names) == 8 * 5 + 1
+    for name in names:
+        if name.endswith(".png"):
+            assert (shared / name).read_bytes() == (alone / name).read_bytes(), name
+    raw_shared, raw_alone = (read_tensors(folder / "relevance.safetensors") for folder in (shared, alone))
+    assert sorted(raw_shared) == ["epsilon", "gamma"]
+    assert all(torch.equal(raw_shared[k], raw_alone[k]) for k in raw_alone)
+    report = {k: v for k, v in json.loads((two_ranks / "explain.json").read_text()).items() if k != "out"}
+    expected = {k: v for k, v in json.loads((tmp_path / "explain.json").read_text()).items() if k != "out"}
+    assert (report.pop("world_size"), expected.pop("world_size")) == (2, 1) and report == expected
+    assert "rank 0/2: explaining 5 of 8 images" in outputs[0] and "rank 1/2: explaining 3 of 8 images" in outputs[1]
+
+
+def test_compare_rules_on_two_ranks_averages_like_one_process(two_ranks: Path, tiny_data: Path,
+                                                              tiny_checkpoint: Path, tmp_path: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "compare")]
+    assert [r["exit_code"] for r in results(two_ranks, "compare")] == [0, 0], outputs
+    single_process("compare", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
+    report = json.loads((two_ranks / "compare.json").read_text())
+    expected = json.loads((tmp_path / "compare.json").read_text())
+    assert report["world_size"] == 2 and report["images"] == expected["images"]
+    assert report["localisation_note"] is None  # the morphs' artifact masks were used
+    for shared, alone in zip(report["methods"], expected["methods"], strict=True):
+        del shared["ms_per_image"], alone["ms_per_image"]  # timings differ, every other number is the same
+        assert shared == alone
+    assert "rank 1/2: comparing on 4 of 12 images" in outputs[1]

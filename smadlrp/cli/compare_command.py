@@ -27,11 +27,14 @@ from smadlrp.cli.common import (
     find_checkpoint,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
+    rank_line,
     write_json,
 )
 from smadlrp.cli.explain_commands import PatternKindOption, PatternsOption, rule_option, rules_and_patterns
+from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.paths import prepare_out_dir
@@ -126,6 +129,7 @@ def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
 
 @app.command("compare-rules")
 @handle_errors
+@on_ranks
 def compare_rules(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,
@@ -156,7 +160,8 @@ def compare_rules(
     json_out: JsonOption = None,
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
-    masks, region perturbation (AOPC) and time per image."""
+    masks, region perturbation (AOPC) and time per image (under torchrun: each process takes a share of the
+    images; rank 0 reports on all of them)."""
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
@@ -167,12 +172,18 @@ def compare_rules(
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     prepare_out_dir(out)
     with progress_bar(ImagesPerSecond()) as bar:
+
+        def start(share: int, n: int) -> None:
+            rank_line(f"comparing on {share} of {n} images")
+            bar.update(task, total=share)
+
         task = bar.add_task(f"comparing {len(rules)} rule(s) and 3 baselines", total=None)
         result = compare_methods(model, meta, explainers, source, split=split, max_images=max_images,
                                  batch_size=batch_size, patch_size=patch_size, steps=steps, seed=seed, target=wanted,
                                  workers=workers, device=torch_device, warn=notice,
-                                 on_start=lambda n: bar.update(task, total=n),
-                                 on_batch=lambda n: bar.advance(task, n))
+                                 on_start=start, on_batch=lambda n: bar.advance(task, n))
+    if not distributed.current().is_main:
+        return  # rank 0 reports on every image and writes the files
     if result.localisation_note is not None:
         notice(f"localisation columns are n/a: {result.localisation_note}")
     counts = ", ".join(f"{n} {name}" for name, n in result.class_counts.items())

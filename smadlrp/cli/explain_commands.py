@@ -24,11 +24,14 @@ from smadlrp.cli.common import (
     find_checkpoint,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
+    rank_line,
     write_json,
 )
 from smadlrp.cli.patterns_command import fit_with_progress
+from smadlrp.core import distributed
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
 from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
@@ -109,8 +112,22 @@ def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, 
     return out
 
 
+def _gather_relevance(ranks: distributed.Ranks, share: list[int],
+                      raw: dict[str, list[torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
+    """Rule -> (N, C, H, W) relevance of every image in input order, on rank 0 (None elsewhere or without raw)."""
+    if raw is None:
+        return None
+    mine = {name: torch.cat(parts) for name, parts in raw.items()}
+    parts = ranks.gather_to_main((share, mine))
+    if not parts:
+        return None
+    order = torch.tensor([p for positions, _ in parts for p in positions]).argsort()
+    return {name: torch.cat([tensors[name] for positions, tensors in parts if positions])[order] for name in mine}
+
+
 @app.command()
 @handle_errors
+@on_ranks
 def explain(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     checkpoint: CheckpointOption = None,
@@ -127,7 +144,8 @@ def explain(
     device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
-    """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules."""
+    """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules
+    (under torchrun: each process explains a share of the images and writes their files)."""
     images = collect_images(paths)
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
@@ -138,10 +156,17 @@ def explain(
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
-    with progress_bar(ImagesPerSecond()) as bar:
-        task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(images))
+    ranks = distributed.current()
+    share = ranks.shard(len(images), batch_size)
+    rank_line(f"explaining {len(share)} of {len(images)} images")
+    with progress_bar(ImagesPerSecond()) as bar, ranks.shared_failure():
+        task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(share))
         results = explain_images(images, meta, explainers, wanted, out, batch_size=batch_size, workers=workers,
-                                 device=torch_device, raw=raw, on_batch=lambda n: bar.advance(task, n))
+                                 device=torch_device, raw=raw, share=share, on_batch=lambda n: bar.advance(task, n))
+    results = ranks.gather_by_position(share, results)
+    relevance = _gather_relevance(ranks, share, raw)
+    if not ranks.is_main:
+        return  # rank 0 prints the table of every image and writes the shared files
     table = Table(title=f"{len(images)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
                   caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
                           "conserves relevance and the biases absorb none")
@@ -154,12 +179,12 @@ def explain(
         for i, (name, value) in enumerate(result.relevance_sum.items()):
             table.add_row(*(image if i == 0 else [""] * len(image)), name, f"{value:.4g}")
     console.print(table)
-    if raw is not None:
+    if relevance is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))
-        write_document(raw_path, {name: torch.cat(parts) for name, parts in raw.items()},
+        write_document(raw_path, relevance,
                        {"schema": "smadlrp.relevance/1", "files": [str(p) for p in images],
                         "names": output_stems(images), "checkpoint": str(checkpoint)})
-    console.print(f"wrote {sum(len(r.files) for r in results) + (raw is not None)} file(s) to {out}",
+    console.print(f"wrote {sum(len(r.files) for r in results) + (relevance is not None)} file(s) to {out}",
                   highlight=False)
     write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "out": str(out), "images": [
         {"path": str(r.path), "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,

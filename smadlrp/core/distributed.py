@@ -84,6 +84,16 @@ class Ranks:
             dist.all_gather_object(values, value)
         return values
 
+    def gather_to_main(self, value: T) -> list[T]:
+        """Every rank's `value` (picklable) in rank order on rank 0, [] on the others (for large values that only
+        rank 0 writes)."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] | None = [None] * self.world_size if self.is_main else None
+        with _communication(self):
+            dist.gather_object(value, values, dst=0)
+        return values or []
+
     def gather_by_position(self, positions: Sequence[int], items: Sequence[T]) -> list[T]:
         """Merge each rank's `items` (one per position of its shard) into one list ordered by position."""
         if len(positions) != len(items):

@@ -23,7 +23,9 @@ import numpy.typing as npt
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
+from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
@@ -110,9 +112,12 @@ class Comparison:
 
 @dataclass
 class _Collected:
-    """Per-method values gathered batch by batch."""
+    """Per-method values gathered batch by batch: curve rows for the images at `rows`, localisation values for
+    the masked images at `located` (positions in the chosen subset)."""
 
     seconds: float = 0.0
+    rows: list[int] = field(default_factory=list)
+    located: list[int] = field(default_factory=list)
     curves: list[FloatArray] = field(default_factory=list)
     mass: list[float] = field(default_factory=list)
     rank: list[float] = field(default_factory=list)
@@ -229,13 +234,16 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
                     split: str = "test", max_images: int = 200, batch_size: int = 32, patch_size: int | None = None,
                     steps: int = 50, seed: int = 0, target: int | str | None = None, workers: int = 0,
                     device: torch.device | None = None, warn: Callable[[str], None] = lambda message: None,
-                    on_start: Callable[[int], None] = lambda n: None,
-                    on_batch: Callable[[int], None] = lambda n: None) -> Comparison:
+                    on_start: Callable[[int, int], None] = lambda share, n: None,
+                    on_batch: Callable[[int], None] = lambda n: None, ranks: Ranks | None = None) -> Comparison:
     """Compare `explainers` and the baselines on up to `max_images` images of one split of `data` (seeded subset).
 
     `target`: the class (index or name) explained and scored for every image; None: the attack class.
-    `on_start(n)` gets the number of chosen images, `on_batch(n)` the size of each finished batch.
+    `on_start(share, n)` gets this process's and the total number of chosen images, `on_batch(n)` the size of
+    each finished batch. Under torchrun (`ranks`, default: the current ones) each rank takes a share of whole
+    batches and the per-image values are gathered in image order, so every average equals one process's.
     """
+    ranks = ranks or current()
     device = device or next(model.parameters()).device
     size = meta.input_size
     patch = default_patch_size(size) if patch_size is None else patch_size
@@ -245,12 +253,31 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
     index = data.split(split, meta.class_names, meta.attack_class, warn=warn)
     chosen = select_subset(index.labels, max_images, seed)
     samples = [index.samples[i] for i in chosen]
-    on_start(len(samples))
+    share = ranks.shard(len(samples), batch_size)
+    on_start(len(share), len(samples))
     masks, note = artifact_masks(index, chosen.tolist(), meta.attack_index, size)
     methods = {**rule_maps(explainers), **baseline_maps(model, seed)}
     collected = {name: _Collected() for name in methods}
     wanted = meta.attack_class if target is None else target
     dataset = ImageDataset(samples, size, meta.mean, meta.std)
+    with ranks.shared_failure():
+        _run_batches(model, methods, collected, Subset(dataset, share), wanted, meta, masks, patch, steps,
+                     batch_size, workers, device, on_batch)
+    if ranks.distributed:
+        collected = _merge(ranks.gather(collected))
+    results = _results(collected, explainers, len(samples))
+    counts = {name: int((index.labels[chosen] == i).sum()) for i, name in enumerate(meta.class_names)}
+    target_name = wanted if isinstance(wanted, str) else meta.class_names[wanted]
+    return Comparison(data=data.name, split=split, target=target_name, n_images=len(samples), class_counts=counts,
+                      patch_size=patch, steps=steps, methods=results, localisation_note=note,
+                      images=[str(s.path) for s in samples])
+
+
+def _run_batches(model: nn.Module, methods: Mapping[str, MapFunction], collected: Mapping[str, _Collected],
+                 dataset: Dataset[tuple[Tensor, int, int]], wanted: int | str, meta: CheckpointMeta,
+                 masks: Mapping[int, tuple[BoolArray, str]], patch: int, steps: int, batch_size: int, workers: int,
+                 device: torch.device, on_batch: Callable[[int], None]) -> None:
+    """Every method on every batch of `dataset`, values into `collected`."""
     warm = False
     for x, _, positions in make_loader(dataset, batch_size, workers=workers, device=device):
         x = x.to(device)
@@ -264,12 +291,27 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
             _run_method(model, function, x, target_index, positions.tolist(), masks, patch, steps,
                         SCORE_BATCH_FACTOR * batch_size, collected[name])
         on_batch(len(positions))
-    results = _results(collected, explainers, len(samples))
-    counts = {name: int((index.labels[chosen] == i).sum()) for i, name in enumerate(meta.class_names)}
-    target_name = wanted if isinstance(wanted, str) else meta.class_names[wanted]
-    return Comparison(data=data.name, split=split, target=target_name, n_images=len(samples), class_counts=counts,
-                      patch_size=patch, steps=steps, methods=results, localisation_note=note,
-                      images=[str(s.path) for s in samples])
+
+
+def _merge(parts: Sequence[Mapping[str, _Collected]]) -> dict[str, _Collected]:
+    """Every rank's values of each method as one `_Collected` in image order, as one process collects them;
+    the seconds are added (time per image stays the compute time of one image)."""
+    merged = {}
+    for name in parts[0]:
+        each = [part[name] for part in parts]
+        rows = np.argsort([r for c in each for r in c.rows], kind="stable")
+        located = np.argsort([r for c in each for r in c.located], kind="stable")
+        curves = np.concatenate([curve for c in each for curve in c.curves])
+
+        def pick(values: list[Any], order: npt.NDArray[np.int64] = located) -> list[Any]:
+            return [values[i] for i in order]
+
+        merged[name] = _Collected(
+            seconds=sum(c.seconds for c in each), rows=pick([r for c in each for r in c.rows], rows),
+            located=pick([r for c in each for r in c.located]), curves=[curves[rows]],
+            mass=pick([v for c in each for v in c.mass]), rank=pick([v for c in each for v in c.rank]),
+            point=pick([v for c in each for v in c.point]), types=pick([v for c in each for v in c.types]))
+    return merged
 
 
 def _run_method(model: nn.Module, function: MapFunction, x: Tensor, target: Tensor, positions: list[int],
@@ -282,6 +324,8 @@ def _run_method(model: nn.Module, function: MapFunction, x: Tensor, target: Tens
     _sync(x.device)
     into.seconds += time.perf_counter() - start
     rows = [row for row, position in enumerate(positions) if position in masks]
+    into.rows += positions
+    into.located += [positions[row] for row in rows]
     if rows:
         chosen = maps[rows].double().cpu().numpy()
         truth = np.stack([masks[positions[row]][0] for row in rows])

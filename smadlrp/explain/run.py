@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from smadlrp.core.errors import UsageError
 from smadlrp.data.loading import ImageDataset, Sample, make_loader
@@ -133,10 +134,12 @@ class ImageResult:
 
 
 def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int, workers: int,
-                  device: torch.device) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """(B, 3, H, W) preprocessed batches of `images` with their positions in the list."""
+                  device: torch.device, share: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """(B, 3, H, W) preprocessed batches of `images` (only the positions in `share` when given) with their
+    positions in the list."""
     dataset = ImageDataset([Sample(p, 0) for p in images], meta.input_size, meta.mean, meta.std)
-    for x, _, index in make_loader(dataset, batch_size, workers=workers, device=device):
+    chosen = dataset if share is None else Subset(dataset, list(share))
+    for x, _, index in make_loader(chosen, batch_size, workers=workers, device=device):
         yield x, index.tolist()
 
 
@@ -170,17 +173,19 @@ class BackgroundWriter:
 
 def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Mapping[str, Explainer],
                    target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
-                   raw: dict[str, list[torch.Tensor]] | None = None,
+                   raw: dict[str, list[torch.Tensor]] | None = None, share: Sequence[int] | None = None,
                    on_batch: Callable[[int], None] = lambda n: None) -> list[ImageResult]:
     """Explain every image with every explainer (each computed independently) and write its files into `out`:
     `<name>.<rule>.heatmap.png`, `<name>.<rule>.overlay.png` and, with several rules, `<name>.grid.png`.
     Files are written on a background thread while the next batch is explained; all exist on return.
-    With `raw`, each rule's (B, C, H, W) relevance batches are appended to `raw[rule]`."""
+    With `raw`, each rule's (B, C, H, W) relevance batches are appended to `raw[rule]`. With `share`, only
+    those positions of `images` are explained (one process's share under torchrun; names stay those of the
+    whole list)."""
     stems = output_stems(images)
     inputs = {p.resolve() for p in images}
     results: list[ImageResult] = []
     with BackgroundWriter() as writer:
-        for x, positions in image_batches(images, meta, batch_size, workers, device):
+        for x, positions in image_batches(images, meta, batch_size, workers, device, share):
             pixels = to_uint8(x, meta.mean, meta.std)
             maps: dict[str, np.ndarray] = {}
             batch_results: list[ImageResult] = []
