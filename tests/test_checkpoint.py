@@ -126,3 +126,38 @@ def test_import_model_needs_trust_for_whole_pickles(tmp_path: Path) -> None:
     wrong = runner.invoke(app, ["import-model", str(tmp_path / "state.pth"), "--arch", "alexnet",
                                 "--out", str(tmp_path / "b.safetensors")])
     assert wrong.exit_code == 1 and "does not hold alexnet weights" in wrong.output
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict", "model"])
+def test_import_model_unwraps_training_script_checkpoints_and_names_the_key(tmp_path: Path, key: str) -> None:
+    torch.manual_seed(1)
+    model, _ = build_model("vgg_compact", 2, "none")
+    weights = {f"module.{k}": v for k, v in model.state_dict().items()}  # as saved from DataParallel
+    torch.save({"epoch": 7, key: weights, "optimizer": {"lr": 0.01}}, tmp_path / "train.pth")
+    out = tmp_path / "c.safetensors"
+    result = runner.invoke(app, ["import-model", str(tmp_path / "train.pth"), "--arch", "vgg_compact", "--out",
+                                 str(out), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    assert f"using the weights under its '{key}' key" in result.output
+    loaded, meta = load_checkpoint(out)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert meta.weights_source == f"imported from train.pth (key {key})"
+    assert json.loads((tmp_path / "c.json").read_text())["key"] == key
+
+
+def test_import_model_without_weights_lists_the_keys(tmp_path: Path) -> None:
+    torch.save({"epoch": 7, "net": {"w": torch.ones(2)}, "best": 0.1}, tmp_path / "odd.pth")
+    result = runner.invoke(app, ["import-model", str(tmp_path / "odd.pth"), "--arch", "vgg_compact", "--out",
+                                 str(tmp_path / "d.safetensors")])
+    assert result.exit_code == 1 and "state_dict, model_state_dict, model" in result.output
+    assert "its keys: 'epoch', 'net', 'best'" in result.output
+
+
+def test_info_shows_square_brackets_of_metadata(tmp_path: Path) -> None:
+    model, source = build_model("vgg_compact", 2, "none")
+    meta = CheckpointMeta("vgg_compact", ["bonafide", "morph"], "morph", 32, [0.5] * 3, [0.5] * 3,
+                          "file [red]E[x y][/red]")
+    save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    result = runner.invoke(app, ["info", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0 and "file [red]E[x y][/red]" in " ".join(result.output.split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -11,7 +12,7 @@ from smadlrp import __version__
 from smadlrp.cli import app
 from smadlrp.cli.reference import cli_reference
 from smadlrp.core.device import resolve_device
-from smadlrp.core.errors import UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,3 +51,23 @@ def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
 def test_cli_reference_is_up_to_date() -> None:
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == cli_reference(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_missing_split_lists_only_split_folders(tmp_path: Path) -> None:
+    from smadlrp.data.loading import find_split
+    from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
+
+    generate_dataset(tmp_path / "set", SynthConfig(identities=6, image_size=32, captures_per_identity=1))
+    with pytest.raises(SmadlrpError, match=r"\(splits found: test, train, val\); choose one of those with --split"):
+        find_split(tmp_path / "set", "dev")
+
+
+def test_every_command_writes_json_and_those_that_run_a_model_take_device() -> None:
+    """What README promises: --json FILE on every command, --device on the ones with --checkpoint and finetune."""
+    import typer
+
+    for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
+        options = {opt for param in command.params for opt in param.opts}
+        assert "--json" in options, f"{name} has no --json"
+        runs_a_model = "--checkpoint" in options or name == "finetune"
+        assert ("--device" in options) == runs_a_model, f"{name}: --device {'missing' if runs_a_model else 'given'}"

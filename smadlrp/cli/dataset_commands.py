@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from smadlrp.cli import app
@@ -98,7 +99,7 @@ def info(
     for key, value in doc.items():
         if key == "operating_points" and points:
             value = "below"
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+        table.add_row(escape(key), escape(value if isinstance(value, str) else json.dumps(value, sort_keys=True)))
     table.add_row("tensors", f"{len(header)} ({n_values:,} values)")
     console.print(table)
     if points:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -158,6 +159,7 @@ def import_model(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow unpickling arbitrary objects (runs code: trusted files only).")
     ] = False,
+    json_out: JsonOption = None,
 ) -> None:
     """Convert a PyTorch .pth model (state dict or whole pickled model) into a smadlrp checkpoint."""
     if not source.is_file():
@@ -168,7 +170,9 @@ def import_model(
     class_names = [c.strip() for c in classes.split(",") if c.strip()]
     if attack_class not in class_names:
         raise UsageError(f"--attack-class {attack_class!r} is not among --classes {class_names}")
-    state = _read_pth(source, trust_pickle)
+    state, key = _read_pth(source, trust_pickle)
+    if key is not None:
+        notice(f"{source.name}: using the weights under its {key!r} key")
     model = spec.build(len(class_names))
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -179,13 +183,22 @@ def import_model(
     model.load_state_dict(state)
     meta = CheckpointMeta(architecture=arch, class_names=class_names, attack_class=attack_class,
                           input_size=image_size or spec.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          weights_source=f"imported from {source.name}")
+                          weights_source=f"imported from {source.name}" + (f" (key {key})" if key else ""))
     save_checkpoint(out, model, meta)
     console.print(f"wrote {out} ({arch}, classes {class_names}, attack class {attack_class})", highlight=False)
+    write_json(json_out, {"source": str(source), "key": key, "out": str(out), "metadata": asdict(meta)})
 
 
-def _read_pth(source: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    """A state dict from `source`; whole pickled models only with `trust_pickle`."""
+NESTING_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts keep the weights
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _read_pth(source: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A state dict from `source` and the key it was nested under (None: the file is the state dict or the model);
+    whole pickled models only with `trust_pickle`."""
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the file's content decides; report it in one line
@@ -199,8 +212,18 @@ def _read_pth(source: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
             loaded = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as inner:  # noqa: BLE001
             raise SmadlrpError(f"{source}: cannot be loaded ({str(inner).splitlines()[0][:120]})") from exc
+    key = None
+    if isinstance(loaded, dict) and not _is_state_dict(loaded):
+        key = next((k for k in NESTING_KEYS if k in loaded), None)
+        if key is None:
+            found = ", ".join(repr(k) for k in list(loaded)[:8]) or "none"
+            raise SmadlrpError(f"{source}: neither a model nor a state dict of tensors, and none of the keys where "
+                               f"training scripts keep the weights ({', '.join(NESTING_KEYS)}); its keys: {found}. "
+                               "Save the model's state_dict() on its own")
+        loaded = loaded[key]
     if isinstance(loaded, torch.nn.Module):
         loaded = loaded.state_dict()
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise SmadlrpError(f"{source}: neither a model nor a state dict of tensors")
-    return loaded
+    if not _is_state_dict(loaded):
+        where = f"its {key!r} entry is" if key else "it is"
+        raise SmadlrpError(f"{source}: {where} neither a model nor a state dict of tensors")
+    return loaded, key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,8 +71,17 @@ def find_split(root: str | Path, split: str) -> Path:
     for name in SPLIT_NAMES.get(split, (split,)):
         if (root / name).is_dir():
             return root / name
-    present = sorted(p.name for p in root.iterdir() if p.is_dir())
-    raise SmadlrpError(f"{root}: no {split!r} split folder (found: {', '.join(present) or 'nothing'})")
+    present = sorted(p.name for p in root.iterdir() if _holds_class_folders(p))
+    raise SmadlrpError(f"{root}: no {split!r} split folder (splits found: {', '.join(present) or 'none'}); "
+                       f"choose one of those with --split, or add {root / split}/CLASS/ image folders")
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether `folder` looks like a split: a subfolder holds images directly (unlike masks/, whose subfolders
+    are splits again)."""
+    if not folder.is_dir() or folder.name.startswith("."):
+        return False
+    return any(is_image_file(f) for c in folder.iterdir() if c.is_dir() for f in itertools.islice(c.iterdir(), 20))
 
 
 @dataclass(frozen=True)
