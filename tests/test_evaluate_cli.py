@@ -80,3 +80,33 @@ def test_validation_criteria_pick_the_validation_threshold(tiny_synth: Path, tin
            "split has 4)" in " ".join(output.split())
     code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_synth), "--worst-species")
     assert code == 2 and "--worst-species needs an APCER criterion" in output
+
+
+def test_several_test_sets_give_one_block_each_and_average_worst_rows(tiny_data: Path, tiny_synth: Path,
+                                                                     tiny_checkpoint: Path, tmp_path: Path) -> None:
+    common = ["--threshold", "0.5", "--bootstrap", "0"]
+    code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_data), "--data", str(tiny_synth), *common,
+                             "--json", str(tmp_path / "both.json"), "--scores", str(tmp_path / "both.csv"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "both.json").read_text())
+    names = [Path(s["data"]).name for s in report["test_sets"]]
+    assert names == [tiny_data.name, tiny_synth.name]
+    for test_set in (tiny_data, tiny_synth):  # each block equals evaluating that set alone
+        code, alone = _evaluate(tiny_checkpoint, "--data", str(test_set), *common, "--json", str(tmp_path / "a.json"))
+        assert code == 0, alone
+        single = json.loads((tmp_path / "a.json").read_text())
+        (block,) = [s for s in report["test_sets"] if s["data"] == single["data"]]
+        assert block["metrics"] == single["metrics"] and block["groups"] == single["groups"]
+    across = report["across_sets"]
+    apcers = [s["metrics"]["apcer"] for s in report["test_sets"]]
+    eers = [s["metrics"]["d-eer"] for s in report["test_sets"]]
+    assert across["average"]["apcer"]["value"] == pytest.approx(sum(apcers) / 2)
+    assert across["worst"]["apcer"]["value"] == max(apcers)
+    assert across["worst"]["d-eer"]["part"] == names[eers.index(max(eers))]
+    flat = " ".join(output.split())
+    assert f"on test of {tiny_data.name}" in flat and f"on test of {tiny_synth.name}" in flat and "2 test sets" in flat
+    assert {row["test_set"] for row in _scores(tmp_path / "both.csv")} == set(names)
+    # several protocols with one --data as their base
+    code, output = _evaluate(tiny_checkpoint, "--protocol", str(tiny_synth / "manifest.csv"), "--data", str(tiny_data),
+                             "--data", str(tiny_synth), *common)
+    assert code == 2 and "give at most one --data" in output

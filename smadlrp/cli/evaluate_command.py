@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -17,10 +18,8 @@ from smadlrp.cli.common import (
     BootstrapOption,
     CheckpointOption,
     CiOption,
-    DataOption,
     DeviceOption,
     JsonOption,
-    ProtocolOption,
     SeedOption,
     WorkersOption,
     console,
@@ -49,6 +48,7 @@ from smadlrp.detector.inference import Predictions, predict_dataset
 from smadlrp.evaluation.metrics import (
     Breakdown,
     Gate,
+    GateResult,
     IntervalOptions,
     MetricsSummary,
     det_points,
@@ -59,6 +59,7 @@ from smadlrp.evaluation.metrics import (
 )
 from smadlrp.evaluation.plots import plot_det
 from smadlrp.evaluation.report import (
+    breakdown_markdown,
     breakdown_table,
     confusion_table,
     gates_markdown,
@@ -165,8 +166,18 @@ def _gates(cli_above: list[str] | None, cli_below: list[str] | None, config: Pro
 @on_ranks
 def evaluate(
     checkpoint: CheckpointOption = None,
-    data: DataOption = None,
-    protocol: ProtocolOption = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option("--data", file_okay=False, help="Data folder with train/val/test splits (repeatable: one test "
+                                                     "set each); default: the configured data, else the "
+                                                     "checkpoint's training data, else the embedded synthetic set."),
+    ] = None,
+    protocol: Annotated[
+        list[Path] | None,
+        typer.Option("--protocol", dir_okay=False, help="A protocol CSV (path,label,split[,group columns]) instead of "
+                                                        "split folders (repeatable: one test set each); paths "
+                                                        "relative to the file, or to --data when given."),
+    ] = None,
     bonafide_label: BonafideLabelOption = "bonafide",
     attack_label: AttackLabelOption = "morph",
     split: Annotated[str | None, typer.Option(help=f"Split to evaluate; default: the configured split, else "
@@ -231,7 +242,7 @@ def evaluate(
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
-    source = data_source(data, protocol, bonafide_label, attack_label, meta)
+    sources = _test_sets(data or [], protocol or [], bonafide_label, attack_label, meta)
     stored = stored_threshold(text, meta, checkpoint)
     if stored is not None:
         t, threshold_source = stored
@@ -241,46 +252,126 @@ def evaluate(
                    f"--threshold {VALIDATION_PREFIX}eer")
             text = f"{VALIDATION_PREFIX}eer"
         wanted = parse_threshold(text)
-        val = _score_split(model, meta, source, "val", batch_size, workers, torch_device) \
+        val = _score_split(model, meta, next(iter(sources.values())), "val", batch_size, workers, torch_device) \
             if isinstance(wanted, str) else None
         choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
         t, threshold_source = choice.value, choice.source("validation")
-    preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+    results = []
+    for name, source in sources.items():
+        preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+        if distributed.current().is_main:
+            results.append(_report_set(name, source, preds, index, t, threshold_source, by,
+                                       interval_options(ci, bootstrap, seed, index, preds)))
     if not distributed.current().is_main:
         return  # every score is on rank 0, which reports and writes the files
-    paths = [index.samples[i].path for i in preds.indices]
-    options = interval_options(ci, bootstrap, seed, index, preds)
-    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source, intervals=options)
-    columns = by or (["morph_type"] if "morph_type" in index.groups else [])
-    breakdowns = [group_breakdown(preds.labels, preds.scores, _group_values(index, preds, column), t, column=column,
-                                  threshold_source=threshold_source, intervals=options) for column in columns]
-    title = f"{checkpoint.name} on {split} ({summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
-            f"{summary.n_morph} {meta.attack_class})"
-    show_summary(summary, breakdowns, title)
+    title = f"{checkpoint.name} on {split}"
+    for result in results:
+        show_summary(result.summary, result.breakdowns, f"{title} of {result.name} ({result.counts(meta)})"
+                     if len(results) > 1 else f"{title} ({result.counts(meta)})")
+    across = Breakdown("test set", tuple((r.name, r.summary) for r in results), species=False)
+    if len(results) > 1:
+        console.print(breakdown_table(across, title=f"{checkpoint.name}: {len(results)} test sets"))
     if scores_out is not None:
-        groups = {column: [values[i] for i in preds.indices] for column, values in index.groups.items()}
-        write_text_atomic(scores_out, scores_csv(paths, preds.labels, preds.scores, groups))
+        write_text_atomic(scores_out, _scores_file(results))
     if det_out is not None:
-        apcer, bpcer = det_points(preds.labels, preds.scores)
-        plot_det({checkpoint.stem: (apcer, bpcer)}, det_out,
-                 eer={checkpoint.stem: summary.eer.value} if summary.eer.value is not None else None)
-    gates = gate_results(summary, above, below)
-    report = summary_markdown(summary, breakdowns, title) + (f"\n{gates_markdown(gates)}" if gates else "")
+        curves = {r.name if len(results) > 1 else checkpoint.stem: r for r in results}
+        plot_det({name: det_points(r.preds.labels, r.preds.scores) for name, r in curves.items()}, det_out,
+                 eer={name: r.summary.eer.value for name, r in curves.items() if r.summary.eer.value is not None})
+    gates = [_named_gate(gate, r.name if len(results) > 1 else None) for r in results
+             for gate in gate_results(r.summary, above, below)]
+    report = "".join(summary_markdown(r.summary, r.breakdowns, f"{title} of {r.name}" if len(results) > 1 else
+                                      f"{title} ({r.counts(meta)})") for r in results)
+    if len(results) > 1:
+        report += "\n".join(["", "## Test sets", "", *breakdown_markdown(across, None)]) + "\n"
+    report += f"\n{gates_markdown(gates)}" if gates else ""
     if markdown_out is not None:
         write_text_atomic(markdown_out, report)
     if junit_out is not None:
-        write_text_atomic(junit_out, junit_xml(gates, suite=f"{checkpoint.name} on {split}"))
+        write_text_atomic(junit_out, junit_xml(gates, suite=title))
     failures = [g.failure for g in gates if g.failure is not None]
-    write_json(json_out, to_jsonable({
-        "checkpoint": str(checkpoint), "data": source.name, "split": split, "metrics": summary.as_dict(),
-        "groups": {b.label: b for b in breakdowns}, "gates": {"failed": failures},
-    }))
+    sets = [{"data": r.source.name, "metrics": r.summary, "groups": {b.label: b for b in r.breakdowns}}
+            for r in results]
+    payload = {"checkpoint": str(checkpoint), "split": split, **sets[0]} if len(sets) == 1 else \
+        {"checkpoint": str(checkpoint), "split": split, "test_sets": sets, "across_sets": across}
+    write_json(json_out, to_jsonable({**payload, "gates": {"failed": failures}}))
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _github_outputs(report, failures)
     for message in failures:
         fail_line(f"gate failed: {message}")
     if failures:
         raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class _SetResult:
+    """One test set's scores and metrics."""
+
+    name: str
+    source: DataSource
+    preds: Predictions
+    index: SplitIndex
+    summary: MetricsSummary
+    breakdowns: list[Breakdown]
+
+    def counts(self, meta: CheckpointMeta) -> str:
+        return f"{self.summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
+               f"{self.summary.n_morph} {meta.attack_class}"
+
+
+def _test_sets(data: list[Path], protocols: list[Path], bonafide_label: str, attack_label: str,
+               meta: CheckpointMeta) -> dict[str, DataSource]:
+    """The test sets by short name: one per --protocol (paths relative to the one --data when given), else one per
+    --data, else the default data."""
+    if protocols and len(data) > 1:
+        raise UsageError("several --data with --protocol: give at most one --data (the folder the protocols' "
+                         "relative paths start from)")
+    if protocols:
+        sources = [data_source(data[0] if data else None, p, bonafide_label, attack_label, meta) for p in protocols]
+        names = [p.stem for p in protocols]
+    else:
+        sources = [data_source(d, None, bonafide_label, attack_label, meta) for d in data or [None]]  # type: ignore[list-item]
+        names = [source.root.name for source in sources]
+    if len(set(names)) < len(names):
+        names = [source.name for source in sources]
+    if len(set(names)) < len(names):
+        raise UsageError(f"the same test set is given twice: {', '.join(names)}")
+    return dict(zip(names, sources, strict=True))
+
+
+def _report_set(name: str, source: DataSource, preds: Predictions, index: SplitIndex, t: float, threshold_source: str,
+                by: list[str] | None, options: IntervalOptions | None) -> _SetResult:
+    """The metrics of one test set at the shared threshold, with its group breakdowns."""
+    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source, intervals=options)
+    columns = by or (["morph_type"] if "morph_type" in index.groups else [])
+    breakdowns = [group_breakdown(preds.labels, preds.scores, _group_values(index, preds, column), t, column=column,
+                                  threshold_source=threshold_source, intervals=options) for column in columns]
+    return _SetResult(name, source, preds, index, summary, breakdowns)
+
+
+def _scores_file(results: Sequence[_SetResult]) -> str:
+    """The scores of every test set as one CSV: path,label,score, the group columns, and test_set with several."""
+    columns = list(dict.fromkeys(c for r in results for c in r.index.groups))
+    paths, labels, scores = [], [], []
+    groups: dict[str, list[str]] = {c: [] for c in columns}
+    if len(results) > 1:
+        groups["test_set"] = []
+    for r in results:
+        paths += [r.index.samples[i].path for i in r.preds.indices]
+        labels += r.preds.labels.tolist()
+        scores += r.preds.scores.tolist()
+        for column in columns:
+            values = r.index.groups.get(column)
+            groups[column] += [values[i] if values is not None else "" for i in r.preds.indices]
+        if len(results) > 1:
+            groups["test_set"] += [r.name] * len(r.preds.indices)
+    return scores_csv(paths, labels, scores, groups)
+
+
+def _named_gate(gate: GateResult, test_set: str | None) -> GateResult:
+    """A gate result whose failure names its test set (when there are several)."""
+    if test_set is None or gate.failure is None:
+        return gate
+    return replace(gate, failure=f"{test_set}: {gate.failure}")
 
 
 def _github_outputs(report: str, failures: list[str]) -> None:

@@ -122,7 +122,7 @@ def metrics(
         note = " (scores negated: higher is bona fide)" if system.negated else ""
         show_summary(summary, breakdowns, f"{system.name}: {summary.n_bonafide} bona fide, {summary.n_morph} "
                                           f"morphs{note}")
-    comparison = Breakdown("system", tuple((system.name, summary) for system, summary, _ in results))
+    comparison = Breakdown("system", tuple((system.name, summary) for system, summary, _ in results), species=False)
     if len(results) > 1:
         console.print(breakdown_table(comparison, title="Systems", aggregates=False))
     if det_out is not None:

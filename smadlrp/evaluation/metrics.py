@@ -478,12 +478,14 @@ class Breakdown:
     """One MetricsSummary per part (the groups of a column, or several test sets) at one shared threshold.
 
     label: what a part is ("morph_type", "test set"); shared_bonafide: every group is compared against the same
-    bona fide images (their column is empty), so BPCER is one number.
+    bona fide images (their column is empty), so BPCER is one number; species: the parts are attack species,
+    whose worst APCER is ISO/IEC 30107-3's APCER_AP (not so for test sets or systems).
     """
 
     label: str
     parts: tuple[tuple[str, MetricsSummary], ...]
     shared_bonafide: bool = False
+    species: bool = True
 
     def _values(self, name: str) -> tuple[list[tuple[str, float]], list[str]]:
         """(part, value) where estimable, and the parts where `name` applies but is not estimable."""
@@ -532,8 +534,7 @@ class Breakdown:
             "parts": [{"name": name, **summary.as_dict()} for name, summary in self.parts],
             "average": {name: aggregate(self.average(name)) for name in BREAKDOWN_METRICS},
             "worst": {name: aggregate(self.worst(name)) for name in BREAKDOWN_METRICS},
-            "apcer_ap": self.apcer_ap.value,
-            "apcer_ap_part": self.apcer_ap.part,
+            **({"apcer_ap": self.apcer_ap.value, "apcer_ap_part": self.apcer_ap.part} if self.species else {}),
         }
 
 

@@ -72,10 +72,13 @@ def interval_note(summaries: Sequence[MetricsSummary]) -> str:
     found = [i for summary in summaries for i in summary.intervals.values() if isinstance(i, Interval)]
     if not found:
         return ""
-    names = {"clopper-pearson": "Clopper-Pearson (exact binomial) at the threshold"}
-    methods = "; ".join(names.get(m, f"{m} for the curve figures") for m in sorted({i.method for i in found},
-                                                                                  reverse=True))
-    return f"[{100 * found[0].confidence:g} % confidence intervals: {methods}]"
+    methods = {i.method for i in found}
+    pieces = ["Clopper-Pearson (exact binomial) at the threshold"] if "clopper-pearson" in methods else []
+    units = sorted(m.removeprefix("bootstrap over ") for m in methods if m.startswith("bootstrap over "))
+    if units:
+        pieces.append(f"bootstrap over {' or '.join(units)} for the curve figures")
+    methods_text = "; ".join(pieces)
+    return f"[{100 * found[0].confidence:g} % confidence intervals: {methods_text}]"
 
 
 def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
@@ -173,11 +176,11 @@ def breakdown_caption(breakdown: Breakdown, pooled: MetricsSummary | None, aggre
     intervals."""
     first = breakdown.parts[0][1] if breakdown.parts else None
     pieces = []
-    if aggregates:
+    if aggregates and breakdown.species:
         pieces.append(f"APCER_AP (worst {breakdown.label}) {_aggregate_cell(breakdown.apcer_ap, with_part=True)}"
                       + (f", pooled APCER {_rate_cell(pooled, 'apcer')}" if pooled is not None else ""))
-        if first is not None:
-            pieces.append(f"t = {threshold_text(first.threshold)} ({first.threshold_source})")
+    if aggregates and first is not None:
+        pieces.append(f"t = {threshold_text(first.threshold)} ({first.threshold_source})")
     if breakdown.shared_bonafide and first is not None:
         pieces.append(f"every {breakdown.label} against the same {first.n_bonafide} bona fide images")
     note = interval_note([summary for _, summary in breakdown.parts])
