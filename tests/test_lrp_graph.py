@@ -5,16 +5,21 @@ relevance is computed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
+from typer.testing import CliRunner
 
 import smadlrp.lrp as lrp
+from smadlrp.cli import app
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
+from smadlrp.detector import models
+from smadlrp.detector.models import CompactVGG
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -196,3 +201,21 @@ def test_gate_branch_gets_no_relevance_and_module_reuse_works() -> None:
     names = [r.name for r in t.records]
     assert "squeeze" not in names and "sigmoid" not in names  # the gate's branch carries no relevance
     assert names.count("relu") == 1 and "relu#2" in names  # one module called twice: two nodes
+
+
+def test_cli_refuses_a_model_without_a_rule_in_one_red_line(
+    tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class SquaringVGG(CompactVGG):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.features(x)
+            return self.classifier(self.flatten(self.pool(h * h)))
+
+    monkeypatch.setattr(models, "CompactVGG", SquaringVGG)
+    image = tiny_data / "test" / "morph" / "test_morph_00.png"
+    result = CliRunner().invoke(app, ["explain", str(image), "--checkpoint", str(tiny_checkpoint),
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()  # the device line, then the error
+    assert "Traceback" not in result.output and lines[-1].startswith("error: ")
+    assert "cannot explain unsupported layer(s): mul (operator.mul of two tensors" in lines[-1]

@@ -64,15 +64,22 @@ def _head_inception(model: Any, n: int) -> None:
     model.fc = nn.Linear(model.fc.in_features, n)
 
 
+def _head_last_linear(model: Any, n: int) -> None:
+    """MobileNet and EfficientNet: the classifier is a Sequential ending in its Linear layer."""
+    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, n)
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """One registry entry: how to build the network, replace its head, and which parameters form the head."""
+    """One registry entry: how to build the network, replace its head, and which parameters form the head.
+
+    Every entry is built from layers and operations the LRP engine explains (tests/test_models.py checks it).
+    """
 
     name: str
     input_size: int  # default square input side, pixels
     head: tuple[str, ...]  # parameter-name prefixes of the replaced head (trained in feature extraction)
     replace_head: Callable[[Any, int], None] | None  # None: built with the right head directly
-    explainable: bool  # built only from layers the LRP engine supports
     torchvision_name: str | None = None  # None: not a torchvision model (no ImageNet weights)
 
     def build(self, num_classes: int, imagenet: bool = False) -> nn.Module:
@@ -87,20 +94,26 @@ class Architecture:
         return model
 
 
-def _tv(name: str, head: tuple[str, ...], replace: Callable[[Any, int], None], explainable: bool,
-        size: int = 224) -> Architecture:
-    return Architecture(name, size, head, replace, explainable, torchvision_name=name)
+def _tv(name: str, head: tuple[str, ...], replace: Callable[[Any, int], None], size: int = 224) -> Architecture:
+    return Architecture(name, size, head, replace, torchvision_name=name)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vgg_compact": Architecture("vgg_compact", 64, ("classifier.",), None, True),
-    **{n: _tv(n, ("classifier.6.",), _head_vgg, True) for n in
+    "vgg_compact": Architecture("vgg_compact", 64, ("classifier.",), None),
+    **{n: _tv(n, ("classifier.6.",), _head_vgg) for n in
        ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
-    "alexnet": _tv("alexnet", ("classifier.6.",), _head_vgg, True),
-    **{n: _tv(n, ("fc.",), _head_fc, False) for n in ("resnet18", "resnet34", "resnet50")},
-    "squeezenet1_0": _tv("squeezenet1_0", ("classifier.1.",), _head_squeezenet, False),
-    "densenet121": _tv("densenet121", ("classifier.",), _head_densenet, False),
-    "inception_v3": _tv("inception_v3", ("fc.", "AuxLogits.fc."), _head_inception, False, size=299),
+    "alexnet": _tv("alexnet", ("classifier.6.",), _head_vgg),
+    **{n: _tv(n, ("fc.",), _head_fc) for n in
+       ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")},
+    **{n: _tv(n, ("classifier.1.",), _head_squeezenet) for n in ("squeezenet1_0", "squeezenet1_1")},
+    **{n: _tv(n, ("classifier.",), _head_densenet) for n in
+       ("densenet121", "densenet161", "densenet169", "densenet201")},
+    "inception_v3": _tv("inception_v3", ("fc.", "AuxLogits.fc."), _head_inception, size=299),
+    "mobilenet_v2": _tv("mobilenet_v2", ("classifier.1.",), _head_last_linear),
+    "mobilenet_v3_large": _tv("mobilenet_v3_large", ("classifier.3.",), _head_last_linear),
+    "mobilenet_v3_small": _tv("mobilenet_v3_small", ("classifier.3.",), _head_last_linear),
+    **{f"efficientnet_b{i}": _tv(f"efficientnet_b{i}", ("classifier.1.",), _head_last_linear, size=size)
+       for i, size in enumerate((224, 240, 288, 300))},
 }
 
 
