@@ -53,6 +53,7 @@ from smadlrp.cli import (  # noqa: E402,F401  (each module registers its command
     explain_commands,
     metrics_command,
     patterns_command,
+    predict_command,
     split_command,
     train_commands,
 )

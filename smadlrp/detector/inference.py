@@ -1,18 +1,21 @@
-"""Batched scoring: run a classifier over a loader and collect P(attack) per image."""
+"""Batched scoring: run a classifier over a loader, or over image files, and collect P(attack) per image."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from smadlrp.core.device import autocast
 from smadlrp.core.distributed import Ranks, current
-from smadlrp.data.loading import make_loader
+from smadlrp.core.errors import SmadlrpError
+from smadlrp.data.loading import ImageDataset, Sample, make_loader
+from smadlrp.detector.checkpoint import CheckpointMeta
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,52 @@ def predict_dataset(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, int, 
     order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
     return Predictions(*(np.concatenate([getattr(p, name) for p in parts])[order]
                          for name in ("labels", "scores", "indices", "losses")))
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image of `score_files`: its morph score P(attack) in [0, 1], or why it could not be scored."""
+
+    path: Path
+    score: float | None  # None when the image could not be read
+    error: str | None = None
+
+
+class _Tolerant(Dataset[tuple[torch.Tensor, int, str]]):
+    """Items of an ImageDataset as (image, index, error): an unreadable image becomes a zero tensor and the
+    one-line reason, so that one bad file does not stop its batch."""
+
+    def __init__(self, dataset: ImageDataset, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image, _, _ = self.dataset[index]
+        except SmadlrpError as exc:
+            return torch.zeros(3, self.size, self.size), index, exc.message
+        return image, index, ""
+
+
+@torch.inference_mode()
+def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *, batch_size: int,
+                device: torch.device, workers: int = 0, amp: bool = False,
+                on_batch: Callable[[int], None] | None = None) -> list[ImageScore]:
+    """P(attack) for every image file, in order, preprocessed exactly as `evaluate` does (the checkpoint's input
+    size and normalisation); an unreadable file gets its error and the others are still scored."""
+    model.eval()
+    dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std)
+    loader = DataLoader(_Tolerant(dataset, meta.input_size), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    results: list[ImageScore] = []
+    for images, indices, errors in loader:
+        with autocast(device, amp):
+            logits = logits_of(model(images.to(device, non_blocking=True))).float()
+        scores = torch.softmax(logits, dim=1)[:, meta.attack_index].double().cpu().tolist()
+        for index, score, error in zip(indices.tolist(), scores, errors, strict=True):
+            results.append(ImageScore(paths[index], None, error) if error else ImageScore(paths[index], score))
+        if on_batch is not None:
+            on_batch(len(errors))
+    return results

@@ -1,0 +1,152 @@
+"""`smadlrp predict`: what a shipped detector does, a morph score and a decision for every image."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    BatchSizeOption,
+    CheckpointOption,
+    DeviceOption,
+    ImagesPerSecond,
+    JsonOption,
+    WorkersOption,
+    console,
+    fail_line,
+    find_checkpoint,
+    handle_errors,
+    notice,
+    pick_device,
+    progress_bar,
+    project_config,
+    stored_threshold,
+    threshold_text,
+    write_json,
+)
+from smadlrp.core.errors import UsageError
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import list_images
+from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
+from smadlrp.detector.inference import ImageScore, score_files
+from smadlrp.evaluation.thresholds import parse_threshold, stored_point_name
+
+FALLBACK_THRESHOLD = 0.5  # for checkpoints that store no operating points
+BONA_FIDE = "bona fide"
+
+
+def _inputs(paths: list[Path]) -> tuple[list[Path], list[ImageScore]]:
+    """The image files named or found (recursively) in folders, deduplicated in order, and a failure for each
+    path that is missing or a folder without images."""
+    files: list[Path] = []
+    missing: list[ImageScore] = []
+    for path in paths:
+        if path.is_dir():
+            found = list_images(path)
+            files += found
+            if not found:
+                missing.append(ImageScore(path, None, f"{path}: no images found in this folder"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(ImageScore(path, None, f"no such file or folder: {path}"))
+    return list(dict.fromkeys(files)), missing
+
+
+def _threshold(text: str, meta: CheckpointMeta, checkpoint: Path, configured: bool) -> tuple[float, str]:
+    """The decision threshold and where it came from: a stored operating point or a number (`configured`: the
+    text comes from the project configuration)."""
+    stored = stored_threshold(text, meta, checkpoint)
+    if stored is not None:
+        return stored
+    if stored_point_name(text) is not None:
+        notice(f"{checkpoint} stores no operating points (written by an older smadlrp, or imported): deciding at "
+               f"{FALLBACK_THRESHOLD}; give --threshold to choose")
+        return FALLBACK_THRESHOLD, "fixed: no stored operating points"
+    value = parse_threshold(text)
+    if isinstance(value, str):
+        message = (f"{text} needs a labelled validation split, which predict does not have; give --threshold with "
+                   "a number or a stored operating point")
+        if configured:
+            raise project_config().error("threshold", message)
+        raise UsageError(f"--threshold {message}")
+    return value, "fixed"
+
+
+@app.command()
+@handle_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    checkpoint: CheckpointOption = None,
+    threshold: Annotated[
+        str | None, typer.Option(help="Decision threshold on P(morph): stored (the checkpoint's validation D-EER "
+                                      "threshold), a stored operating point (apcer10, apcer5, apcer1, bpcer10, "
+                                      "bpcer1), or a number; default: the configured one, else stored.")
+    ] = None,
+    batch_size: BatchSizeOption = 64,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write path,score,decision,error as CSV.",
+                                                 dir_okay=False)] = None,
+    workers: WorkersOption = 0,
+    device: DeviceOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Score images with a detector: per image P(morph) in [0, 1] and the decision at the stored threshold.
+
+    An image that cannot be read gets a failure line and the others are still scored. Exit code 0 when every
+    image was scored, 1 when any could not be.
+    """
+    text = threshold_text(threshold)
+    files, failed = _inputs(paths)
+    checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    t, source = _threshold(text, meta, checkpoint, configured=threshold is None)
+    with progress_bar(ImagesPerSecond()) as bar:
+        task = bar.add_task("scoring", total=len(files))
+        results = score_files(model, meta, files, batch_size=batch_size, device=torch_device, workers=workers,
+                              on_batch=lambda n: bar.advance(task, n)) + failed
+    decisions = [None if r.score is None else meta.attack_class if r.score >= t else BONA_FIDE for r in results]
+    table = Table(title=f"{len(results)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
+                  caption=f"decision: {meta.attack_class} when P({meta.attack_class}) >= {t:.4f} ({source})")
+    table.add_column("file", overflow="fold")
+    table.add_column(f"P({meta.attack_class})", justify="right")
+    table.add_column("decision")
+    for result, decision in zip(results, decisions, strict=True):
+        if result.score is None:
+            table.add_row(result.path.name, "", "[red]not scored[/red]")
+        else:
+            style = "bold" if decision == meta.attack_class else ""
+            table.add_row(result.path.name, f"{result.score:.4f}", f"[{style}]{decision}[/{style}]" if style
+                          else str(decision))
+    console.print(table)
+    if csv_out is not None:
+        write_text_atomic(csv_out, _csv(results, decisions))
+    write_json(json_out, {
+        "checkpoint": str(checkpoint), "threshold": t, "threshold_source": source,
+        "scored": sum(r.score is not None for r in results), "failed": sum(r.score is None for r in results),
+        "images": [{"path": str(r.path), "score": r.score, "decision": d, "error": r.error}
+                   for r, d in zip(results, decisions, strict=True)],
+    })
+    for result in results:
+        if result.error is not None:
+            fail_line(result.error)
+    if any(r.score is None for r in results):
+        raise typer.Exit(1)
+
+
+def _csv(results: list[ImageScore], decisions: list[str | None]) -> str:
+    """`path,score,decision,error`: the score at full float precision (repr), empty cells for a failed image."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score", "decision", "error"])
+    for result, decision in zip(results, decisions, strict=True):
+        writer.writerow([str(result.path), "" if result.score is None else repr(result.score), decision or "",
+                         result.error or ""])
+    return buffer.getvalue()
