@@ -255,7 +255,7 @@ def _communication(ranks: Ranks) -> Iterator[None]:
     """Turn a failed collective (a peer that died, or no answer within the timeout) into one clear line."""
     try:
         yield
-    except dist.DistError as exc:
+    except RuntimeError as exc:  # gloo reports a timeout as a plain RuntimeError, NCCL as a DistError
         text = str(exc).lower()
         why = (f"no answer from the other ranks within {collective_timeout():g} s ({TIMEOUT_ENV})"
                if "timeout" in text or "timed out" in text else "lost contact with the other ranks")
