@@ -42,6 +42,7 @@ def command_lines(data: Path, checkpoint: Path, sets: Path, out: Path) -> dict[s
         "finetune": [*train, "--data", str(data), "--out", f"{out}/run", "--json", f"{out}/finetune.json"],
         "resume": ["finetune", "--resume", f"{out}/run", "--epochs", "2", "--device", "cpu"],
         "broken": [*train, "--data", str(sets / "broken"), "--out", f"{out}/broken-run"],
+        "refused": ["synth", f"{out}/synthetic"],
         "explain": ["explain", str(data / "test" / "morph"), "--checkpoint", str(checkpoint), "--rule", "epsilon",
                     "--rule", "gamma", "--batch-size", "3", "--save-raw", "--device", "cpu", "--out", f"{out}/explain",
                     "--json", f"{out}/explain.json"],
@@ -221,3 +222,10 @@ def test_compare_rules_on_two_ranks_averages_like_one_process(two_ranks: Path, t
         del shared["ms_per_image"], alone["ms_per_image"]  # timings differ, every other number is the same
         assert shared == alone
     assert "rank 1/2: comparing on 4 of 12 images" in outputs[1]
+
+
+def test_a_command_without_distribution_is_refused_once(two_ranks: Path) -> None:
+    first, second = results(two_ranks, "refused")
+    assert (first["exit_code"], second["exit_code"]) == (2, 2)
+    assert first["output"].strip() == "error: rank 0: `smadlrp synth` runs in one process: start it without torchrun"
+    assert second["output"] == "" and not (two_ranks / "synthetic").exists()

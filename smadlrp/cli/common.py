@@ -162,7 +162,8 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             if world > 1 and not getattr(command, "runs_on_ranks", False):
                 name = command.__name__.removesuffix("_command").replace("_", "-")
-                raise UsageError(f"`smadlrp {name}` runs in one process: start it without torchrun")
+                raise distributed.RankError(rank, f"`smadlrp {name}` runs in one process: start it without torchrun",
+                                            exit_code=2)  # every rank refuses: rank 0 says it
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
