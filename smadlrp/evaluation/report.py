@@ -55,7 +55,7 @@ def threshold_text(value: float | None) -> str:
 
 def value_text(summary: MetricsSummary, name: str) -> str:
     """A metric's value in % (the AUC as a number) with its confidence interval when it has one:
-    "7.05 % [4.1, 11.2]"; "n/a" when not estimable."""
+    "7.05 % [4.1, 11.2]", or "[CI n/a]" when the interval is not estimable; "n/a" when the value is not."""
     value = summary.value(name)
     if value is None:
         return "n/a"
@@ -64,6 +64,8 @@ def value_text(summary: MetricsSummary, name: str) -> str:
         text, bounds = f"{value:.4f}", (lambda i: f" [{i.low:.3f}, {i.high:.3f}]")
     else:
         text, bounds = percent(value), (lambda i: f" [{100 * i.low:.1f}, {100 * i.high:.1f}]")
+    if isinstance(interval, str):
+        return text + " [CI n/a]"  # the JSON's NAME_ci_note and the metrics table say why
     return text + (bounds(interval) if isinstance(interval, Interval) else "")
 
 
