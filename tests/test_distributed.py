@@ -42,6 +42,9 @@ def command_lines(data: Path, checkpoint: Path, sets: Path, out: Path) -> dict[s
         "finetune": [*train, "--data", str(data), "--out", f"{out}/run", "--json", f"{out}/finetune.json"],
         "resume": ["finetune", "--resume", f"{out}/run", "--epochs", "2", "--device", "cpu"],
         "broken": [*train, "--data", str(sets / "broken"), "--out", f"{out}/broken-run"],
+        "predict": ["predict", str(data / "test"), "--checkpoint", str(checkpoint), "--threshold", "0.5",
+                    "--batch-size", "3", "--device", "cpu", "--csv", f"{out}/predict.csv", "--json",
+                    f"{out}/predict.json"],
         "refused": ["synth", f"{out}/synthetic"],
         "explain": ["explain", str(data / "test" / "morph"), "--checkpoint", str(checkpoint), "--rule", "epsilon",
                     "--rule", "gamma", "--batch-size", "3", "--save-raw", "--device", "cpu", "--out", f"{out}/explain",
@@ -153,6 +156,18 @@ def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Pa
     # batches of 3 dealt in turn: rank 0 takes 9 and rank 1 takes 7 of the 16 images of each split
     assert "rank 0/2: scoring 9 of 16 test images" in outputs[0] and "APCER" in outputs[0]
     assert "rank 1/2: scoring 7 of 16 test images" in outputs[1] and "APCER" not in outputs[1]
+
+
+def test_predict_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
+                                                  tmp_path: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "predict")]
+    assert [r["exit_code"] for r in results(two_ranks, "predict")] == [0, 0], outputs
+    single_process("predict", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
+    assert (two_ranks / "predict.csv").read_bytes() == (tmp_path / "predict.csv").read_bytes()
+    shared = json.loads((two_ranks / "predict.json").read_text())
+    alone = json.loads((tmp_path / "predict.json").read_text())
+    assert (shared.pop("world_size"), alone.pop("world_size")) == (2, 1) and shared == alone
+    assert "rank 1/2: scoring 7 of 16 images" in outputs[1] and "decision" not in outputs[1]
 
 
 def test_finetune_on_two_ranks_writes_one_run(two_ranks: Path, tmp_path: Path) -> None:

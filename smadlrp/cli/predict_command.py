@@ -24,13 +24,16 @@ from smadlrp.cli.common import (
     find_checkpoint,
     handle_errors,
     notice,
+    on_ranks,
     pick_device,
     progress_bar,
     project_config,
+    rank_line,
     stored_threshold,
     threshold_text,
     write_json,
 )
+from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import list_images
@@ -82,6 +85,7 @@ def _threshold(text: str, meta: CheckpointMeta, checkpoint: Path, configured: bo
 
 @app.command()
 @handle_errors
+@on_ranks
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     checkpoint: CheckpointOption = None,
@@ -100,7 +104,7 @@ def predict(
     """Score images with a detector: per image P(morph) in [0, 1] and the decision at the stored threshold.
 
     An image that cannot be read gets a failure line and the others are still scored. Exit code 0 when every
-    image was scored, 1 when any could not be.
+    image was scored, 1 when any could not be. Under torchrun each process scores a share of the images.
     """
     text = threshold_text(threshold)
     files, failed = _inputs(paths)
@@ -109,9 +113,16 @@ def predict(
     model, meta = load_checkpoint(checkpoint, torch_device)
     t, source = _threshold(text, meta, checkpoint, configured=threshold is None)
     with progress_bar(ImagesPerSecond()) as bar:
-        task = bar.add_task("scoring", total=len(files))
+        task = bar.add_task("scoring", total=None)
+
+        def start(share: int) -> None:
+            rank_line(f"scoring {share} of {len(files)} images")
+            bar.update(task, total=share)
+
         results = score_files(model, meta, files, batch_size=batch_size, device=torch_device, workers=workers,
-                              on_batch=lambda n: bar.advance(task, n)) + failed
+                              on_start=start, on_batch=lambda n: bar.advance(task, n)) + failed
+    if not distributed.current().is_main:
+        return  # rank 0 reports every image and writes the files
     decisions = [None if r.score is None else meta.attack_class if r.score >= t else BONA_FIDE for r in results]
     table = Table(title=f"{len(results)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
                   caption=f"decision: {meta.attack_class} when P({meta.attack_class}) >= {t:.4f} ({source})")

@@ -119,21 +119,28 @@ class _Tolerant(Dataset[tuple[torch.Tensor, int, str]]):
 
 @torch.inference_mode()
 def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *, batch_size: int,
-                device: torch.device, workers: int = 0, amp: bool = False,
+                device: torch.device, workers: int = 0, amp: bool = False, ranks: Ranks | None = None,
+                on_start: Callable[[int], None] = lambda share: None,
                 on_batch: Callable[[int], None] | None = None) -> list[ImageScore]:
     """P(attack) for every image file, in order, preprocessed exactly as `evaluate` does (the checkpoint's input
-    size and normalisation); an unreadable file gets its error and the others are still scored."""
+    size and normalisation); an unreadable file gets its error and the others are still scored. Under torchrun
+    (`ranks`, default: the current ones) each rank scores its share of whole batches and every rank gets all
+    results back in order; `on_start(share)` gets this rank's count."""
+    ranks = ranks or current()
+    share = ranks.shard(len(paths), batch_size)
+    on_start(len(share))
     model.eval()
     dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std)
-    loader = DataLoader(_Tolerant(dataset, meta.input_size), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(Subset(_Tolerant(dataset, meta.input_size), share), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     results: list[ImageScore] = []
-    for images, indices, errors in loader:
-        with autocast(device, amp):
-            logits = logits_of(model(images.to(device, non_blocking=True))).float()
-        scores = torch.softmax(logits, dim=1)[:, meta.attack_index].double().cpu().tolist()
-        for index, score, error in zip(indices.tolist(), scores, errors, strict=True):
-            results.append(ImageScore(paths[index], None, error) if error else ImageScore(paths[index], score))
-        if on_batch is not None:
-            on_batch(len(errors))
-    return results
+    with ranks.shared_failure():
+        for images, indices, errors in loader:
+            with autocast(device, amp):
+                logits = logits_of(model(images.to(device, non_blocking=True))).float()
+            scores = torch.softmax(logits, dim=1)[:, meta.attack_index].double().cpu().tolist()
+            for index, score, error in zip(indices.tolist(), scores, errors, strict=True):
+                results.append(ImageScore(paths[index], None, error) if error else ImageScore(paths[index], score))
+            if on_batch is not None:
+                on_batch(len(errors))
+    return ranks.gather_by_position(share, results) if ranks.distributed else results
