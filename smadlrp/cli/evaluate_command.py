@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +43,7 @@ from smadlrp.core.config import ProjectConfig
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
+from smadlrp.data.perturb import SPEC_HELP, Perturbation, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import Predictions, predict_dataset
 from smadlrp.evaluation.metrics import (
@@ -57,10 +58,11 @@ from smadlrp.evaluation.metrics import (
     parse_gate,
     summarize,
 )
-from smadlrp.evaluation.plots import plot_det
+from smadlrp.evaluation.plots import plot_conditions, plot_det
 from smadlrp.evaluation.report import (
     breakdown_markdown,
     breakdown_table,
+    conditions_table,
     confusion_table,
     gates_markdown,
     github_error,
@@ -80,11 +82,13 @@ from smadlrp.evaluation.thresholds import (
 
 
 def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
-                 workers: int, device: object) -> tuple[Predictions, SplitIndex]:
+                 workers: int, device: object, perturbation: Perturbation | None = None,
+                 seed: int = 0) -> tuple[Predictions, SplitIndex]:
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
-    dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std)
+    dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std, perturb=perturbation,
+                           perturb_seed=seed)
     with progress_bar() as bar:
-        task = bar.add_task(f"scoring {split}", total=None)
+        task = bar.add_task(f"scoring {split}" + (f" under {perturbation.spec}" if perturbation else ""), total=None)
 
         def start(share: int) -> None:
             rank_line(f"scoring {share} of {len(dataset)} {split} images")
@@ -220,6 +224,15 @@ def evaluate(
         Path | None, typer.Option("--junit", help="Write the gates as JUnit XML (one testcase per gate).",
                                   dir_okay=False)
     ] = None,
+    perturb: Annotated[
+        list[str] | None, typer.Option("--perturb", metavar="SPEC", help=f"Also score the split under this "
+                                       f"perturbation (repeatable; random ones seeded by --seed): {SPEC_HELP}. "
+                                       "Same threshold as the clean images.")
+    ] = None,
+    robustness_out: Annotated[
+        Path | None, typer.Option("--robustness", help="With --perturb: write D-EER and APCER@BPCER10 per "
+                                  "condition as a PNG bar chart.", dir_okay=False)
+    ] = None,
     ci: CiOption = 0.95,
     bootstrap: BootstrapOption = 1000,
     seed: SeedOption = 0,
@@ -239,6 +252,9 @@ def evaluate(
     text = threshold_text(threshold)
     if worst_species and (not text.startswith(f"{VALIDATION_PREFIX}apcer") or not by):
         raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    conditions = parse_perturbations(perturb or [])
+    if robustness_out is not None and not conditions:
+        raise UsageError("--robustness needs at least one --perturb condition")
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
@@ -259,9 +275,14 @@ def evaluate(
     results = []
     for name, source in sources.items():
         preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+        perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, c, seed)[0]
+                     for c in conditions}
         if distributed.current().is_main:
             results.append(_report_set(name, source, preds, index, t, threshold_source, by,
                                        interval_options(ci, bootstrap, seed, index, preds)))
+            results[-1].perturbed.update({spec: (p, summarize(
+                p.labels, p.scores, t, threshold_source=threshold_source,
+                intervals=interval_options(ci, bootstrap, seed, index, p))) for spec, p in perturbed.items()})
     if not distributed.current().is_main:
         return  # every score is on rank 0, which reports and writes the files
     title = f"{checkpoint.name} on {split}"
@@ -271,12 +292,23 @@ def evaluate(
     across = Breakdown("test set", tuple((r.name, r.summary) for r in results), species=False)
     if len(results) > 1:
         console.print(breakdown_table(across, title=f"{checkpoint.name}: {len(results)} test sets"))
+    for result in results if conditions else []:
+        console.print(conditions_table({name: s for name, (_, s) in result.conditions().items()},
+                                       title=f"Robustness: {checkpoint.name} on {split}"
+                                             + (f" of {result.name}" if len(results) > 1 else "")))
+    # one entry per test set and image condition, named by what distinguishes them
+    named = {" ".join(part for part in (r.name if len(results) > 1 else "",
+                                        condition if conditions else "") if part) or checkpoint.stem: scored
+             for r in results for condition, scored in r.conditions().items()}
     if scores_out is not None:
         write_text_atomic(scores_out, _scores_file(results))
     if det_out is not None:
-        curves = {r.name if len(results) > 1 else checkpoint.stem: r for r in results}
-        plot_det({name: det_points(r.preds.labels, r.preds.scores) for name, r in curves.items()}, det_out,
-                 eer={name: r.summary.eer.value for name, r in curves.items() if r.summary.eer.value is not None})
+        plot_det({name: det_points(p.labels, p.scores) for name, (p, _) in named.items()}, det_out,
+                 eer={name: s.eer.value for name, (_, s) in named.items() if s.eer.value is not None})
+    if robustness_out is not None:
+        plot_conditions({name: {"D-EER": s.eer.value, "APCER@BPCER10": s.value("apcer@bpcer10")}
+                         for name, (_, s) in named.items()}, robustness_out,
+                        title=f"{checkpoint.stem} on {split}: error per image condition")
     gates = [_named_gate(gate, r.name if len(results) > 1 else None) for r in results
              for gate in gate_results(r.summary, above, below)]
     report = "".join(summary_markdown(r.summary, r.breakdowns, f"{title} of {r.name}" if len(results) > 1 else
@@ -289,7 +321,8 @@ def evaluate(
     if junit_out is not None:
         write_text_atomic(junit_out, junit_xml(gates, suite=title))
     failures = [g.failure for g in gates if g.failure is not None]
-    sets = [{"data": r.source.name, "metrics": r.summary, "groups": {b.label: b for b in r.breakdowns}}
+    sets = [{"data": r.source.name, "metrics": r.summary, "groups": {b.label: b for b in r.breakdowns},
+             **({"perturbed": {spec: s for spec, (_, s) in r.perturbed.items()}} if conditions else {})}
             for r in results]
     payload = {"checkpoint": str(checkpoint), "split": split, **sets[0]} if len(sets) == 1 else \
         {"checkpoint": str(checkpoint), "split": split, "test_sets": sets, "across_sets": across}
@@ -312,6 +345,11 @@ class _SetResult:
     index: SplitIndex
     summary: MetricsSummary
     breakdowns: list[Breakdown]
+    perturbed: dict[str, tuple[Predictions, MetricsSummary]] = field(default_factory=dict)  # by perturbation spec
+
+    def conditions(self) -> dict[str, tuple[Predictions, MetricsSummary]]:
+        """The clean scores and those under each perturbation, clean first."""
+        return {"clean": (self.preds, self.summary), **self.perturbed}
 
     def counts(self, meta: CheckpointMeta) -> str:
         return f"{self.summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \

@@ -75,6 +75,10 @@ def finetune(
     select_by: Annotated[str, typer.Option("--select-by", help=f"Pick best.safetensors by: {', '.join(SELECT_BY)}.")]
     = "d-eer",
     attack_class: Annotated[str, typer.Option("--attack-class", help="Class folder holding the attacks.")] = "morph",
+    augment: Annotated[str, typer.Option(
+        "--augment", metavar="SPEC",
+        help="Perturb each training image, values drawn per sample and seeded: comma-separated NAME:LOW-HIGH, "
+             "e.g. jpeg:50-95,resize:0.5-1,blur:0-1.5 (see docs/robustness.md).")] = "",
     workers: WorkersOption = 0,
     seed: SeedOption = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/ARCH-TIME).", file_okay=False)] = None,
@@ -109,7 +113,7 @@ def finetune(
                              weight_decay=weight_decay, image_size=image_size, full=full, weights=weights, amp=amp,
                              select_by=select_by, attack_class=attack_class, seed=seed, data=str(source.root.resolve()),
                              protocol=str(protocol.resolve()) if protocol is not None else "",
-                             bonafide_label=bonafide_label, attack_label=attack_label)
+                             bonafide_label=bonafide_label, attack_label=attack_label, augment=augment)
         out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
         with ranks.shared_failure():
             if out.exists() and any(out.iterdir()):
@@ -120,7 +124,7 @@ def finetune(
               f"batch of {config.batch_size}), validating on {val_share} of {val_total}")
     console.print(f"[bold]{config.arch}[/bold] ({'all layers' if config.full else 'head only'}), "
                   f"{config.image_size} px, weights: {trainer.weights_source}, attack class: {config.attack_class}, "
-                  f"output: {out}", highlight=False)
+                  f"{f'augmentation: {config.augment}, ' if config.augment else ''}output: {out}", highlight=False)
     with progress_bar(TextColumn("{task.fields[info]}")) as bar:
         epochs_task = bar.add_task("epochs", total=config.epochs, completed=trainer.state.epoch, info="")
         batch_task = bar.add_task("batches", total=None, info="")

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from smadlrp.core.errors import SmadlrpError
 from smadlrp.data.manifest import MANIFEST, read_manifest
+from smadlrp.data.perturb import sample_rng
 from smadlrp.data.protocol import (
     REQUIRED_COLUMNS,
     SPLIT_ALIASES,
@@ -240,35 +241,56 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
 
 
 CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded images are kept in memory when a split's pixels fit in this
+Perturb = Callable[[Image.Image, np.random.Generator], Image.Image]
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
     """Samples -> (normalised image (3, size, size) float32, label, index).
 
-    `augment` adds a random horizontal flip (no crops or colour jitter that would erase morph cues). `cache`
-    keeps each decoded, resized uint8 image in memory after its first use (3 * size * size bytes per image), so
-    later epochs skip decoding; it stays off when the split would need more than CACHE_LIMIT_BYTES.
+    `augment` adds a random horizontal flip (no crops or colour jitter that would erase morph cues). `perturb`
+    (e.g. a `data.perturb` perturbation or augmentation) acts on each decoded image at its stored size, before
+    the resize; its generator is `sample_rng(perturb_seed, index)`, the same for an image in every pass, or, when
+    `perturb_seed` is None (training), seeded from torch's generator, so each pass draws anew and a seeded run
+    repeats. `cache` keeps each decoded image in memory after its first use (resized to 3 * size * size bytes,
+    or, with `perturb`, at its stored size), so later passes skip decoding; at most CACHE_LIMIT_BYTES are kept.
     """
 
     def __init__(self, samples: Sequence[Sample], size: int, mean: Sequence[float], std: Sequence[float], *,
-                 augment: bool = False, cache: bool = False) -> None:
+                 augment: bool = False, cache: bool = False, perturb: Perturb | None = None,
+                 perturb_seed: int | None = 0) -> None:
         self.samples = list(samples)
         self.resize = resize_transform(size)
         self.normalize = normalize_transform(mean, std)
         self.augment = augment
-        fits = len(self.samples) * 3 * size * size <= CACHE_LIMIT_BYTES
-        self.cache: dict[int, torch.Tensor] | None = {} if cache and fits else None
+        self.perturb, self.perturb_seed = perturb, perturb_seed
+        self.cache: dict[int, torch.Tensor | Image.Image] | None = {} if cache else None
+        self.cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def pixels(self, index: int) -> torch.Tensor:
-        """The decoded, resized image (3, size, size) uint8."""
+    def _remember(self, index: int, item: torch.Tensor | Image.Image, nbytes: int) -> None:
+        if self.cache is not None and self.cached_bytes + nbytes <= CACHE_LIMIT_BYTES:
+            self.cache[index] = item
+            self.cached_bytes += nbytes
+
+    def decoded(self, index: int) -> Image.Image:
+        """The image as stored, 8-bit RGB."""
         if self.cache is not None and index in self.cache:
-            return self.cache[index]
+            return self.cache[index]  # type: ignore[return-value]
+        image = load_rgb(self.samples[index].path)
+        self._remember(index, image, 3 * image.width * image.height)
+        return image
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The decoded (and perturbed), resized image (3, size, size) uint8."""
+        if self.perturb is not None:
+            seed = int(torch.randint(2**62, ())) if self.perturb_seed is None else self.perturb_seed
+            return self.resize(self.perturb(self.decoded(index), sample_rng(seed, index)))
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]  # type: ignore[return-value]
         image = self.resize(load_rgb(self.samples[index].path))
-        if self.cache is not None:
-            self.cache[index] = image
+        self._remember(index, image, image.numel())
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:

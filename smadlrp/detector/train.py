@@ -28,6 +28,7 @@ from smadlrp.data.loading import (
     ImageDataset,
     make_loader,
 )
+from smadlrp.data.perturb import parse_augmentation
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict_dataset
 from smadlrp.detector.models import build_model, get_architecture, set_trainable
@@ -65,6 +66,7 @@ class TrainConfig:
     protocol: str = ""  # a protocol file, when the data comes from one
     bonafide_label: str = "bonafide"  # protocol label values
     attack_label: str = "morph"
+    augment: str = ""  # perturbations drawn per training sample, e.g. "jpeg:50-95,blur:0-1.5" (data.perturb)
 
     def validate(self) -> TrainConfig:
         """Raise UsageError for values that cannot work; fill in the architecture's input size."""
@@ -77,6 +79,8 @@ class TrainConfig:
             raise UsageError(f"--select-by {self.select_by!r}: choose one of {', '.join(SELECT_BY)}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.augment:
+            self.augment = parse_augmentation(self.augment).spec
         if self.image_size == 0:
             self.image_size = arch.input_size
         minimum = 75 if self.arch == "inception_v3" else 32 if arch.torchvision_name else 16
@@ -156,7 +160,9 @@ class Finetuner:
         val_split = data.split("val", self.class_names, config.attack_class, warn=notify)
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
-        train_data = ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True)
+        train_data = ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True,
+                                  perturb=parse_augmentation(config.augment) if config.augment else None,
+                                  perturb_seed=None)
         self.sampler: DistributedSampler[int] | None = None  # one process: the loader shuffles itself
         if ranks.distributed:
             self.sampler = DistributedSampler(train_data, ranks.world_size, ranks.rank, seed=config.seed)

@@ -154,3 +154,32 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
         "%",
     )
     return save_figure(fig, path)
+
+
+def plot_conditions(values: Mapping[str, Mapping[str, float | None]], path: str | os.PathLike[str], *,
+                    title: str = "Detection error per image condition") -> Path:
+    """Grouped bars: per condition (x axis, in order), one bar per metric; values: condition -> metric -> rate
+    (fraction; None when not estimable, drawn as an empty bar labelled n/a). Rates are shown in %."""
+    if not values:
+        raise SmadlrpError("no condition to plot")
+    conditions = list(values)
+    metrics = list(next(iter(values.values())))
+    fig = Figure(figsize=(max(5.0, 1.1 * len(conditions) + 2.0), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(conditions), dtype=np.float64)
+    top = 0.0
+    for i, metric in enumerate(metrics):
+        heights = [values[c][metric] for c in conditions]
+        positions = x + (i - (len(metrics) - 1) / 2) * width
+        shown = [0.0 if h is None else 100.0 * h for h in heights]
+        bars = ax.bar(positions, shown, width, label=metric)
+        ax.bar_label(bars, labels=["n/a" if h is None else f"{100.0 * h:.1f}" for h in heights], fontsize="x-small")
+        top = max(top, *shown)
+    ax.set_ylim(0, max(1.0, top) * 1.3)
+    ax.set_xticks(x, conditions, rotation=20 if len(conditions) > 4 else 0)
+    ax.set_ylabel("error rate (%)")
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)

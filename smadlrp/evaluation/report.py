@@ -204,6 +204,23 @@ def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, 
     return table
 
 
+CONDITION_METRICS = ("d-eer", "apcer", "bpcer", "bpcer10", "apcer@bpcer10")
+
+
+def conditions_table(summaries: Mapping[str, MetricsSummary], *, title: str = "Robustness") -> Table:
+    """One row per image condition (clean first, then each perturbation): D-EER, APCER and BPCER at the shared
+    threshold, BPCER10 and APCER@BPCER10, with their intervals when the summaries have them."""
+    first = next(iter(summaries.values()))
+    table = Table(title=title, caption=f"APCER and BPCER at t = {threshold_text(first.threshold)} "
+                                       f"({first.threshold_source}) for every condition; the others are oracle numbers")
+    table.add_column("condition", no_wrap=True)
+    for name in CONDITION_METRICS:
+        table.add_column(name, justify="right")
+    for condition, summary in summaries.items():
+        table.add_row(condition, *(_metric_cells(summary, name)[0] for name in CONDITION_METRICS))
+    return table
+
+
 def _optional(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
