@@ -100,6 +100,10 @@ AttackLabelOption = Annotated[
                                              "(MorDeephy: --attack-label 0 --bonafide-label 1).")
 ]
 RUNS_DIR = Path("runs")
+WorstSpeciesOption = Annotated[
+    bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst group "
+                                               "of the first --by column meets the APCER target.")
+]
 CiOption = Annotated[
     float, typer.Option("--ci", min=0.0, max=0.999, help="Confidence level of the intervals on every figure "
                                                          "(0: none).")
@@ -291,6 +295,16 @@ def data_source(data: Path | None, protocol: Path | None = None, bonafide_label:
     if warning is not None:
         notice(f"warning: {warning}")
     return source
+
+
+def worst_species_column(worst_species: bool, threshold: str, by: list[str] | None) -> str | None:
+    """The --by column `--worst-species` uses (the first), None without the flag; UsageError unless the threshold
+    is an APCER criterion on labelled scores and a --by column is given."""
+    if not worst_species:
+        return None
+    if not threshold.startswith(f"{VALIDATION_PREFIX}apcer") or not by:
+        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    return by[0]
 
 
 def threshold_text(given: str | None, default: str = STORED) -> str:

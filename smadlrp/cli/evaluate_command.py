@@ -22,6 +22,7 @@ from smadlrp.cli.common import (
     JsonOption,
     SeedOption,
     WorkersOption,
+    WorstSpeciesOption,
     console,
     data_source,
     detail,
@@ -36,6 +37,7 @@ from smadlrp.cli.common import (
     rank_line,
     stored_threshold,
     threshold_text,
+    worst_species_column,
     write_json,
 )
 from smadlrp.core import distributed
@@ -200,10 +202,7 @@ def evaluate(
                                                     "group, Average and Worst rows, APCER_AP; default: morph_type "
                                                     "when the data has it.")
     ] = None,
-    worst_species: Annotated[
-        bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst "
-                                                   "group of the first --by column meets the APCER target.")
-    ] = False,
+    worst_species: WorstSpeciesOption = False,
     fail_above: Annotated[
         list[str] | None, typer.Option("--fail-above", help="Gate METRIC=LIMIT: exit 1 if the metric is above "
                                                             "(repeatable; adds to the configured gates).")
@@ -250,8 +249,7 @@ def evaluate(
     above, below = _gates(fail_above, fail_below, config)
     split = split or config.split or DEFAULT_SPLIT
     text = threshold_text(threshold)
-    if worst_species and (not text.startswith(f"{VALIDATION_PREFIX}apcer") or not by):
-        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    worst_column = worst_species_column(worst_species, text, by)
     conditions = parse_perturbations(perturb or [])
     if robustness_out is not None and not conditions:
         raise UsageError("--robustness needs at least one --perturb condition")
@@ -270,7 +268,7 @@ def evaluate(
         wanted = parse_threshold(text)
         val = _score_split(model, meta, next(iter(sources.values())), "val", batch_size, workers, torch_device) \
             if isinstance(wanted, str) else None
-        choice = _choose_threshold(wanted, by[0] if worst_species and by else None, val)
+        choice = _choose_threshold(wanted, worst_column, val)
         t, threshold_source = choice.value, choice.source("validation")
     results = []
     for name, source in sources.items():

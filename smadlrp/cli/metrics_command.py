@@ -15,8 +15,10 @@ from smadlrp.cli.common import (
     CiOption,
     JsonOption,
     SeedOption,
+    WorstSpeciesOption,
     console,
     handle_errors,
+    worst_species_column,
     write_json,
 )
 from smadlrp.cli.evaluate_command import show_summary
@@ -75,10 +77,7 @@ def metrics(
         list[str] | None, typer.Option("--by", help="Group column (repeatable; Bob files: attack_type, the default)."
                                        )
     ] = None,
-    worst_species: Annotated[
-        bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst "
-                                                   "group of the first --by column meets the target.")
-    ] = False,
+    worst_species: WorstSpeciesOption = False,
     score_direction: Annotated[
         str, typer.Option("--score-direction", help="higher-is-morph or higher-is-bonafide; auto: Bob files are "
                                                     "higher-is-bonafide, others higher-is-morph.")
@@ -101,15 +100,14 @@ def metrics(
     wanted = parse_threshold(threshold, probability=False)
     if dev and len(dev) not in (1, len(scores)):
         raise UsageError(f"--dev: give one file, or one per score file ({len(scores)}), not {len(dev)}")
-    if worst_species and (not isinstance(wanted, str) or not wanted.startswith("apcer") or not by):
-        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    worst_column = worst_species_column(worst_species, threshold, by)
     read = {"direction": score_direction, "bonafide_label": bonafide_label, "attack_label": attack_label}
     systems = [read_scores(path, **read) for path in scores]
     devs = [read_scores(path, **read) for path in dev or []]
     results: list[tuple[ScoreSet, MetricsSummary, list[Breakdown]]] = []
     for i, system in enumerate(systems):
         choice = _threshold(wanted, system, devs[min(i, len(devs) - 1)] if devs else None,
-                            by[0] if worst_species and by else None)
+                            worst_column)
         source = choice.source("dev")
         subjects = system.subjects
         options = None if ci == 0 else IntervalOptions(

@@ -46,11 +46,11 @@ class ThresholdChoice:
     worst_species: bool = False
 
     def source(self, where: str) -> str:
-        """E.g. "fixed", "validation APCER <= 10 %", "validation APCER <= 10 % (worst morph_type)"."""
+        """E.g. "fixed", "validation APCER <= 10 %", "validation APCER <= 10 %, worst species"."""
         if self.criterion is None:
             return "fixed"
         text = f"{where} {describe(self.criterion)}"
-        return text + " (worst species)" if self.worst_species else text
+        return text + ", worst species" if self.worst_species else text
 
 
 def parse_threshold(text: str, *, probability: bool = True) -> float | str:
