@@ -71,3 +71,19 @@ def test_every_command_writes_json_and_those_that_run_a_model_take_device() -> N
         assert "--json" in options, f"{name} has no --json"
         runs_a_model = "--checkpoint" in options or name == "finetune"
         assert ("--device" in options) == runs_a_model, f"{name}: --device {'missing' if runs_a_model else 'given'}"
+
+
+def test_help_pages_use_plain_metavars_and_list_commands_in_work_order() -> None:
+    from smadlrp.cli.help_style import COMMAND_ORDER
+
+    result = runner.invoke(app, ["--help"])
+    commands = result.output.split("Commands")[1]
+    listed = [line[2:].split()[0] for line in commands.splitlines() if line.startswith("│ ") and line[2] != " "]
+    assert set(listed) == set(COMMAND_ORDER) & set(listed) and {"synth", "predict", "import-model"} <= set(listed)
+    assert listed == [name for name in COMMAND_ORDER if name in listed]  # the order of the work
+    for command in ["", *listed]:
+        page = runner.invoke(app, [command, "--help"] if command else ["--help"], terminal_width=200).output
+        for typer_style in ("<bool>", "<list[", "<int range>", "<float range>", "<str>", "<file>", "<path>"):
+            assert typer_style not in page, (command, typer_style)
+    explain = runner.invoke(app, ["explain", "--help"], terminal_width=200).output
+    assert "explain [OPTIONS] PATH..." in explain and "INTEGER RANGE" in explain and "FILE" in explain

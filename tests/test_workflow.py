@@ -46,6 +46,8 @@ def test_commands_find_the_checkpoint_and_fit_patterns_once(trained_project: Pat
     code, output = _invoke("explain", image, "--rule", "patternnet")
     assert code == 0, output
     assert f"checkpoint: {best}" in output and "fitting patterns" in output
+    (row,) = [line for line in output.splitlines() if " patternnet " in line]  # the table row of the image
+    assert row.split()[-2:] == ["patternnet", "signal"]  # a signal estimate: no relevance sum shown
     pattern_file = best.parent / "patterns.safetensors"
     sets, meta = load_patterns(pattern_file)
     assert meta["split"] == "train" and sets["positive"].images == 16  # the checkpoint's training split
@@ -79,6 +81,19 @@ def test_newest_checkpoint_wins(tiny_checkpoint: Path, tmp_path: Path, monkeypat
     code, output = _invoke("info")
     assert code == 0, output
     assert "checkpoint: runs/a-new/best.safetensors" in output
+
+
+def test_a_random_backbone_trains_every_layer_unless_head_only_is_asked(tiny_data: Path, tmp_path: Path) -> None:
+    common = ["finetune", "--data", str(tiny_data), "--epochs", "1", "--image-size", "32", "--weights", "none",
+              "--batch-size", "16"]
+    code, output = _invoke(*common, "--out", str(tmp_path / "default"))
+    assert code == 0, output
+    assert "so every layer is trained" in output and "vgg_compact (all layers)" in output
+    assert load_meta(tmp_path / "default" / "best.safetensors").training["full"] is True
+    code, output = _invoke(*common, "--head-only", "--out", str(tmp_path / "head"))
+    assert code == 0, output
+    assert "a linear probe of random features), as --head-only asks" in " ".join(output.split())
+    assert load_meta(tmp_path / "head" / "best.safetensors").training["full"] is False
 
 
 def test_without_any_checkpoint_one_line_says_to_finetune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,11 @@ import typer
 
 from smadlrp import __version__
 from smadlrp.cli.common import state
+from smadlrp.cli.help_style import SmadlrpGroup
 
 app = typer.Typer(
     name="smadlrp",
+    cls=SmadlrpGroup,
     help="Single-image morphing attack detection (S-MAD) with Layer-wise Relevance Propagation explanations.",
     no_args_is_help=True,
     add_completion=False,
@@ -35,8 +37,8 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     config: Annotated[
         Path | None, typer.Option("--config", dir_okay=False,
-                                  help="Project configuration file (smadlrp.toml, or a pyproject.toml with "
-                                       "[tool.smadlrp]); default: the first found walking up from here.")
+                                  help="Project configuration file (a smadlrp.toml, or a pyproject.toml with a "
+                                       "tool.smadlrp table); default: the first found walking up from here.")
     ] = None,
 ) -> None:
     """Options that apply to every command (put them before the command name)."""

@@ -40,6 +40,7 @@ from smadlrp.explain.heatmaps import plot_layer_maps
 from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fits_model
 from smadlrp.explain.run import (
     PATTERN_KINDS,
+    SIGNAL_RULES,
     build_explainers,
     explain_images,
     image_batches,
@@ -169,7 +170,8 @@ def explain(
         return  # rank 0 prints the table of every image and writes the shared files
     table = Table(title=f"{len(images)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
                   caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
-                          "conserves relevance and the biases absorb none")
+                          "conserves relevance and the biases absorb none; signal: the rule's output is a signal "
+                          "estimate in input space, not a relevance, so its sum means nothing")
     for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R"):
         text = column in {"file", "target", "rule"}
         table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
@@ -177,7 +179,8 @@ def explain(
     for result in results:
         image = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
         for i, (name, value) in enumerate(result.relevance_sum.items()):
-            table.add_row(*(image if i == 0 else [""] * len(image)), name, f"{value:.4g}")
+            table.add_row(*(image if i == 0 else [""] * len(image)), name,
+                          "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}")
     console.print(table)
     if relevance is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))

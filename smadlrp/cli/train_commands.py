@@ -67,7 +67,11 @@ def finetune(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
     image_size: Annotated[int, typer.Option("--image-size", help="Input side in pixels (0: the architecture's).")]
     = 0,
-    full: Annotated[bool, typer.Option("--full", help="Train every layer (default: only the new head).")] = False,
+    full: Annotated[
+        bool | None, typer.Option("--full/--head-only", help="Train every layer, or only the new head (feature "
+                                                             "extraction); default: only the head on pretrained "
+                                                             "weights, every layer on a random backbone.")
+    ] = None,
     weights: Annotated[
         str, typer.Option(help="Initial weights: auto, imagenet, none, or a .safetensors / state-dict .pth file.")
     ] = "auto",

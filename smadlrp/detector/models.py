@@ -133,6 +133,9 @@ def imagenet_weights_cached(arch: Architecture) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
 
 
+RANDOM_INIT = "random initialisation"  # the weights source of a model built without pretrained weights
+
+
 def build_model(arch_name: str, num_classes: int, weights: str = "auto",
                 notify: Notify = lambda _msg: None) -> tuple[nn.Module, str]:
     """Build `arch_name` with a `num_classes` head and initial weights; return (model, weights source).
@@ -143,13 +146,13 @@ def build_model(arch_name: str, num_classes: int, weights: str = "auto",
     """
     arch = get_architecture(arch_name)
     if weights == "none":
-        return arch.build(num_classes), "random initialisation"
+        return arch.build(num_classes), RANDOM_INIT
     if weights == "auto":
         if imagenet_weights_cached(arch):
             return _build_imagenet(arch, num_classes), "imagenet (torchvision, cached)"
         notify(f"no cached ImageNet weights for {arch.name}: starting from random initialisation "
                "(use --weights imagenet or --weights FILE to change this)")
-        return arch.build(num_classes), "random initialisation"
+        return arch.build(num_classes), RANDOM_INIT
     if weights == "imagenet":
         return _build_imagenet(arch, num_classes), "imagenet (torchvision)"
     path = Path(weights)

@@ -31,7 +31,7 @@ from smadlrp.data.loading import (
 from smadlrp.data.perturb import parse_augmentation
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict_dataset
-from smadlrp.detector.models import build_model, get_architecture, set_trainable
+from smadlrp.detector.models import RANDOM_INIT, build_model, get_architecture, set_trainable
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
 from smadlrp.evaluation.thresholds import operating_points
 
@@ -56,7 +56,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     image_size: int = 0  # 0: the architecture's default
-    full: bool = False  # train every layer (else only the new head)
+    full: bool | None = None  # train every layer, or only the new head; None: every layer on a random backbone
     weights: str = "auto"
     amp: bool = False
     select_by: str = "d-eer"
@@ -174,7 +174,7 @@ class Finetuner:
                        len(ranks.shard(len(self.val_data), config.batch_size)), len(self.val_data))
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify)
         self.model = model.to(device)
-        self.params = set_trainable(self.model, arch, config.full)
+        self.params = set_trainable(self.model, arch, self._resolve_full())
         self.optimizer = make_optimizer(config, self.params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
         self.state = RunState()
@@ -189,6 +189,21 @@ class Finetuner:
             self._trained = DistributedDataParallel(self.model, device_ids=ids) if self.ranks.distributed \
                 else self.model
         return self._trained
+
+    def _resolve_full(self) -> bool:
+        """Train every layer when asked, or by default when the backbone starts from random initialisation (a new
+        head on random features learns little); an explicit head-only run on a random backbone is said aloud."""
+        random_backbone = self.weights_source == RANDOM_INIT
+        if self.config.full is None:
+            self.config.full = random_backbone
+            if random_backbone:
+                self.notify(f"{self.config.arch} starts from random initialisation, so every layer is trained (a "
+                            "new head on random features learns little); --head-only trains only the head anyway, "
+                            "--weights imagenet or --weights FILE gives a pretrained backbone")
+        elif random_backbone and not self.config.full:
+            self.notify("training only a new head on a randomly initialised backbone (a linear probe of random "
+                        "features), as --head-only asks")
+        return self.config.full
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, callbacks: Callbacks | None = None) -> RunState:

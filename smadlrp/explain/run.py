@@ -37,6 +37,7 @@ from smadlrp.explain.heatmaps import (
 from smadlrp.lrp import Explainer, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
+SIGNAL_RULES = ("patternnet",)  # output a signal estimate in input space, not a relevance: its sum means nothing
 PATTERN_KINDS = ("positive", "all")  # default first: the two-component estimator suits ReLU networks (Kindermans 2018)
 
 
