@@ -56,6 +56,7 @@ from smadlrp.cli import (  # noqa: E402,F401  (each module registers its command
     metrics_command,
     patterns_command,
     predict_command,
+    regions_command,
     split_command,
     train_commands,
 )

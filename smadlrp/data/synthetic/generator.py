@@ -297,11 +297,11 @@ def shortcut_region_box(size: int, corner: str) -> tuple[slice, slice]:
     return slice(rows.start - grow, rows.stop + grow), slice(cols.start - grow, cols.stop + grow)
 
 
-def _plant_mark(image: faces.Image, corner: str) -> faces.Image:
-    """Add the corner mark: a checkerboard of cells size/32 (at least 1 px) wide, +-MARK_AMPLITUDE."""
+def plant_mark(image: faces.Image, corner: str) -> faces.Image:
+    """Add the corner mark: a checkerboard of cells size/32 (at least 2 px) wide, +-MARK_AMPLITUDE."""
     size = image.shape[0]
     rows, cols = mark_box(size, corner)
-    cell = max(1, size // 32)
+    cell = max(2, size // 32)
     ys, xs = np.mgrid[0:rows.stop - rows.start, 0:cols.stop - cols.start]
     pattern = np.where((ys // cell + xs // cell) % 2 == 0, MARK_AMPLITUDE, -MARK_AMPLITUDE).astype(np.float32)
     out = image.copy()
@@ -494,7 +494,7 @@ def _post_process(image: faces.Image, mask: NDArray[np.bool_], regions: NDArray[
                                    nearest=True)[..., 0].astype(np.uint8)
     labels[shortcut_region_box(size, config.shortcut_corner)] = REGION_ID["shortcut"]
     if marked:
-        out = _plant_mark(out, config.shortcut_corner)
+        out = plant_mark(out, config.shortcut_corner)
     out = faces.gaussian_blur(out, rng.uniform(0.0, 0.8) * size / 128)
     out = out + np.float32(rng.uniform(0.004, 0.025)) * rng.standard_normal(out.shape, dtype=np.float32)
     pixels = np.clip(np.round(out * 255), 0, 255).astype(np.uint8)

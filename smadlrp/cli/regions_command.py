@@ -1,0 +1,204 @@
+"""`smadlrp regions`: where a detector's relevance goes over a split, per face region, as mean maps and as
+SpRAy strategy clusters."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich import box
+from rich.table import Table
+
+from smadlrp.cli import app
+from smadlrp.cli.common import (
+    AttackLabelOption,
+    BatchSizeOption,
+    BonafideLabelOption,
+    CheckpointOption,
+    DataOption,
+    DeviceOption,
+    ImagesPerSecond,
+    JsonOption,
+    ProtocolOption,
+    WorkersOption,
+    console,
+    data_source,
+    find_checkpoint,
+    handle_errors,
+    notice,
+    pick_device,
+    progress_bar,
+    write_json,
+)
+from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.paths import prepare_out_dir
+from smadlrp.data.regions import REGIONS
+from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.explain.region_plots import (
+    ALIGNMENT_NOTE,
+    plot_mean_maps,
+    plot_region_shares,
+    plot_spray_clusters,
+    plot_spray_embedding,
+)
+from smadlrp.explain.regions import (
+    RegionRow,
+    difference_map,
+    load_region_ids,
+    mean_maps,
+    normalised,
+    region_inputs,
+    region_sums,
+    region_table,
+    relevance_maps,
+)
+from smadlrp.explain.run import build_explainers, parse_target, resolve_rules
+from smadlrp.explain.spray import (
+    SPRAY_NEIGHBOURS,
+    SPRAY_SIZE,
+    ClusterMix,
+    SprayResult,
+    check_cluster_count,
+    cluster_mix,
+    spray,
+)
+
+SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl.", "hair", "bgr.", "short.")
+FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-clusters.png",
+         "embedding": "spray-embedding.png", "csv": "spray-clusters.csv"}
+
+
+@app.command()
+@handle_errors
+def regions(
+    checkpoint: CheckpointOption = None,
+    data: DataOption = None,
+    protocol: ProtocolOption = None,
+    split: Annotated[str, typer.Option(help="Split to analyse.")] = "test",
+    rule: Annotated[str, typer.Option("--rule", "-r", help="Rule or composite.")] = "epsilon-plus",
+    target: Annotated[str, typer.Option(help="Class whose relevance is analysed: a class name, an index, or "
+                                             "predicted; default: the attack class.")] = "",
+    max_images: Annotated[int | None, typer.Option("--max-images", min=1,
+                                                   help="At most this many images, spread evenly over the split.")]
+    = None,
+    by: Annotated[str | None, typer.Option("--by", metavar="COLUMN",
+                                           help="Also report per group of this manifest or protocol column, "
+                                                "e.g. morph_type.")] = None,
+    regions_folder: Annotated[Path | None, typer.Option("--regions", file_okay=False,
+                                                        help="Folder of region maps (docs/regions.md); default: "
+                                                             "the data set's region_path column.")] = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", metavar="K",
+                                                 help="SpRAy clusters; default: from the eigengap.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the figures and the cluster CSV.")]
+    = Path("regions-out"),
+    bonafide_label: BonafideLabelOption = "bonafide",
+    attack_label: AttackLabelOption = "morph",
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = 0,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = None,
+) -> None:
+    """Where relevance goes over a split: shares per face region, mean maps, and SpRAy strategy clusters."""
+    check_cluster_count(clusters)
+    checkpoint = find_checkpoint(checkpoint)
+    torch_device = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, torch_device)
+    (rule,) = resolve_rules([rule], have_patterns=False)
+    explainer = build_explainers(model, meta, [rule], {}, None)[rule]
+    wanted = parse_target(target or meta.attack_class, meta.class_names)
+    source = data_source(data, protocol, bonafide_label, attack_label, meta)
+    index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
+    inputs = region_inputs(index, by=by, regions_folder=regions_folder, max_images=max_images,
+                           attack_index=meta.attack_index)
+    ids = load_region_ids(inputs, meta.input_size)
+    prepare_out_dir(out)
+    with progress_bar(ImagesPerSecond()) as bar:
+        task = bar.add_task(f"relevance ({rule})", total=len(inputs.paths))
+        relevance = relevance_maps(inputs.paths, meta, explainer, wanted, batch_size=batch_size, workers=workers,
+                                   device=torch_device, on_batch=lambda n: bar.advance(task, n))
+    names = meta.class_names
+    rows = region_table(region_sums(relevance.maps, ids), inputs.labels, inputs.groups, names)
+    target_name = meta.class_names[wanted] if isinstance(wanted, int) else wanted or "predicted class"
+    subject = f"{checkpoint.name}, {rule}, relevance for {target_name}, {split} split of {source.name}"
+    console.print(_region_table(rows, subject))
+    means = mean_maps(relevance.maps, relevance.pixels, inputs.labels, inputs.groups, names)
+    difference = difference_map(means, meta.attack_class)
+    plot_region_shares(rows, out / FILES["shares"], title=subject)
+    plot_mean_maps(means, difference, meta.attack_class, out / FILES["means"], title=subject)
+    result = spray(relevance.maps, clusters)
+    unit = normalised(relevance.maps)
+    mixes = [cluster_mix(result, c, inputs.labels, inputs.groups, names) for c in range(result.count)]
+    console.print(_cluster_table(result, mixes, relevance.p_attack, by))
+    captions = [f"cluster {mix.cluster} ({mix.images})" for mix in mixes]
+    plot_spray_clusters(result, unit, relevance.pixels, captions, out / FILES["clusters"],
+                        title=f"SpRAy: prototype and the {max(len(result.central(c)) for c in range(result.count))} "
+                              f"most central images per cluster\n{subject}")
+    plot_spray_embedding(result, inputs.labels, names, out / FILES["embedding"],
+                         title=f"SpRAy spectral embedding, {result.count} clusters ({result.chosen_by})")
+    write_text_atomic(out / FILES["csv"], _cluster_csv(result, inputs.paths, inputs.labels, inputs.groups,
+                                                       relevance.p_attack, names))
+    console.print(f"wrote {', '.join(FILES.values())} to {out} ({ALIGNMENT_NOTE})", highlight=False)
+    write_json(json_out, {
+        "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "target": target_name,
+        "by": by, "images": len(inputs.paths), "regions": list(REGIONS),
+        "rows": [row.as_dict() for row in rows],
+        "spray": {"size": min(meta.input_size, SPRAY_SIZE), "neighbours": SPRAY_NEIGHBOURS,
+                  "clusters": result.count, "chosen_by": result.chosen_by,
+                  "laplacian_eigenvalues": result.eigenvalues.tolist(),
+                  "per_cluster": [{**asdict(mix),
+                                   "mean_p_attack": float(relevance.p_attack[result.clusters == mix.cluster].mean()),
+                                   "central": [str(inputs.paths[i]) for i in result.central(mix.cluster)]}
+                                  for mix in mixes]},
+        "files": {key: str(out / name) for key, name in FILES.items()},
+    })
+
+
+def _percent(values: np.ndarray) -> list[str]:
+    return ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in values]
+
+
+def _region_table(rows: list[RegionRow], subject: str) -> Table:
+    table = Table(title=f"share of relevance per region (%): {subject}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="R+ / |R|: positive / absolute relevance, the mean over the images of each image's "
+                          "share; area: the share a uniform map would get (the reference). Each row sums to 100. "
+                          "Regions: left eye, right eye (as seen in the image), brows, nose, mouth, face skin, face "
+                          "outline, hair, background, shortcut corner.")
+    for column in ("images", "", "n", *SHORT_NAMES):
+        table.add_column(column, justify="left" if column in ("images", "") else "right")
+    for row in rows:
+        for i, (kind, label) in enumerate((("positive", "R+"), ("absolute", "|R|"), ("area", "area"))):
+            table.add_row(row.name if i == 0 else "", label, str(row.images) if i == 0 else "",
+                          *_percent(getattr(row, kind)), end_section=i == 2)
+    return table
+
+
+def _cluster_table(result: SprayResult, mixes: list[ClusterMix], p_attack: np.ndarray,
+                   by: str | None) -> Table:
+    table = Table(title=f"SpRAy: {result.count} clusters ({result.chosen_by}) of the maps pooled to "
+                        f"{SPRAY_SIZE} px, {SPRAY_NEIGHBOURS}-nearest-neighbour affinity", box=box.SIMPLE_HEAD)
+    for column in ("cluster", "images", "classes", *([f"{by}"] if by else []), "mean P(attack)"):
+        table.add_column(column, justify="right" if column in ("cluster", "images", "mean P(attack)") else "left",
+                         overflow="fold")
+    for mix in mixes:
+        classes = ", ".join(f"{n} {name}" for name, n in mix.classes.items())
+        groups = [", ".join(f"{n} {g}" for g, n in mix.groups.items())] if by else []
+        mean = p_attack[result.clusters == mix.cluster].mean()
+        table.add_row(str(mix.cluster), str(mix.images), classes, *groups, f"{mean:.3f}")
+    return table
+
+
+def _cluster_csv(result: SprayResult, paths: list[Path], labels: np.ndarray, groups: list[str], p_attack: np.ndarray,
+                 names: list[str]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "class", "group", "cluster", "distance_to_centre", "embedding_1", "embedding_2",
+                     "p_attack"])
+    for i, path in enumerate(paths):
+        writer.writerow([str(path), names[labels[i]], groups[i], int(result.clusters[i]), f"{result.distance[i]:.6f}",
+                         f"{result.embedding[i, 0]:.6f}", f"{result.embedding[i, 1]:.6f}", f"{p_attack[i]:.6f}"])
+    return text.getvalue()
