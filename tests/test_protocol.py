@@ -73,7 +73,7 @@ def test_synthetic_manifest_is_a_protocol(tiny_synth: Path) -> None:
     folder = scan_split(tiny_synth, "test")
     assert sorted(s.path for s in index.samples) == sorted(s.path.resolve() for s in folder.samples)
     assert set(index.groups["morph_type"]) == set(folder.groups["morph_type"])
-    assert subject_leaks(protocol.rows) == {}  # the generator splits subject-disjointly
+    assert subject_leaks((row.split, row.groups) for row in protocol.rows) == {}  # subject-disjoint by design
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -114,7 +114,8 @@ def test_subject_in_two_splits_is_warned_with_counts(tiny_data: Path, tiny_check
     rows[-1]["subjects"] = "shared;s999"  # a test morph made from a training subject
     rows[-2]["subjects"] = "s0;s1"  # s1 is a train image too
     protocol = _write(tmp_path / "leaky.csv", rows)
-    assert subject_leaks(read_protocol(protocol, base=tiny_data).rows) == {"s1": ["test", "train"],
+    rows = [(row.split, row.groups) for row in read_protocol(protocol, base=tiny_data).rows]
+    assert subject_leaks(rows) == {"s1": ["test", "train"],
                                                                            "shared": ["test", "train"]}
     result = runner.invoke(app, ["evaluate", "-c", str(tiny_checkpoint), "--protocol", str(protocol), "--data",
                                  str(tiny_data), "--device", "cpu"])

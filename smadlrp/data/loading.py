@@ -209,10 +209,9 @@ class DataSource:
         """A warning when a subject column shows one subject in two splits (protocol rows, or the folder's
         manifest.csv), else None."""
         if self.protocol is not None:
-            rows: list[ProtocolRow] = list(self.protocol.rows)
+            rows = [(row.split, row.groups) for row in self.protocol.rows]
         else:
-            rows = [ProtocolRow(Path(r["path"]), 0, SPLIT_ALIASES.get(r.get("split", ""), r.get("split", "")),
-                                r, 0) for r in read_manifest(self.root)]
+            rows = [(SPLIT_ALIASES.get(r.get("split", ""), r.get("split", "")), r) for r in read_manifest(self.root)]
         return leak_message(subject_leaks(rows), self.name)
 
 

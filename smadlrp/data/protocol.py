@@ -69,12 +69,13 @@ def subjects_of(groups: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def subject_leaks(rows: Iterable[ProtocolRow]) -> dict[str, list[str]]:
-    """Subjects that appear in more than one split: subject id -> its splits (sorted). Empty without subjects."""
+def subject_leaks(rows: Iterable[tuple[str, Mapping[str, str]]]) -> dict[str, list[str]]:
+    """Subjects that appear in more than one split, from (split, group values) per image: subject id -> its
+    splits (sorted). Empty without subject columns."""
     where: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        for subject in subjects_of(row.groups):
-            where[subject].add(row.split)
+    for split, groups in rows:
+        for subject in subjects_of(groups):
+            where[subject].add(split)
     return {subject: sorted(splits) for subject, splits in sorted(where.items()) if len(splits) > 1}
 
 
