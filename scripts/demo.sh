@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole smadlrp workflow on the embedded synthetic data set (generated once into its cache).
-# Everything is written below OUT (default: demo/); a previous demo there is replaced.
+# Everything is written below OUT (default: demo/); a previous demo there is replaced. At the end it writes the
+# figures the docs quote into docs/demo-figures.json and docs/images/ (tests/test_docs.py checks the quotes).
 set -euo pipefail
 out=${1:-demo}
 smadlrp="$(dirname "$0")/../.venv/bin/smadlrp"
@@ -29,7 +30,8 @@ echo "== 3. fit PatternNet / PatternAttribution patterns on training images"
   --out "$out/patterns.safetensors"
 
 echo "== 4. explain a few test images with every rule, and trace one"
-data=$("$(dirname "$smadlrp")/python" -c "from smadlrp.data.synthetic.generator import default_dataset_dir; print(default_dataset_dir())")
+python="$(dirname "$smadlrp")/python"
+data=$("$python" -c "from smadlrp.data.synthetic.generator import default_dataset_dir; print(default_dataset_dir())")
 morphs=("$data"/test/morph/*.png)
 bonafide=("$data"/test/bonafide/*.png)
 images=("${morphs[@]:0:3}" "${bonafide[0]}")
@@ -37,5 +39,24 @@ images=("${morphs[@]:0:3}" "${bonafide[0]}")
   --patterns "$out/patterns.safetensors" --out "$out/explain"
 "$smadlrp" trace "${images[0]}" --checkpoint "$out/run/best.safetensors" \
   --rule epsilon-gamma-box --out "$out/trace"
+
+echo "== 5. compare every rule with the baselines: localisation, faithfulness, time"
+start=$SECONDS
+"$smadlrp" compare-rules --checkpoint "$out/run/best.safetensors" --patterns "$out/patterns.safetensors" \
+  --max-images 100 --out "$out/compare" --json "$out/compare.json"
+echo "== compare-rules took $((SECONDS - start)) s"
+
+echo "== 6. the examples of docs/explain.md (output captured at 80 columns)"
+complete=("$data"/test/morph/complete_*.png)
+COLUMNS=80 "$smadlrp" explain "${complete[0]}" "${bonafide[0]}" --checkpoint "$out/run/best.safetensors" \
+  --rule epsilon --rule epsilon-plus-flat --out "$out/explain-example" | tee "$out/explain-example.txt"
+COLUMNS=80 "$smadlrp" trace "${complete[0]}" --checkpoint "$out/run/best.safetensors" --rule epsilon-plus \
+  --out "$out/trace-example" | tee "$out/trace-example.txt"
+
+echo "== 7. the figures the docs quote: docs/demo-figures.json and docs/images/"
+docs="$(dirname "$0")/../docs"
+"$python" "$(dirname "$0")/demo_figures.py" "$out" "$docs/demo-figures.json"
+cp "$out/explain/morph__$(basename "${images[0]}" .png).grid.png" "$docs/images/demo-grid.png"
+cp "$out/compare/perturbation-curves.png" "$docs/images/compare-perturbation-curves.png"
 
 echo "== done: results in $out/"
