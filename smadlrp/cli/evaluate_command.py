@@ -114,13 +114,9 @@ def interval_options(ci: float, bootstrap: int, seed: int, index: SplitIndex, pr
                      ) -> IntervalOptions | None:
     """--ci/--bootstrap/--seed as IntervalOptions; the bootstrap resamples subjects (each image's first subject
     id) when the data names them, else images. None with --ci 0."""
-    if ci == 0:
-        return None
     subjects = index.subjects()
-    clusters = None
-    if any(subjects):
-        clusters = [subjects[i][0] if subjects[i] else f"image {i}" for i in preds.indices]
-    return IntervalOptions(confidence=ci, resamples=bootstrap, seed=seed, clusters=clusters)
+    first = [subjects[i][0] if subjects[i] else "" for i in preds.indices]
+    return IntervalOptions.over_subjects(ci, bootstrap, seed, first)
 
 
 def show_summary(summary: MetricsSummary, breakdowns: Sequence[Breakdown], title: str) -> None:

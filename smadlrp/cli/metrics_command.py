@@ -103,37 +103,36 @@ def metrics(
     worst_column = worst_species_column(worst_species, threshold, by)
     read = {"direction": score_direction, "bonafide_label": bonafide_label, "attack_label": attack_label}
     systems = [read_scores(path, **read) for path in scores]
+    names = [system.name for system in systems]
+    if len(set(names)) < len(names):  # two files of one name in different folders: name them by their path
+        names = [str(system.file) for system in systems]
     devs = [read_scores(path, **read) for path in dev or []]
-    results: list[tuple[ScoreSet, MetricsSummary, list[Breakdown]]] = []
-    for i, system in enumerate(systems):
+    results: list[tuple[str, MetricsSummary, list[Breakdown]]] = []
+    for i, (name, system) in enumerate(zip(names, systems, strict=True)):
         choice = _threshold(wanted, system, devs[min(i, len(devs) - 1)] if devs else None,
                             worst_column)
         source = choice.source("dev")
-        subjects = system.subjects
-        options = None if ci == 0 else IntervalOptions(
-            ci, bootstrap, seed, [s or f"row {j}" for j, s in enumerate(subjects)] if any(subjects) else None)
+        options = IntervalOptions.over_subjects(ci, bootstrap, seed, system.subjects)
         summary = summarize(system.labels, system.scores, choice.value, threshold_source=source, intervals=options)
         columns = by or [c for c in ("attack_type",) if c in system.groups]
         breakdowns = [group_breakdown(system.labels, system.scores, _groups(system, c), choice.value, column=c,
                                       threshold_source=source, intervals=options) for c in columns]
-        results.append((system, summary, breakdowns))
+        results.append((name, summary, breakdowns))
         note = " (scores negated: higher is bona fide)" if system.negated else ""
-        show_summary(summary, breakdowns, f"{system.name}: {summary.n_bonafide} bona fide, {summary.n_morph} "
-                                          f"morphs{note}")
-    comparison = Breakdown("system", tuple((system.name, summary) for system, summary, _ in results), species=False)
+        show_summary(summary, breakdowns, f"{name}: {summary.n_bonafide} bona fide, {summary.n_morph} morphs{note}")
+    comparison = Breakdown("system", tuple((name, summary) for name, summary, _ in results), species=False)
     if len(results) > 1:
         console.print(breakdown_table(comparison, title="Systems", aggregates=False))
     if det_out is not None:
-        curves = {system.name: det_points(system.labels, system.scores) for system, _, _ in results}
-        plot_det(curves, det_out, eer={system.name: summary.eer.value for system, summary, _ in results
+        curves = {name: det_points(system.labels, system.scores) for name, system in zip(names, systems, strict=True)}
+        plot_det(curves, det_out, eer={name: summary.eer.value for name, summary, _ in results
                                        if summary.eer.value is not None})
     if markdown_out is not None:
-        text = "".join(summary_markdown(summary, breakdowns, system.name) + "\n"
-                       for system, summary, breakdowns in results)
+        text = "".join(summary_markdown(summary, breakdowns, name) + "\n" for name, summary, breakdowns in results)
         if len(results) > 1:
             text += "\n".join(["## Systems", "", *breakdown_markdown(comparison, None, aggregates=False)]) + "\n"
         write_text_atomic(markdown_out, text)
     write_json(json_out, to_jsonable({"systems": [
-        {"name": system.name, "file": str(system.file), "format": system.format, "negated": system.negated,
+        {"name": name, "file": str(system.file), "format": system.format, "negated": system.negated,
          "metrics": summary, "groups": {b.label: b for b in breakdowns}}
-        for system, summary, breakdowns in results]}))
+        for (name, summary, breakdowns), system in zip(results, systems, strict=True)]}))

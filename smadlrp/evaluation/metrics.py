@@ -412,6 +412,16 @@ class IntervalOptions:
     seed: int = 0
     clusters: Sequence[str] | None = None
 
+    @classmethod
+    def over_subjects(cls, confidence: float, resamples: int, seed: int,
+                      subjects: Sequence[str]) -> IntervalOptions | None:
+        """Options that resample `subjects` (N,) (an image with "" is its own cluster), or images when none is
+        known; None when `confidence` is 0 (no intervals)."""
+        if confidence == 0:
+            return None
+        clusters = [s or f"\0image {i}" for i, s in enumerate(subjects)] if any(subjects) else None  # \0: no id
+        return cls(confidence, resamples, seed, clusters)
+
 
 def _intervals(y: npt.NDArray[np.int64], s: FloatArray, confusion: ConfusionMatrix,
                values: Mapping[str, float | None], options: IntervalOptions) -> dict[str, Interval | str]:
