@@ -1,15 +1,17 @@
-"""Time and memory of smadlrp's LRP rules against a plain input gradient, on torchvision VGG16.
+"""Time and memory of smadlrp's LRP rules against a plain input gradient, on torchvision VGG16, ResNet-50 or
+EfficientNet-B0.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_lrp.py [--batch 8 1] [--runs 5] [--threads 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_lrp.py [--arch vgg16|resnet50|efficientnet_b0]
+        [--batch 8 1] [--runs 5] [--threads 2] [--device cpu|cuda]
 
-VGG16 with random weights, 224 x 224 inputs. Reference: forward, then the backward pass of the predicted logit
-w.r.t. the input (parameters frozen). Each method is an `Explainer` built once. Time: after one warm-up call
-per method, `--runs` rounds in one process; every round runs the reference and each method once, in turn, so
-a load change on the machine hits all of them alike. The table gives the median wall time, its ratio to the
-reference's median, the median of the per-round wall ratios, and the ratio of median CPU times (user + system
-of the process, all threads). On a shared machine the CPU-time ratio is the steadier figure: time spent waiting
-for a core does not count. OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE,
-unless set otherwise), so that waiting does not count as CPU time either.
+The model has random weights (BatchNorm with its default statistics); inputs are 224 x 224. Reference: forward,
+then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
+built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round runs the
+reference and each method once, in turn, so a load change on the machine hits all of them alike. The table gives
+the median wall time, its ratio to the reference's median, the median of the per-round wall ratios, and the ratio
+of median CPU times (user + system of the process, all threads). On a shared machine the CPU-time ratio is the
+steadier figure: time spent waiting for a core does not count. OpenMP threads sleep instead of spinning while
+they wait (OMP_WAIT_POLICY=PASSIVE, unless set otherwise), so that waiting does not count as CPU time either.
 
 Memory: one fresh subprocess per method and batch size builds the model (and explainer), makes one warm-up
 call, then resets the kernel's peak-RSS mark (/proc/self/clear_refs) and makes one more call. "call peak" is
@@ -49,16 +51,21 @@ METHODS: dict[str, dict[str, object]] = {
     "gamma": {},
     "alpha1beta0": {},
     "alpha2beta1": {},
+    "epsilon-plus": {},
     "epsilon-gamma-box": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
-TIME_TARGETS = {"epsilon": 1.2, "gamma": 1.6, "alpha1beta0": 2.2, "alpha2beta1": 2.2, "epsilon-gamma-box": 1.7}
-MEMORY_TARGET = 1.25
+ARCHS = ("vgg16", "resnet50", "efficientnet_b0")
+TIME_TARGETS = {
+    "vgg16": {"epsilon": 1.2, "gamma": 1.6, "alpha1beta0": 2.2, "alpha2beta1": 2.2, "epsilon-gamma-box": 1.7},
+    "resnet50": {"epsilon": 1.2, "epsilon-plus": 1.6, "epsilon-gamma-box": 1.7},
+    "efficientnet_b0": {},
+}
 
 
-def build_model(seed: int = 0) -> nn.Module:
-    """torchvision VGG16, random weights, eval mode, parameters frozen."""
+def build_model(arch: str, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """torchvision `arch`, random weights, eval mode, parameters frozen, on `device`."""
     torch.manual_seed(seed)
-    model = torchvision.models.vgg16(weights=None).eval()
+    model = torchvision.models.get_model(arch, weights=None).eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -84,13 +91,16 @@ def runner(name: str, model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
 def time_methods(model: nn.Module, x: Tensor, runs: int) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) seconds per round for the reference and every method, interleaved round by round."""
     calls = {name: runner(name, model, x) for name in (REFERENCE, *METHODS)}
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for call in calls.values():
         call()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             call()
+            sync()
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
@@ -102,10 +112,10 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(name: str, batch: int, size: int, threads: int) -> None:
+def memory_child(arch: str, name: str, batch: int, size: int, threads: int) -> None:
     """Subprocess body: print {"call_peak_mib", "process_peak_mib"} for one method as JSON."""
     torch.set_num_threads(threads)
-    model = build_model()
+    model = build_model(arch)
     x = torch.randn(batch, 3, size, size)
     call = runner(name, model, x)
     call()
@@ -119,17 +129,18 @@ def memory_child(name: str, batch: int, size: int, threads: int) -> None:
     print(json.dumps(result))
 
 
-def measure_memory(name: str, batch: int, size: int, threads: int) -> dict[str, float]:
+def measure_memory(arch: str, name: str, batch: int, size: int, threads: int) -> dict[str, float]:
     """Run `memory_child` for `name` in a fresh interpreter."""
-    cmd = [sys.executable, __file__, "--memory-child", name, "--batch", str(batch), "--size", str(size),
-           "--threads", str(threads)]  # fmt: skip
+    cmd = [sys.executable, __file__, "--arch", arch, "--memory-child", name, "--batch", str(batch),
+           "--size", str(size), "--threads", str(threads)]  # fmt: skip
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def report(
-    batch: int, times: dict[str, list[tuple[float, float]]], memory: dict[str, dict[str, float]] | None
+    arch: str, batch: int, times: dict[str, list[tuple[float, float]]], memory: dict[str, dict[str, float]] | None,
+    device: str,
 ) -> None:
     """Print one table: times, time ratios (target), memory ratios."""
     ref_wall = statistics.median(w for w, _ in times[REFERENCE])
@@ -137,13 +148,14 @@ def report(
     header = f"{'method':<18} {'wall s':>7} {'ratio':>6} {'round ratio':>11} {'CPU s':>7} {'ratio':>6} {'target':>6}"
     if memory:
         header += f" {'call peak MiB':>13} {'ratio':>6} {'process peak MiB':>16} {'ratio':>6}"
-    print(f"\nVGG16, batch {batch}, {torch.get_num_threads()} threads, {len(times[REFERENCE])} runs")
+    where = f"{torch.get_num_threads()} threads" if device == "cpu" else device
+    print(f"\n{arch}, batch {batch}, {where}, {len(times[REFERENCE])} runs")
     print(header)
     for name, values in times.items():
         wall = statistics.median(w for w, _ in values)
         cpu = statistics.median(c for _, c in values)
         per_round = statistics.median(v[0] / r[0] for v, r in zip(values, times[REFERENCE], strict=True))
-        target = f"{TIME_TARGETS[name]:.1f}x" if name in TIME_TARGETS else ""
+        target = f"{TIME_TARGETS[arch][name]:.1f}x" if name in TIME_TARGETS[arch] else ""
         line = f"{name:<18} {wall:7.3f} {wall / ref_wall:6.2f} {per_round:11.2f} {cpu:7.3f} {cpu / ref_cpu:6.2f} "
         line += f"{target:>6}"
         if memory:
@@ -155,6 +167,8 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=ARCHS, default="vgg16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: time only, no RSS memory)")
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
@@ -163,17 +177,18 @@ def main() -> None:
     parser.add_argument("--memory-child", metavar="METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args.batch[0], args.size, args.threads)
+        memory_child(args.arch, args.memory_child, args.batch[0], args.size, args.threads)
         return
     torch.set_num_threads(args.threads)
-    model = build_model()
+    model = build_model(args.arch, args.device)
     for batch in args.batch:
-        x = torch.randn(batch, 3, args.size, args.size)
+        x = torch.randn(batch, 3, args.size, args.size, device=args.device)
         times = time_methods(model, x, args.runs)
         memory = None
-        if not args.no_memory:
-            memory = {name: measure_memory(name, batch, args.size, args.threads) for name in (REFERENCE, *METHODS)}
-        report(batch, times, memory)
+        if not args.no_memory and args.device == "cpu":
+            memory = {name: measure_memory(args.arch, name, batch, args.size, args.threads)
+                      for name in (REFERENCE, *METHODS)}  # fmt: skip
+        report(args.arch, batch, times, memory, args.device)
 
 
 if __name__ == "__main__":

@@ -309,11 +309,27 @@ class CountingGamma(Gamma):
 
 def test_explainer_prepares_modified_weights_once() -> None:
     model, x = vgg_like(), images()
+    CountingGamma.prepared.clear()
     explainer = Explainer(model, CountingGamma())
     first = explainer.explain(x).relevance
     second = explainer.explain(x).relevance
     assert sorted(CountingGamma.prepared) == ["0", "10", "13", "3", "6"]
     torch.testing.assert_close(first, second)
+
+
+def test_one_shot_explain_keeps_the_prepared_model_until_the_weights_change() -> None:
+    model, x = vgg_like(seed=7), images()
+    rule = CountingGamma()
+    CountingGamma.prepared.clear()
+    first = explain(model, x, rule)
+    torch.testing.assert_close(explain(model, x, rule), first)
+    assert sorted(CountingGamma.prepared) == ["0", "10", "13", "3", "6"]  # prepared once for both calls
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # in place: the kept copy shares this storage, its version changes
+    changed = explain(model, x, rule)
+    assert len(CountingGamma.prepared) == 10
+    torch.testing.assert_close(changed, Explainer(model, CountingGamma()).explain(x).relevance)
+    assert not torch.allclose(changed, first)
 
 
 # --- overrides, targets, errors ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ relevance is computed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from smadlrp.cli import app
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
 from smadlrp.detector import models
+from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.models import CompactVGG
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -219,3 +221,30 @@ def test_cli_refuses_a_model_without_a_rule_in_one_red_line(
     lines = result.output.strip().splitlines()  # the device line, then the error
     assert "Traceback" not in result.output and lines[-1].startswith("error: ")
     assert "cannot explain unsupported layer(s): mul (operator.mul of two tensors" in lines[-1]
+
+
+def test_resnet_checkpoint_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    """explain --rule all, trace --rule zero (conserving: every main-path row has ratio 1), fit-patterns and
+    PatternAttribution on a random resnet18 checkpoint at 32 px whose only bias, the classifier's, is zero."""
+    torch.manual_seed(4)
+    model, source = models.build_model("resnet18", 2, "none")
+    zero_biases(model)
+    checkpoint = tmp_path / "resnet18.safetensors"
+    save_checkpoint(checkpoint, model, CheckpointMeta("resnet18", ["bonafide", "morph"], "morph", 32, MEAN, STD,
+                                                      source))  # fmt: skip
+    image = str(tiny_data / "test" / "morph" / "test_morph_03.png")
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu"]
+
+    def run(*args: str) -> None:
+        result = CliRunner().invoke(app, [*args, *common])
+        assert result.exit_code == 0, result.output
+
+    run("explain", image, "--rule", "all", "--out", str(tmp_path / "all"))
+    run("trace", image, "--rule", "zero", "--out", str(tmp_path / "trace"), "--json", str(tmp_path / "trace.json"))
+    rows = json.loads((tmp_path / "trace.json").read_text())["layers"]
+    main_path = [row for row in rows if row["name"] in ("conv1", "output") or row["name"].endswith(".add")]
+    assert len(main_path) == 10
+    assert all(row["ratio"] == pytest.approx(1.0, abs=1e-4) for row in main_path)
+    patterns = str(tmp_path / "patterns.safetensors")
+    run("fit-patterns", "--data", str(tiny_data), "--max-images", "8", "--out", patterns)
+    run("explain", image, "--rule", "patternattribution", "--patterns", patterns, "--out", str(tmp_path / "pa"))

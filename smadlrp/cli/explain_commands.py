@@ -224,22 +224,32 @@ def trace(
         result = explainer.explain(x, parse_target(target, meta.class_names))
     records = recorded.records
     output_sum = float(records[-1].relevance.double().sum())
-    table = Table(title=f"{image.name}: {rule}, target {meta.class_names[int(result.target[0])]}",
-                  caption="relevance at each layer's input: sum, positive and negative mass; ratio = sum / output "
-                          "relevance (1 = conserved)", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("#", "layer", "type", "shape", "sum", "pos.", "neg.", "ratio"):
-        table.add_column(column, justify="left" if column in {"layer", "type", "shape"} else "right",
-                         overflow="fold", no_wrap=column not in {"layer", "type"})
-    rows = []
+    columns = ["#", "layer", "type", "shape", "sum", "pos.", "neg.", "ratio"]
+    cells, rows = [], []
     for rec in records:
         r = rec.relevance.double()
         total, positive, negative = float(r.sum()), float(r.clamp(min=0).sum()), float(r.clamp(max=0).sum())
         ratio = total / output_sum if output_sum else float("nan")
         shape = "x".join(str(n) for n in rec.relevance.shape[1:])
-        table.add_row(str(rec.index), rec.name, rec.layer_type, shape, f"{total:.4g}", f"{positive:.4g}",
-                      f"{negative:.4g}", f"{ratio:.4f}")
+        cells.append([str(rec.index), rec.name, rec.layer_type, shape, f"{total:.4g}", f"{positive:.4g}",
+                      f"{negative:.4g}", f"{ratio:.4f}"])
         rows.append({"index": rec.index, "name": rec.name, "type": rec.layer_type, "shape": list(rec.relevance.shape),
                      "sum": total, "positive": positive, "negative": negative, "ratio": ratio})
+    # Long graph names (ResNet-50's layer4.0.downsample.1) keep their row: the type column goes first.
+    widths = [max(len(c[i]) for c in [columns, *cells]) for i in range(len(columns))]
+    if sum(widths) + 2 * (len(widths) - 1) > console.width:
+        del columns[2]
+        for c in cells:
+            del c[2]
+    table = Table(title=f"{image.name}: {rule}, target {meta.class_names[int(result.target[0])]}",
+                  caption="relevance at each node's input (at the output of a sum, gate or concatenation): sum, "
+                          "positive and negative mass; ratio = sum / output relevance (1 = conserved)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in columns:
+        table.add_column(column, justify="left" if column in {"layer", "type", "shape"} else "right",
+                         overflow="fold", no_wrap=column not in {"layer", "type"})
+    for c in cells:
+        table.add_row(*c)
     console.print(table)
     stem = output_stems(images)[0]
     inputs = set(images)

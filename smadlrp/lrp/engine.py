@@ -12,6 +12,7 @@ pass of the target logit, started with one-hot x logit, then carries relevance (
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from smadlrp.lrp.rules import ConvOp, DenseOp, LayerOp, LayerState, Prepared, Ru
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
 Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
-_CACHE_SIZE = 8  # prepared rules kept per layer
+_CACHE_SIZE = 16  # prepared rules kept per layer (every rule of the registry, with room for overrides)
 _PASS_IDS = itertools.count()
 
 
@@ -505,7 +506,8 @@ class Explainer:
     """Explains batches with one rule or composite; canonizes the model once and prepares modified weights
     once (on first use), so repeated calls only run the relevance pass.
 
-    The explainer shares the model's weight storage (read-only): build a new one after changing the model.
+    The explainer shares the model's weight storage (read-only), and the explainable copy with every other
+    explainer of the same model: build a new one after changing the model.
     """
 
     def __init__(
@@ -517,7 +519,7 @@ class Explainer:
         overrides: Mapping[str | int, Override] | None = None,
         **params: Any,
     ) -> None:
-        self.lrp = _convert(model, share_weights=True)
+        self.lrp = _kept_model(model)
         self.composite = self.lrp.composite(rule, params, overrides)
         self.class_names = None if class_names is None else tuple(class_names)
         self.device = next(self.lrp.parameters()).device
@@ -549,9 +551,32 @@ def explain(
     **params: Any,
 ) -> Tensor:
     """Input relevance (shape of `x`) of `target` for `model` with `rule` (rule key or composite name) and
-    rule `params`, e.g. `explain(model, x, "epsilon-gamma-box", gamma=0.25, mean=..., std=...)`."""
+    rule `params`, e.g. `explain(model, x, "epsilon-gamma-box", gamma=0.25, mean=..., std=...)`.
+
+    The canonized, traced copy and its prepared weights are kept with `model` (until its weights or modules
+    change, or it is deleted), so a loop over `explain` costs what a kept `Explainer` costs.
+    """
     explainer = Explainer(model, rule, class_names=class_names, overrides=overrides, **params)
     return explainer.explain(x, target).relevance
+
+
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], LRPModel]] = weakref.WeakKeyDictionary()
+
+
+def _kept_model(model: nn.Module) -> LRPModel:
+    """The explainable copy of `model` that its explainers share (one copy of the folded weights and of each
+    rule's modified weights, however many rules explain it), rebuilt when a parameter or buffer is replaced or
+    changed in place (its version counter), or a module is replaced."""
+    key = (
+        tuple((name, type(m)) for name, m in model.named_modules()),
+        tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in itertools.chain(
+            model.parameters(), model.buffers())),
+    )  # fmt: skip
+    cached = _PREPARED.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, _convert(model, share_weights=True))
+        _PREPARED[model] = cached
+    return cached[1]
 
 
 def resolve_target(logits: Tensor, target: Target, class_names: Sequence[str] | None = None) -> Tensor:

@@ -498,18 +498,18 @@ class AlphaBeta(Rule):
         eps = self.stabilizer
         t_pos, t_neg = out if out else (None, None)
         z_neg = torch.sub(z_pos, z)  # -z- >= 0, also where an in-place ReLU has turned z into relu(z)
-        # z- = 0 up to rounding (z- is taken as z+ - z), or z+ = 0 exactly (a sum of exact zeros)
-        no_neg = z_neg <= _NO_CONTRIBUTION_RTOL * z_pos
-        no_pos = z_pos == 0
-        t_pos = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, out=t_pos)
-        if bool(no_neg.any()):
-            t_pos = torch.where(no_neg, stabilized_divide(r, z_pos, eps, nonnegative=True), t_pos, out=t_pos)
+        # z- = 0 up to rounding (z- is taken as z+ - z): z_neg <= rtol z+, tested without a temporary
+        no_neg = z_neg.sub_(z_pos, alpha=_NO_CONTRIBUTION_RTOL) <= 0
+        z_neg.add_(z_pos, alpha=_NO_CONTRIBUTION_RTOL)
+        no_pos = z_pos == 0  # z+ is a sum of exact zeros there
+        t_pos = stabilized_divide(r, z_pos, eps, nonnegative=True, scale=self.alpha, overwrite=True, out=t_pos)
         # -beta (a w)- / z- = beta (a w)- / (z+ - z): a non-negative denominator
         t_neg = stabilized_divide(r, z_neg, eps, nonnegative=True, scale=self.beta, overwrite=True, out=t_neg)
-        if bool(no_neg.any()):
+        if bool(no_neg.any()):  # all of R to the positive side
+            t_pos[no_neg] /= self.alpha
             t_neg.masked_fill_(no_neg, 0.0)
-        if bool(no_pos.any()):  # there z- = z
-            t_neg = torch.where(no_pos, stabilized_divide(r, z, eps), t_neg, out=t_neg)
+        if bool(no_pos.any()):  # all of R to the negative side, R / z- with z- = z there
+            t_neg[no_pos] = stabilized_divide(r[no_pos], z[no_pos], eps)
         return t_pos, t_neg
 
     def _relevance_signed(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
