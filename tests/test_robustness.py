@@ -85,3 +85,23 @@ def test_bad_perturb_spec_is_one_red_line(tiny_checkpoint: Path, tiny_data: Path
                                  "--perturb", "jpeg:200", "--device", "cpu"])
     assert result.exit_code == 2
     assert "--perturb 'jpeg:200': jpeg's quality lies in [1, 95]" in result.output
+
+
+def test_explain_perturb_writes_each_condition(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path) -> None:
+    images = list_images(tiny_data / "test" / "morph")[:2]
+    out, report = tmp_path / "explain", tmp_path / "x.json"
+    result = runner.invoke(app, ["explain", *map(str, images), "--checkpoint", str(tiny_checkpoint), "--rule",
+                                 "epsilon", "--perturb", "blur:0", "--perturb", "jpeg:20", "--out", str(out),
+                                 "--device", "cpu", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(report.read_text())
+    for image in doc["images"]:
+        unchanged, jpeg = image["perturbed"]["blur:0"], image["perturbed"]["jpeg:20"]
+        assert unchanged["p_attack"] == pytest.approx(image["p_attack"], abs=1e-9)  # blur 0 leaves the image as it is
+        assert unchanged["correlation"]["epsilon"] == pytest.approx(1.0, abs=1e-9)
+        assert -1.0 <= jpeg["correlation"]["epsilon"] < 1.0
+        stem = Path(image["path"]).stem
+        for name in (f"{stem}.jpeg-20.epsilon.heatmap.png", f"{stem}.blur-0.epsilon.overlay.png",
+                     f"{stem}.perturb.png"):
+            assert (out / name).is_file() and name in image["files"]
+    assert Image.open(out / f"{Path(doc['images'][0]['path']).stem}.perturb.png").size[1] > 200

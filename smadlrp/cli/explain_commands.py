@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,12 +36,14 @@ from smadlrp.core import distributed
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
 from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
+from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
 from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fits_model
 from smadlrp.explain.run import (
     PATTERN_KINDS,
     SIGNAL_RULES,
+    ImageResult,
     build_explainers,
     explain_images,
     image_batches,
@@ -141,12 +144,18 @@ def explain(
     batch_size: BatchSizeOption = 16,
     save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write the relevance tensors (safetensors).")]
     = False,
+    perturb: Annotated[
+        list[str] | None, typer.Option("--perturb", metavar="SPEC", help=f"Also explain each image under this "
+                                       f"perturbation (repeatable): {SPEC_HELP}. Writes its heatmaps, a "
+                                       "NAME.perturb.png per image, and each heatmap's correlation with the clean one.")
+    ] = None,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
     """Explain images with LRP: a heatmap and an overlay per image and rule, a grid per image for several rules
     (under torchrun: each process explains a share of the images and writes their files)."""
+    conditions = parse_perturbations(perturb or [])
     images = collect_images(paths)
     checkpoint = find_checkpoint(checkpoint)
     torch_device = pick_device(device)
@@ -163,7 +172,8 @@ def explain(
     with progress_bar(ImagesPerSecond()) as bar, ranks.shared_failure():
         task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(share))
         results = explain_images(images, meta, explainers, wanted, out, batch_size=batch_size, workers=workers,
-                                 device=torch_device, raw=raw, share=share, on_batch=lambda n: bar.advance(task, n))
+                                 device=torch_device, raw=raw, share=share, perturbations=conditions,
+                                 on_batch=lambda n: bar.advance(task, n))
     results = ranks.gather_by_position(share, results)
     relevance = _gather_relevance(ranks, share, raw)
     if not ranks.is_main:
@@ -182,6 +192,8 @@ def explain(
             table.add_row(*(image if i == 0 else [""] * len(image)), name,
                           "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}")
     console.print(table)
+    if conditions:
+        console.print(_perturbed_table(results, meta.attack_class))
     if relevance is not None:
         raw_path = safe_output(out, "relevance.safetensors", set(images))
         write_document(raw_path, relevance,
@@ -191,7 +203,27 @@ def explain(
                   highlight=False)
     write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "out": str(out), "images": [
         {"path": str(r.path), "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
-         "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files} for r in results]})
+         "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files,
+         **({"perturbed": {spec: asdict(c) for spec, c in r.perturbed.items()}} if conditions else {})}
+        for r in results]})
+
+
+def _perturbed_table(results: list[ImageResult], attack_class: str) -> Table:
+    """Per image and condition: the score, its change from the clean image, and per rule the correlation of the
+    heatmap with the clean one."""
+    rules = list(results[0].relevance_sum)
+    table = Table(title="Under perturbation", box=box.SIMPLE_HEAD,
+                  caption="r: Pearson correlation of the heatmap with the clean image's (1 = unmoved; "
+                          "negative when the explained class changed with the prediction)")
+    for column in ("file", "condition", f"P({attack_class})", "change", "target", *(f"r {rule}" for rule in rules)):
+        table.add_column(column, justify="left" if column in {"file", "condition", "target"} else "right",
+                         overflow="fold")
+    for result in results:
+        for i, (spec, condition) in enumerate(result.perturbed.items()):
+            table.add_row(result.path.name if i == 0 else "", spec, f"{condition.p_attack:.4f}",
+                          f"{condition.p_attack - result.p_attack:+.4f}", condition.target,
+                          *(f"{condition.correlation[rule]:.3f}" for rule in rules))
+    return table
 
 
 @app.command()

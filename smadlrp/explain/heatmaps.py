@@ -113,6 +113,26 @@ def plot_rule_grid(image: npt.NDArray[np.uint8], maps: Mapping[str, npt.ArrayLik
     return save_figure(rule_grid_figure(image, maps, title=title), path, dpi=100)
 
 
+def plot_condition_grid(rows: Sequence[tuple[str, npt.NDArray[np.uint8], Mapping[str, npt.ArrayLike]]],
+                        path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """One row per image condition (label, input (H, W, 3) uint8 as the model saw it, rule -> (H, W) map): the
+    input, then each rule's heatmap, each map on its own robust scale."""
+    columns = 1 + len(rows[0][2])
+    fig = Figure(figsize=(2.0 * columns, 2.1 * len(rows) + (0.3 if title else 0.0)), layout="constrained")
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for (label, image, maps), line in zip(rows, axes, strict=True):
+        line[0].imshow(image)
+        line[0].set_title(label, fontsize=9)
+        for ax, (rule, rmap) in zip(line[1:], maps.items(), strict=True):
+            ax.imshow(heatmap_rgb(rmap))
+            ax.set_title(f"{rule} ({label})", fontsize=8)
+        for ax in line:
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
 def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.PathLike[str]) -> Path:
     """Channel-summed relevance maps ((H, W) each, any sizes), one panel per named layer, in reading order."""
     if not maps:

@@ -23,11 +23,13 @@ from torch.utils.data import Subset
 from smadlrp.core.errors import UsageError
 from smadlrp.data.loading import ImageDataset, Sample, make_loader
 from smadlrp.data.paths import output_stems, safe_output
+from smadlrp.data.perturb import Perturbation
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.heatmaps import (
     heatmap_index,
     heatmap_lut,
     overlay_rgb,
+    plot_condition_grid,
     plot_rule_grid,
     relevance_map,
     robust_scale,
@@ -132,13 +134,26 @@ class ImageResult:
     target_logit: float
     relevance_sum: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    perturbed: dict[str, ConditionResult] = field(default_factory=dict)  # by perturbation spec
+
+
+@dataclass
+class ConditionResult:
+    """The same image under one perturbation: its score, and per rule how its heatmap relates to the clean one."""
+
+    p_attack: float
+    target: str  # the class explained (with target `predicted`, the prediction under the perturbation)
+    target_logit: float
+    correlation: dict[str, float] = field(default_factory=dict)  # Pearson r of the (H, W) maps, clean vs perturbed
 
 
 def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int, workers: int,
-                  device: torch.device, share: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """(B, 3, H, W) preprocessed batches of `images` (only the positions in `share` when given) with their
-    positions in the list."""
-    dataset = ImageDataset([Sample(p, 0) for p in images], meta.input_size, meta.mean, meta.std)
+                  device: torch.device, share: Sequence[int] | None = None,
+                  perturbation: Perturbation | None = None) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """(B, 3, H, W) preprocessed batches of `images` (only the positions in `share` when given; each image under
+    `perturbation`, seeded by its position, when given) with their positions in the list."""
+    dataset = ImageDataset([Sample(p, 0) for p in images], meta.input_size, meta.mean, meta.std,
+                           perturb=perturbation)
     chosen = dataset if share is None else Subset(dataset, list(share))
     for x, _, index in make_loader(chosen, batch_size, workers=workers, device=device):
         yield x, index.tolist()
@@ -152,13 +167,13 @@ class BackgroundWriter:
 
     def __init__(self, pending: int = 32) -> None:
         self.limit = pending
-        self.jobs: deque[Future[None]] = deque()
+        self.jobs: deque[Future[object]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smadlrp-writer")
 
     def __enter__(self) -> BackgroundWriter:
         return self
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], object]) -> None:
         while self.jobs and (len(self.jobs) >= self.limit or self.jobs[0].done()):
             self.jobs.popleft().result()
         self.jobs.append(self.pool.submit(job))
@@ -175,16 +190,20 @@ class BackgroundWriter:
 def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Mapping[str, Explainer],
                    target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
                    raw: dict[str, list[torch.Tensor]] | None = None, share: Sequence[int] | None = None,
+                   perturbations: Sequence[Perturbation] = (),
                    on_batch: Callable[[int], None] = lambda n: None) -> list[ImageResult]:
     """Explain every image with every explainer (each computed independently) and write its files into `out`:
     `<name>.<rule>.heatmap.png`, `<name>.<rule>.overlay.png` and, with several rules, `<name>.grid.png`.
     Files are written on a background thread while the next batch is explained; all exist on return.
     With `raw`, each rule's (B, C, H, W) relevance batches are appended to `raw[rule]`. With `share`, only
     those positions of `images` are explained (one process's share under torchrun; names stay those of the
-    whole list)."""
+    whole list). Each of `perturbations` explains the images once more under it: `<name>.<tag>.<rule>.heatmap.png`
+    and `.overlay.png` (tag: the spec with `-` for `:`), `<name>.perturb.png` with a row per condition, and the
+    score and heatmap correlation with the clean one in `ImageResult.perturbed`."""
     stems = output_stems(images)
     inputs = {p.resolve() for p in images}
     results: list[ImageResult] = []
+    perturbed_batches = [image_batches(images, meta, batch_size, workers, device, share, p) for p in perturbations]
     with BackgroundWriter() as writer:
         for x, positions in image_batches(images, meta, batch_size, workers, device, share):
             pixels = to_uint8(x, meta.mean, meta.std)
@@ -210,9 +229,44 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                 result.files += [path.name for path in files.values()]
                 title = f"{result.path.name}: target {result.target}, P({meta.attack_class}) {result.p_attack:.3f}"
                 writer.submit(functools.partial(_write_image_files, pixels[row], image_maps, files, title))
+            rows: list[list[tuple[str, np.ndarray, dict[str, np.ndarray]]]] = [
+                [("clean", pixels[row], {rule: maps[rule][row] for rule in explainers})]
+                for row in range(len(positions))]
+            for perturbation, batches in zip(perturbations, perturbed_batches, strict=True):
+                xp, _ = next(batches)
+                tag = perturbation.spec.replace(":", "-")
+                p_pixels, p_maps = to_uint8(xp, meta.mean, meta.std), {}
+                for rule, explainer in explainers.items():
+                    res = explainer.explain(xp, target)
+                    p_maps[rule] = res.relevance.detach().cpu().sum(dim=1).numpy()
+                    scored = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
+                    for row, (result, score) in enumerate(zip(batch_results, scored, strict=True)):
+                        condition = result.perturbed.setdefault(
+                            perturbation.spec, ConditionResult(score.p_attack, score.target, score.target_logit))
+                        condition.correlation[rule] = pearson(maps[rule][row], p_maps[rule][row])
+                for row, result in enumerate(batch_results):
+                    stem = stems[positions[row]]
+                    files = {name: safe_output(out, f"{stem}.{tag}.{name}.png", inputs)
+                             for rule in explainers for name in (f"{rule}.heatmap", f"{rule}.overlay")}
+                    result.files += [path.name for path in files.values()]
+                    image_maps = {rule: p_maps[rule][row] for rule in explainers}
+                    rows[row].append((perturbation.spec, p_pixels[row], image_maps))
+                    writer.submit(functools.partial(_write_image_files, p_pixels[row], image_maps, files, ""))
+            for row, result in enumerate(batch_results if perturbations else []):
+                path = safe_output(out, f"{stems[positions[row]]}.perturb.png", inputs)
+                result.files.append(path.name)
+                writer.submit(functools.partial(plot_condition_grid, rows[row], path, title=result.path.name))
             results += batch_results
             on_batch(len(positions))
     return results
+
+
+def pearson(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Pearson correlation of two maps of the same shape (NaN when either is constant)."""
+    x, y = np.ravel(np.asarray(a, dtype=np.float64)), np.ravel(np.asarray(b, dtype=np.float64))
+    x, y = x - x.mean(), y - y.mean()
+    norm = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / norm) if norm > 0 else float("nan")
 
 
 def _write_image_files(pixels: npt.NDArray[np.uint8], maps: Mapping[str, np.ndarray], files: Mapping[str, Path],
