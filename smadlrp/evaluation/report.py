@@ -23,7 +23,7 @@ from smadlrp.evaluation.metrics import (
     GateResult,
     MetricsSummary,
 )
-from smadlrp.evaluation.thresholds import describe
+from smadlrp.evaluation.thresholds import CRITERIA, describe
 
 # What each gate metric means, in table order.
 METRIC_MEANINGS: Mapping[str, str] = {
@@ -305,7 +305,10 @@ def operating_points_table(stored: Mapping[str, Any]) -> Table:
                   caption="evaluate --threshold stored uses eer; --threshold NAME another point; predict likewise")
     for column in ("name", "criterion", "threshold", "APCER", "BPCER"):
         table.add_column(column, justify="left" if column in ("name", "criterion") else "right")
-    for name, point in stored.get("points", {}).items():
+    points: Mapping[str, Any] = stored.get("points", {})
+    order = [name for name in CRITERIA if name in points] + [name for name in points if name not in CRITERIA]
+    for name in order:
+        point = points[name]
         if point.get("threshold") is None:
             table.add_row(name, describe(name), "n/a", f"({point.get('reason')})", "")
         else:
