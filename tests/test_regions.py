@@ -21,7 +21,7 @@ from smadlrp.data.synthetic import generator as synthetic
 from smadlrp.data.synthetic.generator import SynthConfig
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.regions import load_region_ids, region_inputs, region_sums, region_table, relevance_maps
-from smadlrp.explain.spray import spray
+from smadlrp.explain.spray import knn_affinity, laplacian_spectrum, spray, spray_features
 from smadlrp.lrp import Explainer
 
 runner = CliRunner()
@@ -200,3 +200,13 @@ def test_groups_of_morphs_need_morphs(tiny_checkpoint: Path, marked_set: Path, t
     code, output, _ = _regions(tiny_checkpoint, marked_set, tmp_path, "--by", "colour")
     assert code == 2 and "no such column" in output
 
+
+
+def test_laplacian_spectrum_matches_a_dense_eigendecomposition() -> None:
+    rng = np.random.default_rng(1)
+    features = spray_features(rng.normal(0, 1, (150, 8, 8)).astype(np.float32))
+    affinity = knn_affinity(features, 10)
+    dense = affinity.toarray()
+    scale = 1 / np.sqrt(dense.sum(axis=1))
+    expected = np.linalg.eigvalsh(np.eye(150) - scale[:, None] * dense * scale[None, :])[:11]
+    np.testing.assert_allclose(laplacian_spectrum(affinity, 11), expected, atol=1e-8)

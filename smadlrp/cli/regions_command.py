@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -68,7 +69,7 @@ from smadlrp.explain.spray import (
     spray,
 )
 
-SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl.", "hair", "bgr.", "short.")
+SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl", "hair", "bgr", "short")
 FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-clusters.png",
          "embedding": "spray-embedding.png", "csv": "spray-clusters.csv"}
 
@@ -117,15 +118,18 @@ def regions(
                            attack_index=meta.attack_index)
     ids = load_region_ids(inputs, meta.input_size)
     prepare_out_dir(out)
+    start = time.perf_counter()
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task(f"relevance ({rule})", total=len(inputs.paths))
         relevance = relevance_maps(inputs.paths, meta, explainer, wanted, batch_size=batch_size, workers=workers,
                                    device=torch_device, on_batch=lambda n: bar.advance(task, n))
+    relevance_seconds = time.perf_counter() - start
     names = meta.class_names
     rows = region_table(region_sums(relevance.maps, ids), inputs.labels, inputs.groups, names)
     target_name = meta.class_names[wanted] if isinstance(wanted, int) else wanted or "predicted class"
     subject = f"{checkpoint.name}, {rule}, relevance for {target_name}, {split} split of {source.name}"
-    console.print(_region_table(rows, subject))
+    for table in _region_tables(rows, subject):
+        console.print(table)
     means = mean_maps(relevance.maps, relevance.pixels, inputs.labels, inputs.groups, names)
     difference = difference_map(means, meta.attack_class)
     plot_region_shares(rows, out / FILES["shares"], title=subject)
@@ -142,7 +146,9 @@ def regions(
                          title=f"SpRAy spectral embedding, {result.count} clusters ({result.chosen_by})")
     write_text_atomic(out / FILES["csv"], _cluster_csv(result, inputs.paths, inputs.labels, inputs.groups,
                                                        relevance.p_attack, names))
-    console.print(f"wrote {', '.join(FILES.values())} to {out} ({ALIGNMENT_NOTE})", highlight=False)
+    seconds = {"relevance": relevance_seconds, "rest": time.perf_counter() - start - relevance_seconds}
+    console.print(f"wrote {', '.join(FILES.values())} to {out} ({ALIGNMENT_NOTE}); {seconds['relevance']:.1f} s "
+                  f"for the relevance pass, {seconds['rest']:.1f} s for tables, figures and SpRAy", highlight=False)
     write_json(json_out, {
         "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "target": target_name,
         "by": by, "images": len(inputs.paths), "regions": list(REGIONS),
@@ -154,7 +160,7 @@ def regions(
                                    "mean_p_attack": float(relevance.p_attack[result.clusters == mix.cluster].mean()),
                                    "central": [str(inputs.paths[i]) for i in result.central(mix.cluster)]}
                                   for mix in mixes]},
-        "files": {key: str(out / name) for key, name in FILES.items()},
+        "files": {key: str(out / name) for key, name in FILES.items()}, "seconds": seconds,
     })
 
 
@@ -162,19 +168,24 @@ def _percent(values: np.ndarray) -> list[str]:
     return ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in values]
 
 
-def _region_table(rows: list[RegionRow], subject: str) -> Table:
-    table = Table(title=f"share of relevance per region (%): {subject}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="R+ / |R|: positive / absolute relevance, the mean over the images of each image's "
-                          "share; area: the share a uniform map would get (the reference). Each row sums to 100. "
-                          "Regions: left eye, right eye (as seen in the image), brows, nose, mouth, face skin, face "
-                          "outline, hair, background, shortcut corner.")
-    for column in ("images", "", "n", *SHORT_NAMES):
-        table.add_column(column, justify="left" if column in ("images", "") else "right")
-    for row in rows:
-        for i, (kind, label) in enumerate((("positive", "R+"), ("absolute", "|R|"), ("area", "area"))):
-            table.add_row(row.name if i == 0 else "", label, str(row.images) if i == 0 else "",
-                          *_percent(getattr(row, kind)), end_section=i == 2)
-    return table
+def _region_tables(rows: list[RegionRow], subject: str) -> list[Table]:
+    """One table per class or class and group: positive, absolute relevance and area share per region (%)."""
+    tables = []
+    for n, row in enumerate(rows):
+        heading = f"{row.name}: {row.images} images"
+        table = Table(title=f"share of relevance per region (%): {subject}\n{heading}" if n == 0 else heading,
+                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left")
+        table.add_column("%", justify="left", min_width=4, no_wrap=True)
+        for name in SHORT_NAMES:
+            table.add_column(name, justify="right", min_width=6, no_wrap=True)
+        for kind, label in (("positive", "R+"), ("absolute", "|R|"), ("area", "area")):
+            table.add_row(label, *_percent(getattr(row, kind)))
+        tables.append(table)
+    tables[-1].caption = ("R+ / |R|: positive / absolute relevance, the mean over the images of each image's share; "
+                          "area: the share a uniform map would get (the reference). Each row sums to 100. Regions: "
+                          "left eye, right eye (as seen in the image), brows, nose, mouth, face skin, face outline, "
+                          "hair, background, shortcut corner.")
+    return tables
 
 
 def _cluster_table(result: SprayResult, mixes: list[ClusterMix], p_attack: np.ndarray,

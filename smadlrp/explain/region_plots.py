@@ -91,7 +91,7 @@ def plot_spray_clusters(result: SprayResult, unit_maps: npt.NDArray[np.float32],
                 i = images[col - 1]
                 ax.imshow(overlay_rgb(pixels[i], unit_maps[i]), interpolation="nearest")
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_spray_embedding(result: SprayResult, labels: npt.NDArray[np.int64], class_names: Sequence[str],

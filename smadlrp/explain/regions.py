@@ -24,6 +24,7 @@ from smadlrp.lrp import Explainer
 
 FloatArray = npt.NDArray[np.float64]
 REGION_PATH_COLUMN = "region_path"
+NO_GROUP = "none"  # the group of a class's images without a value, when others of the class have one
 
 
 @dataclass(frozen=True)
@@ -165,15 +166,17 @@ class RegionRow:
 
 def row_keys(labels: npt.NDArray[np.int64], groups: Sequence[str],
              class_names: Sequence[str]) -> list[tuple[str, str, npt.NDArray[np.bool_]]]:
-    """(class, group, which images) for each class, then each class and group value it holds."""
+    """(class, group, which images) for each class, then each class and group value it holds. In a class where
+    some images have a value and others have none, those others are the group NO_GROUP."""
     keys = []
     values = np.array(groups, dtype=object)
     for label, name in enumerate(class_names):
         members = labels == label
         if members.any():
             keys.append((name, "", members))
-        for group in sorted({g for g, m in zip(groups, members, strict=True) if m and g}):
-            keys.append((name, group, members & (values == group)))
+        found = {g for g, m in zip(groups, members, strict=True) if m}
+        for group in sorted(found - {""}) + ([NO_GROUP] if "" in found and len(found) > 1 else []):
+            keys.append((name, group, members & (values == (group if group != NO_GROUP else ""))))
     return keys
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg
 import scipy.sparse
+import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import SpectralClustering
@@ -47,12 +48,18 @@ def knn_affinity(features: npt.NDArray[np.float64], neighbours: int) -> scipy.sp
 
 
 def laplacian_spectrum(affinity: scipy.sparse.csr_matrix, count: int) -> npt.NDArray[np.float64]:
-    """The `count` smallest eigenvalues of the normalised Laplacian I - D^-1/2 A D^-1/2, ascending."""
-    dense = affinity.toarray()
-    degree = dense.sum(axis=1)
-    scale = 1.0 / np.sqrt(np.where(degree > 0, degree, 1.0))
-    laplacian = np.eye(len(dense)) - scale[:, None] * dense * scale[None, :]
-    return np.asarray(scipy.linalg.eigh(laplacian, eigvals_only=True, subset_by_index=[0, count - 1]))
+    """The `count` smallest eigenvalues of the normalised Laplacian I - D^-1/2 A D^-1/2, ascending: one minus
+    the largest eigenvalues of D^-1/2 A D^-1/2 (sparse Lanczos; dense for small graphs)."""
+    degree = np.asarray(affinity.sum(axis=1)).ravel()
+    scale = scipy.sparse.diags(1.0 / np.sqrt(np.where(degree > 0, degree, 1.0)))
+    normalised = scale @ affinity @ scale
+    n = normalised.shape[0]
+    if n <= 4 * count + 50:
+        top = scipy.linalg.eigh(normalised.toarray(), eigvals_only=True, subset_by_index=[n - count, n - 1])
+    else:
+        top = scipy.sparse.linalg.eigsh(normalised, k=count, which="LA", return_eigenvectors=False,
+                                        v0=np.ones(n), tol=1e-8)
+    return np.sort(1.0 - np.asarray(top))
 
 
 def eigengap_clusters(eigenvalues: npt.NDArray[np.float64]) -> int:
