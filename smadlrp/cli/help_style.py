@@ -6,7 +6,11 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import typer.core
-from typer import _click
+
+try:  # typer >= 0.2x vendors click and renders `<bool>`-style metavars, which this module replaces
+    from typer import _click
+except ImportError:  # older typer on click: already the plain style
+    import click as _click  # type: ignore[no-redef]
 
 # The order of the work; a command not listed here follows, in the order it was registered.
 COMMAND_ORDER = (
@@ -62,6 +66,8 @@ def _plain(command: _click.Command) -> None:
     if type(command) is typer.core.TyperCommand:
         command.__class__ = _PlainCommand  # same state, only its help option is rendered differently
     for param in command.params:
+        if not hasattr(param, "type_descriptor"):
+            continue  # a typer that renders click's plain metavars itself
         if isinstance(param, typer.core.TyperOption) and param.metavar is None:
             param.metavar = plain_metavar(param)
         elif isinstance(param, typer.core.TyperArgument) and param.metavar is None:
