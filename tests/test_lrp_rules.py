@@ -62,9 +62,12 @@ def ref_epsilon(m: Tensor, b: Tensor, a: Tensor, r: Tensor, eps: float) -> Tenso
 
 
 def ref_gamma(m: Tensor, b: Tensor, a: Tensor, r: Tensor, gamma: float, eps: float) -> Tensor:
+    """The contributions of the output's sign amplified: positive ones where z >= 0, negative ones elsewhere."""
     contrib = m * a[None, :]
-    rho = contrib + gamma * contrib.clamp(min=0)
-    return _share(rho, rho.sum(1) + b + gamma * b.clamp(min=0), r, eps)
+    negative = (contrib.sum(1) + b < 0)[:, None]
+    rho = contrib + gamma * torch.where(negative, contrib.clamp(max=0), contrib.clamp(min=0))
+    rho_b = b + gamma * torch.where(negative[:, 0], b.clamp(max=0), b.clamp(min=0))
+    return _share(rho, rho.sum(1) + rho_b, r, eps)
 
 
 def ref_alpha_beta(m: Tensor, b: Tensor, a: Tensor, r: Tensor, alpha: float, beta: float) -> Tensor:

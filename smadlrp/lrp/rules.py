@@ -380,15 +380,17 @@ class Epsilon(Rule):
 @register
 @dataclass(frozen=True)
 class Gamma(Rule):
-    """LRP-gamma: positive contributions count (1 + gamma) times: `rho(z_ij) = z_ij + gamma max(0, z_ij)`.
+    """LRP-gamma: the contributions of the output's sign count (1 + gamma) times.
 
-    With `a >= 0` this is `rho(w) = w + gamma max(0, w)`, `rho(b) = b + gamma max(0, b)`. For inputs of both
-    signs the contributions are split, `rho(z_ij) = a+_i (w + gamma w+)_ij + a-_i (w + gamma w-)_ij`: positive
-    and negative contributions are handled separately and only the positive ones are amplified.
+    At an output with `z_j >= 0`, `rho(z_ij) = z_ij + gamma max(0, z_ij)` and `rho(b) = b + gamma max(0, b)`
+    (with `a >= 0`: `rho(w) = w + gamma w+`); at an output with `z_j < 0` the negative contributions are
+    amplified instead, `rho(z_ij) = z_ij + gamma min(0, z_ij)`. The denominator `sum_i rho(z_ij)` then has the
+    sign of `z_j` and at least its size, so it never comes near zero where `z_j` does not. For inputs of both
+    signs the contributions are split: `(a w)+ = a+ w+ + a- w-`, as in alpha-beta.
     """
 
     key = "gamma"
-    summary = "LRP-gamma: rho(w) = w + gamma max(0, w), rho(b) = b + gamma max(0, b); favours positive contributions"
+    summary = "LRP-gamma: contributions of the output's sign count (1 + gamma) times (w + gamma w+ where z >= 0)"
     sign_sensitive = True
     gamma: float = 0.1
     stabilizer: float = DEFAULT_STABILIZER
@@ -400,22 +402,49 @@ class Gamma(Rule):
     def _denominator_epsilon(self) -> float:
         return self.stabilizer
 
+    def needs_output(self, nonnegative_input: bool) -> bool:
+        return True
+
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
         prepared = {"w_pos": weight.clamp(min=0).mul_(self.gamma).add_(weight)}
         if bias is not None:
             prepared["b"] = bias.clamp(min=0).mul_(self.gamma).add_(bias)
         return prepared
 
+    def _signal(self, r: Tensor, z: Tensor, d_pos: Tensor, negative: Tensor) -> Tensor:
+        """`R / rho-denominator`: `d_pos` = z + gamma z+ where z >= 0, z + gamma z- = (2 + gamma) z - d_pos
+        elsewhere (z- = z - z+); `d_pos` is overwritten."""
+        d_neg = torch.mul(z, 2.0 + self.gamma).sub_(d_pos)
+        return stabilized_divide(r, d_pos.masked_scatter_(negative, d_neg[negative]), self._denominator_epsilon(),
+                                 overwrite=True)  # fmt: skip
+
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         a, w_pos, eps = state.a, w["w_pos"], self._denominator_epsilon()
+        assert state.z is not None
+        below = state.z < 0  # an in-place ReLU leaves z >= 0, and no relevance where it was negative
+        negative = below if bool(below.any()) else None
         if state.input_nonnegative():
-            s = stabilized_divide(r, op.forward(a, w_pos, w.get("b")), eps, overwrite=True)
-            return op.vjp(a, w_pos, s).mul_(a)
-        # a+ meets w + gamma w+, a- meets w + gamma w-
+            d_pos = op.forward(a, w_pos, w.get("b"))
+            if negative is None:
+                return op.vjp(a, w_pos, stabilized_divide(r, d_pos, eps, overwrite=True)).mul_(a)
+            # (w + gamma w+)^T s+ + (w + gamma w-)^T s- = (w + gamma w+)^T (s+ - s-) + (2 + gamma) w^T s-
+            s = self._signal(r, state.z, d_pos, negative)
+            s_neg = s * negative
+            c = op.vjp(a, w_pos, s.sub_(s_neg, alpha=2.0))
+            return c.add_(op.vjp(a, w["weight"], s_neg), alpha=2.0 + self.gamma).mul_(a)
+        # a+ meets w + gamma w+, a- meets w + gamma w- (at outputs z < 0 the other way round)
         w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"]))
         parts = _signed_parts(a)
-        s = stabilized_divide(r, _forward_parts(op, parts, [w_pos, w_neg], w.get("b")), eps, overwrite=True)
-        return _share_parts(op, parts, [[w_pos, w_neg]], s)
+        d_pos = _forward_parts(op, parts, [w_pos, w_neg], w.get("b"))
+        if negative is None:
+            return _share_parts(op, parts, [[w_pos, w_neg]], stabilized_divide(r, d_pos, eps, overwrite=True))
+        s = self._signal(r, state.z, d_pos, negative)
+        t = _stacked_like(op, r, 2)  # [s+, s-]
+        s_pos, s_neg = t.chunk(2, op.channel_dim)
+        torch.mul(s, negative, out=s_neg)
+        torch.sub(s, s_neg, out=s_pos)
+        del s
+        return _share_parts(op, parts, [[w_pos, w_neg], [w_neg, w_pos]], t)
 
 
 @register
