@@ -9,7 +9,7 @@ DEMO   := demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,align]'
 	touch $(STAMP)
 
 install: $(STAMP)

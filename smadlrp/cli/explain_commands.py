@@ -35,6 +35,7 @@ from smadlrp.cli.patterns_command import fit_with_progress
 from smadlrp.core import distributed
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
+from smadlrp.data.align import recorded_aligner
 from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
 from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
@@ -149,6 +150,9 @@ def explain(
                                        f"perturbation (repeatable): {SPEC_HELP}. Writes its heatmaps, a "
                                        "NAME.perturb.png per image, and each heatmap's correlation with the clean one.")
     ] = None,
+    align: Annotated[bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was "
+                                                        "cropped (its recorded `smadlrp align` policy; needs the "
+                                                        "align extra).")] = False,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -173,6 +177,7 @@ def explain(
         task = bar.add_task(f"explaining ({', '.join(rules)})", total=len(share))
         results = explain_images(images, meta, explainers, wanted, out, batch_size=batch_size, workers=workers,
                                  device=torch_device, raw=raw, share=share, perturbations=conditions,
+                                 prepare=recorded_aligner(meta.alignment, str(checkpoint)) if align else None,
                                  on_batch=lambda n: bar.advance(task, n))
     results = ranks.gather_by_position(share, results)
     relevance = _gather_relevance(ranks, share, raw)

@@ -36,6 +36,7 @@ from smadlrp.cli.common import (
 from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.align import recorded_aligner
 from smadlrp.data.loading import list_images
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import ImageScore, score_files
@@ -95,6 +96,9 @@ def predict(
                                       "bpcer1), or a number; default: the configured one, else stored.")
     ] = None,
     batch_size: BatchSizeOption = 64,
+    align: Annotated[bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was "
+                                                        "cropped (its recorded `smadlrp align` policy; needs the "
+                                                        "align extra).")] = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write path,score,decision,error as CSV.",
                                                  dir_okay=False)] = None,
     workers: WorkersOption = 0,
@@ -112,6 +116,7 @@ def predict(
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     t, source = _threshold(text, meta, checkpoint, configured=threshold is None)
+    prepare = recorded_aligner(meta.alignment, str(checkpoint)) if align else None
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task("scoring", total=None)
 
@@ -120,7 +125,7 @@ def predict(
             bar.update(task, total=share)
 
         results = score_files(model, meta, files, batch_size=batch_size, device=torch_device, workers=workers,
-                              on_start=start, on_batch=lambda n: bar.advance(task, n)) + failed
+                              prepare=prepare, on_start=start, on_batch=lambda n: bar.advance(task, n)) + failed
     if not distributed.current().is_main:
         return  # rank 0 reports every image and writes the files
     decisions = [None if r.score is None else meta.attack_class if r.score >= t else BONA_FIDE for r in results]

@@ -241,6 +241,7 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
 
 CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded images are kept in memory when a split's pixels fit in this
 Perturb = Callable[[Image.Image, np.random.Generator], Image.Image]
+Prepare = Callable[[Image.Image], Image.Image]
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
@@ -252,12 +253,14 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
     `perturb_seed` is None (training), seeded from torch's generator, so each pass draws anew and a seeded run
     repeats. `cache` keeps each decoded image in memory after its first use (resized to 3 * size * size bytes,
     or, with `perturb`, at its stored size), so later passes skip decoding; at most CACHE_LIMIT_BYTES are kept.
+    `prepare` maps each decoded image before everything else (predict and explain --align crop the face).
     """
 
     def __init__(self, samples: Sequence[Sample], size: int, mean: Sequence[float], std: Sequence[float], *,
                  augment: bool = False, cache: bool = False, perturb: Perturb | None = None,
-                 perturb_seed: int | None = 0) -> None:
+                 perturb_seed: int | None = 0, prepare: Prepare | None = None) -> None:
         self.samples = list(samples)
+        self.prepare = prepare
         self.resize = resize_transform(size)
         self.normalize = normalize_transform(mean, std)
         self.augment = augment
@@ -273,11 +276,16 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
             self.cache[index] = item
             self.cached_bytes += nbytes
 
+    def load(self, index: int) -> Image.Image:
+        """Decode the image file as 8-bit RGB and apply `prepare` (e.g. a face alignment) when given."""
+        image = load_rgb(self.samples[index].path)
+        return image if self.prepare is None else self.prepare(image)
+
     def decoded(self, index: int) -> Image.Image:
         """The image as stored, 8-bit RGB."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]  # type: ignore[return-value]
-        image = load_rgb(self.samples[index].path)
+        image = self.load(index)
         self._remember(index, image, 3 * image.width * image.height)
         return image
 
@@ -288,7 +296,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
             return self.resize(self.perturb(self.decoded(index), sample_rng(seed, index)))
         if self.cache is not None and index in self.cache:
             return self.cache[index]  # type: ignore[return-value]
-        image = self.resize(load_rgb(self.samples[index].path))
+        image = self.resize(self.load(index))
         self._remember(index, image, image.numel())
         return image
 

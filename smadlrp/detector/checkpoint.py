@@ -37,6 +37,8 @@ class CheckpointMeta:
     # validation operating points of `finetune`: {"split", "epoch", "n_bonafide", "n_morph",
     # "points": {criterion: {"threshold", "apcer", "bpcer"} or {"threshold": None, "reason"}}}
     operating_points: dict[str, Any] = field(default_factory=dict)
+    # the face crop policy of the training data (data.align.AlignPolicy as a dict) when `smadlrp align` made it
+    alignment: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
     schema: str = CHECKPOINT_SCHEMA
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from smadlrp.core.device import autocast
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError
-from smadlrp.data.loading import ImageDataset, Sample, make_loader
+from smadlrp.data.loading import ImageDataset, Prepare, Sample, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
 
 
@@ -120,17 +120,19 @@ class _Tolerant(Dataset[tuple[torch.Tensor, int, str]]):
 @torch.inference_mode()
 def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *, batch_size: int,
                 device: torch.device, workers: int = 0, amp: bool = False, ranks: Ranks | None = None,
+                prepare: Prepare | None = None,
                 on_start: Callable[[int], None] = lambda share: None,
                 on_batch: Callable[[int], None] | None = None) -> list[ImageScore]:
     """P(attack) for every image file, in order, preprocessed exactly as `evaluate` does (the checkpoint's input
     size and normalisation); an unreadable file gets its error and the others are still scored. Under torchrun
     (`ranks`, default: the current ones) each rank scores its share of whole batches and every rank gets all
-    results back in order; `on_start(share)` gets this rank's count."""
+    results back in order; `on_start(share)` gets this rank's count. `prepare` maps each decoded image first
+    (--align: the face crop of the checkpoint's policy)."""
     ranks = ranks or current()
     share = ranks.shard(len(paths), batch_size)
     on_start(len(share))
     model.eval()
-    dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std)
+    dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std, prepare=prepare)
     loader = DataLoader(Subset(_Tolerant(dataset, meta.input_size), share), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     results: list[ImageScore] = []

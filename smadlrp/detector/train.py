@@ -21,6 +21,7 @@ from smadlrp.core.device import autocast, seed_everything
 from smadlrp.core.distributed import RankError, Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.align import recorded_policy
 from smadlrp.data.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -152,6 +153,7 @@ class Finetuner:
         self.generator = seed_everything(config.seed)
         arch = get_architecture(config.arch)
         data = data if isinstance(data, DataSource) else DataSource(Path(data))
+        self.alignment = recorded_policy(data.protocol.file.parent if data.protocol is not None else data.root) or {}
         train_split = data.split("train", attack_class=config.attack_class, warn=notify)
         self.class_names = train_split.class_names
         if config.attack_class not in self.class_names:
@@ -311,7 +313,7 @@ class Finetuner:
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
             input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             weights_source=self.weights_source, training={**asdict(self.config), "world_size": self.ranks.world_size},
-            metrics=metrics, operating_points=points or {},
+            metrics=metrics, operating_points=points or {}, alignment=self.alignment,
         )
 
     def _save_history(self) -> None:

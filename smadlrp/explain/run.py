@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from smadlrp.core.errors import UsageError
-from smadlrp.data.loading import ImageDataset, Sample, make_loader
+from smadlrp.data.loading import ImageDataset, Prepare, Sample, make_loader
 from smadlrp.data.paths import output_stems, safe_output
 from smadlrp.data.perturb import Perturbation
 from smadlrp.detector.checkpoint import CheckpointMeta
@@ -149,11 +149,12 @@ class ConditionResult:
 
 def image_batches(images: Sequence[Path], meta: CheckpointMeta, batch_size: int, workers: int,
                   device: torch.device, share: Sequence[int] | None = None,
-                  perturbation: Perturbation | None = None) -> Iterator[tuple[torch.Tensor, list[int]]]:
+                  perturbation: Perturbation | None = None,
+                  prepare: Prepare | None = None) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """(B, 3, H, W) preprocessed batches of `images` (only the positions in `share` when given; each image under
     `perturbation`, seeded by its position, when given) with their positions in the list."""
     dataset = ImageDataset([Sample(p, 0) for p in images], meta.input_size, meta.mean, meta.std,
-                           perturb=perturbation)
+                           perturb=perturbation, prepare=prepare)
     chosen = dataset if share is None else Subset(dataset, list(share))
     for x, _, index in make_loader(chosen, batch_size, workers=workers, device=device):
         yield x, index.tolist()
@@ -191,6 +192,7 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                    target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
                    raw: dict[str, list[torch.Tensor]] | None = None, share: Sequence[int] | None = None,
                    perturbations: Sequence[Perturbation] = (),
+                   prepare: Prepare | None = None,
                    on_batch: Callable[[int], None] = lambda n: None) -> list[ImageResult]:
     """Explain every image with every explainer (each computed independently) and write its files into `out`:
     `<name>.<rule>.heatmap.png`, `<name>.<rule>.overlay.png` and, with several rules, `<name>.grid.png`.
@@ -203,9 +205,10 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
     stems = output_stems(images)
     inputs = {p.resolve() for p in images}
     results: list[ImageResult] = []
-    perturbed_batches = [image_batches(images, meta, batch_size, workers, device, share, p) for p in perturbations]
+    perturbed_batches = [image_batches(images, meta, batch_size, workers, device, share, p, prepare)
+                         for p in perturbations]
     with BackgroundWriter() as writer:
-        for x, positions in image_batches(images, meta, batch_size, workers, device, share):
+        for x, positions in image_batches(images, meta, batch_size, workers, device, share, prepare=prepare):
             pixels = to_uint8(x, meta.mean, meta.std)
             maps: dict[str, np.ndarray] = {}
             batch_results: list[ImageResult] = []
