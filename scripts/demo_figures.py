@@ -3,11 +3,16 @@
 Reads what scripts/demo.sh wrote below DEMO (evaluate.json, compare.json, the captured example outputs) and
 writes OUT.json: {"figures": {key: text}}. tests/test_docs.py checks that every figure a page names with a
 `<!-- docs-test: figures KEY -->` marker is quoted there exactly so (docs/contributing-docs.md).
+
+Whole-block figures are refreshed in place: a table, paragraph or console output right below a marker that
+names one figure alone (`<!-- docs-test: figure compare.table -->`) is replaced by the figure's text (a console
+block keeps its `$` command lines). Figures quoted inside prose are left to the writer: the docs test lists them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,15 +94,50 @@ def compare_figures(report: dict[str, Any]) -> dict[str, str]:
     return figures
 
 
+WHOLE_BLOCK = re.compile(r"^<!-- docs-test: figure (?P<key>[^\s;,]+) -->$")
+
+
+def refresh_blocks(text: str, figures: dict[str, str]) -> str:
+    """`text` (a Markdown page) with every whole-block figure replaced by its current text."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        marker = WHOLE_BLOCK.match(lines[i].strip())
+        i += 1
+        if marker is None or marker["key"] not in figures or i == len(lines):
+            continue
+        new = figures[marker["key"]].splitlines()
+        if lines[i].startswith("```"):  # a console block: its commands stay, the output is replaced
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            k, continuing = i + 1, False
+            while k < end and (continuing or lines[k].startswith("$ ")):
+                continuing = lines[k].rstrip().endswith("\\")
+                k += 1
+            out += [*lines[i:k], *new, lines[end]]
+            i = end + 1
+        else:  # a table or paragraph, up to the next blank line
+            end = next((j for j in range(i, len(lines)) if not lines[j].strip()), len(lines))
+            out += new
+            i = end
+    return "\n".join(out) + "\n"
+
+
 def main(demo: Path, out: Path) -> None:
     read = lambda name: json.loads((demo / name).read_text(encoding="utf-8"))  # noqa: E731
     figures = evaluate_figures(read("evaluate.json")) | compare_figures(read("compare.json"))
     for name in ("explain-example", "trace-example"):
-        figures[f"{name.replace('-', '.')}"] = (demo / f"{name}.txt").read_text(encoding="utf-8").rstrip()
+        lines = (demo / f"{name}.txt").read_text(encoding="utf-8").splitlines()  # rich pads lines to 80 columns
+        figures[name.replace("-", ".")] = "\n".join(line.rstrip() for line in lines).strip("\n")
     payload = {"note": "written by `make demo` (scripts/demo_figures.py); quoted by README.md and docs/*.md, "
                        "checked by tests/test_docs.py", "figures": dict(sorted(figures.items()))}
     write_text_atomic(out, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {len(figures)} figures to {out}; `pytest tests/test_docs.py` shows the docs that quote old ones")
+    root = out.resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        if (new := refresh_blocks(text, figures)) != text:
+            write_text_atomic(page, new)
+            print(f"updated the figure blocks of {page.relative_to(root)}")
+    print(f"wrote {len(figures)} figures to {out}; `pytest tests/test_docs.py` lists the prose that quotes old ones")
 
 
 if __name__ == "__main__":

@@ -347,8 +347,15 @@ def stale_figures(page: Path, figures: dict[str, str]) -> Iterator[str]:
                 yield f"{block.id}: figure {key!r} is not in {FIGURES_FILE.name} (run `make demo`)"
                 continue
             quoted = block.output() if block.lang in ("console", "bash") else block.text
-            if _normalised(figures[key]) not in _normalised(quoted):
+            if _normalised(figures[key]) in _normalised(quoted):
+                continue
+            lines = figures[key].splitlines()
+            if len(lines) == 1:
                 yield f"{block.id}: stale, {FIGURES_FILE.name} has {key} = {figures[key]!r}"
+            else:  # a table or an output: name its first line that the block lacks
+                missing = next((line for line in lines if _normalised(line) not in _normalised(quoted)), lines[0])
+                yield (f"{block.id}: stale, {key} in {FIGURES_FILE.name} has the line {missing.strip()!r}, which "
+                       "the block lacks (scripts/demo_figures.py rewrites a whole-block figure)")
 
 
 PAGES_WITH_FIGURES = [page for page in PAGES if any(b.directives.figures for b in PARSED[page][1])]
