@@ -142,3 +142,18 @@ def test_align_option_needs_a_recorded_policy(tiny_checkpoint: Path, photos: Pat
     result = runner.invoke(app, ["predict", str(photos / "astronaut.jpg"), "--checkpoint", str(tiny_checkpoint),
                                  "--align", "--device", "cpu"])
     assert result.exit_code == 2 and "records no alignment" in result.output
+
+
+def test_protocol_in_protocol_out(photos: Path, tmp_path: Path) -> None:
+    protocol = photos / "protocol.csv"
+    protocol.write_text("path,label,split,subject\nastronaut.jpg,bonafide,test,a\nsub/rotated.png,morph,test,a\n"
+                        "sky.png,bonafide,test,b\n")
+    out = tmp_path / "aligned"
+    try:
+        result = runner.invoke(app, ["align", str(protocol), str(out), "--size", "64"])
+    finally:
+        protocol.unlink()
+    assert result.exit_code == 0, result.output
+    assert (out / "protocol.csv").read_text() == ("path,label,split,subject\nastronaut.png,bonafide,test,a\n"
+                                                  "sub/rotated.png,morph,test,a\n")
+    assert Image.open(out / "sub" / "rotated.png").size == (64, 64)
