@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from smadlrp.core.errors import UsageError
-from smadlrp.lrp.canonize import AffineBatchNorm, canonize
+from smadlrp.lrp.canonize import AffineBatchNorm, FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, LayerSlot, Override, build_composite
 from smadlrp.lrp.graph import LeafModule, NodePlan, plan_graph, trace_model
 from smadlrp.lrp.node_rules import AffineFunction, GateFunction, PassFunction, PoolFunction, SumFunction, alias
@@ -84,7 +84,8 @@ class _RuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None
+        ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None,
+        rectified: bool,
     ) -> Tensor:
         if a_nonnegative is None and rule.sign_sensitive:
             a_nonnegative = not bool(a.numel() and a.min() < 0)
@@ -93,16 +94,16 @@ class _RuleFunction(torch.autograd.Function):
             ctx.save_for_backward(a, alias(z))
         else:
             ctx.save_for_backward(a)
-        ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative = op, rule, prepared, a_nonnegative
+        ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative, ctx.rectified = op, rule, prepared, a_nonnegative, rectified
         return z
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, *z = ctx.saved_tensors
-        state = LayerState(a, z[0] if z else None, ctx.a_nonnegative)
+        state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
         with torch.autocast(r.device.type, enabled=False):
             relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.float())
-        return relevance, None, None, None, None
+        return relevance, None, None, None, None, None
 
 
 class _StartFunction(torch.autograd.Function):
@@ -129,12 +130,14 @@ class _Explained(LeafModule):
     _lrp_name: str
     _lrp_nonnegative: bool
     _lrp_carries: bool
+    _lrp_rectified: bool
     _lrp_cache: OrderedDict[Rule, Prepared]
     _lrp_key: tuple[Any, ...]
 
     def _lrp_init(self, switch: _Switch, name: str, nonnegative: bool, carries: bool) -> None:
         self._lrp_switch, self._lrp_name = switch, name
         self._lrp_nonnegative, self._lrp_carries = nonnegative, carries
+        self._lrp_rectified = False
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
@@ -173,7 +176,7 @@ class _Explained(LeafModule):
         prepared = self._prepared(name, rule, *params)
         nonnegative = True if self._lrp_nonnegative else None
         with torch.autocast(a.device.type, enabled=False):
-            out = _RuleFunction.apply(a.float(), op, rule, prepared, nonnegative)
+            out = _RuleFunction.apply(a.float(), op, rule, prepared, nonnegative, self._lrp_rectified)
         assert isinstance(out, Tensor)
         return out
 
@@ -423,6 +426,7 @@ def _convert(model: nn.Module, share_weights: bool) -> LRPModel:
             source = node.args[0] if node.args else None
             nonnegative = isinstance(source, fx.Node) and source.name in plan and plan[source.name].nonnegative
             layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
+            layer._lrp_rectified = _rectified(node, modules)
             _set_submodule(root, name, layer)
             explained[name] = layer
         elif node_plan is not None and node_plan.kind != "gradient":
@@ -457,6 +461,18 @@ def _convert(model: nn.Module, share_weights: bool) -> LRPModel:
     root.add_module("lrp_nodes", nodes)
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return LRPModel(module.eval(), switch, explained, len(taps))
+
+
+def _rectified(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether `node`'s output reaches nothing but a ReLU (through folded BatchNorms)."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, nn.ReLU) or node.target in (F.relu, torch.relu, "relu", "relu_"):
+            return True
+        if not isinstance(module, FoldedBatchNorm):
+            return False
+    return False
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

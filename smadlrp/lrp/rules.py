@@ -165,12 +165,13 @@ class LayerState:
     `a`: the layer input (padded, for padding modes other than zeros). `z`: the layer output when the rule
     asked for it; a following in-place ReLU may have overwritten it with relu(z), which equals z wherever
     relevance arrives (elsewhere the relevance is 0). `a_nonnegative`: known from the layers before (None: not
-    known).
+    known). `rectified`: the output goes straight into a ReLU, so no relevance arrives where z < 0.
     """
 
     a: Tensor
     z: Tensor | None = None
     a_nonnegative: bool | None = None
+    rectified: bool = False
 
     def input_nonnegative(self) -> bool:
         """Whether `a >= 0` everywhere (looked at once when not known)."""
@@ -415,14 +416,17 @@ class Gamma(Rule):
         """`R / rho-denominator`: `d_pos` = z + gamma z+ where z >= 0, z + gamma z- = (2 + gamma) z - d_pos
         elsewhere (z- = z - z+); `d_pos` is overwritten."""
         d_neg = torch.mul(z, 2.0 + self.gamma).sub_(d_pos)
-        return stabilized_divide(r, d_pos.masked_scatter_(negative, d_neg[negative]), self._denominator_epsilon(),
-                                 overwrite=True)  # fmt: skip
+        torch.where(negative, d_neg, d_pos, out=d_pos)
+        del d_neg
+        return stabilized_divide(r, d_pos, self._denominator_epsilon(), overwrite=True)
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         a, w_pos, eps = state.a, w["w_pos"], self._denominator_epsilon()
         assert state.z is not None
-        below = state.z < 0  # an in-place ReLU leaves z >= 0, and no relevance where it was negative
-        negative = below if bool(below.any()) else None
+        negative = None
+        if not state.rectified:  # after a ReLU no relevance arrives where z < 0
+            below = state.z < 0
+            negative = below if bool(below.any()) else None
         if state.input_nonnegative():
             d_pos = op.forward(a, w_pos, w.get("b"))
             if negative is None:
