@@ -117,6 +117,10 @@ BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help=
 WorkersOption = Annotated[
     int, typer.Option("--workers", min=0, help="DataLoader worker processes (0: load in-process).")
 ]
+AlignOption = Annotated[
+    bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was cropped (its recorded "
+                                       "`smadlrp align` policy; needs the align extra).")
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -14,6 +14,7 @@ from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AlignOption,
     BatchSizeOption,
     CheckpointOption,
     DeviceOption,
@@ -150,9 +151,7 @@ def explain(
                                        f"perturbation (repeatable): {SPEC_HELP}. Writes its heatmaps, a "
                                        "NAME.perturb.png per image, and each heatmap's correlation with the clean one.")
     ] = None,
-    align: Annotated[bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was "
-                                                        "cropped (its recorded `smadlrp align` policy; needs the "
-                                                        "align extra).")] = False,
+    align: AlignOption = False,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
+    AlignOption,
     BatchSizeOption,
     CheckpointOption,
     DeviceOption,
@@ -96,9 +97,7 @@ def predict(
                                       "bpcer1), or a number; default: the configured one, else stored.")
     ] = None,
     batch_size: BatchSizeOption = 64,
-    align: Annotated[bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was "
-                                                        "cropped (its recorded `smadlrp align` policy; needs the "
-                                                        "align extra).")] = False,
+    align: AlignOption = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write path,score,decision,error as CSV.",
                                                  dir_okay=False)] = None,
     workers: WorkersOption = 0,

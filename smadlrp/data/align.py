@@ -66,7 +66,8 @@ class AlignPolicy:
         if self.on_failure not in ON_FAILURE:
             raise SmadlrpError(f"--on-failure {self.on_failure!r}: choose {' or '.join(ON_FAILURE)}", exit_code=2)
         if self.size < 16 or not 0 <= self.margin <= 2 or not 0 <= self.upsample <= 3:
-            raise SmadlrpError("--size must be >= 16 px, --margin in [0, 2]", exit_code=2)
+            raise SmadlrpError(f"alignment policy: size {self.size} (>= 16 px), margin {self.margin} (0 to 2) or "
+                               f"upsample {self.upsample} (0 to 3) out of range", exit_code=2)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> AlignPolicy:
@@ -193,7 +194,6 @@ def recorded_aligner(policy_doc: dict[str, Any], checkpoint: str) -> Prepare:
 def fta_rate(failures: int, attempts: int) -> float | None:
     """Failure-to-acquire rate: failures / attempts (None without attempts)."""
     return failures / attempts if attempts else None
-
 
 
 # ---- aligning a folder tree or a protocol --------------------------------------------------------------------

@@ -278,8 +278,14 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
 
     def load(self, index: int) -> Image.Image:
         """Decode the image file as 8-bit RGB and apply `prepare` (e.g. a face alignment) when given."""
-        image = load_rgb(self.samples[index].path)
-        return image if self.prepare is None else self.prepare(image)
+        path = self.samples[index].path
+        image = load_rgb(path)
+        if self.prepare is None:
+            return image
+        try:
+            return self.prepare(image)
+        except SmadlrpError as exc:
+            raise SmadlrpError(f"{path}: {exc.message}", exc.exit_code) from None
 
     def decoded(self, index: int) -> Image.Image:
         """The image as stored, 8-bit RGB."""
