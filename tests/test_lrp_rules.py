@@ -26,6 +26,8 @@ from smadlrp.lrp.rules import DEFAULT_STABILIZER, RULES
 GEOMETRIES: dict[str, Callable[[], nn.Module]] = {
     "linear": lambda: nn.Linear(7, 5),
     "conv1x1": lambda: nn.Conv2d(3, 4, 1),
+    "conv1x1-stride2": lambda: nn.Conv2d(3, 4, 1, stride=2),
+    "conv1x1-stride3-groups2": lambda: nn.Conv2d(4, 6, 1, stride=3, groups=2),
     "conv3x3-stride2": lambda: nn.Conv2d(3, 4, 3, stride=2),
     "conv7x7-stride2-pad3": lambda: nn.Conv2d(2, 3, 7, stride=2, padding=3),
     "conv3x3-dilation2": lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2),
@@ -255,6 +257,28 @@ def test_rule_matches_dense_reference(key: str, geometry: str, sign: str) -> Non
     got = x.grad.flatten(1).double()
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("geometry", ["linear", "conv1x1-stride2", "conv3x3-groups2"])
+@pytest.mark.parametrize("key", SIGN_PATHS)
+def test_rule_before_a_relu_matches_dense_reference(key: str, geometry: str) -> None:
+    """A layer whose output goes straight into a ReLU gets relevance only where z > 0 (the rules take a
+    shorter path there): R_out = G * relu(z)."""
+    torch.manual_seed(zlib.crc32(f"relu/{key}/{geometry}".encode()))
+    layer = GEOMETRIES[geometry]()
+    in_shape = (7,) if isinstance(layer, nn.Linear) else (layer.in_channels, 6, 6)  # type: ignore[attr-defined]
+    x = torch.randn(2, *in_shape).abs().requires_grad_(True)
+    params = _params(key, layer, in_shape[0])
+    y = convert(nn.Sequential(layer, nn.ReLU(), nn.Flatten()))(x, explain=True, rule=key, **params)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad is not None
+    dense = Dense(layer, in_shape)
+    z = layer(x.detach()).flatten(1).double().clamp(min=0)
+    expected = torch.stack(
+        [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
+    )
+    torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
 def test_pattern_attribution_on_linear_is_closed_form() -> None:

@@ -49,10 +49,10 @@ class SumFunction(torch.autograd.Function):
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, b, y = ctx.saved_tensors
         s = stabilized_divide(r.float(), y, 0.0)
-        grads = []
-        for term, needed in zip((a, b), ctx.needs_input_grad, strict=True):
-            grads.append((term * s).sum_to_size(term.shape) if needed else None)
-        return tuple(grads)
+        need_a, need_b = ctx.needs_input_grad
+        r_a = (a * s).sum_to_size(a.shape) if need_a else None
+        r_b = s.mul_(b).sum_to_size(b.shape) if need_b else None  # s is ours: the last product takes it
+        return r_a, r_b
 
 
 class AffineFunction(torch.autograd.Function):

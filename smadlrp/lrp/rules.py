@@ -77,6 +77,13 @@ class ConvOp(LayerOp):
         return F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def vjp(self, a: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+        if self.stride != (1, 1) and weight.shape[-2:] == (1, 1) and self.padding == (0, 0):
+            # A strided 1x1 convolution reads only the inputs on its stride grid: W^T s lands there (a 1x1
+            # transposed convolution, a matrix product) and is 0 elsewhere. The backward kernel does the same
+            # work several times slower (ResNet's downsample branches).
+            out = a.new_zeros(a.shape)
+            out[..., :: self.stride[0], :: self.stride[1]] = F.conv_transpose2d(s, weight, groups=self.groups)
+            return out
         # The real input (not an expanded placeholder, which the backward kernel would first copy in full).
         mask = (True, False, False)
         grads = torch.ops.aten.convolution_backward(
@@ -308,6 +315,8 @@ def _signed_parts(a: Tensor) -> list[Tensor]:
 def _forward_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Tensor], bias: Tensor | None) -> Tensor:
     """`sum_k xs[k] W_k^T + b` for the parts `xs` of a layer input: one call on channel-stacked parts when the
     layer allows it."""
+    if len(xs) == 1:
+        return op.forward(xs[0], ws[0], bias)
     if op.stackable:
         return op.forward(torch.cat(list(xs), op.channel_dim), torch.cat(list(ws), 1), bias)
     out = op.forward(xs[0], ws[0], bias)
@@ -322,16 +331,21 @@ def _share_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Sequence[Tensor
     allows it."""
     dim = op.channel_dim
     if op.stackable:
+        weight = torch.cat([torch.cat(list(row), 1) for row in ws])
+        if len(xs) == 1:
+            return op.vjp(xs[0], weight, s).mul_(xs[0])
         x = torch.cat(list(xs), dim)
-        chunks = op.vjp(x, torch.cat([torch.cat(list(row), 1) for row in ws]), s).mul_(x).chunk(len(xs), dim)
+        chunks: Sequence[Tensor] = op.vjp(x, weight, s).mul_(x).chunk(len(xs), dim)
         out = chunks[0].clone()
     else:
         signals = s.chunk(len(ws), dim)
-        chunks = tuple(
-            sum((op.vjp(x, row[k], sm) for row, sm in zip(ws, signals, strict=True)), torch.zeros_like(x)).mul_(x)
-            for k, x in enumerate(xs)
-        )
-        out = chunks[0]
+        shares: list[Tensor] = []
+        for k, x in enumerate(xs):
+            products = [op.vjp(x, row[k], sm) for row, sm in zip(ws, signals, strict=True)]
+            for product in products[1:]:
+                products[0].add_(product)
+            shares.append(products[0].mul_(x))
+        chunks, out = shares, shares[0]
     for chunk in chunks[1:]:
         out.add_(chunk)
     return out
@@ -412,43 +426,31 @@ class Gamma(Rule):
             prepared["b"] = bias.clamp(min=0).mul_(self.gamma).add_(bias)
         return prepared
 
-    def _signal(self, r: Tensor, z: Tensor, d_pos: Tensor, negative: Tensor) -> Tensor:
-        """`R / rho-denominator`: `d_pos` = z + gamma z+ where z >= 0, z + gamma z- = (2 + gamma) z - d_pos
-        elsewhere (z- = z - z+); `d_pos` is overwritten."""
-        d_neg = torch.mul(z, 2.0 + self.gamma).sub_(d_pos)
-        torch.where(negative, d_neg, d_pos, out=d_pos)
-        del d_neg
-        return stabilized_divide(r, d_pos, self._denominator_epsilon(), overwrite=True)
-
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
-        a, w_pos, eps = state.a, w["w_pos"], self._denominator_epsilon()
+        eps = self._denominator_epsilon()
         assert state.z is not None
-        negative = None
-        if not state.rectified:  # after a ReLU no relevance arrives where z < 0
-            below = state.z < 0
-            negative = below if bool(below.any()) else None
         if state.input_nonnegative():
-            d_pos = op.forward(a, w_pos, w.get("b"))
-            if negative is None:
-                return op.vjp(a, w_pos, stabilized_divide(r, d_pos, eps, overwrite=True)).mul_(a)
-            # (w + gamma w+)^T s+ + (w + gamma w-)^T s- = (w + gamma w+)^T (s+ - s-) + (2 + gamma) w^T s-
-            s = self._signal(r, state.z, d_pos, negative)
-            s_neg = s * negative
-            c = op.vjp(a, w_pos, s.sub_(s_neg, alpha=2.0))
-            return c.add_(op.vjp(a, w["weight"], s_neg), alpha=2.0 + self.gamma).mul_(a)
-        # a+ meets w + gamma w+, a- meets w + gamma w- (at outputs z < 0 the other way round)
-        w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"]))
-        parts = _signed_parts(a)
-        d_pos = _forward_parts(op, parts, [w_pos, w_neg], w.get("b"))
-        if negative is None:
-            return _share_parts(op, parts, [[w_pos, w_neg]], stabilized_divide(r, d_pos, eps, overwrite=True))
-        s = self._signal(r, state.z, d_pos, negative)
-        t = _stacked_like(op, r, 2)  # [s+, s-]
-        s_pos, s_neg = t.chunk(2, op.channel_dim)
-        torch.mul(s, negative, out=s_neg)
-        torch.sub(s, s_neg, out=s_pos)
-        del s
-        return _share_parts(op, parts, [[w_pos, w_neg], [w_neg, w_pos]], t)
+            parts, rho = [state.a], [w["w_pos"]]
+        else:  # a+ meets w + gamma w+ and a- meets w + gamma w- (at outputs z < 0 the other way round)
+            w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"]))
+            parts, rho = _signed_parts(state.a), [w["w_pos"], w_neg]
+        d_pos = _forward_parts(op, parts, rho, w.get("b"))  # the denominator z + gamma z+
+        if state.rectified:  # after a ReLU no relevance arrives where z < 0
+            return _share_parts(op, parts, [rho], stabilized_divide(r, d_pos, eps, overwrite=True))
+        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - d_pos (z- = z - z+), and a+ (a-) meets
+        # w + gamma w- (w + gamma w+): the sum of the two weights is (2 + gamma) w. With the magnitude
+        # q = |denominator| = d_pos - (2 + gamma) min(z, 0) and t = R / q, the relevance of every part is
+        # a_k (rho_k^T t + (2 + gamma) w^T t-), t- = t sign(min(z, 0)) (-t where z < 0, 0 elsewhere).
+        # Arithmetic on the sign instead of a mask: a masked select is several times slower.
+        low = state.z.clamp(max=0)
+        t = stabilized_divide(r, d_pos.sub_(low, alpha=2.0 + self.gamma), eps, nonnegative=True, overwrite=True)
+        t_neg = low.sign_().mul_(t)
+        del low
+        if len(parts) == 1:  # two products: stacking them is no faster, and slower on some shapes
+            a = state.a
+            return op.vjp(a, rho[0], t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + self.gamma).mul_(a)
+        t = torch.cat([t, t_neg.mul_(2.0 + self.gamma)], op.channel_dim)
+        return _share_parts(op, parts, [rho, [w["weight"]] * len(parts)], t)
 
 
 @register
