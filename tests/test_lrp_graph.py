@@ -131,6 +131,39 @@ def test_relevance_is_conserved_without_biases(name: str) -> None:
         torch.testing.assert_close(sums, logit, rtol=1e-4, atol=0.0, msg=lambda m, r=rule: f"{r}: {m}")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
+def test_relu_identity_equals_the_relu_gradient(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ReLUs pass relevance unchanged; for rules that give no relevance to zero inputs this is exactly what
+    their gradient gives (relevance reaches a ReLU's output only where the output is not 0)."""
+    model, x = build(name), images(32)
+    randomise_batchnorm(model)
+    methods = [("zero", {}), ("epsilon-gamma-box", {"mean": MEAN, "std": STD}), ("epsilon-plus", {}),
+               ("alpha2beta1", {})]  # fmt: skip
+    identity = {m: lrp.Explainer(model, m, **p).explain(x).relevance for m, p in methods}
+    assert all(lrp.Explainer(model, m, **p).composite.relu_identity for m, p in methods)
+    monkeypatch.setattr(lrp.Composite, "relu_identity", property(lambda self: False))
+    for method, params in methods:
+        gradient = lrp.Explainer(model, method, **params).explain(x).relevance
+        torch.testing.assert_close(identity[method], gradient, rtol=1e-5, atol=1e-7 * float(gradient.abs().max()))
+
+
+def test_relu_keeps_its_gradient_after_a_rule_that_gives_zero_inputs_relevance() -> None:
+    """flat on a later layer gives relevance to the zeros a ReLU put out; the ReLU then keeps its gradient, so
+    the layer before it (whose rule counts on no relevance at negative outputs) never sees any there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()  # fmt: skip
+    x = images(8)
+    explainer = lrp.Explainer(model, "gamma", overrides={1: "flat"})
+    assert not explainer.composite.relu_identity
+    with lrp.trace() as t:
+        explainer.explain(x)
+    records = {r.name: r.relevance for r in t.records}
+    z = model[0](x).detach()
+    assert bool((records["2"][z <= 0] != 0).any())  # flat's relevance at the ReLU's zero outputs
+    assert bool((records["1"][z <= 0] == 0).all())  # masked by the ReLU's gradient
+
+
 class Square(nn.Module):
     def __init__(self) -> None:
         super().__init__()

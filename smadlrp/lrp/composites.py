@@ -90,6 +90,13 @@ class Composite:
         yield from self.overrides.values()
 
     @property
+    def relu_identity(self) -> bool:
+        """Whether ReLUs may pass relevance unchanged (the identity rule): every rule that can explain a layer
+        after the first gives no relevance to zero inputs, so relevance reaches a ReLU's output only where the
+        output is not 0, and the identity equals the ReLU's gradient."""
+        return all(r.zero_for_zero_input for r in (self.conv, self.dense, *self.overrides.values()))
+
+    @property
     def signal(self) -> bool:
         """True for signal methods (PatternNet family), whose pools propagate the plain gradient."""
         return self.conv.signal

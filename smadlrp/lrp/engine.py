@@ -262,7 +262,7 @@ class RuleNode(LeafModule, nn.Module):
     def __init__(self, switch: _Switch, plan: NodePlan, plain: Callable[..., Any]) -> None:
         super().__init__()
         self.switch, self.kind, self.constant, self.gate_index = switch, plan.kind, plan.constant, plan.gate_index
-        self.label = f"{plan.name}: {plan.op}"
+        self.op, self.label = plan.op, f"{plan.name}: {plan.op}"
         if isinstance(plain, nn.Module):
             self.plain: Callable[..., Any] = plain
         else:
@@ -303,12 +303,29 @@ class RuleNode(LeafModule, nn.Module):
             return PoolFunction.apply(x, lambda t: self.plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
         if self.kind == "scale":
             return PassFunction.apply(x, lambda t: t * self.constant)  # type: ignore[no-any-return]
+        if self.kind == "relu":
+            return self._relu(x, args, kwargs)
         assert self.kind == "activation", self.kind
         plain = self.plain
         if isinstance(plain, nn.Module):
             out_of_place = _OUT_OF_PLACE[next(t for t in _OUT_OF_PLACE if isinstance(plain, t))]
             return PassFunction.apply(x, lambda t: out_of_place(plain, t))  # type: ignore[no-any-return]
         return PassFunction.apply(x, lambda t: plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
+
+
+    def _relu(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """ReLU with the identity rule: the relevance reaching a ReLU's output is 0 wherever the output is 0
+        for every rule that gives no relevance to zero inputs, so there it equals the gradient without its
+        masking pass. Otherwise (flat, wsquare or zbox after the first layer) the gradient."""
+        current = self.switch.current
+        assert current is not None
+        if not current.composite.relu_identity:
+            return self.plain(*args, **kwargs)  # type: ignore[no-any-return]
+        if isinstance(self.plain, nn.ReLU):
+            inplace = self.plain.inplace
+        else:  # F.relu(x, inplace), torch.relu(x), x.relu(), x.relu_()
+            inplace = self.op == "Tensor.relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+        return PassFunction.apply(x, torch.relu_ if inplace else torch.relu, inplace)  # type: ignore[no-any-return]
 
 
 class LRPModel(nn.Module):

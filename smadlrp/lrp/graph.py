@@ -13,9 +13,11 @@ Kinds (see docs/lrp.md for the maths of each):
 - `scale`: `x * c`, `x / c`, `-x`: relevance unchanged;
 - `affine`: a BatchNorm that cannot be folded, `y = s x + t`: the z-rule, `R_x = s x / y R`;
 - `activation`: ReLU6, SiLU, Hardswish, GELU, ...: relevance unchanged (the identity rule);
+- `relu`: ReLU: the identity rule too, which equals its gradient wherever relevance can arrive; the gradient
+  when a rule that gives relevance to zero inputs (flat, wsquare, zbox) explains a layer after the first;
 - `gate`: `x * g` with g a sigmoid or hard sigmoid (squeeze-excitation): all relevance to x, none to g;
-- `gradient`: ops whose gradient already shares relevance correctly: ReLU (where relevance can arrive it is
-  the identity), max pools (winner takes all), concatenation, slicing and reshapes (relevance sliced back),
+- `gradient`: ops whose gradient already shares relevance correctly: max pools (winner takes all),
+  concatenation, slicing and reshapes (relevance sliced back),
   Dropout and stochastic depth in eval mode, folded BatchNorm (the identity).
 
 Nodes inside a gate's branch carry no relevance and need no rule; `meta` nodes (`x.size(0)`, `x.shape`) carry
@@ -39,7 +41,7 @@ from torchvision.ops import stochastic_depth
 
 from smadlrp.core.errors import UsageError
 
-Kind = Literal["layer", "pool", "sum", "shift", "scale", "affine", "activation", "gate", "gradient"]
+Kind = Literal["layer", "pool", "sum", "shift", "scale", "affine", "activation", "relu", "gate", "gradient"]
 
 
 class LeafModule:
@@ -72,7 +74,7 @@ def trace_model(model: nn.Module) -> fx.Graph:
 
 _Op = Callable[..., Any] | str
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten,
+    nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten,
     nn.Unflatten, nn.Identity,
 )  # fmt: skip
 POOL_MODULES: tuple[type[nn.Module], ...] = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
@@ -87,9 +89,8 @@ _STRUCTURAL: set[_Op] = {
     "view", "reshape", "flatten", "contiguous", "unsqueeze", "squeeze", "permute", "transpose", "chunk",
     "split", "clone", "expand", "expand_as",
 }  # fmt: skip
-_GRADIENT_FUNCTIONS: set[_Op] = {
-    F.relu, torch.relu, "relu", "relu_", F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d,
-}  # fmt: skip
+_GRADIENT_FUNCTIONS: set[_Op] = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
+_RELU_FUNCTIONS: set[_Op] = {F.relu, torch.relu, "relu", "relu_"}
 _POOL_FUNCTIONS: set[_Op] = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, "mean"}
 _ACTIVATION_FUNCTIONS: set[_Op] = {F.relu6, F.silu, F.hardswish, F.gelu, F.mish}
 _GATE_FUNCTIONS: set[_Op] = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
@@ -281,6 +282,8 @@ def _plan_node(
             return plan("affine")
         if isinstance(module, POOL_MODULES):
             return plan("pool", nonnegative=keeps_sign)
+        if isinstance(module, nn.ReLU):
+            return plan("relu", nonnegative=True)
         if isinstance(module, ACTIVATION_MODULES):
             return plan("activation", nonnegative=isinstance(module, NONNEGATIVE_MODULES))
         if isinstance(module, GRADIENT_MODULES):
@@ -297,8 +300,10 @@ def _plan_node(
         return plan("gradient", nonnegative=keeps_sign)
     if _in(key, _STRUCTURAL):
         return plan("gradient", nonnegative=keeps_sign)
+    if _in(key, _RELU_FUNCTIONS):
+        return plan("relu", nonnegative=True)
     if _in(key, _GRADIENT_FUNCTIONS):
-        return plan("gradient", nonnegative=_in(key, _NONNEGATIVE_FUNCTIONS) or keeps_sign)
+        return plan("gradient", nonnegative=keeps_sign)
     if _in(key, _POOL_FUNCTIONS):
         return plan("pool", nonnegative=keeps_sign)
     if _in(key, _ACTIVATION_FUNCTIONS):

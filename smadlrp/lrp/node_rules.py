@@ -6,7 +6,7 @@ relevance at the inputs (not the gradient):
 - `SumFunction`, `y = sum_k x_k` (a constant term takes part and absorbs its share): `R_k = x_k / y * R`;
 - `AffineFunction`, `y = s x + t` element-wise: `R_x = s x / y * R = (y - t) / y * R`;
 - `PoolFunction`, a linear pool `y = P x`: `R_x = x * P^T (R / y)`;
-- `PassFunction`, `y = f(x)` element-wise (ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
+- `PassFunction`, `y = f(x)` element-wise (ReLU, ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
 - `GateFunction`, `y = x * g` with a gate g (a constant of the forward pass): `R_x = R`, nothing to g.
 
 Denominators are not stabilised: where `y = 0` the relevance is 0, which loses nothing, because the relevance
@@ -93,15 +93,20 @@ class PoolFunction(torch.autograd.Function):
 
 
 class PassFunction(torch.autograd.Function):
-    """`y = f(x)` for an element-wise `f` with the identity rule: `R_x = R` (not R times f's derivative)."""
+    """`y = f(x)` for an element-wise `f` with the identity rule: `R_x = R` (not R times f's derivative);
+    `inplace`: f writes its result into x (an in-place ReLU)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], inplace: bool = False
+    ) -> Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
         return f(x)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return r, None
+        return r, None, None
 
 
 class GateFunction(torch.autograd.Function):

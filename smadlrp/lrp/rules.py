@@ -231,6 +231,9 @@ class Rule(ABC):
     signal: ClassVar[bool] = False
     # Rules that treat inputs of both signs differently from inputs >= 0 (the engine then finds out which).
     sign_sensitive: ClassVar[bool] = False
+    # Rules whose relevance is `a_i` times something (none to a zero input): after them a ReLU passes relevance
+    # unchanged, which equals its gradient. flat, wsquare and zbox give relevance to zero inputs too.
+    zero_for_zero_input: ClassVar[bool] = True
 
     def needs_output(self, nonnegative_input: bool) -> bool:
         """Whether `relevance` reads the layer output `z` (kept from the forward pass)."""
@@ -605,6 +608,7 @@ class ZBox(Rule):
     key = "zbox"
     summary = "z^B (input layer): (a w - l w+ - h w-) / sum(...), bounds low/high or from normalisation mean/std"
     input_layer = True
+    zero_for_zero_input = False
     low: float | tuple[float, ...] | None = None
     high: float | tuple[float, ...] | None = None
     mean: float | tuple[float, ...] | None = None
@@ -680,6 +684,7 @@ class Flat(Rule):
     key = "flat"
     summary = "flat (input layer): R_i = sum_j R_j / n_j, n_j = number of inputs connected to j"
     input_layer = True
+    zero_for_zero_input = False
 
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
         return {"w_flat": torch.ones_like(weight)}
@@ -696,6 +701,7 @@ class WSquare(Rule):
     key = "wsquare"
     summary = "w^2 (input layer): R_i = sum_j w_ij^2 / sum_i w_ij^2 R_j"
     input_layer = True
+    zero_for_zero_input = False
 
     def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
         return {"w_sq": weight.square()}
