@@ -164,6 +164,54 @@ def test_relu_keeps_its_gradient_after_a_rule_that_gives_zero_inputs_relevance()
     assert bool((records["1"][z <= 0] == 0).all())  # masked by the ReLU's gradient
 
 
+class TwoBranches(nn.Module):
+    """head(fa(x) + fb(x)), bias-free: a sum whose terms have either sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fb = nn.Linear(3, 4, bias=False), nn.Linear(3, 4, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.fa(x) + self.fb(x))
+
+
+def test_absolute_sum_split_matches_a_hand_computation() -> None:
+    torch.manual_seed(5)
+    model, x = TwoBranches().eval(), torch.randn(3, 3)
+    relevance = lrp.explain(model, x, "zero", sum_split="absolute")
+    with torch.no_grad():  # by hand in float64: R_y = y w_t (LRP-0 at the head), then |a| / (|a| + |b|) R_y
+        xd, wa, wb = x.double(), model.fa.weight.double(), model.fb.weight.double()
+        a, b = xd @ wa.T, xd @ wb.T
+        logits = (a + b) @ model.head.weight.double().T
+        k = logits.argmax(1)
+        r_y = (a + b) * model.head.weight.double()[k]
+        r_a, r_b = a.abs() / (a.abs() + b.abs()) * r_y, b.abs() / (a.abs() + b.abs()) * r_y
+        expected = xd * ((r_a / a) @ wa) + xd * ((r_b / b) @ wb)
+    torch.testing.assert_close(relevance.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(relevance.sum(1).double(), logits[torch.arange(3), k], rtol=1e-4, atol=0.0)
+    # the z-rule split gives gradient x input instead, which differs where a and b have opposite signs
+    z_split = lrp.explain(model, x, "zero")
+    assert not torch.allclose(z_split, relevance, rtol=1e-3)
+
+
+def test_absolute_sum_split_conserves_on_a_bias_free_resnet() -> None:
+    model = build("resnet18")
+    zero_biases(model)
+    x = images(32, batch=1)
+    _, logit = gradient_x_input(model, x)
+    for rule in ("zero", "alpha1beta0"):
+        sums = lrp.Explainer(model, rule, sum_split="absolute").explain(x).relevance.sum((1, 2, 3))
+        torch.testing.assert_close(sums, logit, rtol=1e-4, atol=0.0)
+
+
+def test_bad_sum_split_is_one_line() -> None:
+    with pytest.raises(UsageError, match="sum_split must be z or absolute, got 'half'"):
+        lrp.Explainer(TwoBranches(), "zero", sum_split="half")
+    with pytest.raises(UsageError, match="sum_split applies to relevance rules"):
+        lrp.Explainer(TwoBranches(), "patternnet", sum_split="absolute", patterns={})
+
+
 class Square(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -275,6 +323,16 @@ def test_resnet_checkpoint_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     main_path = [row for row in rows if row["name"] in ("conv1", "output") or row["name"].endswith(".add")]
     assert len(main_path) == 10
     assert all(row["ratio"] == pytest.approx(1.0, abs=1e-4) for row in main_path)
+    run("trace", image, "--rule", "zero", "--sum-split", "absolute", "--out", str(tmp_path / "abs"), "--json",
+        str(tmp_path / "abs.json"))
+    stored = json.loads((tmp_path / "abs.json").read_text())
+    assert stored["sum_split"] == "absolute"
+    assert all(row["ratio"] == pytest.approx(1.0, abs=1e-4) for row in stored["layers"]
+               if row["name"] in ("conv1", "output") or row["name"].endswith(".add"))  # fmt: skip
+    assert [r["sum"] for r in stored["layers"]] != [r["sum"] for r in rows]
+    bad = CliRunner().invoke(app, ["trace", image, "--sum-split", "half", *common, "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--sum-split 'half': choose z or absolute" in bad.output
+    assert "Traceback" not in bad.output
     patterns = str(tmp_path / "patterns.safetensors")
     run("fit-patterns", "--data", str(tiny_data), "--max-images", "8", "--out", patterns)
     run("explain", image, "--rule", "patternattribution", "--patterns", patterns, "--out", str(tmp_path / "pa"))

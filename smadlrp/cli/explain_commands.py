@@ -56,6 +56,7 @@ from smadlrp.explain.run import (
     pattern_rules,
     resolve_rules,
 )
+from smadlrp.lrp import SUM_SPLITS
 from smadlrp.lrp import trace as lrp_trace
 
 DEFAULT_RULE = "epsilon"
@@ -82,6 +83,10 @@ PatternKindOption = Annotated[
 ]
 ParamOption = Annotated[
     list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
+]
+SumSplitOption = Annotated[
+    str, typer.Option("--sum-split", help=f"How a sum a + b of two tensors (a residual connection) shares relevance: "
+                                          f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
 
 
@@ -142,6 +147,7 @@ def explain(
     pattern_kind: PatternKindOption = PATTERN_KINDS[0],
     target: TargetOption = "predicted",
     param: ParamOption = None,
+    sum_split: SumSplitOption = SUM_SPLITS[0],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
     batch_size: BatchSizeOption = 16,
     save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write the relevance tensors (safetensors).")]
@@ -165,7 +171,7 @@ def explain(
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
-    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors)
+    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors, sum_split)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
@@ -205,11 +211,14 @@ def explain(
                         "names": output_stems(images), "checkpoint": str(checkpoint)})
     console.print(f"wrote {sum(len(r.files) for r in results) + (relevance is not None)} file(s) to {out}",
                   highlight=False)
-    write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "out": str(out), "images": [
+    images_json = [
         {"path": str(r.path), "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
          "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files,
          **({"perturbed": {spec: asdict(c) for spec, c in r.perturbed.items()}} if conditions else {})}
-        for r in results]})
+        for r in results
+    ]  # fmt: skip
+    write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "sum_split": sum_split, "out": str(out),
+                          "images": images_json})
 
 
 def _perturbed_table(results: list[ImageResult], attack_class: str) -> Table:
@@ -240,6 +249,7 @@ def trace(
     pattern_kind: PatternKindOption = PATTERN_KINDS[0],
     target: TargetOption = "predicted",
     param: ParamOption = None,
+    sum_split: SumSplitOption = SUM_SPLITS[0],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -253,7 +263,7 @@ def trace(
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,
                                                   pattern_kind)
-    explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors)[rule]
+    explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors, sum_split)[rule]
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))
     with lrp_trace() as recorded:
@@ -291,7 +301,8 @@ def trace(
     inputs = set(images)
     write_document(safe_output(out, f"{stem}.{rule}.trace.safetensors", inputs),
                    {f"{rec.index:03d}.{rec.name}": rec.relevance[0] for rec in records},
-                   {"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "layers": rows})
+                   {"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "sum_split": sum_split,
+                    "layers": rows})
     plot_layer_maps(layer_maps(records), safe_output(out, f"{stem}.{rule}.trace.png", inputs))
     console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
-    write_json(json_out, {"image": str(image), "rule": rule, "layers": rows})
+    write_json(json_out, {"image": str(image), "rule": rule, "sum_split": sum_split, "layers": rows})

@@ -36,7 +36,7 @@ from smadlrp.explain.heatmaps import (
     save_heatmap,
     save_rgb,
 )
-from smadlrp.lrp import Explainer, method_names, method_parameters
+from smadlrp.lrp import SUM_SPLITS, Explainer, method_is_signal, method_names, method_parameters
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
 SIGNAL_RULES = ("patternnet",)  # output a signal estimate in input space, not a relevance: its sum means nothing
@@ -92,15 +92,24 @@ def load_pattern_tensors(path: Path, model: nn.Module, kind: str = PATTERN_KINDS
 
 
 def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str], params: Mapping[str, float],
-                     patterns: Mapping[str, torch.Tensor] | None) -> dict[str, Explainer]:
+                     patterns: Mapping[str, torch.Tensor] | None, sum_split: str = "z") -> dict[str, Explainer]:
     """One explainer per rule, each given the parameters it accepts (z-box bounds from the checkpoint's
-    normalisation, patterns for the pattern rules, and the user's `--param` values)."""
+    normalisation, patterns for the pattern rules, and the user's `--param` values); `sum_split` goes to the
+    relevance rules (signal rules pass sums by the gradient)."""
     offered: dict[str, Any] = {"mean": meta.mean, "std": meta.std, "patterns": patterns, **params}
     unused = set(params) - {p for rule in rules for p in method_parameters(rule)}
     if unused:
         raise UsageError(f"--param {', '.join(sorted(unused))}: not a parameter of {', '.join(rules)}")
+    if sum_split not in SUM_SPLITS:
+        raise UsageError(f"--sum-split {sum_split!r}: choose {' or '.join(SUM_SPLITS)}")
+    relevance_rules = [rule for rule in rules if not method_is_signal(rule)]
+    if sum_split != "z" and not relevance_rules:
+        raise UsageError(f"--sum-split {sum_split}: {', '.join(rules)} propagate(s) a signal, which passes sums by "
+                         "the gradient")
+    split: dict[str, Any] = {"sum_split": sum_split}
     return {rule: Explainer(model, rule, class_names=meta.class_names,
-                            **{k: v for k, v in offered.items() if k in method_parameters(rule)})
+                            **{k: v for k, v in offered.items() if k in method_parameters(rule)},
+                            **(split if rule in relevance_rules else {}))
             for rule in rules}
 
 

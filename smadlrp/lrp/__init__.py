@@ -11,10 +11,12 @@ See docs/lrp.md for the maths of every rule and composite.
 from smadlrp.lrp.canonize import AffineBatchNorm, FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import (
     COMPOSITES,
+    SUM_SPLITS,
     Composite,
     CompositeSpec,
     LayerSlot,
     build_composite,
+    method_is_signal,
     method_names,
     method_parameters,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "AffineBatchNorm",
     "COMPOSITES",
     "RULES",
+    "SUM_SPLITS",
     "Composite",
     "CompositeSpec",
     "Explainer",
@@ -51,6 +54,7 @@ __all__ = [
     "enable_and_clean",
     "explain",
     "make_rule",
+    "method_is_signal",
     "method_names",
     "method_parameters",
     "register",

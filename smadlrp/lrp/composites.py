@@ -16,6 +16,9 @@ from smadlrp.core.errors import UsageError
 from smadlrp.lrp.rules import RULES, Rule, Zero, make_rule, rule_parameters
 
 LayerKind = Literal["conv", "dense"]
+# How a sum y = a + b of two tensors shares relevance: "z" (R_a = a / y R) or "absolute" (R_a = |a| / (|a| + |b|) R).
+SumSplit = Literal["z", "absolute"]
+SUM_SPLITS: tuple[str, ...] = ("z", "absolute")
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,15 @@ Override = str | Rule
 
 @dataclass(frozen=True, eq=False)
 class Composite:
-    """A resolved rule map. `overrides` keys are qualified layer names or indices (negative: from the end)."""
+    """A resolved rule map. `overrides` keys are qualified layer names or indices (negative: from the end);
+    `sum_split` is how sums of two tensors share relevance (see `SumSplit`)."""
 
     name: str
     first: Rule | None
     conv: Rule
     dense: Rule
     overrides: Mapping[str | int, Rule] = dataclasses.field(default_factory=dict)
+    sum_split: SumSplit = "z"
 
     def rule_for(self, slot: LayerSlot, count: int) -> Rule:
         """The rule for `slot` in a model with `count` explained layers."""
@@ -119,6 +124,11 @@ def method_names() -> tuple[str, ...]:
     return (*RULES, *COMPOSITES)
 
 
+def method_is_signal(method: str) -> bool:
+    """Whether `method` is a signal method (PatternNet family): its sums and pools pass the gradient."""
+    return any(RULES[key].signal for key in _method_keys(method))
+
+
 def method_parameters(method: str) -> tuple[str, ...]:
     """Parameter names accepted by the rule or composite `method`."""
     return tuple(dict.fromkeys(p for key in _method_keys(method) for p in rule_parameters(key)))
@@ -139,14 +149,18 @@ def build_composite(
 ) -> Composite:
     """Resolve a rule key, composite name, Rule or Composite with rule `params` and per-layer `overrides`.
 
-    Each rule receives the parameters it accepts; a parameter no rule accepts is a UsageError. Override values
-    are rule keys (built with the same parameters) or Rule objects.
+    Each rule receives the parameters it accepts; a parameter no rule accepts is a UsageError. `sum_split` (in
+    `params`) chooses how sums share relevance. Override values are rule keys (built with the same parameters)
+    or Rule objects.
     """
     params = dict(params or {})
+    sum_split = params.pop("sum_split", "z")
+    if sum_split not in SUM_SPLITS:
+        raise UsageError(f"sum_split must be {' or '.join(SUM_SPLITS)}, got {sum_split!r}")
     if not isinstance(method, (str, Rule, Composite)):
         raise UsageError(f"rule must be a rule key, composite name, Rule or Composite, got {method!r}")
     if isinstance(method, Composite):
-        if params or overrides:
+        if params or overrides or sum_split != "z":
             raise UsageError("pass rule parameters and overrides when building the Composite, not with it")
         return method
     override_keys = [v for v in (overrides or {}).values() if isinstance(v, str)]
@@ -156,17 +170,21 @@ def build_composite(
     resolved = {k: built[v] if isinstance(v, str) else _as_rule(v) for k, v in (overrides or {}).items()}
     if isinstance(method, Rule):
         rest_rule = Zero() if method.input_layer else method
-        composite = Composite(method.key, method if method.input_layer else None, rest_rule, rest_rule, resolved)
+        composite = Composite(method.key, method if method.input_layer else None, rest_rule, rest_rule, resolved,
+                              sum_split)
     elif method in COMPOSITES:
         spec = COMPOSITES[method]
         first = built[spec.first] if spec.first else None
-        composite = Composite(method, first, built[spec.conv], built[spec.dense], resolved)
+        composite = Composite(method, first, built[spec.conv], built[spec.dense], resolved, sum_split)
     else:
         rule = built[method]
         rest = built[Zero.key] if rule.input_layer else rule
-        composite = Composite(method, rule if rule.input_layer else None, rest, rest, resolved)
+        composite = Composite(method, rule if rule.input_layer else None, rest, rest, resolved, sum_split)
     if len({r.signal for r in composite.rules()}) > 1:
         raise UsageError("PatternNet-family rules cannot be mixed with relevance rules in one explanation")
+    if composite.signal and sum_split != "z":
+        raise UsageError(f"sum_split applies to relevance rules; {composite.name} is a signal, which passes sums "
+                         "by the gradient")
     return composite
 
 

@@ -289,9 +289,12 @@ class RuleNode(LeafModule, nn.Module):
     def _explained(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The node's output with its LRP rule attached; `x` is its (first) tensor input in float32."""
         if self.kind == "sum":
-            return SumFunction.apply(args[0].float(), args[1].float())  # type: ignore[no-any-return]
+            current = self.switch.current
+            assert current is not None
+            absolute = current.composite.sum_split == "absolute"
+            return SumFunction.apply(args[0].float(), args[1].float(), absolute)  # type: ignore[no-any-return]
         if self.kind == "shift":
-            return SumFunction.apply(x, x.new_tensor(self.constant))  # type: ignore[no-any-return]
+            return SumFunction.apply(x, x.new_tensor(self.constant), False)  # type: ignore[no-any-return]
         if self.kind == "affine":
             shape = (1, -1, *([1] * (x.dim() - 2)))
             m = self.plain

@@ -3,7 +3,8 @@
 Each forward computes the node's ordinary output; each backward maps the relevance `R` at the output to the
 relevance at the inputs (not the gradient):
 
-- `SumFunction`, `y = sum_k x_k` (a constant term takes part and absorbs its share): `R_k = x_k / y * R`;
+- `SumFunction`, `y = a + b` (a constant term takes part and absorbs its share): `R_a = a / y * R`, or with
+  the absolute split `R_a = |a| / (|a| + |b|) * R`;
 - `AffineFunction`, `y = s x + t` element-wise: `R_x = s x / y * R = (y - t) / y * R`;
 - `PoolFunction`, a linear pool `y = P x`: `R_x = x * P^T (R / y)`;
 - `PassFunction`, `y = f(x)` element-wise (ReLU, ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
@@ -37,22 +38,29 @@ def alias(t: Tensor) -> Tensor:
 
 
 class SumFunction(torch.autograd.Function):
-    """`y = a + b` with the z-rule: `R_a = a / y * R`, `R_b = b / y * R` (summed back over broadcast dims)."""
+    """`y = a + b` with the z-rule, `R_a = a / y R` and `R_b = b / y R`, or with `absolute` the absolute split
+    `R_a = |a| / (|a| + |b|) R` (Otsuki et al., ECCV 2024), which hands each term a share of R's sign;
+    summed back over broadcast dims."""
 
     @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, a: Tensor, b: Tensor, absolute: bool = False) -> Tensor:  # type: ignore[override]
         y = a + b
         ctx.save_for_backward(a, b, alias(y))
+        ctx.absolute = absolute
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, b, y = ctx.saved_tensors
-        s = stabilized_divide(r.float(), y, 0.0)
-        need_a, need_b = ctx.needs_input_grad
+        if ctx.absolute:
+            a, b = a.abs(), b.abs()
+            s = stabilized_divide(r.float(), a + b, 0.0, nonnegative=True, overwrite=True)
+        else:
+            s = stabilized_divide(r.float(), y, 0.0)
+        need_a, need_b, _ = ctx.needs_input_grad
         r_a = (a * s).sum_to_size(a.shape) if need_a else None
         r_b = s.mul_(b).sum_to_size(b.shape) if need_b else None  # s is ours: the last product takes it
-        return r_a, r_b
+        return r_a, r_b, None
 
 
 class AffineFunction(torch.autograd.Function):
