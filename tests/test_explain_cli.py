@@ -20,7 +20,7 @@ from smadlrp.core.errors import SmadlrpError
 from smadlrp.data.loading import eval_transform, load_rgb
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.heatmaps import heatmap_rgb, overlay_rgb, rule_grid_figure
-from smadlrp.explain.run import BackgroundWriter
+from smadlrp.explain.run import BackgroundWriter, layer_maps
 
 runner = CliRunner()
 
@@ -75,6 +75,17 @@ def test_explain_writes_maps_table_and_raw(tiny_checkpoint: Path, two_same_names
         with Image.open(out / f"{stem}.epsilon.heatmap.png") as img:
             decoded = np.asarray(img.convert("RGB"))
         np.testing.assert_array_equal(decoded, heatmap_rgb(stored[files.index(row["path"])].sum(0).numpy()))
+
+
+def test_trace_figure_keeps_24_evenly_spaced_maps_of_a_deep_graph() -> None:
+    records = [lrp.TraceRecord(i, f"n{i}", "Conv2d", torch.full((1, 2, 3, 3), float(i))) for i in range(170)]
+    records.append(lrp.TraceRecord(170, "output", "Output", torch.ones(1, 2)))
+    maps, spatial = layer_maps(records)
+    assert spatial == 170 and len(maps) == 24
+    names = [name for name, _ in maps]
+    assert names[0] == "0: n0" and names[-1] == "169: n169" and len(set(names)) == 24
+    assert [int(n.split(":")[0]) for n in names] == sorted(int(n.split(":")[0]) for n in names)
+    assert len(layer_maps(records[:10])[0]) == 10  # small graphs keep every map
 
 
 def test_grid_has_one_panel_per_rule_plus_input() -> None:

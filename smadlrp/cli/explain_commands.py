@@ -303,6 +303,9 @@ def trace(
                    {f"{rec.index:03d}.{rec.name}": rec.relevance[0] for rec in records},
                    {"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "sum_split": sum_split,
                     "layers": rows})
-    plot_layer_maps(layer_maps(records), safe_output(out, f"{stem}.{rule}.trace.png", inputs))
+    maps, spatial = layer_maps(records)
+    note = None if len(maps) == spatial else (f"{len(maps)} of {spatial} nodes, evenly spaced; every node's map "
+                                              f"is in {stem}.{rule}.trace.safetensors")
+    plot_layer_maps(maps, safe_output(out, f"{stem}.{rule}.trace.png", inputs), note)
     console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
     write_json(json_out, {"image": str(image), "rule": rule, "sum_split": sum_split, "layers": rows})

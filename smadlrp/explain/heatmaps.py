@@ -133,13 +133,17 @@ def plot_condition_grid(rows: Sequence[tuple[str, npt.NDArray[np.uint8], Mapping
     return save_figure(fig, path, dpi=100)
 
 
-def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.PathLike[str]) -> Path:
-    """Channel-summed relevance maps ((H, W) each, any sizes), one panel per named layer, in reading order."""
+def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.PathLike[str],
+                    note: str | None = None) -> Path:
+    """Channel-summed relevance maps ((H, W) each, any sizes), one panel per named layer, in reading order;
+    `note` becomes the figure's title."""
     if not maps:
         raise SmadlrpError("no spatial relevance maps to plot")
     columns = min(len(maps), 6)
     rows = math.ceil(len(maps) / columns)
-    fig = Figure(figsize=(2.0 * columns, 2.2 * rows), layout="constrained")
+    fig = Figure(figsize=(2.0 * columns, 2.2 * rows + (0.3 if note else 0.0)), layout="constrained")
+    if note:
+        fig.suptitle(note, fontsize=9)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, (name, rmap) in zip(axes, maps, strict=False):
         ax.imshow(heatmap_rgb(rmap), interpolation="nearest")

@@ -304,7 +304,14 @@ def _predictions(images: Sequence[Path], positions: Sequence[int], logits: torch
             for i, pos in enumerate(positions)]
 
 
-def layer_maps(records: Sequence[Any]) -> list[tuple[str, np.ndarray]]:
-    """Channel-summed (H, W) maps of the spatial trace records (first image of the batch), labelled."""
-    return [(f"{rec.index}: {rec.name}", relevance_map(rec.relevance[0].cpu().numpy()))
-            for rec in records if rec.relevance.dim() == 4]
+TRACE_PANELS = 24  # at most this many maps in a trace figure: a ResNet-50 has about 170 spatial nodes
+
+
+def layer_maps(records: Sequence[Any], limit: int = TRACE_PANELS) -> tuple[list[tuple[str, np.ndarray]], int]:
+    """Channel-summed (H, W) maps of the spatial trace records (first image of the batch), labelled, and how
+    many spatial records there were: all of them, or `limit` spread evenly from the first to the last."""
+    spatial = [rec for rec in records if rec.relevance.dim() == 4]
+    if len(spatial) > limit:
+        spatial = [spatial[i] for i in np.linspace(0, len(spatial) - 1, limit).round().astype(int)]
+    total = sum(rec.relevance.dim() == 4 for rec in records)
+    return [(f"{rec.index}: {rec.name}", relevance_map(rec.relevance[0].cpu().numpy())) for rec in spatial], total
