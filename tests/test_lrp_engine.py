@@ -317,6 +317,26 @@ def test_explainer_prepares_modified_weights_once() -> None:
     torch.testing.assert_close(first, second)
 
 
+@pytest.mark.parametrize("method", ["gamma", "alpha1beta0", "epsilon"])
+def test_relevance_products_use_the_prepared_weights_without_copies(method: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first layer (inputs of both signs, stacked [a+, a-]) every vjp reads a kept weight itself: no
+    per-call copy of the model's weights (a copy of VGG16's 528 MB per explanation, say)."""
+    from smadlrp.lrp import rules
+
+    model, x = vgg_like(), images()
+    explainer = Explainer(model, method)
+    explainer.explain(x)
+    kept = {t.data_ptr() for layer in explainer.lrp._explained.values() for cached in layer._lrp_cache.values()
+            for t in cached.values()}
+    used: list[int] = []
+    for op in (rules.ConvOp, rules.DenseOp):
+        monkeypatch.setattr(op, "vjp", lambda self, a, weight, s, _vjp=op.vjp: used.append(weight.data_ptr())
+                            or _vjp(self, a, weight, s))
+    explainer.explain(x)
+    assert len(used) >= 5 and set(used[:-1]) <= kept  # used[-1]: the first layer, the last to run backward
+
+
 def test_one_shot_explain_keeps_the_prepared_model_until_the_weights_change() -> None:
     model, x = vgg_like(seed=7), images()
     rule = CountingGamma()

@@ -333,8 +333,9 @@ def _share_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Sequence[Tensor
     the output blocks m stacked along the channel dimension in `s`; one vjp over stacked parts when the layer
     allows it."""
     dim = op.channel_dim
-    if op.stackable:
-        weight = torch.cat([torch.cat(list(row), 1) for row in ws])
+    if op.stackable:  # (a single weight is used as it is: no copy)
+        rows = [row[0] if len(row) == 1 else torch.cat(list(row), 1) for row in ws]
+        weight = rows[0] if len(rows) == 1 else torch.cat(rows)
         if len(xs) == 1:
             return op.vjp(xs[0], weight, s).mul_(xs[0])
         x = torch.cat(list(xs), dim)
