@@ -136,6 +136,17 @@ def test_checkpoint_records_the_policy_and_predict_aligns_raw_photos(tmp_path: P
         assert result.exit_code == 0, result.output
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["images"][0]["score"]
     assert scores["raw"] == pytest.approx(scores["aligned"], abs=1e-4)
+    explained = {}  # explain --align on the raw photograph explains what the aligned crop explains
+    for name, image, extra in (("raw", raw / "test" / "morph" / "test_1.jpg", ["--align"]),
+                               ("aligned", aligned / "test" / "morph" / "test_1.png", [])):
+        result = runner.invoke(app, ["explain", str(image), "--checkpoint", str(run / "best.safetensors"), "--rule",
+                                     "epsilon", "--device", "cpu", "--out", str(tmp_path / f"explained-{name}"),
+                                     "--json", str(tmp_path / f"explained-{name}.json"), *extra])
+        assert result.exit_code == 0, result.output
+        explained[name] = json.loads((tmp_path / f"explained-{name}.json").read_text())["images"][0]
+    assert explained["raw"]["p_attack"] == pytest.approx(explained["aligned"]["p_attack"], abs=1e-4)
+    assert explained["raw"]["relevance_sum"]["epsilon"] == pytest.approx(
+        explained["aligned"]["relevance_sum"]["epsilon"], rel=1e-3, abs=1e-6)
 
 
 def test_align_option_needs_a_recorded_policy(tiny_checkpoint: Path, photos: Path) -> None:

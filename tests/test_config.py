@@ -111,3 +111,12 @@ def test_config_option_chooses_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     _project(tmp_path / "ci", "unknown-key = 1\n")
     code, output = _invoke("--config", "ci/smadlrp.toml", "evaluate")
     assert code == 1 and "ci/smadlrp.toml: unknown-key: unknown key" in output
+
+
+def test_a_configured_split_that_does_not_exist_names_the_key(tmp_path: Path, tiny_checkpoint: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(_project(tmp_path, 'split = "dev"\n'))
+    code, output = _invoke("evaluate", "--checkpoint", str(tiny_checkpoint), "--bootstrap", "0")
+    assert code == 1 and "Traceback" not in output
+    last = output.strip().splitlines()[-1]
+    assert "smadlrp.toml: split: " in last and "no 'dev' split folder" in last, output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def test_several_test_sets_give_one_block_each_and_average_worst_rows(tiny_data:
     code, output = _evaluate(tiny_checkpoint, "--protocol", str(tiny_synth / "manifest.csv"), "--data", str(tiny_data),
                              "--data", str(tiny_synth), *common)
     assert code == 2 and "give at most one --data" in output
+
+
+def test_junit_has_one_testsuite_per_test_set(tiny_data: Path, tiny_synth: Path, tiny_checkpoint: Path,
+                                              tmp_path: Path) -> None:
+    code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_data), "--data", str(tiny_synth), "--threshold",
+                             "0.5", "--bootstrap", "0", "--fail-above", "d-eer=1e-6", "--fail-below", "auc=0",
+                             "--junit", str(tmp_path / "gates.xml"))
+    assert code == 1, output
+    root = ET.parse(tmp_path / "gates.xml").getroot()
+    suites = root.findall("testsuite")
+    assert [s.get("name", "").rsplit(" of ", 1)[-1] for s in suites] == [tiny_data.name, tiny_synth.name]
+    for suite in suites:  # within a suite every testcase name is unique
+        names = [c.get("name") for c in suite.findall("testcase")]
+        assert names == ["d-eer <= 1e-06", "auc >= 0"]
+    assert root.get("tests") == "4" and int(root.get("failures", "0")) == sum(
+        int(s.get("failures", "0")) for s in suites)

@@ -56,6 +56,10 @@ def test_commands_find_the_checkpoint_and_fit_patterns_once(trained_project: Pat
     assert code == 0, output
     assert "fitting patterns" not in output and f"patterns: {pattern_file}" in output
     assert pattern_file.stat().st_mtime_ns == written  # reused, not refitted
+    code, output = _invoke("explain", image, "--rule", "patternnet", "--pattern-kind", "all")
+    assert code == 0, output
+    assert "fitting patterns" in output  # the file lacked the linear estimator: refitted with both
+    assert set(load_patterns(pattern_file)[0]) == {"positive", "all"}
     code, output = _invoke("evaluate")
     assert code == 0, output
     assert f"data: {tiny_data}" in output and "best.safetensors on test" in output

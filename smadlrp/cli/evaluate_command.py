@@ -243,6 +243,7 @@ def evaluate(
     """
     config = project_config()
     above, below = _gates(fail_above, fail_below, config)
+    configured_split = split is None and config.split is not None
     split = split or config.split or DEFAULT_SPLIT
     text = threshold_text(threshold)
     worst_column = worst_species_column(worst_species, text, by)
@@ -268,7 +269,12 @@ def evaluate(
         t, threshold_source = choice.value, choice.source("validation")
     results = []
     for name, source in sources.items():
-        preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+        try:
+            preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+        except SmadlrpError as exc:
+            if configured_split and f"{split!r}" in str(exc):
+                raise config.error("split", str(exc)) from None
+            raise
         perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, c, seed)[0]
                      for c in conditions}
         if distributed.current().is_main:
@@ -303,8 +309,9 @@ def evaluate(
         plot_conditions({name: {"D-EER": s.eer.value, "APCER@BPCER10": s.value("apcer@bpcer10")}
                          for name, (_, s) in named.items()}, robustness_out,
                         title=f"{checkpoint.stem} on {split}: error per image condition")
-    gates = [_named_gate(gate, r.name if len(results) > 1 else None) for r in results
-             for gate in gate_results(r.summary, above, below)]
+    several = len(results) > 1
+    per_set = {r.name: gate_results(r.summary, above, below) for r in results}  # test-set names are unique
+    gates = [_named_gate(gate, name if several else None) for name, checked in per_set.items() for gate in checked]
     report = "".join(summary_markdown(r.summary, r.breakdowns, f"{title} of {r.name}" if len(results) > 1 else
                                       f"{title} ({r.counts(meta)})") for r in results)
     if len(results) > 1:
@@ -312,8 +319,9 @@ def evaluate(
     report += f"\n{gates_markdown(gates)}" if gates else ""
     if markdown_out is not None:
         write_text_atomic(markdown_out, report)
-    if junit_out is not None:
-        write_text_atomic(junit_out, junit_xml(gates, suite=title))
+    if junit_out is not None:  # one testsuite per test set: testcase names are unique within each
+        write_text_atomic(junit_out, junit_xml({f"{title} of {name}" if several else title: checked
+                                                for name, checked in per_set.items()}))
     failures = [g.failure for g in gates if g.failure is not None]
     sets = [{"data": r.source.name, "metrics": r.summary, "groups": {b.label: b for b in r.breakdowns},
              **({"perturbed": {spec: s for spec, (_, s) in r.perturbed.items()}} if conditions else {})}

@@ -41,7 +41,7 @@ from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, sa
 from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
-from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fits_model
+from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fitted_kinds
 from smadlrp.explain.run import (
     PATTERN_KINDS,
     SIGNAL_RULES,
@@ -95,22 +95,24 @@ def rules_and_patterns(requested: list[str], patterns: Path | None, checkpoint: 
                        kind: str = PATTERN_KINDS[0]) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """The rules to run and the patterns they need. Without `--patterns`, `patterns.safetensors` beside the
     checkpoint is used when it was fitted on these weights; when a pattern rule is asked for by name and that
-    file does not fit, it is fitted on the checkpoint's training split (at most AUTO_FIT_MAX_IMAGES images) and
-    written there for next time. `all` takes the pattern rules only when patterns are available. `kind` picks
-    the estimator (positive or all) of the pattern file."""
+    file does not fit, or lacks the estimator `kind` (positive or all), it is fitted on the checkpoint's training
+    split (at most AUTO_FIT_MAX_IMAGES images, keeping the estimators it held) and written there for next time.
+    `all` takes the pattern rules only when patterns are available."""
     if patterns is None:
         default = default_pattern_path(checkpoint)
-        if fits_model(default, model):
+        held = fitted_kinds(default, model)
+        needing = [r for r in requested if r in pattern_rules()]
+        if needing and kind not in held:
+            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default, (*held, kind))
+        elif held:
             patterns = default
             notice(f"patterns: {default}")
-        elif needing := [r for r in requested if r in pattern_rules()]:
-            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default, kind)
     tensors = load_pattern_tensors(patterns, model, kind) if patterns is not None else None
     return resolve_rules(requested, tensors is not None), tensors
 
 
 def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, meta: CheckpointMeta,
-                          device: torch.device, out: Path, kind: str) -> Path:
+                          device: torch.device, out: Path, kinds: tuple[str, ...]) -> Path:
     if meta.training_data is None:
         raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
                          "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
@@ -118,7 +120,7 @@ def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, 
     source = data_source(None, meta=meta)
     notice(f"fitting patterns for {checkpoint.name} on {source.name} (train split, at most {AUTO_FIT_MAX_IMAGES} "
            f"images) into {out}; later runs reuse that file")
-    fit_with_progress(model, meta, checkpoint, source, "train", (kind,), out, max_images=AUTO_FIT_MAX_IMAGES,
+    fit_with_progress(model, meta, checkpoint, source, "train", kinds, out, max_images=AUTO_FIT_MAX_IMAGES,
                       seed=0, batch_size=32, workers=0, device=device)
     return out
 

@@ -324,22 +324,25 @@ def gates_markdown(results: Sequence[GateResult]) -> str:
     return "\n".join(["**Gates**", "", *_md_table(["gate", "measured", "result"], rows, "lrl")]) + "\n"
 
 
-def junit_xml(results: Sequence[GateResult], suite: str) -> str:
-    """JUnit XML with one testcase per gate in one testsuite; a failed gate's <failure> carries the measured
-    value in its message and text."""
-    failures = sum(not r.passed for r in results)
-    suites = ET.Element("testsuites", name="smadlrp", tests=str(len(results)), failures=str(failures))
-    node = ET.SubElement(suites, "testsuite", name=suite, tests=str(len(results)), failures=str(failures),
-                         errors="0", skipped="0")
-    for result in results:
-        case = ET.SubElement(node, "testcase", classname="smadlrp.gates", name=result.name)
-        measured = "not estimable" if result.value is None else f"{result.value:.6g}"
-        ET.SubElement(case, "properties").append(ET.Element("property", name="measured", value=measured))
-        if result.failure is not None:
-            failure = ET.SubElement(case, "failure", message=result.failure, type="gate")
-            failure.text = f"{result.name}: measured {measured}"
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+def junit_xml(suites: Mapping[str, Sequence[GateResult]]) -> str:
+    """JUnit XML with one testsuite per test set (name -> its gates) and one testcase per gate; a failed gate's
+    <failure> carries the measured value in its message and text."""
+    total = sum(len(results) for results in suites.values())
+    failed = sum(not r.passed for results in suites.values() for r in results)
+    root = ET.Element("testsuites", name="smadlrp", tests=str(total), failures=str(failed))
+    for suite, results in suites.items():
+        failures = sum(not r.passed for r in results)
+        node = ET.SubElement(root, "testsuite", name=suite, tests=str(len(results)), failures=str(failures),
+                             errors="0", skipped="0")
+        for result in results:
+            case = ET.SubElement(node, "testcase", classname="smadlrp.gates", name=result.name)
+            measured = "not estimable" if result.value is None else f"{result.value:.6g}"
+            ET.SubElement(case, "properties").append(ET.Element("property", name="measured", value=measured))
+            if result.failure is not None:
+                failure = ET.SubElement(case, "failure", message=result.failure, type="gate")
+                failure.text = f"{result.name}: measured {measured}"
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def github_error(title: str, message: str) -> str:

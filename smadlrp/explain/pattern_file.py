@@ -39,15 +39,16 @@ def default_pattern_path(checkpoint: Path) -> Path:
     return checkpoint.parent / DEFAULT_PATTERN_FILE
 
 
-def fits_model(path: Path, model: nn.Module) -> bool:
-    """Does `path` exist and hold patterns fitted on exactly these weights? (An unreadable file does not.)"""
+def fitted_kinds(path: Path, model: nn.Module) -> tuple[str, ...]:
+    """The pattern kinds (positive, all) that `path` holds for exactly these weights; none when it is missing,
+    unreadable or fitted on other weights."""
     if not path.is_file():
-        return False
+        return ()
     try:
-        _, meta = load_patterns(path)
+        sets, meta = load_patterns(path)
     except SmadlrpError:
-        return False
-    return bool(meta.get(FINGERPRINT_KEY) == weights_fingerprint(model.state_dict()))
+        return ()
+    return tuple(sets) if meta.get(FINGERPRINT_KEY) == weights_fingerprint(model.state_dict()) else ()
 
 
 class _ImageBatches:
