@@ -23,7 +23,7 @@ from smadlrp.lrp import (
     explain,
     method_names,
 )
-from smadlrp.lrp.rules import Gamma, Prepared
+from smadlrp.lrp.rules import ConvOp, DenseOp, Gamma, Prepared
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -322,15 +322,13 @@ def test_relevance_products_use_the_prepared_weights_without_copies(method: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first layer (inputs of both signs, stacked [a+, a-]) every vjp reads a kept weight itself: no
     per-call copy of the model's weights (a copy of VGG16's 528 MB per explanation, say)."""
-    from smadlrp.lrp import rules
-
     model, x = vgg_like(), images()
     explainer = Explainer(model, method)
     explainer.explain(x)
     kept = {t.data_ptr() for layer in explainer.lrp._explained.values() for cached in layer._lrp_cache.values()
             for t in cached.values()}
     used: list[int] = []
-    for op in (rules.ConvOp, rules.DenseOp):
+    for op in (ConvOp, DenseOp):
         monkeypatch.setattr(op, "vjp", lambda self, a, weight, s, _vjp=op.vjp: used.append(weight.data_ptr())
                             or _vjp(self, a, weight, s))
     explainer.explain(x)

@@ -272,7 +272,7 @@ def evaluate(
         try:
             preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
         except SmadlrpError as exc:
-            if configured_split and f"{split!r}" in str(exc):
+            if configured_split and f"{split!r}" in str(exc):  # the loaders name a missing split quoted
                 raise config.error("split", str(exc)) from None
             raise
         perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, c, seed)[0]

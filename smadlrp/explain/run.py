@@ -311,7 +311,7 @@ def layer_maps(records: Sequence[Any], limit: int = TRACE_PANELS) -> tuple[list[
     """Channel-summed (H, W) maps of the spatial trace records (first image of the batch), labelled, and how
     many spatial records there were: all of them, or `limit` spread evenly from the first to the last."""
     spatial = [rec for rec in records if rec.relevance.dim() == 4]
-    if len(spatial) > limit:
-        spatial = [spatial[i] for i in np.linspace(0, len(spatial) - 1, limit).round().astype(int)]
-    total = sum(rec.relevance.dim() == 4 for rec in records)
+    total = len(spatial)
+    if total > limit:
+        spatial = [spatial[i] for i in np.linspace(0, total - 1, limit).round().astype(int)]
     return [(f"{rec.index}: {rec.name}", relevance_map(rec.relevance[0].cpu().numpy())) for rec in spatial], total

@@ -315,7 +315,6 @@ class RuleNode(LeafModule, nn.Module):
             return PassFunction.apply(x, lambda t: out_of_place(plain, t))  # type: ignore[no-any-return]
         return PassFunction.apply(x, lambda t: plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
 
-
     def _relu(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """ReLU with the identity rule: the relevance reaching a ReLU's output is 0 wherever the output is 0
         for every rule that gives no relevance to zero inputs, so there it equals the gradient without its
