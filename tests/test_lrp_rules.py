@@ -260,14 +260,16 @@ def test_rule_matches_dense_reference(key: str, geometry: str, sign: str) -> Non
 
 
 @pytest.mark.parametrize("geometry", ["linear", "conv1x1-stride2", "conv3x3-groups2"])
+@pytest.mark.parametrize("sign", ["mixed", "nonnegative"])
 @pytest.mark.parametrize("key", SIGN_PATHS)
-def test_rule_before_a_relu_matches_dense_reference(key: str, geometry: str) -> None:
+def test_rule_before_a_relu_matches_dense_reference(key: str, sign: str, geometry: str) -> None:
     """A layer whose output goes straight into a ReLU gets relevance only where z > 0 (the rules take a
     shorter path there): R_out = G * relu(z)."""
-    torch.manual_seed(zlib.crc32(f"relu/{key}/{geometry}".encode()))
+    torch.manual_seed(zlib.crc32(f"relu/{key}/{sign}/{geometry}".encode()))
     layer = GEOMETRIES[geometry]()
     in_shape = (7,) if isinstance(layer, nn.Linear) else (layer.in_channels, 6, 6)  # type: ignore[attr-defined]
-    x = torch.randn(2, *in_shape).abs().requires_grad_(True)
+    x = torch.randn(2, *in_shape)
+    x = (x.abs() if sign == "nonnegative" else x).requires_grad_(True)
     params = _params(key, layer, in_shape[0])
     y = convert(nn.Sequential(layer, nn.ReLU(), nn.Flatten()))(x, explain=True, rule=key, **params)
     g = torch.randn_like(y)

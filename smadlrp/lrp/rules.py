@@ -405,7 +405,7 @@ class Gamma(Rule):
     (with `a >= 0`: `rho(w) = w + gamma w+`); at an output with `z_j < 0` the negative contributions are
     amplified instead, `rho(z_ij) = z_ij + gamma min(0, z_ij)`. The denominator `sum_i rho(z_ij)` then has the
     sign of `z_j` and at least its size, so it never comes near zero where `z_j` does not. For inputs of both
-    signs the contributions are split: `(a w)+ = a+ w+ + a- w-`, as in alpha-beta.
+    signs, `(a w)+ = a+ w+ + a- w- = (a w + |a| |w|) / 2`, as in alpha-beta.
     """
 
     key = "gamma"
@@ -431,30 +431,39 @@ class Gamma(Rule):
         return prepared
 
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
-        eps = self._denominator_epsilon()
-        assert state.z is not None
-        if state.input_nonnegative():
-            parts, rho = [state.a], [w["w_pos"]]
-        else:  # a+ meets w + gamma w+ and a- meets w + gamma w- (at outputs z < 0 the other way round)
-            w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0).mul_(self.gamma).add_(w["weight"]))
-            parts, rho = _signed_parts(state.a), [w["w_pos"], w_neg]
-        d_pos = _forward_parts(op, parts, rho, w.get("b"))  # the denominator z + gamma z+
+        a, z, eps, gamma = state.a, state.z, self._denominator_epsilon(), self.gamma
+        assert z is not None
+        nonnegative = state.input_nonnegative()
+        if nonnegative:  # the denominator z + gamma z+ with z+ = a W+ + b+
+            d_pos = op.forward(a, w["w_pos"], w.get("b"))
+        else:  # (a w)+ = (a w + |a| |w|) / 2, so z+ = (z + |a| |W| + |b|) / 2: one product, a is not split
+            w_abs = _cached(w, "w_abs", lambda: w["weight"].abs())
+            b_abs = _cached(w, "b_abs", lambda: w["bias"].abs()) if "bias" in w else None
+            a_abs = a.abs()
+            d_pos = op.forward(a_abs, w_abs, b_abs).mul_(gamma / 2).add_(z, alpha=1.0 + gamma / 2)
         if state.rectified:  # after a ReLU no relevance arrives where z < 0
-            return _share_parts(op, parts, [rho], stabilized_divide(r, d_pos, eps, overwrite=True))
-        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - d_pos (z- = z - z+), and a+ (a-) meets
-        # w + gamma w- (w + gamma w+): the sum of the two weights is (2 + gamma) w. With the magnitude
-        # q = |denominator| = d_pos - (2 + gamma) min(z, 0) and t = R / q, the relevance of every part is
-        # a_k (rho_k^T t + (2 + gamma) w^T t-), t- = t sign(min(z, 0)) (-t where z < 0, 0 elsewhere).
-        # Arithmetic on the sign instead of a mask: a masked select is several times slower.
-        low = state.z.clamp(max=0)
-        t = stabilized_divide(r, d_pos.sub_(low, alpha=2.0 + self.gamma), eps, nonnegative=True, overwrite=True)
+            t = stabilized_divide(r, d_pos, eps, overwrite=True)
+            if nonnegative:
+                return op.vjp(a, w["w_pos"], t).mul_(a)
+            return self._share_signed(op, w, a, a_abs, t, t)
+        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - d_pos (z- = z - z+). With its magnitude
+        # q = d_pos - (2 + gamma) min(z, 0), t = R / q and t- = t sign(min(z, 0)) (-t where z < 0, 0 elsewhere),
+        # the relevance is a (rho^T t + (2 + gamma) W^T t-), rho = W + gamma W+, for inputs >= 0. Arithmetic on
+        # the sign instead of a mask: a masked select is several times slower.
+        low = z.clamp(max=0)
+        t = stabilized_divide(r, d_pos.sub_(low, alpha=2.0 + gamma), eps, nonnegative=True, overwrite=True)
         t_neg = low.sign_().mul_(t)
         del low
-        if len(parts) == 1:  # two products: stacking them is no faster, and slower on some shapes
-            a = state.a
-            return op.vjp(a, rho[0], t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + self.gamma).mul_(a)
-        t = torch.cat([t, t_neg.mul_(2.0 + self.gamma)], op.channel_dim)
-        return _share_parts(op, parts, [rho, [w["weight"]] * len(parts)], t)
+        if nonnegative:  # two products: stacking them is no faster, and slower on some shapes
+            return op.vjp(a, w["w_pos"], t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + gamma).mul_(a)
+        return self._share_signed(op, w, a, a_abs, t_neg.mul_(2.0).add_(t), t)
+
+    def _share_signed(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        """Inputs of both signs: rho(a w) = a w + gamma (a w)+- = (1 + gamma/2) a w +- gamma/2 |a| |w| (+ at
+        outputs z >= 0, - elsewhere), so R = (1 + gamma/2) a W^T s + gamma/2 |a| |W|^T t with the signed signal
+        s = R / denominator = t + 2 t- and its magnitude t = R / |denominator|."""
+        out = op.vjp(a, w["weight"], s).mul_(a).mul_(1.0 + self.gamma / 2)
+        return out.add_(op.vjp(a, w["w_abs"], t).mul_(a_abs), alpha=self.gamma / 2)
 
 
 @register
