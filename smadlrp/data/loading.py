@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +141,9 @@ def scan_split(root: str | Path, split: str, class_names: Sequence[str] | None =
         if not class_dir.is_dir():
             raise SmadlrpError(f"{folder}: class folder {name!r} is missing (every split needs every class)")
         found = 0
-        for path in list_images(class_dir):
-            if _header_readable(path):
+        paths = list_images(class_dir)
+        for path, readable in zip(paths, _headers_readable(paths), strict=True):
+            if readable:
                 samples.append(Sample(path, label))
                 found += 1
             else:
@@ -173,8 +175,9 @@ def _protocol_split(protocol: Protocol, split: str, class_names: Sequence[str] |
                            f"{names} with attack class {attack_class!r}")
     attack = names.index(attack_class)
     kept: list[ProtocolRow] = []
-    for row in protocol.rows_of(split):
-        if _header_readable(row.path):
+    rows = protocol.rows_of(split)
+    for row, readable in zip(rows, _headers_readable([row.path for row in rows]), strict=True):
+        if readable:
             kept.append(row)
         else:
             warn(f"skipping unreadable image {row.path} ({protocol.file}, line {row.line})")
@@ -213,6 +216,15 @@ class DataSource:
         else:
             rows = [(SPLIT_ALIASES.get(r.get("split", ""), r.get("split", "")), r) for r in read_manifest(self.root)]
         return leak_message(subject_leaks(rows), self.name)
+
+
+def _headers_readable(paths: Sequence[Path]) -> list[bool]:
+    """Whether each image's header can be read, several files at a time: the check waits on storage (on a
+    network file system most of all), so threads overlap the waits."""
+    if len(paths) < 64:
+        return [_header_readable(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(_header_readable, paths))
 
 
 def _header_readable(path: Path) -> bool:
