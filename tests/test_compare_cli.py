@@ -174,6 +174,7 @@ def test_missing_mask_file_is_one_clear_line(tiny_data: Path, tiny_checkpoint: P
     (["--rule", "epsilon", "--patch-size", "40"], "--patch-size 40: must lie in 1..32"),
     (["--rule", "epsilon", "--target", "predicted"], "compare-rules explains one class for every image"),
     (["--rule", "epsilon", "--target", "nonsense"], "--target 'nonsense': unknown class"),
+    (["--rule", "epsilon", "--sum-split", "half"], "--sum-split 'half': choose z or absolute"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path, args: list[str],
                                          message: str) -> None:

@@ -42,6 +42,7 @@ from smadlrp.evaluation.thresholds import (
     parse_threshold,
     stored_point_name,
 )
+from smadlrp.lrp.composites import SUM_SPLITS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -99,6 +100,10 @@ BonafideLabelOption = Annotated[
 AttackLabelOption = Annotated[
     str, typer.Option("--attack-label", help="The label value of attack (morph) rows in protocol and score files "
                                              "(MorDeephy: --attack-label 0 --bonafide-label 1).")
+]
+SumSplitOption = Annotated[
+    str, typer.Option("--sum-split", help=f"How a sum a + b of two tensors (a residual connection) shares relevance: "
+                                          f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
 RUNS_DIR = Path("runs")
 WorstSpeciesOption = Annotated[

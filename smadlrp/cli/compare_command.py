@@ -21,6 +21,7 @@ from smadlrp.cli.common import (
     JsonOption,
     ProtocolOption,
     SeedOption,
+    SumSplitOption,
     WorkersOption,
     console,
     data_source,
@@ -42,6 +43,7 @@ from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
 from smadlrp.explain.heatmaps import plot_perturbation_curves
 from smadlrp.explain.run import PATTERN_KINDS, build_explainers
+from smadlrp.lrp.composites import SUM_SPLITS
 
 BEST = "bold green"
 Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better
@@ -157,6 +159,7 @@ def compare_rules(
     out: Annotated[Path, typer.Option(help="Output folder (CSV and figure).")] = Path("compare_results"),
     workers: WorkersOption = 0,
     device: DeviceOption = None,
+    sum_split: SumSplitOption = SUM_SPLITS[0],
     json_out: JsonOption = None,
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
@@ -168,7 +171,7 @@ def compare_rules(
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
     wanted = _target(target, meta.class_names)
-    explainers = build_explainers(model, meta, rules, {}, pattern_tensors)
+    explainers = build_explainers(model, meta, rules, {}, pattern_tensors, sum_split)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     prepare_out_dir(out)
     with progress_bar(ImagesPerSecond()) as bar:
@@ -197,4 +200,4 @@ def compare_rules(
                              ylabel=f"mean drop of the {result.score}",
                              title=f"Region perturbation: {checkpoint.name}, target {result.target}")
     console.print(f"wrote compare-rules.csv and perturbation-curves.png to {out}", highlight=False)
-    write_json(json_out, {"checkpoint": str(checkpoint), **result.as_dict()})
+    write_json(json_out, {"checkpoint": str(checkpoint), "sum_split": sum_split, **result.as_dict()})

@@ -20,6 +20,7 @@ from smadlrp.cli.common import (
     DeviceOption,
     ImagesPerSecond,
     JsonOption,
+    SumSplitOption,
     WorkersOption,
     console,
     data_source,
@@ -83,10 +84,6 @@ PatternKindOption = Annotated[
 ]
 ParamOption = Annotated[
     list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
-]
-SumSplitOption = Annotated[
-    str, typer.Option("--sum-split", help=f"How a sum a + b of two tensors (a residual connection) shares relevance: "
-                                          f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
 
 

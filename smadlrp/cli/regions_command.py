@@ -26,6 +26,7 @@ from smadlrp.cli.common import (
     ImagesPerSecond,
     JsonOption,
     ProtocolOption,
+    SumSplitOption,
     WorkersOption,
     console,
     data_source,
@@ -68,6 +69,7 @@ from smadlrp.explain.spray import (
     cluster_mix,
     spray,
 )
+from smadlrp.lrp.composites import SUM_SPLITS
 
 SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl", "hair", "bgr", "short")
 FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-clusters.png",
@@ -102,6 +104,7 @@ def regions(
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 0,
     device: DeviceOption = "auto",
+    sum_split: SumSplitOption = SUM_SPLITS[0],
     json_out: JsonOption = None,
 ) -> None:
     """Where relevance goes over a split: shares per face region, mean maps, and SpRAy strategy clusters."""
@@ -110,7 +113,7 @@ def regions(
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,) = resolve_rules([rule], have_patterns=False)
-    explainer = build_explainers(model, meta, [rule], {}, None)[rule]
+    explainer = build_explainers(model, meta, [rule], {}, None, sum_split)[rule]
     wanted = parse_target(target or meta.attack_class, meta.class_names)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
@@ -150,7 +153,8 @@ def regions(
     console.print(f"wrote {', '.join(FILES.values())} to {out} ({ALIGNMENT_NOTE}); {seconds['relevance']:.1f} s "
                   f"for the relevance pass, {seconds['rest']:.1f} s for tables, figures and SpRAy", highlight=False)
     write_json(json_out, {
-        "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "target": target_name,
+        "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "sum_split": sum_split,
+        "target": target_name,
         "by": by, "images": len(inputs.paths), "regions": list(REGIONS),
         "rows": [row.as_dict() for row in rows],
         "spray": {"size": min(meta.input_size, SPRAY_SIZE), "neighbours": SPRAY_NEIGHBOURS,
