@@ -283,6 +283,25 @@ def test_rule_before_a_relu_matches_dense_reference(key: str, sign: str, geometr
     torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("key", ["alpha1beta0", "alpha2beta1"])
+def test_alpha_beta_outputs_with_contributions_of_one_sign_on_inputs_of_both_signs(key: str) -> None:
+    """An output whose contributions are all positive (all negative) gives all of its relevance to them, also
+    when the input has both signs and z+, z- are computed from |a| |W|."""
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.bias.zero_()
+        layer.weight.copy_(torch.tensor([[1.0, -1.0, 2.0, -3.0], [-1.0, 1.0, -1.0, 1.0], [0.5, 0.5, -1.0, 2.0]]))
+    x = torch.tensor([[1.0, -2.0, 3.0, -1.0]], requires_grad=True)  # contributions: all > 0, all < 0, mixed
+    y = convert(nn.Sequential(layer))(x, explain=True, rule=key)
+    g = torch.tensor([[0.7, -1.3, 0.4]])
+    y.backward(g)
+    assert x.grad is not None
+    dense = Dense(layer, (4,))
+    z = layer(x.detach())[0].double()
+    expected = reference(key, {}, dense, x[0].detach().double(), g[0].double() * z)
+    torch.testing.assert_close(x.grad[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_pattern_attribution_on_linear_is_closed_form() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(6, 3)

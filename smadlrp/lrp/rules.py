@@ -574,7 +574,11 @@ class AlphaBeta(Rule):
         return t_pos, t_neg
 
     def _relevance_signed(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
-        """Inputs of both signs: (a w)+ = a+ w+ + a- w-, (a w)- = a+ w- + a- w+."""
+        """Inputs of both signs: (a w)+ = a+ w+ + a- w-, (a w)- = a+ w- + a- w+, with [a+, a-] stacked along the
+        channels before a ReLU (the first layer: few channels, where one product of twice the width costs no
+        more than one of the plain width)."""
+        if not state.rectified:
+            return self._relevance_magnitudes(op, w, state, r)
         w_pos, eps = w["w_pos"], self.stabilizer
         assert state.z is not None
         w_neg = _cached(w, "w_neg", lambda: w["weight"].clamp(max=0))
@@ -591,6 +595,41 @@ class AlphaBeta(Rule):
         self._signals(r, z_pos, state.z, out=t.chunk(2, op.channel_dim))
         del z_pos
         return _share_parts(op, parts, [[w_pos, w_neg], [w_neg, w_pos]], t)
+
+
+    def _relevance_magnitudes(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        """Inputs of both signs, not before a ReLU (every layer after a SiLU or Hardswish): (a w)+- = (a w +-
+        |a| |w|) / 2, so 2 z+ = u + z and -2 z- = u - z with u = |a| |W| + |b| (one convolution), and
+        R = 1/2 a W^T (t+ + t-) + 1/2 |a| |W|^T (t+ - t-) (two vjps) for the signals of `_signals`. z+ and z-
+        come out of a difference here, so an output counts as having no contributions of one sign when they are
+        below _NO_CONTRIBUTION_RTOL of the other sign's."""
+        a, z, eps = state.a, state.z, 2.0 * self.stabilizer  # (denominators are doubled below)
+        assert z is not None
+        w_abs = _cached(w, "w_abs", lambda: w["weight"].abs())
+        b_abs = _cached(w, "b_abs", lambda: w["bias"].abs()) if "bias" in w else None
+        a_abs = a.abs()
+        u = op.forward(a_abs, w_abs, b_abs)
+        twice_pos = torch.add(u, z)
+        twice_neg = u.sub_(z)
+        no_pos = twice_pos <= twice_neg * _NO_CONTRIBUTION_RTOL
+        no_neg = twice_neg <= twice_pos * _NO_CONTRIBUTION_RTOL if self.beta != 0.0 else None
+        t_pos = stabilized_divide(r, twice_pos, eps, nonnegative=True, scale=2.0 * self.alpha, overwrite=True)
+        t_neg: Tensor | None = None
+        if no_neg is not None:
+            t_neg = stabilized_divide(r, twice_neg, eps, nonnegative=True, scale=2.0 * self.beta, overwrite=True)
+            if bool(no_neg.any()):  # all of R to the positive side
+                t_pos[no_neg] /= self.alpha
+                t_neg.masked_fill_(no_neg, 0.0)
+        if bool(no_pos.any()):  # all of R to the negative side: R / z- with z- = z there
+            t_pos.masked_fill_(no_pos, 0.0)
+            t_neg = torch.zeros_like(t_pos) if t_neg is None else t_neg
+            t_neg[no_pos] = stabilized_divide(r[no_pos], z[no_pos], self.stabilizer)
+        if t_neg is None:  # alpha1beta0 and every output with positive contributions: (a w)+ only
+            return op.vjp(a, w["weight"], t_pos).mul_(a).add_(op.vjp(a, w_abs, t_pos).mul_(a_abs)).mul_(0.5)
+        total = torch.add(t_pos, t_neg)
+        out = op.vjp(a, w["weight"], total).mul_(a)
+        del total
+        return out.add_(op.vjp(a, w_abs, t_pos.sub_(t_neg)).mul_(a_abs)).mul_(0.5)
 
 
 # alpha-beta: an output whose negative contributions are below this share of its positive ones has none.
