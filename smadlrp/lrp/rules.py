@@ -318,8 +318,6 @@ def _signed_parts(a: Tensor) -> list[Tensor]:
 def _forward_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Tensor], bias: Tensor | None) -> Tensor:
     """`sum_k xs[k] W_k^T + b` for the parts `xs` of a layer input: one call on channel-stacked parts when the
     layer allows it."""
-    if len(xs) == 1:
-        return op.forward(xs[0], ws[0], bias)
     if op.stackable:
         return op.forward(torch.cat(list(xs), op.channel_dim), torch.cat(list(ws), 1), bias)
     out = op.forward(xs[0], ws[0], bias)
@@ -333,11 +331,9 @@ def _share_parts(op: LayerOp, xs: Sequence[Tensor], ws: Sequence[Sequence[Tensor
     the output blocks m stacked along the channel dimension in `s`; one vjp over stacked parts when the layer
     allows it."""
     dim = op.channel_dim
-    if op.stackable:  # (a single weight is used as it is: no copy)
-        rows = [row[0] if len(row) == 1 else torch.cat(list(row), 1) for row in ws]
+    if op.stackable:
+        rows = [torch.cat(list(row), 1) for row in ws]
         weight = rows[0] if len(rows) == 1 else torch.cat(rows)
-        if len(xs) == 1:
-            return op.vjp(xs[0], weight, s).mul_(xs[0])
         x = torch.cat(list(xs), dim)
         chunks: Sequence[Tensor] = op.vjp(x, weight, s).mul_(x).chunk(len(xs), dim)
         out = chunks[0].clone()
