@@ -21,3 +21,14 @@ class UsageError(SmadlrpError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def shorten(text: str, width: int = 100) -> str:
+    """`text`'s first line, cut at a word boundary to at most `width` characters with "..." when longer (for
+    quoting a library's message or a user's value in a one-line error)."""
+    line = text.splitlines()[0] if text else ""
+    if len(line) <= width:
+        return line
+    cut = line[: width - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut).rstrip(" ,;:") + "..."
