@@ -6,7 +6,9 @@ key, `smadlrp`, whose value is the JSON document described by `CheckpointMeta`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,15 @@ import torch
 from torch import nn
 
 from smadlrp import __version__
-from smadlrp.core.container import read_document, read_tensors, write_document
-from smadlrp.core.errors import SmadlrpError
-from smadlrp.detector.models import get_architecture, load_compatible_state
+from smadlrp.core.container import first_non_finite, read_document, read_tensors, write_document
+from smadlrp.core.errors import SmadlrpError, shorten
+from smadlrp.detector.models import ARCHITECTURES, get_architecture, load_compatible_state
 
 CHECKPOINT_SCHEMA = "smadlrp.detector.checkpoint/1"
+INPUT_SIZES = (16, 4096)  # pixels, the input sides a checkpoint may declare (a larger one costs gigabytes per image)
+# the highest stored threshold: a conservative APCER threshold just above a bona fide score of 1.0
+_MAX_THRESHOLD = math.nextafter(1.0, math.inf)
+_TRAINING_TEXTS = ("data", "protocol", "bonafide_label", "attack_label")  # training fields later commands read
 
 
 @dataclass
@@ -70,25 +76,105 @@ class CheckpointMeta:
 
     @classmethod
     def from_document(cls, doc: dict[str, Any], source: Path) -> CheckpointMeta:
-        """Validate a parsed metadata document; SmadlrpError naming what is wrong."""
+        """Build and `validate` the metadata of a parsed document; SmadlrpError naming what is wrong."""
         if doc.get("schema") != CHECKPOINT_SCHEMA:
             raise SmadlrpError(
-                f"{source}: unknown checkpoint schema {doc.get('schema')!r} (expected {CHECKPOINT_SCHEMA})")
-        try:
-            meta = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
-        except TypeError as exc:
-            raise SmadlrpError(f"{source}: incomplete checkpoint metadata ({exc})") from None
-        if meta.attack_class not in meta.class_names or len(meta.class_names) < 2:
-            raise SmadlrpError(f"{source}: attack class {meta.attack_class!r} is not among {meta.class_names}")
-        if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
-            raise SmadlrpError(f"{source}: normalisation must give 3 means and 3 positive stds")
-        get_architecture(meta.architecture)
-        return meta
+                f"{source}: unknown checkpoint schema {shorten(repr(doc.get('schema')), 60)} "
+                f"(expected {CHECKPOINT_SCHEMA})")
+        missing = [f.name for f in fields(cls)
+                   if f.name not in doc and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise SmadlrpError(f"{source}: incomplete checkpoint metadata (missing: {', '.join(missing)})")
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc}).validate(source)
+
+    def validate(self, source: Path | str) -> CheckpointMeta:
+        """Check every field's type and range (what reading and writing a checkpoint both rely on); SmadlrpError
+        "SOURCE: not a valid smadlrp checkpoint: KEY: ..." naming the first problem."""
+        problem = self.first_problem()
+        if problem is not None:
+            raise SmadlrpError(f"{source}: not a valid smadlrp checkpoint: {problem[0]}: {problem[1]}")
+        return self
+
+    def first_problem(self) -> tuple[str, str] | None:
+        """(KEY, what is wrong) of the first field that fails `validate`; None when all pass."""
+        return next(self._problems(), None)
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        """(KEY, what is wrong) for each problem, in order; each check may rely on the ones before it."""
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
+            yield "architecture", f"unknown architecture {_shown(self.architecture)}"
+        names = self.class_names
+        if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
+                and len(set(names)) == len(names)):
+            yield "class_names", f"{_shown(names)} is not a list of at least 2 distinct non-empty names"
+        if not isinstance(self.attack_class, str) or self.attack_class not in names:
+            yield "attack_class", f"{_shown(self.attack_class)} is not one of the class names {_shown(names)}"
+        low, high = INPUT_SIZES
+        if type(self.input_size) is not int or not low <= self.input_size <= high:
+            yield "input_size", f"{_shown(self.input_size)} is not a whole number of pixels in {low}..{high}"
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if not (isinstance(values, list | tuple) and len(values) == 3 and all(_is_finite(v) for v in values)):
+                yield key, f"{_shown(values)} is not a list of 3 finite numbers (R, G, B)"
+        if min(self.std) <= 0:
+            yield "std", f"{_shown(self.std)} holds a value <= 0"
+        for key in ("weights_source", "version"):
+            if not isinstance(getattr(self, key), str):
+                yield key, f"{_shown(getattr(self, key))} is not a text"
+        for key in ("training", "metrics", "operating_points", "alignment"):
+            if not isinstance(getattr(self, key), dict):
+                yield key, f"{_shown(getattr(self, key))} is not a JSON object"
+        for key in _TRAINING_TEXTS:
+            if not isinstance(self.training.get(key, ""), str):
+                yield f"training.{key}", f"{_shown(self.training[key])} is not a text"
+        yield from _point_problems(self.operating_points)
+
+
+def _is_finite(value: Any) -> bool:
+    """A JSON number (not a boolean) that is finite as a float."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond the float range
+        return False
+
+
+def _shown(value: Any) -> str:
+    """`value` as it appears in a message: its repr, cut to about 60 characters."""
+    return shorten(repr(value[:200] if isinstance(value, str) else value), 60)
+
+
+def _point_problems(stored: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Problems of the stored operating points: `points` maps each criterion to a dict whose threshold is null
+    (with a reason) or a finite number in [0, 1], and whose apcer and bpcer are null or rates in [0, 1]."""
+    points = stored.get("points", {})
+    if not isinstance(points, dict) or not all(isinstance(p, dict) for p in points.values()):
+        yield "operating_points.points", f"{_shown(points)} does not map each criterion to a JSON object"
+    for name, point in points.items():
+        key = f"operating_points.points.{shorten(name, 30)}"
+        threshold = point.get("threshold")
+        if threshold is None and not isinstance(point.get("reason"), str):
+            yield key, "no threshold and no reason why"
+        if threshold is not None and not (_is_finite(threshold) and 0 <= threshold <= _MAX_THRESHOLD):
+            yield f"{key}.threshold", f"{_shown(threshold)} is neither null nor a number in [0, 1]"
+        for rate in ("apcer", "bpcer"):
+            value = point.get(rate)
+            if value is not None and not (_is_finite(value) and 0 <= value <= 1):
+                yield f"{key}.{rate}", f"{_shown(value)} is neither null nor a rate in [0, 1]"
+
+
+def first_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor name (sorted) that is missing from `state`, unexpected in it, or of another shape than
+    in `expected`; None when the two fit."""
+    names = sorted(set(expected) ^ set(state))
+    names += sorted(k for k in expected if k in state and expected[k].shape != state[k].shape)
+    return names[0] if names else None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta) -> Path:
-    """Write `model`'s state dict and `meta` to `path` atomically; returns the path."""
-    return write_document(path, model.state_dict(), asdict(meta))
+    """Write `model`'s state dict and `meta` to `path` atomically, after `meta.validate` (a checkpoint that
+    smadlrp writes always reads back); returns the path."""
+    return write_document(path, model.state_dict(), asdict(meta.validate(path)))
 
 
 def load_meta(path: str | Path) -> CheckpointMeta:
@@ -107,6 +193,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     arch = get_architecture(meta.architecture)
     model = arch.build(len(meta.class_names))
     state = read_tensors(path)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise SmadlrpError(f"{path}: not a valid smadlrp checkpoint: tensor {shorten(bad, 60)} holds NaN or infinity")
     expected = model.state_dict()
     wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if wrong:
@@ -125,6 +214,7 @@ def newest_checkpoint(folder: Path, name: str = "best.safetensors") -> Path | No
 __all__ = [
     "CHECKPOINT_SCHEMA",
     "CheckpointMeta",
+    "first_mismatch",
     "load_checkpoint",
     "load_meta",
     "newest_checkpoint",

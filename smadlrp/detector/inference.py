@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,14 @@ class _Tolerant(Dataset[tuple[torch.Tensor, int, str]]):
         return image, index, ""
 
 
+def refuse_non_finite(scores: Sequence[float], paths: Sequence[Path], errors: Sequence[str]) -> None:
+    """SmadlrpError naming the first image (not already failed) whose score is NaN or infinity: no decision may
+    come from such a model output (NaN is below every threshold and would read "bona fide")."""
+    for score, path, error in zip(scores, paths, errors, strict=True):
+        if not error and not math.isfinite(score):
+            raise SmadlrpError(f"{path}: its score is NaN or infinity: the model output cannot be evaluated")
+
+
 @torch.inference_mode()
 def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *, batch_size: int,
                 device: torch.device, workers: int = 0, amp: bool = False, ranks: Ranks | None = None,
@@ -124,7 +133,8 @@ def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *
                 on_start: Callable[[int], None] = lambda share: None,
                 on_batch: Callable[[int], None] | None = None) -> list[ImageScore]:
     """P(attack) for every image file, in order, preprocessed exactly as `evaluate` does (the checkpoint's input
-    size and normalisation); an unreadable file gets its error and the others are still scored. Under torchrun
+    size and normalisation); an unreadable file gets its error and the others are still scored, a NaN or infinite
+    score is a SmadlrpError naming its image. Under torchrun
     (`ranks`, default: the current ones) each rank scores its share of whole batches and every rank gets all
     results back in order; `on_start(share)` gets this rank's count. `prepare` maps each decoded image first
     (--align: the face crop of the checkpoint's policy)."""
@@ -141,6 +151,7 @@ def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *
             with autocast(device, amp):
                 logits = logits_of(model(images.to(device, non_blocking=True))).float()
             scores = torch.softmax(logits, dim=1)[:, meta.attack_index].double().cpu().tolist()
+            refuse_non_finite(scores, [paths[i] for i in indices.tolist()], errors)
             for index, score, error in zip(indices.tolist(), scores, errors, strict=True):
                 results.append(ImageScore(paths[index], None, error) if error else ImageScore(paths[index], score))
             if on_batch is not None:

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from smadlrp.core.container import read_document, read_tensors, write_document
+from smadlrp.core.container import first_non_finite, read_document, read_tensors, write_document
 from smadlrp.core.distributed import Ranks, current
-from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten
 from smadlrp.core.memory import release_free_memory
 
 KINDS = ("all", "positive")
@@ -469,6 +469,9 @@ def load_patterns(path: str | os.PathLike[str]) -> tuple[dict[str, PatternSet], 
         sets[kind] = PatternSet(kind, patterns, stats[kind], images)
     if sum(len(s.patterns) for s in sets.values()) != len(tensors):
         raise SmadlrpError(f"{path} is a damaged pattern file (it holds tensors of an unlisted kind)")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise SmadlrpError(f"{path} is a damaged pattern file (tensor {shorten(bad, 60)} holds NaN or infinity)")
     return sets, meta
 
 
