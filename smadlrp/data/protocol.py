@@ -16,8 +16,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
-from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError, shorten
+
+if TYPE_CHECKING:
+    from _csv import Writer
 
 REQUIRED_COLUMNS = ("path", "label", "split")
 SPLIT_ALIASES: Mapping[str, str] = {"train": "train", "val": "val", "validation": "val", "dev": "val",
@@ -134,13 +138,10 @@ def read_protocol(file: str | Path, *, base: str | Path | None = None, bonafide_
             raise SmadlrpError(f"{where}: unknown split {values['split']!r} (use train, val or test)")
         if not values["path"]:
             raise SmadlrpError(f"{where}: empty path")
-        path = Path(values["path"])
-        path = (path if path.is_absolute() else base_dir / path).resolve()
+        path = _row_path(values["path"], base_dir, where, check_files)
         if path in seen:
             raise SmadlrpError(f"{where}: {values['path']} is listed twice (first on line {seen[path]})")
         seen[path] = line
-        if check_files and not path.is_file():
-            raise SmadlrpError(f"{where}: image file not found: {path}")
         rows.append(ProtocolRow(path, label, split, {c: values.get(c, "") for c in group_columns}, line))
     if not rows:
         raise SmadlrpError(f"{file}: the protocol lists no images")
@@ -152,10 +153,49 @@ def read_protocol(file: str | Path, *, base: str | Path | None = None, bonafide_
     return Protocol(file, base_dir, tuple(rows), group_columns)
 
 
+def _row_path(text: str, base: Path, where: str, check_file: bool) -> Path:
+    """The resolved path of a row's image (relative to `base` unless absolute); SmadlrpError naming the row when
+    the operating system refuses the path (a NUL byte, a name too long) or, with `check_file`, finds no file."""
+    try:
+        path = Path(text)
+        path = (path if path.is_absolute() else base / path).resolve()
+        missing = check_file and not path.is_file()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = "it holds a NUL byte" if "\0" in text else reason
+        raise SmadlrpError(f"{where}: unusable image path {shorten(repr(text), 60)}: {why}") from None
+    if missing:
+        raise SmadlrpError(f"{where}: image file not found: {path}")
+    return path
+
+
+class _LineFeedRows:
+    """The text stream under an output csv writer: the writer ends rows with "\r\n", so that it quotes every field
+    holding a "\r" or "\n" (csv quotes only the characters of its line terminator: with "\n" ends a bare "\r" in a
+    file name splits the row for every reader); each row is stored with a "\n" end."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, row: str) -> int:
+        return self._out.write(row[:-2] + "\n")
+
+
+def csv_writer(out: TextIO) -> Writer:
+    """A csv writer for smadlrp's output CSV files (scores, predictions, protocols, tables): "\n" line ends, and any
+    field holding a comma, quote, "\r" or "\n" quoted, so that every CSV reader reads each row back whole."""
+    return csv.writer(_LineFeedRows(out), lineterminator="\r\n")
+
+
+def csv_dict_writer(out: TextIO, fieldnames: Sequence[str], **options: Any) -> csv.DictWriter[str]:
+    """`csv_writer`'s dict form (`options` as for csv.DictWriter, e.g. extrasaction)."""
+    return csv.DictWriter(_LineFeedRows(out), fieldnames=list(fieldnames), lineterminator="\r\n", **options)
+
+
 def protocol_csv(rows: Iterable[Mapping[str, str]], columns: Sequence[str]) -> str:
     """CSV text of protocol rows (dicts with at least path, label, split) in `columns` order."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer = csv_dict_writer(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from smadlrp.core.errors import SmadlrpError, UsageError
-from smadlrp.data.protocol import subjects_of
+from smadlrp.data.protocol import csv_writer, subjects_of
 
 LABEL_NAMES = ("bonafide", "morph")  # label 0, label 1
 
@@ -25,7 +25,7 @@ def scores_csv(paths: Sequence[Path], labels: npt.ArrayLike, scores: npt.ArrayLi
     value per row) keep the data's group and subject columns."""
     groups = groups or {}
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv_writer(buffer)
     writer.writerow(["path", "label", "score", *groups])
     rows = zip(paths, np.asarray(labels), np.asarray(scores, dtype=np.float64), strict=True)
     for i, (path, label, score) in enumerate(rows):

@@ -10,7 +10,6 @@ values, seeded per image).
 
 from __future__ import annotations
 
-import csv
 import io
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset, Subset
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex, make_loader
+from smadlrp.data.protocol import csv_writer
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.faithfulness import (
     MASK_COVER,
@@ -375,7 +375,7 @@ def comparison_csv(comparison: Comparison) -> str:
     header = ["method", "kind", "ms_per_image", "aopc", "aopc_vs_random", *CSV_METRICS,
               *(f"{t}.{metric}" for t in types for metric in CSV_METRICS)]
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv_writer(buffer)
     writer.writerow(header)
     for m in comparison.methods:
         cells: list[object] = [m.name, m.kind, f"{m.ms_per_image:.4f}", f"{m.aopc:.6f}", f"{m.aopc_vs_random:.6f}",

@@ -12,7 +12,6 @@ Layout written by `generate_dataset` (paths relative to the output folder):
 
 from __future__ import annotations
 
-import csv
 import functools
 import glob
 import io
@@ -35,6 +34,7 @@ from PIL import Image as PILImage
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.core.processes import leave_if_reimported, map_in_processes
+from smadlrp.data.protocol import csv_dict_writer
 from smadlrp.data.regions import REGION_ID, REGIONS_FOLDER
 from smadlrp.data.synthetic import faces
 
@@ -679,7 +679,7 @@ def _write_manifest(folder: Path, plans: tuple[SamplePlan, ...], config: SynthCo
                     counts: Mapping[str, Mapping[str, int]],
                     morph_counts: Mapping[str, Mapping[str, int]]) -> None:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+    writer = csv_dict_writer(text, MANIFEST_COLUMNS)
     writer.writeheader()
     writer.writerows(plan.manifest_row() for plan in plans)
     write_text_atomic(folder / "manifest.csv", text.getvalue())
@@ -758,6 +758,9 @@ def generate_dataset(out: Path, config: SynthConfig, *, overwrite: bool = False,
         _render_all(plans, config, staging, workers, progress)
         _write_manifest(staging, plans, config, counts, morph_counts)
         _replace(out, staging, overwrite)
+    except OSError as exc:  # a full disk or a folder made read-only while rendering
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SmadlrpError(f"cannot write the synthetic set into {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
