@@ -7,10 +7,13 @@ runs of the same commands.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +247,70 @@ def test_a_command_without_distribution_is_refused_once(two_ranks: Path) -> None
     assert (first["exit_code"], second["exit_code"]) == (2, 2)
     assert first["output"].strip() == "error: rank 0: `smadlrp synth` runs in one process: start it without torchrun"
     assert second["output"] == "" and not (two_ranks / "synthetic").exists()
+
+
+# ---- a rank lost during training (the DDP step) ------------------------------------------------------------------
+GLOO_LOST = "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:5814: " \
+            "Connection reset by peer"
+GLOO_TIMEOUT = "[/__w/pytorch/third_party/gloo/gloo/transport/unbound_buffer.cc:78] Timed out waiting 60000ms " \
+               "for recv operation to complete"
+
+
+@pytest.mark.parametrize(("message", "line"), [
+    (GLOO_LOST, "rank 0/2: lost contact with the other ranks; another rank has probably failed (see its error)"),
+    (GLOO_TIMEOUT, f"rank 0/2: no answer from the other ranks within {TIMEOUT_S} s (SMADLRP_DIST_TIMEOUT); another "
+                   "rank has probably failed (see its error)"),
+])
+def test_gloo_failures_in_a_training_step_are_the_documented_lines(message: str, line: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, str(TIMEOUT_S))
+    with pytest.raises(distributed.SmadlrpError) as caught, distributed.Ranks(0, 2).exchanging():
+        raise RuntimeError(message)
+    assert caught.value.message == line and caught.value.exit_code == 1
+
+
+def test_other_errors_of_a_training_step_pass_unchanged() -> None:
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"), distributed.Ranks(0, 2).exchanging():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)")
+
+
+def _train_one_rank(rank: int, port: int, data: Path, out: Path, fault: str) -> None:
+    """Fine-tune as rank `rank` of two (a forked process); rank 1 dies (`fault` "kill") or stops answering
+    ("stop") in its first training step. Writes OUT/rank<rank>.json with the exit code and the output."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", **{distributed.TIMEOUT_ENV: "2"})
+    if rank == 1:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            if fault == "kill":
+                os._exit(9)
+            time.sleep(120)
+
+        torch.nn.functional.cross_entropy = fail  # type: ignore[assignment]  # the loss of the first step
+    result = CliRunner().invoke(app, ["finetune", "--data", str(data), "--weights", "none", "--epochs", "1",
+                                      "--batch-size", "4", "--device", "cpu", "--out", str(out / f"run{rank}")])
+    (out / f"rank{rank}.json").write_text(json.dumps({"exit_code": result.exit_code, "output": result.output}))
+
+
+@pytest.mark.parametrize(("fault", "why"), [
+    ("kill", "lost contact with the other ranks"),
+    ("stop", "no answer from the other ranks within 2 s (SMADLRP_DIST_TIMEOUT)"),
+])
+def test_a_rank_lost_in_a_training_step_gives_the_documented_line(fault: str, why: str, tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=_train_one_rank, args=(rank, port, tiny_data, tmp_path, fault)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        ranks[0].join(timeout=60)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join()
+    survivor = json.loads((tmp_path / "rank0.json").read_text())
+    errors = [line for line in survivor["output"].splitlines() if line.startswith("error")]
+    assert survivor["exit_code"] == 1 and errors == [f"error: rank 0/2: {why}; another rank has probably failed "
+                                                     "(see its error)"], survivor["output"]

@@ -1,8 +1,11 @@
 """How the help pages look: plain metavars (TEXT, INTEGER RANGE, PATH..., none for flags) instead of typer's
-`<bool>`/`<list[Path]>` style, and the commands listed in the order of the work, not of registration."""
+`<bool>`/`<list[Path]>` style, and the commands listed in the order of the work, not of registration; and how a
+command line that cannot be parsed is answered: one red `error:` line, exit 2."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, get_args
 
 import typer.core
@@ -11,6 +14,8 @@ try:  # typer >= 0.2x vendors click and renders `<bool>`-style metavars, which t
     from typer import _click
 except ImportError:  # older typer on click: already the plain style
     import click as _click  # type: ignore[no-redef]
+
+from smadlrp.cli.common import fail_line
 
 # The order of the work; a command not listed here follows, in the order it was registered.
 COMMAND_ORDER = (
@@ -75,8 +80,36 @@ def _plain(command: _click.Command) -> None:
             param.__class__ = _PlainArgument  # same state, only the rendering of its name differs
 
 
+def usage_line(error: _click.ClickException) -> str:
+    """The one line a command line that cannot be parsed gets: click's message (an unknown option or command, a
+    bad or missing value) and where the help is, e.g. "invalid value for '--epochs': ... (see `smadlrp finetune
+    --help`)"."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    if message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(error, "ctx", None)
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Answer a click error while parsing (and Ctrl-C there) with one red line and its exit code, instead of
+    typer's usage box; the help that no arguments at all ask for still shows."""
+    try:
+        yield
+    except _click.ClickException as error:
+        if error.__class__.__name__ == "NoArgsIsHelpError":  # prints the help, as typer does
+            raise
+        fail_line(usage_line(error))
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        fail_line("interrupted")
+        raise typer.Exit(130) from None
+
+
 class SmadlrpGroup(typer.core.TyperGroup):
-    """The top-level command group: plain help metavars on every command, commands in COMMAND_ORDER."""
+    """The top-level command group: plain help metavars on every command, commands in COMMAND_ORDER, one-line
+    usage errors (exit 2)."""
 
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
@@ -88,6 +121,17 @@ class SmadlrpGroup(typer.core.TyperGroup):
         option = super().get_help_option(ctx)
         _plain_help_option(option)
         return option
+
+    def make_context(self, info_name: str | None, args: list[str], parent: _click.Context | None = None,
+                     **extra: Any) -> _click.Context:
+        """Parse the options before the command name (a bad one is one red line)."""
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: _click.Context) -> Any:
+        """Find the command and parse its options (a bad one is one red line), then run it."""
+        with _one_line_errors():
+            return super().invoke(ctx)
 
     def list_commands(self, ctx: _click.Context) -> list[str]:
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}

@@ -13,6 +13,7 @@ torchrun, and a rank that loses its peers gives up after the collective timeout.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,11 +24,14 @@ import torch
 import torch.distributed as dist
 
 from smadlrp.core.device import resolve_device
-from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten
+from smadlrp.core.processes import is_interrupt
 
 T = TypeVar("T")
 TIMEOUT_ENV = "SMADLRP_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer waits are a hang, and torch's timers overflow near 1e13 s
+VALUE_WIDTH = 60  # characters of a variable's value quoted in an error
 
 
 class RankError(SmadlrpError):
@@ -133,6 +137,17 @@ class Ranks:
             with _communication(self):
                 dist.barrier()
 
+    @contextmanager
+    def exchanging(self) -> Iterator[None]:
+        """Run a block whose collectives torch makes itself (a DistributedDataParallel step: the parameter broadcast,
+        the gradient all-reduce in the backward pass): a lost or silent peer there gives the same line as in the
+        collectives above; any other error passes unchanged."""
+        if not self.distributed:
+            yield
+            return
+        with _communication(self, only_lost_peers=True):
+            yield
+
     # ---- errors ---------------------------------------------------------------------------------------------
     @contextmanager
     def shared_failure(self) -> Iterator[None]:
@@ -152,6 +167,8 @@ class Ranks:
             self._agree((exc.message, exc.exit_code))
             raise
         except Exception as exc:  # noqa: BLE001 - a bug on one rank must still end the others
+            if is_interrupt(exc):  # e.g. a DataLoader worker that Ctrl-C ended: not shared, as Ctrl-C is not
+                raise KeyboardInterrupt from None
             self._agree((f"internal error: {exc.__class__.__name__}: {exc}", 1))
             raise
         self._agree(None)
@@ -178,27 +195,38 @@ def current() -> Ranks:
 
 
 def launched_ranks() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables; (0, 1, 0) when they are absent."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    """(rank, world size, local rank) from torchrun's variables; (0, 1, 0) when they are absent. UsageError naming
+    the variable when one is not an integer or the three do not fit together."""
+    world = _integer_variable("WORLD_SIZE", "1")
+    rank = _integer_variable("RANK", "0")
+    local = _integer_variable("LOCAL_RANK", str(rank))
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise UsageError(f"RANK={rank}, WORLD_SIZE={world}: not a valid place among the processes")
+        raise UsageError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: not a valid place among the processes "
+                         "(torchrun sets 0 <= RANK < WORLD_SIZE)")
     return rank, world, local
 
 
+def _integer_variable(name: str, default: str) -> int:
+    """The integer in environment variable `name` (`default` when unset); UsageError naming it otherwise."""
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name}={shorten(text, VALUE_WIDTH)!r} is not an integer: RANK, WORLD_SIZE and "
+                         "LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
 def collective_timeout() -> float:
-    """Seconds a rank waits for the others in one collective (SMADLRP_DIST_TIMEOUT, default 600)."""
+    """Seconds a rank waits for the others in one collective (SMADLRP_DIST_TIMEOUT, default 600, at most
+    MAX_TIMEOUT_S); UsageError naming the variable for anything else (not a number, <= 0, inf, nan)."""
     text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(text)
     except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise UsageError(f"{TIMEOUT_ENV}={text!r}: give the collective timeout in seconds (> 0)")
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # nan fails too
+        raise UsageError(f"{TIMEOUT_ENV}={shorten(text, VALUE_WIDTH)!r}: give the collective timeout in seconds "
+                         f"(> 0, at most {MAX_TIMEOUT_S:g})")
     return seconds
 
 
@@ -251,15 +279,33 @@ def session(device_spec: str = "auto") -> Iterator[Ranks]:
 
 
 @contextmanager
-def _communication(ranks: Ranks) -> Iterator[None]:
-    """Turn a failed collective (a peer that died, or no answer within the timeout) into one clear line."""
+def _communication(ranks: Ranks, only_lost_peers: bool = False) -> Iterator[None]:
+    """Turn a failed collective (a peer that died, or no answer within the timeout) into one clear line; after
+    Ctrl-C, into the KeyboardInterrupt it follows from. With `only_lost_peers` (a block that also computes, like a
+    training step), other RuntimeErrors pass unchanged."""
     try:
         yield
     except RuntimeError as exc:  # gloo reports a timeout as a plain RuntimeError, NCCL as a DistError
+        if is_interrupt(exc):
+            raise KeyboardInterrupt from None
+        if only_lost_peers and not _lost_peers(exc):
+            raise
         text = str(exc).lower()
         why = (f"no answer from the other ranks within {collective_timeout():g} s ({TIMEOUT_ENV})"
                if "timeout" in text or "timed out" in text else "lost contact with the other ranks")
         raise SmadlrpError(f"{ranks.describe()}: {why}; another rank has probably failed (see its error)") from None
+
+
+_PEER_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe")
+
+
+def _lost_peers(exc: RuntimeError) -> bool:
+    """Whether `exc` is a failed exchange with the other ranks: a DistError (NCCL), or a gloo message ("[.../gloo/
+    transport/tcp/pair.cc:545] Read error ...: Connection reset by peer", "Timed out waiting 60000ms for recv")."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _PEER_WORDS)
 
 
 def main_first(action: Callable[[], T]) -> T:

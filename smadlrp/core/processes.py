@@ -6,16 +6,24 @@ parent's main script again. A script that calls into smadlrp at its top level, w
 `if __name__ == "__main__":` guard, would then start workers from inside every worker; `multiprocessing.Pool`
 replaces each dying worker with a new one, endlessly. Here a worker that finds itself inside such a re-import
 exits at once (`leave_if_reimported`), and the pool reports that once, with what to change.
+
+Ctrl-C is remembered while a command runs (`noting_interrupts`): a KeyboardInterrupt that lands where a library
+swallows it ("Exception ignored in ..."), and the errors that follow it (a DataLoader worker that the same SIGINT
+ended, a peer rank gone), still end the command as an interruption (`is_interrupt`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, TypeVar
 
 from smadlrp.core.errors import SmadlrpError
 
@@ -36,6 +44,54 @@ def leave_if_reimported() -> None:
     The parent then sees its pool broken and says what to change, once."""
     if in_reimported_main():
         raise SystemExit(1)
+
+
+class _Interrupts:
+    """Whether SIGINT arrived since the running command began."""
+
+    seen = False
+
+
+def _note_interrupt(signum: int, frame: FrameType | None) -> None:
+    """The SIGINT handler while a command runs: remember it, then raise KeyboardInterrupt as Python does."""
+    _Interrupts.seen = True
+    signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def noting_interrupts() -> Iterator[None]:
+    """Remember Ctrl-C for `is_interrupt` while the block runs (in the main thread, where Python's own handler is
+    installed; elsewhere, or when SIGINT is ignored, nothing changes), and keep quiet about a KeyboardInterrupt
+    that Python could only report as "Exception ignored in ..." (it is remembered). Restored after the block."""
+    _Interrupts.seen = False
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    report = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            report(unraisable)
+
+    signal.signal(signal.SIGINT, _note_interrupt)
+    sys.unraisablehook = quiet
+    try:
+        yield
+    finally:
+        sys.unraisablehook = report
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C (SIGINT) arrived since the running command began (see `noting_interrupts`)."""
+    return _Interrupts.seen
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` means Ctrl-C: a KeyboardInterrupt, or a RuntimeError raised after a SIGINT (torch's
+    "DataLoader worker (pid(s) ...) exited unexpectedly" when the same SIGINT ended the workers)."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, RuntimeError) and interrupted())
 
 
 def _leave_ctrl_c() -> None:

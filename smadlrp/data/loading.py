@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from smadlrp.core.errors import SmadlrpError
@@ -325,14 +326,60 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int, int]]):
         return self.normalize(image), self.samples[index].label, index
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A SmadlrpError raised while loading an item, carried out of a DataLoader worker as it is (torch would
+    re-raise it as a new exception whose message is the worker's traceback)."""
+
+    message: str
+    exit_code: int
+
+    def error(self) -> SmadlrpError:
+        return SmadlrpError(self.message, self.exit_code)
+
+
+class _Reporting(Dataset[Any]):
+    """`dataset`'s items, or the LoadFailure of an item whose loading raised a SmadlrpError."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except SmadlrpError as exc:
+            return LoadFailure(exc.message, exc.exit_code)
+
+
+def _collate(items: list[Any]) -> Any:
+    """A batch as torch collates it, or the first LoadFailure among its items."""
+    failure = next((item for item in items if isinstance(item, LoadFailure)), None)
+    return failure if failure is not None else default_collate(items)
+
+
+class Loader(DataLoader[tuple[torch.Tensor, int, int]]):
+    """A DataLoader whose batches raise, in this process, the SmadlrpError an item raised (in a worker or not),
+    with its own message and exit code."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, LoadFailure):
+                raise batch.error()
+            yield batch
+
+
 def make_loader(dataset: Dataset[tuple[torch.Tensor, int, int]], batch_size: int, *, shuffle: bool = False,
                 workers: int = 0, generator: torch.Generator | None = None,
                 device: torch.device | None = None,
-                sampler: Sampler[int] | None = None) -> DataLoader[tuple[torch.Tensor, int, int]]:
+                sampler: Sampler[int] | None = None) -> Loader:
     """A DataLoader with pinned memory on CUDA and persistent workers when `workers` > 0 (`sampler`: the order,
-    e.g. one process's share under torchrun, instead of `shuffle`)."""
+    e.g. one process's share under torchrun, instead of `shuffle`). An image that cannot be loaded raises its
+    SmadlrpError in this process, also with workers."""
     if batch_size < 1:
         raise SmadlrpError("--batch-size must be at least 1", exit_code=2)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-                      pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0,
-                      sampler=sampler)
+    return Loader(_Reporting(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                  generator=generator, pin_memory=device is not None and device.type == "cuda",
+                  persistent_workers=workers > 0, sampler=sampler, collate_fn=_collate)
