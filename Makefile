@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test lint docs demo clean
+.PHONY: install test lint docs demo docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: install
 docs: install
 	$(BIN)/python -m smadlrp.cli.reference docs/cli.md
 
+# Writes only below $(DEMO)/ and ends by printing its headline figures beside the committed ones.
 demo: install
 	bash scripts/demo.sh $(DEMO)
+
+# Maintainers: rerun the demo and publish its figures (docs/demo-figures.json, docs/images/, the quoted blocks).
+docs-figures: demo
+	$(BIN)/python scripts/demo_figures.py $(DEMO) --publish
 
 clean:
 	rm -rf $(VENV) $(DEMO) test_results .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,13 @@
-"""The figures the docs quote from `make demo`, as the docs print them: `python scripts/demo_figures.py DEMO OUT.json`.
+"""The figures the docs quote from `make demo`, as the docs print them.
 
-Reads what scripts/demo.sh wrote below DEMO (evaluate.json, compare.json, the captured example outputs) and
-writes OUT.json: {"figures": {key: text}}. tests/test_docs.py checks that every figure a page names with a
-`<!-- docs-test: figures KEY -->` marker is quoted there exactly so (docs/contributing-docs.md).
+`python scripts/demo_figures.py DEMO` (the last step of scripts/demo.sh) reads what the demo wrote below DEMO
+(evaluate.json, compare.json, the captured example outputs), writes DEMO/demo-figures.json ({"figures": {key:
+text}}) and prints the headline figures beside the committed docs/demo-figures.json. It writes nothing else.
+
+`python scripts/demo_figures.py DEMO --publish` (`make docs-figures`, for maintainers) also copies them into the
+docs: docs/demo-figures.json, DEMO/docs-images/* into docs/images/, and every whole-block figure in README.md and
+docs/*.md. tests/test_docs.py checks that every figure a page names with a `<!-- docs-test: figures KEY -->`
+marker is quoted there exactly so (docs/contributing-docs.md).
 
 Whole-block figures are refreshed in place: a table, paragraph or console output right below a marker that
 names one figure alone (`<!-- docs-test: figure compare.table -->`) is replaced by the figure's text (a console
@@ -11,9 +16,10 @@ block keeps its `$` command lines). Figures quoted inside prose are left to the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,25 +128,67 @@ def refresh_blocks(text: str, figures: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(demo: Path, out: Path) -> None:
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "demo-figures.json"
+HEADLINE = (("D-EER", "evaluate.d-eer"), ("APCER", "evaluate.apcer"), ("BPCER", "evaluate.bpcer"))
+
+
+def demo_figures(demo: Path) -> dict[str, str]:
+    """Every figure of the demo below `demo`, by key."""
     read = lambda name: json.loads((demo / name).read_text(encoding="utf-8"))  # noqa: E731
     figures = evaluate_figures(read("evaluate.json")) | compare_figures(read("compare.json"))
     for name in ("explain-example", "trace-example"):
         lines = (demo / f"{name}.txt").read_text(encoding="utf-8").splitlines()  # rich pads lines to 80 columns
         figures[name.replace("-", ".")] = "\n".join(line.rstrip() for line in lines).strip("\n")
-    payload = {"note": "written by `make demo` (scripts/demo_figures.py); quoted by README.md and docs/*.md, "
-                       "checked by tests/test_docs.py", "figures": dict(sorted(figures.items()))}
-    write_text_atomic(out, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    root = out.resolve().parents[1]
-    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+    return dict(sorted(figures.items()))
+
+
+def headline(figures: dict[str, str], committed: dict[str, str]) -> str:
+    """The test split's D-EER, APCER and BPCER of this run beside the committed ones, and how far they may differ."""
+    rows = [f"  {'':7}{'this run':>10}{'README':>10}"]
+    rows += [f"  {name:7}{figures.get(key, 'n/a'):>10}{committed.get(key, 'n/a'):>10}" for name, key in HEADLINE]
+    same = all(figures.get(key) == committed.get(key) for _, key in HEADLINE)
+    rows.append("  The same figures as the README's." if same else
+                "  The figures vary across machines: CPU kernels (chosen by processor and torch version) and thread\n"
+                "  counts round floats differently, and 20 epochs of training amplify it. Two machines with the same\n"
+                "  software differed by about 6 points of D-EER, 10 of APCER and 2 of BPCER (more per morph type).")
+    return "\n".join(rows)
+
+
+def publish(demo: Path, figures: dict[str, str]) -> None:
+    """Copy the demo's figures into the docs: docs/demo-figures.json, docs/images/, the pages' figure blocks."""
+    write_text_atomic(COMMITTED, (demo / COMMITTED.name).read_text(encoding="utf-8"))
+    for image in sorted((demo / "docs-images").glob("*.png")):
+        shutil.copyfile(image, ROOT / "docs" / "images" / image.name)
+        print(f"copied {image.name} to docs/images/")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = page.read_text(encoding="utf-8")
         if (new := refresh_blocks(text, figures)) != text:
             write_text_atomic(page, new)
-            print(f"updated the figure blocks of {page.relative_to(root)}")
-    print(f"wrote {len(figures)} figures to {out}; `pytest tests/test_docs.py` lists the prose that quotes old ones")
+            print(f"updated the figure blocks of {page.relative_to(ROOT)}")
+    print(f"wrote {len(figures)} figures to {COMMITTED.relative_to(ROOT)}; `pytest tests/test_docs.py` lists the "
+          "prose that quotes old ones")
+
+
+def main(demo: Path, publish_docs: bool = False) -> None:
+    """Write DEMO/demo-figures.json and print the headline figures; with `publish_docs` also update the docs."""
+    figures = demo_figures(demo)
+    payload = {"note": "written by `make docs-figures` (scripts/demo_figures.py); quoted by README.md and "
+                       "docs/*.md, checked by tests/test_docs.py", "figures": figures}
+    write_text_atomic(demo / COMMITTED.name, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    if publish_docs:
+        publish(demo, figures)
+        return
+    committed = json.loads(COMMITTED.read_text(encoding="utf-8"))["figures"]
+    print(f"wrote {len(figures)} figures to {demo / COMMITTED.name}\n"
+          f"== headline figures of the test split (APCER and BPCER at the validation split's D-EER threshold)\n"
+          + headline(figures, committed))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python scripts/demo_figures.py DEMO_FOLDER OUT.json")
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description="The figures the docs quote, from a `make demo` folder.")
+    parser.add_argument("demo", type=Path, help="the folder scripts/demo.sh wrote")
+    parser.add_argument("--publish", action="store_true",
+                        help="also rewrite docs/demo-figures.json, docs/images/ and the docs' figure blocks")
+    args = parser.parse_args()
+    main(args.demo, args.publish)
