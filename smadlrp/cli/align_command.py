@@ -11,7 +11,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from smadlrp.cli import app
-from smadlrp.cli.common import ImagesPerSecond, JsonOption, console, handle_errors, notice, progress_bar, write_json
+from smadlrp.cli.common import (
+    ImagesPerSecond,
+    JsonOption,
+    console,
+    file_plan,
+    handle_errors,
+    notice,
+    progress_bar,
+    write_json,
+)
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.align import (
@@ -28,7 +37,7 @@ from smadlrp.data.align import (
     folder_jobs,
     protocol_jobs,
 )
-from smadlrp.data.loading import list_images
+from smadlrp.data.loading import IMAGE_EXTENSIONS, list_images
 from smadlrp.data.protocol import protocol_csv
 
 
@@ -63,6 +72,7 @@ def align(
         raise UsageError(f"{out} lies inside the input {folder}: choose an output folder outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder: choose another output folder")
+    file_plan({"--json": json_out}).reads_images_under(f"an image of {source}", folder, IMAGE_EXTENSIONS)
     rows: list[dict[str, str]] = []
     columns: list[str] = []
     if source.is_dir():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import traceback
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TextIO, TypeVar
 
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -26,11 +28,12 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from smadlrp.core import distributed
+from smadlrp.core import distributed, processes
 from smadlrp.core.config import ProjectConfig, load_config
 from smadlrp.core.device import DEVICE_HELP, resolve_device
-from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.core.outputs import FilePlan
 from smadlrp.data.loading import DataSource
 from smadlrp.data.protocol import read_protocol
 from smadlrp.detector.checkpoint import CheckpointMeta, newest_checkpoint
@@ -161,11 +164,12 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     Under torchrun with several processes, a command not marked with `on_ranks` is refused; an error that every
     rank raised together (a RankError) and Ctrl-C are printed by rank 0 alone, other errors by the rank they
-    happened on, prefixed with it."""
+    happened on, prefixed with it. Ctrl-C is exit 130, also when a library swallowed its KeyboardInterrupt and
+    failed afterwards (see core/processes.py)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        rank, world, _ = distributed.launched_ranks()
+        rank, world = 0, 1  # until torchrun's variables are read (a bad one is reported as by one process)
 
         def fail(message: str, once: bool = False) -> None:
             if world == 1:
@@ -173,29 +177,53 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             elif rank == 0 or not once:
                 fail_line(message if message.startswith("rank ") else f"rank {rank}: {message}")
 
-        try:
-            if world > 1 and not getattr(command, "runs_on_ranks", False):
-                name = command.__name__.removesuffix("_command").replace("_", "-")
-                raise distributed.RankError(rank, f"`smadlrp {name}` runs in one process: start it without torchrun",
-                                            exit_code=2)  # every rank refuses: rank 0 says it
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except SmadlrpError as exc:
-            if state.debug:
-                traceback.print_exc()
-            fail(exc.message, once=isinstance(exc, distributed.RankError))
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            fail("interrupted", once=True)
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if state.debug:
+        with processes.noting_interrupts(), _warnings_as_notices():
+            try:
+                rank, world, _ = distributed.launched_ranks()
+                if world > 1 and not getattr(command, "runs_on_ranks", False):
+                    name = command.__name__.removesuffix("_command").replace("_", "-")
+                    raise distributed.RankError(rank, f"`smadlrp {name}` runs in one process: start it without "
+                                                      "torchrun", exit_code=2)  # every rank refuses: rank 0 says it
+                return command(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
                 raise
-            fail(f"internal error: {exc.__class__.__name__}: {exc} (run `smadlrp --debug ...` for the traceback)")
-            raise typer.Exit(1) from None
+            except SmadlrpError as exc:
+                if state.debug:
+                    traceback.print_exc()
+                fail(exc.message, once=isinstance(exc, distributed.RankError))
+                raise typer.Exit(exc.exit_code) from None
+            except Exception as exc:
+                if processes.is_interrupt(exc):  # e.g. DataLoader workers that the same Ctrl-C ended
+                    fail("interrupted", once=True)
+                    raise typer.Exit(130) from None
+                if state.debug:
+                    raise
+                fail(f"internal error: {exc.__class__.__name__}: {shorten(str(exc), 300)} (run `smadlrp --debug ...` "
+                     "for the traceback)")
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                fail("interrupted", once=True)
+                raise typer.Exit(130) from None
 
     return wrapper
+
+
+@contextmanager
+def _warnings_as_notices() -> Iterator[None]:
+    """While a command runs, PIL's DecompressionBombWarning (an image of more pixels than PIL.Image.MAX_IMAGE_PIXELS,
+    decoded anyway) is a yellow notice line instead of Python's two lines with PIL's source path."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def shown(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+            if issubclass(category, Image.DecompressionBombWarning):
+                notice(f"warning: {shorten(str(message), 200)} (it is decoded anyway)")
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = shown
+        yield
 
 
 def on_ranks(command: Callable[P, R]) -> Callable[P, R]:
@@ -350,6 +378,23 @@ def stored_threshold(text: str, meta: CheckpointMeta, checkpoint: Path) -> tuple
         return None
     points = meta.operating_points
     return value, f"stored {points.get('split', 'val')} {describe(name)}, epoch {points.get('epoch', '?')}"
+
+
+def file_plan(outputs: dict[str, Path | None], folder_files: tuple[str, Path, Sequence[str]] | None = None
+              ) -> FilePlan:
+    """The command's output options (option -> path, None when not asked for) and the fixed files of its output
+    folder (`folder_files`: option, folder, names), checked against each other and, when one is in use, the
+    project configuration file; the command then declares its other inputs on the plan before any work starts
+    (see core/outputs.py)."""
+    plan = FilePlan()
+    plan.reads("the project configuration", state.config.source if state.config is not None else state.config_path)
+    for option, path in outputs.items():
+        plan.writes(option, path)
+    if folder_files is not None:
+        option, folder, names = folder_files
+        for name in names:
+            plan.writes(option, folder / name)
+    return plan
 
 
 def write_json(path: Path | None, payload: Any) -> None:

@@ -25,6 +25,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_source,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -38,6 +39,7 @@ from smadlrp.cli.explain_commands import PatternKindOption, PatternsOption, rule
 from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import IMAGE_EXTENSIONS
 from smadlrp.data.paths import prepare_out_dir
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
@@ -45,6 +47,7 @@ from smadlrp.explain.heatmaps import plot_perturbation_curves
 from smadlrp.explain.run import PATTERN_KINDS, build_explainers
 from smadlrp.lrp.composites import SUM_SPLITS
 
+CSV_FILE, CURVES_FILE = "compare-rules.csv", "perturbation-curves.png"  # written into --out
 BEST = "bold green"
 Column = tuple[str, Callable[[MethodResult], float | None], bool]  # header, value, higher is better
 
@@ -166,6 +169,10 @@ def compare_rules(
     masks, region perturbation (AOPC) and time per image (under torchrun: each process takes a share of the
     images; rank 0 reports on all of them)."""
     checkpoint = find_checkpoint(checkpoint)
+    plan = file_plan({"--json": json_out}, ("--out", out, (CSV_FILE, CURVES_FILE)))
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("the pattern file", patterns)
+    plan.reads("the protocol file", protocol)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
@@ -173,6 +180,7 @@ def compare_rules(
     wanted = _target(target, meta.class_names)
     explainers = build_explainers(model, meta, rules, {}, pattern_tensors, sum_split)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
+    plan.reads_images_under(f"an image of {source.name}", source.root, IMAGE_EXTENSIONS)
     prepare_out_dir(out)
     with progress_bar(ImagesPerSecond()) as bar:
 
@@ -193,11 +201,11 @@ def compare_rules(
     console.print(results_table(result, f"{checkpoint.name} on {split} ({counts}), target {result.target}"))
     if result.morph_types:
         console.print(per_type_table(result))
-    write_text_atomic(out / "compare-rules.csv", comparison_csv(result))
-    plot_perturbation_curves({m.name: m.curve for m in result.methods}, out / "perturbation-curves.png",
+    write_text_atomic(out / CSV_FILE, comparison_csv(result))
+    plot_perturbation_curves({m.name: m.curve for m in result.methods}, out / CURVES_FILE,
                              aopc={m.name: m.aopc for m in result.methods},
                              baselines=[m.name for m in result.methods if m.kind == "baseline"],
                              ylabel=f"mean drop of the {result.score}",
                              title=f"Region perturbation: {checkpoint.name}, target {result.target}")
-    console.print(f"wrote compare-rules.csv and perturbation-curves.png to {out}", highlight=False)
+    console.print(f"wrote {CSV_FILE} and {CURVES_FILE} to {out}", highlight=False)
     write_json(json_out, {"checkpoint": str(checkpoint), "sum_split": sum_split, **result.as_dict()})

@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from smadlrp.cli import app
-from smadlrp.cli.common import JsonOption, console, find_checkpoint, handle_errors, progress_bar, write_json
+from smadlrp.cli.common import (
+    JsonOption,
+    console,
+    file_plan,
+    find_checkpoint,
+    handle_errors,
+    progress_bar,
+    write_json,
+)
 from smadlrp.core.container import read_document, read_header
 from smadlrp.core.errors import UsageError
 from smadlrp.data.synthetic.generator import CORNERS, SHORTCUT_KINDS, SynthConfig, generate_dataset
@@ -85,6 +93,7 @@ def info(
 ) -> None:
     """Print the metadata of a smadlrp checkpoint or pattern file."""
     file = find_checkpoint(file)
+    file_plan({"--json": json_out}).reads("the file it describes", file)
     header, _ = read_header(file)
     doc = read_document(file)
     if doc["schema"] == CHECKPOINT_SCHEMA:

@@ -27,6 +27,7 @@ from smadlrp.cli.common import (
     data_source,
     detail,
     fail_line,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -44,6 +45,7 @@ from smadlrp.core import distributed
 from smadlrp.core.config import ProjectConfig
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.core.outputs import FilePlan
 from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
 from smadlrp.data.perturb import SPEC_HELP, Perturbation, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
@@ -84,9 +86,11 @@ from smadlrp.evaluation.thresholds import (
 
 
 def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
-                 workers: int, device: object, perturbation: Perturbation | None = None,
+                 workers: int, device: object, plan: FilePlan, perturbation: Perturbation | None = None,
                  seed: int = 0) -> tuple[Predictions, SplitIndex]:
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
+    plan.reads(f"an image of the {split} split", (s.path for s in index.samples), keep=False)
+    plan.reads("the group file", index.groups_file)
     dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std, perturb=perturbation,
                            perturb_seed=seed)
     with progress_bar() as bar:
@@ -251,6 +255,10 @@ def evaluate(
     if robustness_out is not None and not conditions:
         raise UsageError("--robustness needs at least one --perturb condition")
     checkpoint = find_checkpoint(checkpoint)
+    plan = file_plan({"--scores": scores_out, "--det": det_out, "--markdown": markdown_out, "--junit": junit_out,
+                      "--robustness": robustness_out, "--json": json_out})
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("a protocol file", protocol)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     sources = _test_sets(data or [], protocol or [], bonafide_label, attack_label, meta)
@@ -263,19 +271,21 @@ def evaluate(
                    f"--threshold {VALIDATION_PREFIX}eer")
             text = f"{VALIDATION_PREFIX}eer"
         wanted = parse_threshold(text)
-        val = _score_split(model, meta, next(iter(sources.values())), "val", batch_size, workers, torch_device) \
+        val = _score_split(model, meta, next(iter(sources.values())), "val", batch_size, workers, torch_device,
+                           plan) \
             if isinstance(wanted, str) else None
         choice = _choose_threshold(wanted, worst_column, val)
         t, threshold_source = choice.value, choice.source("validation")
     results = []
     for name, source in sources.items():
         try:
-            preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device)
+            preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device, plan)
         except SmadlrpError as exc:
             if configured_split and f"{split!r}" in str(exc):  # the loaders name a missing split quoted
                 raise config.error("split", str(exc)) from None
             raise
-        perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, c, seed)[0]
+        perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, plan, c,
+                                            seed)[0]
                      for c in conditions}
         if distributed.current().is_main:
             results.append(_report_set(name, source, preds, index, t, threshold_source, by,

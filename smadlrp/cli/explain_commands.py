@@ -24,6 +24,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_source,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -37,8 +38,15 @@ from smadlrp.cli.patterns_command import fit_with_progress
 from smadlrp.core import distributed
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
+from smadlrp.core.outputs import FilePlan
 from smadlrp.data.align import recorded_aligner
-from smadlrp.data.paths import collect_images, output_stems, prepare_out_dir, safe_output
+from smadlrp.data.paths import (
+    collect_images,
+    output_stems,
+    prepare_out_dir,
+    refuse_outputs_over_inputs,
+    safe_output,
+)
 from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
@@ -114,6 +122,9 @@ def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, 
         raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
                          "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
                          "(it writes patterns.safetensors beside the checkpoint) or pass --patterns FILE")
+    plan = FilePlan()
+    plan.reads("the checkpoint", checkpoint)
+    plan.writes("the pattern file beside it", out)
     source = data_source(None, meta=meta)
     notice(f"fitting patterns for {checkpoint.name} on {source.name} (train split, at most {AUTO_FIT_MAX_IMAGES} "
            f"images) into {out}; later runs reuse that file")
@@ -133,6 +144,17 @@ def _gather_relevance(ranks: distributed.Ranks, share: list[int],
         return None
     order = torch.tensor([p for positions, _ in parts for p in positions]).argsort()
     return {name: torch.cat([tensors[name] for positions, tensors in parts if positions])[order] for name in mine}
+
+
+def _plan_inputs(outputs: dict[str, Path | None], checkpoint: Path, patterns: Path | None, images: list[Path],
+                 out: Path) -> None:
+    """Refuse, before any work, an output option that names the checkpoint, the patterns or an image, and an
+    --out folder where the per-image files would replace input images."""
+    plan = file_plan(outputs)
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("the pattern file", patterns)
+    plan.reads("an input image", images, keep=False)
+    refuse_outputs_over_inputs(out, images)
 
 
 @app.command()
@@ -166,6 +188,7 @@ def explain(
     conditions = parse_perturbations(perturb or [])
     images = collect_images(paths)
     checkpoint = find_checkpoint(checkpoint)
+    _plan_inputs({"--json": json_out}, checkpoint, patterns, images, out)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
@@ -196,7 +219,8 @@ def explain(
         table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
                          min_width=14 if column == "file" else None)
     for result in results:
-        image = [result.path.name, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
+        named = result.path.name if result.name == result.path.stem else f"{result.path.name} ({result.name})"
+        image = [named, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
         for i, (name, value) in enumerate(result.relevance_sum.items()):
             table.add_row(*(image if i == 0 else [""] * len(image)), name,
                           "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}")
@@ -211,7 +235,7 @@ def explain(
     console.print(f"wrote {sum(len(r.files) for r in results) + (relevance is not None)} file(s) to {out}",
                   highlight=False)
     images_json = [
-        {"path": str(r.path), "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
+        {"path": str(r.path), "name": r.name, "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
          "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files,
          **({"perturbed": {spec: asdict(c) for spec, c in r.perturbed.items()}} if conditions else {})}
         for r in results
@@ -258,6 +282,7 @@ def trace(
     if rule == "all":
         raise UsageError("trace takes one rule, not all")
     checkpoint = find_checkpoint(checkpoint)
+    _plan_inputs({"--json": json_out}, checkpoint, patterns, images, out)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,

@@ -17,6 +17,7 @@ from smadlrp.cli.common import (
     SeedOption,
     WorstSpeciesOption,
     console,
+    file_plan,
     handle_errors,
     worst_species_column,
     write_json,
@@ -98,6 +99,9 @@ def metrics(
     if score_direction not in DIRECTIONS:
         raise UsageError(f"--score-direction {score_direction!r}: choose {', '.join(DIRECTIONS[1:])}")
     wanted = parse_threshold(threshold, probability=False)
+    plan = file_plan({"--det": det_out, "--markdown": markdown_out, "--json": json_out})
+    plan.reads("a score file", scores)
+    plan.reads("a --dev score file", dev)
     if dev and len(dev) not in (1, len(scores)):
         raise UsageError(f"--dev: give one file, or one per score file ({len(scores)}), not {len(dev)}")
     worst_column = worst_species_column(worst_species, threshold, by)

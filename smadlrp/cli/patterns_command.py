@@ -26,6 +26,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_source,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -36,7 +37,7 @@ from smadlrp.cli.common import (
     write_json,
 )
 from smadlrp.core.errors import UsageError
-from smadlrp.data.loading import DataSource
+from smadlrp.data.loading import IMAGE_EXTENSIONS, DataSource
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.pattern_file import PatternFit, default_pattern_path, fit_pattern_file
 from smadlrp.lrp.patterns import KINDS
@@ -89,10 +90,16 @@ def fit_patterns_command(
     if kind != "both" and kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose all, positive or both")
     checkpoint = find_checkpoint(checkpoint)
+    plan = file_plan({"--json": json_out})
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("the protocol file", protocol)
+    option = "--out" if out is not None else "the default --out"
     out = out or default_pattern_path(checkpoint)
+    plan.writes(option, out)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
+    plan.reads_images_under(f"an image of {source.name}", source.root, IMAGE_EXTENSIONS)
     fit = fit_with_progress(model, meta, checkpoint, source, split, kinds, out, max_images=max_images, seed=seed,
                             batch_size=batch_size, workers=workers, device=torch_device)
     for pattern_set in fit.sets.values():

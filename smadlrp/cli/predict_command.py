@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +21,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     fail_line,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -39,6 +39,7 @@ from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.align import recorded_aligner
 from smadlrp.data.loading import list_images
+from smadlrp.data.protocol import csv_writer
 from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import ImageScore, score_files
 from smadlrp.evaluation.thresholds import parse_threshold, stored_point_name
@@ -112,6 +113,9 @@ def predict(
     text = threshold_text(threshold)
     files, failed = _inputs(paths)
     checkpoint = find_checkpoint(checkpoint)
+    plan = file_plan({"--csv": csv_out, "--json": json_out})
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("an input image", files + [r.path for r in failed], keep=False)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     t, source = _threshold(text, meta, checkpoint, configured=threshold is None)
@@ -159,7 +163,7 @@ def predict(
 def _csv(results: list[ImageScore], decisions: list[str | None]) -> str:
     """`path,score,decision,error`: the score at full float precision (repr), empty cells for a failed image."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv_writer(buffer)
     writer.writerow(["path", "score", "decision", "error"])
     for result, decision in zip(results, decisions, strict=True):
         writer.writerow([str(result.path), "" if result.score is None else repr(result.score), decision or "",

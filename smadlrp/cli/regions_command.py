@@ -3,7 +3,6 @@ SpRAy strategy clusters."""
 
 from __future__ import annotations
 
-import csv
 import io
 import time
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_source,
+    file_plan,
     find_checkpoint,
     handle_errors,
     notice,
@@ -39,6 +39,7 @@ from smadlrp.cli.common import (
 )
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.paths import prepare_out_dir
+from smadlrp.data.protocol import csv_writer
 from smadlrp.data.regions import REGIONS
 from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.region_plots import (
@@ -110,6 +111,9 @@ def regions(
     """Where relevance goes over a split: shares per face region, mean maps, and SpRAy strategy clusters."""
     check_cluster_count(clusters)
     checkpoint = find_checkpoint(checkpoint)
+    plan = file_plan({"--json": json_out}, ("--out", out, tuple(FILES.values())))
+    plan.reads("the checkpoint", checkpoint)
+    plan.reads("the protocol file", protocol)
     torch_device = pick_device(device)
     model, meta = load_checkpoint(checkpoint, torch_device)
     (rule,) = resolve_rules([rule], have_patterns=False)
@@ -117,6 +121,8 @@ def regions(
     wanted = parse_target(target or meta.attack_class, meta.class_names)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
+    plan.reads(f"an image of the {split} split", (sample.path for sample in index.samples), keep=False)
+    plan.reads("the group file", index.groups_file)
     inputs = region_inputs(index, by=by, regions_folder=regions_folder, max_images=max_images,
                            attack_index=meta.attack_index)
     ids = load_region_ids(inputs, meta.input_size)
@@ -210,7 +216,7 @@ def _cluster_table(result: SprayResult, mixes: list[ClusterMix], p_attack: np.nd
 def _cluster_csv(result: SprayResult, paths: list[Path], labels: np.ndarray, groups: list[str], p_attack: np.ndarray,
                  names: list[str]) -> str:
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    writer = csv_writer(text)
     writer.writerow(["path", "class", "group", "cluster", "distance_to_centre", "embedding_1", "embedding_2",
                      "p_attack"])
     for i, path in enumerate(paths):

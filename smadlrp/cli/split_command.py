@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from smadlrp.cli import app
-from smadlrp.cli.common import JsonOption, SeedOption, console, handle_errors, notice, write_json
+from smadlrp.cli.common import JsonOption, SeedOption, console, file_plan, handle_errors, notice, write_json
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.data.loading import IMAGE_EXTENSIONS
 from smadlrp.data.protocol import protocol_csv
 from smadlrp.data.split import COLUMNS, PRESETS, SPLITS, parse_ratios, plan_split
 
@@ -41,6 +42,8 @@ def split(
     split by seeded ratios, and a morph whose contributors would fall into different splits is dropped."""
     if out.exists():
         raise UsageError(f"--out {out} exists: choose another file name (a protocol file is never overwritten)")
+    file_plan({"--out": out, "--json": json_out}).reads_images_under(f"an image of {folder}", folder,
+                                                                      IMAGE_EXTENSIONS)
     plan = plan_split(folder, out, bonafide_dir=bonafide_dir, subject_regex=subject_regex, morph_regex=morph_regex,
                       ratios=parse_ratios(ratios), seed=seed)
     write_text_atomic(out, protocol_csv(plan.rows, COLUMNS))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +25,7 @@ from smadlrp.cli.common import (
     WorkersOption,
     console,
     data_source,
+    file_plan,
     handle_errors,
     notice,
     on_ranks,
@@ -32,11 +35,23 @@ from smadlrp.cli.common import (
     write_json,
 )
 from smadlrp.core import distributed
-from smadlrp.core.errors import SmadlrpError, UsageError
-from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
-from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
-from smadlrp.detector.models import ARCHITECTURES, get_architecture
-from smadlrp.detector.train import OPTIMIZERS, SELECT_BY, Callbacks, EpochRow, Finetuner, TrainConfig, read_resume
+from smadlrp.core.container import first_non_finite
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten
+from smadlrp.core.locks import LOCK_FILE, locked_folder, remove_write_leftovers
+from smadlrp.data.loading import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from smadlrp.detector.checkpoint import CheckpointMeta, first_mismatch, save_checkpoint
+from smadlrp.detector.models import ARCHITECTURES, WEIGHT_CHOICES, get_architecture
+from smadlrp.detector.train import (
+    OPTIMIZERS,
+    RESUME_FILE,
+    RUN_OUTPUTS,
+    SELECT_BY,
+    Callbacks,
+    EpochRow,
+    Finetuner,
+    TrainConfig,
+    read_resume,
+)
 from smadlrp.evaluation.report import epoch_table
 
 ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}.")]
@@ -52,6 +67,7 @@ GlobalBatchOption = Annotated[
 @handle_errors
 @on_ranks
 def finetune(
+    ctx: typer.Context,
     arch: ArchOption = "vgg_compact",
     data: DataOption = None,
     protocol: ProtocolOption = None,
@@ -93,36 +109,97 @@ def finetune(
     json_out: JsonOption = None,
 ) -> None:
     """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images (under torchrun: data-parallel
-    on every process, rank 0 writes the run folder)."""
+    on every process, rank 0 writes the run folder, holding its lock for the run's lifetime)."""
     torch_device = pick_device(device)
     ranks = distributed.current()
-    if resume is not None:
-        with ranks.shared_failure():
-            config, doc, tensors = read_resume(resume)
-        config.epochs = epochs or config.epochs
-        out = resume
-        source = data_source(Path(config.data), Path(config.protocol) if config.protocol else None,
-                             config.bonafide_label, config.attack_label)
-        with ranks.shared_failure():
-            trainer = Finetuner(config, source, out, torch_device, notice, workers)
-            trainer.restore(doc, tensors)
-        notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
-        if doc.get("world_size", 1) != ranks.world_size:
-            notice(f"the run trained on {doc.get('world_size', 1)} process(es) and continues on {ranks.world_size}: "
-                   "weights, optimizer, schedule and history carry on; later epochs visit the images in another order")
-    else:
-        source = data_source(data, protocol, bonafide_label, attack_label)
-        config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, schedule=schedule,
-                             optimizer=optimizer,
-                             weight_decay=weight_decay, image_size=image_size, full=full, weights=weights, amp=amp,
-                             select_by=select_by, attack_class=attack_class, seed=seed, data=str(source.root.resolve()),
-                             protocol=str(protocol.resolve()) if protocol is not None else "",
-                             bonafide_label=bonafide_label, attack_label=attack_label, augment=augment)
-        out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        with ranks.shared_failure():
-            if out.exists() and any(out.iterdir()):
-                raise UsageError(f"{out} is not empty: choose another --out, or continue that run with --resume {out}")
-            trainer = Finetuner(config, source, out, torch_device, notice, workers)
+    plan = file_plan({"--json": json_out})
+    plan.reads("the protocol file", protocol)
+    plan.reads("the initial weights", Path(weights) if weights not in WEIGHT_CHOICES else None)
+    with ExitStack() as held:
+        if resume is not None:
+            if out is not None and out.resolve() != resume.resolve():
+                raise UsageError(f"--out {out} with --resume {resume}: a resumed run writes into its own folder")
+            out = resume
+            with ranks.shared_failure():
+                if ranks.is_main:
+                    _hold_run_folder(held, out, exists=True)
+                config, doc, tensors = read_resume(resume)
+                _refuse_resume_changes(ctx, config, resume)
+            config.epochs = epochs or config.epochs
+            source = data_source(Path(config.data), Path(config.protocol) if config.protocol else None,
+                                 config.bonafide_label, config.attack_label)
+            with ranks.shared_failure():
+                trainer = Finetuner(config, source, out, torch_device, notice, workers)
+                trainer.restore(doc, tensors)
+            notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
+            if doc.get("world_size", 1) != ranks.world_size:
+                notice(f"the run trained on {doc.get('world_size', 1)} process(es) and continues on "
+                       f"{ranks.world_size}: weights, optimizer, schedule and history carry on; later epochs visit the "
+                       "images in another order")
+        else:
+            source = data_source(data, protocol, bonafide_label, attack_label)
+            plan.reads_images_under("an image of the training data", source.root, IMAGE_EXTENSIONS)
+            config = TrainConfig(arch=arch, epochs=epochs or 10, batch_size=batch_size, lr=lr, schedule=schedule,
+                                 optimizer=optimizer, weight_decay=weight_decay, image_size=image_size, full=full,
+                                 weights=weights, amp=amp, select_by=select_by, attack_class=attack_class, seed=seed,
+                                 data=str(source.root.resolve()),
+                                 protocol=str(protocol.resolve()) if protocol is not None else "",
+                                 bonafide_label=bonafide_label, attack_label=attack_label, augment=augment)
+            out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+            with ranks.shared_failure():
+                if ranks.is_main:
+                    _hold_run_folder(held, out, exists=False)
+                trainer = Finetuner(config, source, out, torch_device, notice, workers)
+        _train(trainer, config, out, json_out)
+
+
+def _hold_run_folder(held: ExitStack, out: Path, exists: bool) -> None:
+    """Lock the run folder `out` until `held` closes and remove the temporary files of killed writes. A new run
+    (`exists=False`) needs a folder that is empty, or that holds only the files of a run stopped before its first
+    epoch was saved (no resume state: nothing was done); `--resume` (`exists=True`) needs an existing folder."""
+    if exists and not out.is_dir():
+        raise SmadlrpError(f"--resume {out}: no such folder")
+    held.enter_context(locked_folder(out, notice))
+    removed = remove_write_leftovers(out)
+    if removed:
+        notice(f"removed {len(removed)} temporary file(s) of interrupted writes in {out}")
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if exists:
+        if not (out / RESUME_FILE).exists() and others and set(others) <= RUN_OUTPUTS:
+            raise SmadlrpError(f"{out} holds no resume state: its run stopped before its first epoch was saved, so "
+                               f"there is nothing to resume; start it again with --out {out}")
+        return
+    if (out / RESUME_FILE).exists():
+        raise UsageError(f"{out} is not empty: it holds a run; continue it with --resume {out}, or choose another "
+                         "--out")
+    if others and not set(others) <= RUN_OUTPUTS:
+        raise UsageError(f"{out} is not empty ({len(others)} entries, e.g. {others[0]}): choose another --out")
+    if others:
+        notice(f"{out} holds a run stopped before its first epoch was saved; starting it anew")
+
+
+def _refuse_resume_changes(ctx: typer.Context, config: TrainConfig, run: Path) -> None:
+    """UsageError naming every training option given on the command line with a value other than the stored
+    run's: `--resume` continues that run as it was configured (only --epochs, --device, --workers may change)."""
+    changed = []
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if name == "epochs" or not hasattr(config, name) or source is None or source.name.startswith("DEFAULT"):
+            continue
+        stored = getattr(config, name)
+        if name in ("data", "protocol"):
+            value = str(Path(str(value)).resolve()) if value is not None else ""
+        if value != stored and not (name == "image_size" and value == 0):
+            changed.append(f"--{name.replace('_', '-')} {shorten(str(value), 40)} (the run's: "
+                           f"{shorten(str(stored), 40)})")
+    if changed:
+        raise UsageError(f"--resume {run} continues the run with its stored settings, and these differ: "
+                         f"{', '.join(changed)}; drop them, or start a new run with another --out")
+
+
+def _train(trainer: Finetuner, config: TrainConfig, out: Path, json_out: Path | None) -> None:
+    """Run the epochs under progress bars and print the epoch table."""
+    ranks = distributed.current()
     train_share, train_total, val_share, val_total = trainer.shares
     rank_line(f"training on {train_share} of {train_total} images ({config.batch_size // ranks.world_size} per "
               f"batch of {config.batch_size}), validating on {val_share} of {val_total}")
@@ -172,26 +249,30 @@ def import_model(
     """Convert a PyTorch .pth model (state dict or whole pickled model) into a smadlrp checkpoint."""
     if not source.is_file():
         raise SmadlrpError(f"file not found: {source}")
-    if out.resolve() == source.resolve():
-        raise UsageError("--out must differ from the input file")
+    file_plan({"--out": out, "--json": json_out}).reads("the model it converts", source)
     spec = get_architecture(arch)
     class_names = [c.strip() for c in classes.split(",") if c.strip()]
-    if attack_class not in class_names:
-        raise UsageError(f"--attack-class {attack_class!r} is not among --classes {class_names}")
+    meta = CheckpointMeta(architecture=arch, class_names=class_names, attack_class=attack_class,
+                          input_size=image_size or spec.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          weights_source=f"imported from {source.name}")
+    problem = meta.first_problem()  # the checks every checkpoint read passes, before any work
+    if problem is not None:
+        options = {"class_names": "--classes", "attack_class": "--attack-class", "input_size": "--image-size"}
+        raise UsageError(f"{options.get(problem[0], problem[0])}: {problem[1]}")
     state, key = _read_pth(source, trust_pickle)
     if key is not None:
         notice(f"{source.name}: using the weights under its {key!r} key")
+        meta.weights_source += f" (key {key})"
     model = spec.build(len(class_names))
-    own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
-    if bad:
+    mismatch = first_mismatch(model.state_dict(), state)
+    if mismatch is not None:
         raise SmadlrpError(f"{source} does not hold {arch} weights for {len(class_names)} classes "
-                           f"(first mismatch: {bad[0]!r}); check --arch and --classes")
+                           f"(first mismatch: {mismatch!r}); check --arch and --classes")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise SmadlrpError(f"{source}: tensor {bad!r} holds NaN or infinity")
     model.load_state_dict(state)
-    meta = CheckpointMeta(architecture=arch, class_names=class_names, attack_class=attack_class,
-                          input_size=image_size or spec.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          weights_source=f"imported from {source.name}" + (f" (key {key})" if key else ""))
     save_checkpoint(out, model, meta)
     console.print(f"wrote {out} ({arch}, classes {class_names}, attack class {attack_class})", highlight=False)
     write_json(json_out, {"source": str(source), "key": key, "out": str(out), "metadata": asdict(meta)})
@@ -210,6 +291,8 @@ def _read_pth(source: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor]
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the file's content decides; report it in one line
+        if not _holds_other_objects(source, exc):
+            raise SmadlrpError(_not_loadable(source, exc)) from None
         if not trust_pickle:
             raise SmadlrpError(
                 f"{source} holds pickled Python objects (e.g. a whole model saved with torch.save(model)); "
@@ -219,7 +302,7 @@ def _read_pth(source: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor]
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as inner:  # noqa: BLE001
-            raise SmadlrpError(f"{source}: cannot be loaded ({str(inner).splitlines()[0][:120]})") from exc
+            raise SmadlrpError(f"{source}: cannot be loaded ({shorten(str(inner))})") from exc
     key = None
     if isinstance(loaded, dict) and not _is_state_dict(loaded):
         key = next((k for k in NESTING_KEYS if k in loaded), None)
@@ -235,3 +318,31 @@ def _read_pth(source: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor]
         where = f"its {key!r} entry is" if key else "it is"
         raise SmadlrpError(f"{source}: {where} neither a model nor a state dict of tensors")
     return loaded, key
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (PyTorch >= 1.6)
+_PICKLE_PROTOCOLS = range(2, 6)  # the legacy format: a pickle, protocol 2 or later (b"\x80" + protocol byte)
+
+
+def _looks_like_pytorch(source: Path) -> bool:
+    """Does `source` start like a file of torch.save: a zip archive, or a pickle of protocol 2 or later?"""
+    with source.open("rb") as fh:
+        head = fh.read(4)
+    return head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
+
+
+def _holds_other_objects(source: Path, exc: Exception) -> bool:
+    """Did weights_only loading refuse a PyTorch file because it holds objects other than tensors and plain
+    containers (whereas garbage, an empty file or a truncated archive fails in other ways)?"""
+    refused = isinstance(exc, pickle.UnpicklingError) and str(exc).startswith("Weights only load failed")
+    return refused and _looks_like_pytorch(source)
+
+
+def _not_loadable(source: Path, exc: Exception) -> str:
+    """The one-line reason why `source` is no PyTorch file, or a damaged one."""
+    if source.stat().st_size == 0:
+        return f"{source}: an empty file, not a PyTorch model"
+    if not _looks_like_pytorch(source):
+        return f"{source}: not a PyTorch model file (neither a torch.save zip archive nor a pickle)"
+    reason = "it ends too early" if isinstance(exc, EOFError) else shorten(str(exc))
+    return f"{source}: a damaged or truncated PyTorch file ({reason})"

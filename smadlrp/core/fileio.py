@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from smadlrp.core.errors import SmadlrpError
+from safetensors import SafetensorError
+
+from smadlrp.core.errors import SmadlrpError, shorten
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -18,8 +20,8 @@ os.umask(_UMASK)
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto `target`.
 
-    On any exception the temporary file is removed and `target` is left as it was; an OSError (a full disk, a
-    folder that went away) becomes a SmadlrpError naming the target.
+    On any exception the temporary file is removed and `target` is left as it was; an OSError or a safetensors
+    write error (a full disk, a read-only or vanished folder) becomes a SmadlrpError naming the target.
     """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
@@ -36,9 +38,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SmadlrpError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError | SafetensorError):
+            raise SmadlrpError(f"cannot write {target}: {_reason(exc)}") from exc
         raise
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError's own words ("No space left on device"), or safetensors' message without its prefixes."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return shorten(text.rsplit("I/O error: ", 1)[-1] if "I/O error: " in text else text, 120)
 
 
 def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:

@@ -134,6 +134,7 @@ def imagenet_weights_cached(arch: Architecture) -> bool:
 
 
 RANDOM_INIT = "random initialisation"  # the weights source of a model built without pretrained weights
+WEIGHT_CHOICES = ("auto", "imagenet", "none")  # `--weights` values that name no file
 
 
 def build_model(arch_name: str, num_classes: int, weights: str = "auto",

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from torch.utils.data.distributed import DistributedSampler
 from smadlrp.core.container import read_document, read_tensors, write_document
 from smadlrp.core.device import autocast, seed_everything
 from smadlrp.core.distributed import RankError, Ranks, current
-from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten
 from smadlrp.core.fileio import write_text_atomic
+from smadlrp.core.processes import interrupted, is_interrupt
 from smadlrp.data.align import recorded_policy
 from smadlrp.data.loading import (
     IMAGENET_MEAN,
@@ -30,7 +31,7 @@ from smadlrp.data.loading import (
     make_loader,
 )
 from smadlrp.data.perturb import parse_augmentation
-from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
+from smadlrp.detector.checkpoint import INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict_dataset
 from smadlrp.detector.models import RANDOM_INIT, build_model, get_architecture, set_trainable
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
@@ -40,6 +41,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 SELECT_BY: dict[str, tuple[str, int]] = {"d-eer": ("d_eer", -1), "accuracy": ("val_acc", 1), "loss": ("val_loss", -1)}
 RESUME_FILE = "resume.safetensors"
+RUN_OUTPUTS = frozenset({"best.safetensors", "last.safetensors", "history.json", "training-curves.png"})  # and resume
 RESUME_SCHEMA = "smadlrp.resume/1"
 AUX_LOSS_WEIGHT = 0.4  # inception_v3 auxiliary classifier, as in torchvision's reference training
 
@@ -78,15 +80,19 @@ class TrainConfig:
             raise UsageError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.select_by not in SELECT_BY:
             raise UsageError(f"--select-by {self.select_by!r}: choose one of {', '.join(SELECT_BY)}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--epochs and --batch-size must be >= 1")
+        for option, value, low in (("--lr", self.lr, None), ("--weight-decay", self.weight_decay, 0.0),
+                                   ("momentum", self.momentum, 0.0)):
+            if not math.isfinite(value) or (value <= 0 if low is None else value < low):
+                raise UsageError(f"{option} {value}: must be a finite number {'> 0' if low is None else '>= 0'}")
         if self.augment:
             self.augment = parse_augmentation(self.augment).spec
         if self.image_size == 0:
             self.image_size = arch.input_size
         minimum = 75 if self.arch == "inception_v3" else 32 if arch.torchvision_name else 16
-        if self.image_size < minimum:
-            raise UsageError(f"--image-size {self.image_size}: {self.arch} needs at least {minimum} px")
+        if not minimum <= self.image_size <= INPUT_SIZES[1]:
+            raise UsageError(f"--image-size {self.image_size}: {self.arch} needs {minimum}..{INPUT_SIZES[1]} px")
         return self
 
 
@@ -180,6 +186,7 @@ class Finetuner:
         self.optimizer = make_optimizer(config, self.params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
         self.state = RunState()
+        self.saved_epoch = 0  # the epoch of the resume state on disk
         self._trained: nn.Module | None = None  # the model as trained: itself, or wrapped for DDP
 
     @property
@@ -211,12 +218,17 @@ class Finetuner:
     def run(self, callbacks: Callbacks | None = None) -> RunState:
         """Train until `config.epochs`; Ctrl-C leaves the last completed epoch's resume state and says how to resume."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self.saved_epoch = self.state.epoch  # 0, or the epoch the run was restored at
         try:
             while self.state.epoch < self.config.epochs:
                 self._epoch(callbacks or Callbacks())
-        except KeyboardInterrupt:
-            message = (f"interrupted in epoch {self.state.epoch + 1}; {self.state.epoch} completed epoch(s) are saved. "
-                       f"Continue with: smadlrp finetune --resume {self.out}")
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            if not is_interrupt(exc):  # a RuntimeError that did not follow Ctrl-C is a bug
+                raise
+            saved = self.saved_epoch
+            message = (f"interrupted in epoch {saved + 1}; {saved} completed epoch(s) are saved. Continue with: "
+                       f"smadlrp finetune --resume {self.out}") if saved else (
+                f"interrupted in epoch 1, before anything was saved; start the run again with --out {self.out}")
             if self.ranks.distributed:  # Ctrl-C reaches every rank: one of them says so
                 raise RankError(self.ranks.rank, message, exit_code=130) from None
             raise SmadlrpError(message, exit_code=130) from None
@@ -257,13 +269,16 @@ class Finetuner:
                 save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics, points))
                 if is_best:
                     save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics, points))
-                self._save_resume()
                 self._save_history()
+                self._save_resume()  # last: once the resume state says epoch N, every file of epoch N is written
+            self.saved_epoch = epoch
         callbacks.epoch_end(row, is_best)
 
     def _train_pass(self, callbacks: Callbacks) -> tuple[float, float, int]:
-        """Mean loss and accuracy over the epoch's training images on every rank, and their number."""
-        model = self.trained
+        """Mean loss and accuracy over the epoch's training images on every rank, and their number. Under torchrun a
+        rank that dies or stops answering during a step (DDP's gradient all-reduce) ends this one with one line."""
+        with self.ranks.exchanging():  # building DDP broadcasts rank 0's parameters
+            model = self.trained
         model.train()
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -271,20 +286,23 @@ class Finetuner:
         aux = self.config.arch == "inception_v3"
         batches = iter(self.train_loader)
         for _ in range(len(self.train_loader)):  # the same number of batches on every rank
+            if interrupted():  # a Ctrl-C whose KeyboardInterrupt a library swallowed
+                raise KeyboardInterrupt
             with self.ranks.shared_failure():  # an unreadable image on one rank ends them all
                 images, targets, _ = next(batches)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            with autocast(self.device, self.config.amp):
-                output = model(images)
-                logits = logits_of(output)
-                loss = nn.functional.cross_entropy(logits, targets)
-                if aux and isinstance(output, tuple):
-                    loss = loss + AUX_LOSS_WEIGHT * nn.functional.cross_entropy(output[1], targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            with self.ranks.exchanging():  # DDP all-reduces the gradients during the backward pass
+                with autocast(self.device, self.config.amp):
+                    output = model(images)
+                    logits = logits_of(output)
+                    loss = nn.functional.cross_entropy(logits, targets)
+                    if aux and isinstance(output, tuple):
+                        loss = loss + AUX_LOSS_WEIGHT * nn.functional.cross_entropy(output[1], targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             batch = len(targets)
             seen += batch
             total_loss += loss.detach() * batch
@@ -345,35 +363,120 @@ class Finetuner:
         write_document(self.out / RESUME_FILE, tensors, doc)
 
     def restore(self, doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Load a resume state written by `_save_resume` (same config, same data)."""
+        """Load a resume state read by `read_resume` (same config, same data); SmadlrpError naming the file when
+        its weights, optimizer state or random states do not fit this run."""
         if doc["class_names"] != self.class_names:
             raise SmadlrpError(f"the data's classes {self.class_names} differ from the run's {doc['class_names']}")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, index, name = key.split("/", 2)
-                state.setdefault(int(index), {})[name] = value.to(self.device)
-        for key, value in doc["optim_scalars"].items():
-            index, name = key.split("/", 1)
-            state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
-        if doc["scaler"]:
-            self.scaler.load_state_dict(doc["scaler"])
-        torch.set_rng_state(tensors["rng/torch"])
-        self.generator.set_state(tensors["rng/loader"])
-        if "rng/cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        mismatch = first_mismatch(self.model.state_dict(), weights)
+        if mismatch is not None:
+            raise _not_resume(self.out / RESUME_FILE, f"its model tensors do not fit {self.config.arch} (first "
+                                                      f"mismatch: {shorten(mismatch, 60)!r})")
+        try:
+            self.model.load_state_dict(weights)
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim/"):
+                    _, index, name = key.split("/", 2)
+                    state.setdefault(int(index), {})[name] = value.to(self.device)
+            for key, value in doc["optim_scalars"].items():
+                index, name = key.split("/", 1)
+                state.setdefault(int(index), {})[name] = value
+            self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+            _check_optimizer_state(self.optimizer)
+            if doc["scaler"]:
+                self.scaler.load_state_dict(doc["scaler"])
+            torch.set_rng_state(tensors["rng/torch"])
+            self.generator.set_state(tensors["rng/loader"])
+            if "rng/cuda" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise _not_resume(self.out / RESUME_FILE, shorten(str(exc) or type(exc).__name__)) from None
         self.weights_source = doc["weights_source"]
         self.state = RunState(**doc["state"])
 
 
 def read_resume(out: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    """Read `out/resume.safetensors`: the run's config, its document and its tensors."""
+    """Read `out/resume.safetensors`: the run's (validated) config, its document and its tensors; SmadlrpError
+    "PATH: not a valid smadlrp resume state: ..." when the document or the tensors lack what `restore` needs."""
     path = out / RESUME_FILE
     if not path.is_file():
         raise SmadlrpError(f"{out}: no {RESUME_FILE} here, so nothing to resume (is it a finetune output folder?)")
     doc = read_document(path)
     if doc.get("schema") != RESUME_SCHEMA:
         raise SmadlrpError(f"{path}: not a smadlrp resume state")
-    return TrainConfig(**doc["config"]), doc, read_tensors(path)
+    problem = _resume_document_problem(doc)
+    if problem is not None:
+        raise _not_resume(path, problem)
+    tensors = read_tensors(path)
+    missing = [name for name in ("rng/torch", "rng/loader") if name not in tensors]
+    if missing:
+        raise _not_resume(path, f"tensor {missing[0]} is missing")
+    try:
+        config = TrainConfig(**doc["config"]).validate()
+    except UsageError as exc:
+        raise _not_resume(path, f"config: {exc.message}") from None
+    return config, doc, tensors
+
+
+def _not_resume(path: Path, problem: str) -> SmadlrpError:
+    return SmadlrpError(f"{path}: not a valid smadlrp resume state: {problem}")
+
+
+# the JSON types of TrainConfig's and EpochRow's fields, by their annotation
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "bool | None": (bool, type(None)),
+    "float | None": (int, float, type(None)),
+}
+
+
+def _fields_problem(cls: type, value: Any, where: str) -> str | None:
+    """What is wrong with `value` as the fields of dataclass `cls` (all of its keys known, each of its field's
+    JSON type, only fields with a default missing): a one-line description naming `where`, or None."""
+    if not isinstance(value, dict):
+        return f"{where} is not a JSON object"
+    known = {f.name: str(f.type) for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in value and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        return f"{where} lacks {missing[0]}"
+    for key, item in value.items():
+        if key not in known:
+            return f"{where} has an unknown key {shorten(str(key), 40)!r}"
+        kinds = _JSON_TYPES.get(known[key])  # None for a field of another annotation: any JSON value
+        if kinds is not None and (not isinstance(item, kinds) or (isinstance(item, bool) and bool not in kinds)):
+            return f"{where}.{key} is {shorten(repr(item), 40)}, not of type {known[key]}"
+    return None
+
+
+def _resume_document_problem(doc: dict[str, Any]) -> str | None:
+    """What a resume document lacks for `read_resume` and `restore` (keys, their JSON types, the run state's
+    counters), or None."""
+    kinds = {"config": dict, "state": dict, "param_groups": list, "optim_scalars": dict, "scaler": dict,
+             "weights_source": str, "class_names": list}
+    for key, kind in kinds.items():
+        if not isinstance(doc.get(key), kind):
+            return f"{key} is {'missing' if key not in doc else 'not a JSON ' + kind.__name__}"
+    state = doc["state"]
+    if set(state) != {f.name for f in fields(RunState)}:
+        return f"state must hold exactly {', '.join(f.name for f in fields(RunState))}"
+    for key in ("epoch", "best_epoch"):
+        if type(state[key]) is not int or state[key] < 0:
+            return f"state.{key} is {shorten(repr(state[key]), 40)}, not a whole number >= 0"
+    if not isinstance(state["best_score"], list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in state["best_score"]):
+        return "state.best_score is not a list of numbers"
+    if not isinstance(state["history"], list):
+        return "state.history is not a list"
+    rows = (_fields_problem(EpochRow, row, f"state.history[{i}]") for i, row in enumerate(state["history"]))
+    return next((p for p in rows if p is not None), None) or _fields_problem(TrainConfig, doc["config"], "config")
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError when a loaded per-parameter optimizer tensor (a moment, a momentum buffer) has another shape
+    than its parameter (a 0-d tensor, such as Adam's step, fits any)."""
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise ValueError(f"optimizer tensor {name} has shape {tuple(value.shape)}, its parameter "
+                                 f"{tuple(param.shape)}")

@@ -25,6 +25,7 @@ from smadlrp.data.loading import ImageDataset, Prepare, Sample, make_loader
 from smadlrp.data.paths import output_stems, safe_output
 from smadlrp.data.perturb import Perturbation
 from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.detector.inference import refuse_non_finite
 from smadlrp.explain.heatmaps import (
     heatmap_index,
     heatmap_lut,
@@ -142,6 +143,7 @@ class ImageResult:
     target: str
     target_logit: float
     relevance_sum: dict[str, float] = field(default_factory=dict)
+    name: str = ""  # the output files' common stem (data.paths.output_stems): unique among the images
     files: list[str] = field(default_factory=list)
     perturbed: dict[str, ConditionResult] = field(default_factory=dict)  # by perturbation spec
 
@@ -233,6 +235,7 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                 for result, value in zip(batch_results, sums.tolist(), strict=True):
                     result.relevance_sum[rule] = value
             for row, result in enumerate(batch_results):
+                result.name = stems[positions[row]]
                 image_maps = {rule: maps[rule][row] for rule in explainers}
                 files = {name: safe_output(out, f"{stems[positions[row]]}.{name}.png", inputs)
                          for rule in explainers for name in (f"{rule}.heatmap", f"{rule}.overlay")}
@@ -297,6 +300,7 @@ def _write_image_files(pixels: npt.NDArray[np.uint8], maps: Mapping[str, np.ndar
 def _predictions(images: Sequence[Path], positions: Sequence[int], logits: torch.Tensor, target: torch.Tensor,
                  meta: CheckpointMeta) -> list[ImageResult]:
     probs = torch.softmax(logits.double(), dim=1)
+    refuse_non_finite(probs[:, meta.attack_index].tolist(), [images[pos] for pos in positions], [""] * len(positions))
     rows = torch.arange(len(positions))
     return [ImageResult(path=images[pos], predicted=meta.class_names[int(logits[i].argmax())],
                         p_attack=float(probs[i, meta.attack_index]), target=meta.class_names[int(target[i])],
