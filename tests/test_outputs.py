@@ -228,7 +228,12 @@ def test_resume_of_a_run_that_saved_nothing_says_so(files: dict[str, Path]) -> N
     out.mkdir()
     (out / "last.safetensors").write_bytes(b"half")
     result = runner.invoke(app, ["finetune", "--resume", str(out)])
-    assert result.exit_code == 1 and "nothing to resume; start it again with --out" in result.output
+    assert result.exit_code == 1 and "nothing to resume" in result.output
+    assert f"start it again with --out {out}" in result.output
+    (out / "last.safetensors").unlink()
+    (out / ".tmpAb12Cd").write_bytes(b"\0")  # a kill during the very first write leaves only this
+    again = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert again.exit_code == 1 and f"start it again with --out {out}" in again.output
 
 
 def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:

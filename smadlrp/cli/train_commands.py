@@ -165,9 +165,9 @@ def _hold_run_folder(held: ExitStack, out: Path, exists: bool) -> None:
         notice(f"removed {len(removed)} temporary file(s) of interrupted writes in {out}")
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
     if exists:
-        if not (out / RESUME_FILE).exists() and others and set(others) <= RUN_OUTPUTS:
-            raise SmadlrpError(f"{out} holds no resume state: its run stopped before its first epoch was saved, so "
-                               f"there is nothing to resume; start it again with --out {out}")
+        if not (out / RESUME_FILE).exists() and set(others) <= RUN_OUTPUTS:
+            raise SmadlrpError(f"{out} holds no resume state, so there is nothing to resume (a run stopped before its "
+                               f"first epoch was saved leaves none): start it again with --out {out}")
         return
     if (out / RESUME_FILE).exists():
         raise UsageError(f"{out} is not empty: it holds a run; continue it with --resume {out}, or choose another "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +49,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc)
-    return shorten(text.rsplit("I/O error: ", 1)[-1] if "I/O error: " in text else text, 120)
+    reason = text.rsplit("I/O error: ", 1)[-1] if "I/O error: " in text else text
+    return shorten(re.sub(r" \(os error \d+\)$", "", reason), 120)
 
 
 def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
