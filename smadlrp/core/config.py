@@ -10,14 +10,13 @@ too deep to read) is refused with one line, and values are echoed cut to `SHOWN`
 
 from __future__ import annotations
 
-import reprlib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smadlrp.core.errors import SmadlrpError, shorten
+from smadlrp.core.errors import SHOWN, SmadlrpError, shorten, shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,10 +31,7 @@ GATE_KEYS = ("fail-above", "fail-below")
 KEYS = (*PATH_KEYS, *TEXT_KEYS, "threshold", *GATE_KEYS)
 TEXT_LIMIT = 100  # characters of a split, device, threshold, gate metric or limit
 NAME_MAX, PATH_MAX = 255, 4096  # bytes of one file or folder name, of a whole path (UTF-8)
-SHOWN = 60  # characters of a value echoed in a message
 BOM = b"\xef\xbb\xbf"
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 2 * SHOWN  # only bounds the work: `shown` cuts the end
 
 
 @dataclass(frozen=True)
@@ -90,11 +86,6 @@ def load_config(path: Path | None = None, start: Path | None = None) -> ProjectC
     document = _read_toml(path)
     table = _tool_table(document, path) if path.name == PYPROJECT else document
     return _parse({} if table is None else table, path)
-
-
-def shown(value: object) -> str:
-    """`repr(value)` cut to about `SHOWN` characters (with "..."), however long or deeply nested the value is."""
-    return shorten(_REPR.repr(value), SHOWN)
 
 
 def _invalid(path: Path, why: str) -> SmadlrpError:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import reprlib
+
+SHOWN = 60  # characters of a value quoted in a message
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 2 * SHOWN  # only bounds the work on huge values: `shown` cuts the end
+
 
 class SmadlrpError(Exception):
     """A user-facing error: the CLI prints its message as one red line and exits with `exit_code`.
@@ -32,3 +38,9 @@ def shorten(text: str, width: int = 100) -> str:
     cut = line[: width - 3]
     space = cut.rfind(" ")
     return (cut[:space] if space > width // 2 else cut).rstrip(" ,;:") + "..."
+
+
+def shown(value: object, width: int = SHOWN) -> str:
+    """`repr(value)` cut to about `width` characters (with "..."), however long or deeply nested the value is: a
+    user's value quoted in a one-line error."""
+    return shorten(_REPR.repr(value), width)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from smadlrp.core.errors import SmadlrpError, shorten
+from smadlrp.core.errors import SmadlrpError, shown
 
 if TYPE_CHECKING:
     from _csv import Writer
@@ -163,7 +163,7 @@ def _row_path(text: str, base: Path, where: str, check_file: bool) -> Path:
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         why = "it holds a NUL byte" if "\0" in text else reason
-        raise SmadlrpError(f"{where}: unusable image path {shorten(repr(text), 60)}: {why}") from None
+        raise SmadlrpError(f"{where}: unusable image path {shown(text)}: {why}") from None
     if missing:
         raise SmadlrpError(f"{where}: image file not found: {path}")
     return path

@@ -17,7 +17,7 @@ from torch import nn
 
 from smadlrp import __version__
 from smadlrp.core.container import first_non_finite, read_document, read_tensors, write_document
-from smadlrp.core.errors import SmadlrpError, shorten
+from smadlrp.core.errors import SmadlrpError, shorten, shown
 from smadlrp.detector.models import ARCHITECTURES, get_architecture, load_compatible_state
 
 CHECKPOINT_SCHEMA = "smadlrp.detector.checkpoint/1"
@@ -79,7 +79,7 @@ class CheckpointMeta:
         """Build and `validate` the metadata of a parsed document; SmadlrpError naming what is wrong."""
         if doc.get("schema") != CHECKPOINT_SCHEMA:
             raise SmadlrpError(
-                f"{source}: unknown checkpoint schema {shorten(repr(doc.get('schema')), 60)} "
+                f"{source}: unknown checkpoint schema {shown(doc.get('schema'))} "
                 f"(expected {CHECKPOINT_SCHEMA})")
         missing = [f.name for f in fields(cls)
                    if f.name not in doc and f.default is MISSING and f.default_factory is MISSING]
@@ -102,30 +102,30 @@ class CheckpointMeta:
     def _problems(self) -> Iterator[tuple[str, str]]:
         """(KEY, what is wrong) for each problem, in order; each check may rely on the ones before it."""
         if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
-            yield "architecture", f"unknown architecture {_shown(self.architecture)}"
+            yield "architecture", f"unknown architecture {shown(self.architecture)}"
         names = self.class_names
         if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
                 and len(set(names)) == len(names)):
-            yield "class_names", f"{_shown(names)} is not a list of at least 2 distinct non-empty names"
+            yield "class_names", f"{shown(names)} is not a list of at least 2 distinct non-empty names"
         if not isinstance(self.attack_class, str) or self.attack_class not in names:
-            yield "attack_class", f"{_shown(self.attack_class)} is not one of the class names {_shown(names)}"
+            yield "attack_class", f"{shown(self.attack_class)} is not one of the class names {shown(names)}"
         low, high = INPUT_SIZES
         if type(self.input_size) is not int or not low <= self.input_size <= high:
-            yield "input_size", f"{_shown(self.input_size)} is not a whole number of pixels in {low}..{high}"
+            yield "input_size", f"{shown(self.input_size)} is not a whole number of pixels in {low}..{high}"
         for key, values in (("mean", self.mean), ("std", self.std)):
             if not (isinstance(values, list | tuple) and len(values) == 3 and all(_is_finite(v) for v in values)):
-                yield key, f"{_shown(values)} is not a list of 3 finite numbers (R, G, B)"
+                yield key, f"{shown(values)} is not a list of 3 finite numbers (R, G, B)"
         if min(self.std) <= 0:
-            yield "std", f"{_shown(self.std)} holds a value <= 0"
+            yield "std", f"{shown(self.std)} holds a value <= 0"
         for key in ("weights_source", "version"):
             if not isinstance(getattr(self, key), str):
-                yield key, f"{_shown(getattr(self, key))} is not a text"
+                yield key, f"{shown(getattr(self, key))} is not a text"
         for key in ("training", "metrics", "operating_points", "alignment"):
             if not isinstance(getattr(self, key), dict):
-                yield key, f"{_shown(getattr(self, key))} is not a JSON object"
+                yield key, f"{shown(getattr(self, key))} is not a JSON object"
         for key in _TRAINING_TEXTS:
             if not isinstance(self.training.get(key, ""), str):
-                yield f"training.{key}", f"{_shown(self.training[key])} is not a text"
+                yield f"training.{key}", f"{shown(self.training[key])} is not a text"
         yield from _point_problems(self.operating_points)
 
 
@@ -139,28 +139,23 @@ def _is_finite(value: Any) -> bool:
         return False
 
 
-def _shown(value: Any) -> str:
-    """`value` as it appears in a message: its repr, cut to about 60 characters."""
-    return shorten(repr(value[:200] if isinstance(value, str) else value), 60)
-
-
 def _point_problems(stored: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """Problems of the stored operating points: `points` maps each criterion to a dict whose threshold is null
     (with a reason) or a finite number in [0, 1], and whose apcer and bpcer are null or rates in [0, 1]."""
     points = stored.get("points", {})
     if not isinstance(points, dict) or not all(isinstance(p, dict) for p in points.values()):
-        yield "operating_points.points", f"{_shown(points)} does not map each criterion to a JSON object"
+        yield "operating_points.points", f"{shown(points)} does not map each criterion to a JSON object"
     for name, point in points.items():
         key = f"operating_points.points.{shorten(name, 30)}"
         threshold = point.get("threshold")
         if threshold is None and not isinstance(point.get("reason"), str):
             yield key, "no threshold and no reason why"
         if threshold is not None and not (_is_finite(threshold) and 0 <= threshold <= _MAX_THRESHOLD):
-            yield f"{key}.threshold", f"{_shown(threshold)} is neither null nor a number in [0, 1]"
+            yield f"{key}.threshold", f"{shown(threshold)} is neither null nor a number in [0, 1]"
         for rate in ("apcer", "bpcer"):
             value = point.get(rate)
             if value is not None and not (_is_finite(value) and 0 <= value <= 1):
-                yield f"{key}.{rate}", f"{_shown(value)} is neither null nor a rate in [0, 1]"
+                yield f"{key}.{rate}", f"{shown(value)} is neither null nor a rate in [0, 1]"
 
 
 def first_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:

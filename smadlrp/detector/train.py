@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from smadlrp.core.container import read_document, read_tensors, write_document
 from smadlrp.core.device import autocast, seed_everything
 from smadlrp.core.distributed import RankError, Ranks, current
-from smadlrp.core.errors import SmadlrpError, UsageError, shorten
+from smadlrp.core.errors import SmadlrpError, UsageError, shorten, shown
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.core.processes import interrupted, is_interrupt
 from smadlrp.data.align import recorded_policy
@@ -445,7 +445,7 @@ def _fields_problem(cls: type, value: Any, where: str) -> str | None:
             return f"{where} has an unknown key {shorten(str(key), 40)!r}"
         kinds = _JSON_TYPES.get(known[key])  # None for a field of another annotation: any JSON value
         if kinds is not None and (not isinstance(item, kinds) or (isinstance(item, bool) and bool not in kinds)):
-            return f"{where}.{key} is {shorten(repr(item), 40)}, not of type {known[key]}"
+            return f"{where}.{key} is {shown(item, 40)}, not of type {known[key]}"
     return None
 
 
@@ -462,7 +462,7 @@ def _resume_document_problem(doc: dict[str, Any]) -> str | None:
         return f"state must hold exactly {', '.join(f.name for f in fields(RunState))}"
     for key in ("epoch", "best_epoch"):
         if type(state[key]) is not int or state[key] < 0:
-            return f"state.{key} is {shorten(repr(state[key]), 40)}, not a whole number >= 0"
+            return f"state.{key} is {shown(state[key], 40)}, not a whole number >= 0"
     if not isinstance(state["best_score"], list) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in state["best_score"]):
         return "state.best_score is not a list of numbers"
