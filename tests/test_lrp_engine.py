@@ -23,7 +23,8 @@ from smadlrp.lrp import (
     explain,
     method_names,
 )
-from smadlrp.lrp.rules import ConvOp, DenseOp, Gamma, Prepared
+from smadlrp.lrp.ops import ConvOp, DenseOp, Prepared
+from smadlrp.lrp.rules import Gamma
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -197,6 +198,7 @@ def test_canonize_makes_unfoldable_batchnorm_affine_and_refuses_batch_statistics
         canonize(batch_stats)
 
 
+@pytest.mark.slow
 def test_vgg11_bn_folding_keeps_outputs_and_conserves_relevance() -> None:
     torch.manual_seed(3)
     model = torchvision.models.vgg11_bn(num_classes=3)
@@ -212,6 +214,7 @@ def test_vgg11_bn_folding_keeps_outputs_and_conserves_relevance() -> None:
         torch.testing.assert_close(relevance.sum((1, 2, 3)), target_logits(model, x), rtol=1e-4, atol=0.0)
 
 
+@pytest.mark.slow
 def test_alexnet_geometry_conserves_relevance() -> None:
     torch.manual_seed(4)
     model = torchvision.models.alexnet(num_classes=2)
@@ -428,7 +431,7 @@ def test_patternnet_closed_form_through_relu() -> None:
     torch.testing.assert_close(explain(model, x, "patternnet", 1, patterns=patterns), expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu() -> None:
     model, x = vgg_like(), images()
     expected = explain(model, x, "epsilon-gamma-box", mean=MEAN, std=STD)

@@ -20,15 +20,8 @@ from smadlrp.lrp.composites import (
     method_names,
     method_parameters,
 )
-from smadlrp.lrp.engine import (
-    Explainer,
-    LRPModel,
-    Relevance,
-    check_supported,
-    convert,
-    explain,
-    resolve_target,
-)
+from smadlrp.lrp.conversion import LRPModel, check_supported, convert
+from smadlrp.lrp.explainer import Explainer, Relevance, explain, resolve_target
 from smadlrp.lrp.rules import RULES, Rule, make_rule, register, rule_names, rule_parameters
 from smadlrp.lrp.trace import TraceRecord, collect_and_disable, enable_and_clean, trace
 

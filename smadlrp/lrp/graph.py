@@ -6,7 +6,7 @@ node, and every node that carries relevance is given the kind of rule that expla
 
 Kinds (see docs/lrp.md for the maths of each):
 
-- `layer`: Conv2d / Linear, the layer rules of `rules.py`;
+- `layer`: Conv2d / Linear, the layer rules of `rules/`;
 - `pool`: average pools (modules, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `mean`): the z-rule on their weights;
 - `sum`: `a + b` of two tensors: the z-rule on the sum, `R_a = a / (a + b) R`;
 - `shift`: `x + c` for a constant c: the z-rule, `R_x = x / (x + c) R`;

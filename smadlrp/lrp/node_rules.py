@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smadlrp.lrp.rules import stabilized_divide
+from smadlrp.lrp.ops import stabilized_divide
 
 
 def alias(t: Tensor) -> Tensor:

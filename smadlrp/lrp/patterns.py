@@ -1,4 +1,4 @@
-"""PatternNet / PatternAttribution: streaming pattern statistics over a data set, the patterns, their files.
+"""PatternNet / PatternAttribution: the streaming pattern statistics over a data set that fit the patterns.
 
 For every Conv2d and Linear layer and every output unit j, with x the layer input (for a convolution: each
 input patch at each output position is one sample) and y_j = w_j^T x (bias excluded), two estimators:
@@ -11,16 +11,13 @@ A fit makes two passes over the data. The first takes each unit's sample count a
 accumulates the centred sums sum x (y_j - E[y_j]), which equal n cov(x, y_j) exactly, so no per-unit sum of x
 is needed. The sums are float64 buffers of weight size, so memory does not depend on the number of images;
 convolution sums are weight-gradient shaped and computed with `torch.nn.grad.conv2d_weight`: no patch matrix is
-ever built.
+ever built. The pattern sets and their files are `fitted_patterns`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,50 +25,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from smadlrp.core.container import first_non_finite, read_document, read_tensors, write_document
 from smadlrp.core.distributed import Ranks, current
-from smadlrp.core.errors import SmadlrpError, UsageError, shorten
+from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.memory import release_free_memory
-
-KINDS = ("all", "positive")
-SCHEMA = "smadlrp.patterns/1"
-FINGERPRINT_KEY = "weights_fingerprint"
-# A unit is degenerate when var(y_j) <= DEGENERATE_RTOL * E[y_j^2] (over its samples): y_j is constant.
-DEGENERATE_RTOL = 1e-6
-ESTIMATORS = {
-    "all": "a_j = cov(x, y_j) / (w_j^T cov(x, y_j)), cov(x, y_j) = E[x y_j] - E[x] E[y_j] over all samples; "
-    "y_j = w_j^T x without bias; a convolution's samples are its input patches at every output position",
-    "positive": "a+_j = cov+(x, y_j) / (w_j^T cov+(x, y_j)), cov+(x, y_j) = E+[x y_j] - E+[x] E+[y_j] where "
-    "E+ averages over the samples with y_j + b_j > 0; y_j = w_j^T x without bias",
-}
-FALLBACK = (
-    "degenerate unit (no samples, no active samples, non-finite statistics, or var(y_j) = w_j^T cov(x, y_j) "
-    f"<= {DEGENERATE_RTOL:g} E[y_j^2] over its samples): a_j = w_j / (w_j^T w_j), or 0 when w_j = 0"
+from smadlrp.lrp.fitted_patterns import (
+    DEGENERATE_RTOL,
+    ESTIMATORS,
+    FALLBACK,
+    FINGERPRINT_KEY,
+    KINDS,
+    SCHEMA,
+    LayerFitStats,
+    PatternSet,
+    check_fingerprint,
+    load_patterns,
+    save_patterns,
+    weights_fingerprint,
 )
-_RESERVED_KEYS = frozenset({"schema", "kinds", "images", "estimators", "fallback", "stats"})
+
+__all__ = [
+    "DEGENERATE_RTOL",
+    "ESTIMATORS",
+    "FALLBACK",
+    "FINGERPRINT_KEY",
+    "KINDS",
+    "SCHEMA",
+    "LayerFitStats",
+    "PatternSet",
+    "check_fingerprint",
+    "fit_patterns",
+    "load_patterns",
+    "save_patterns",
+    "weights_fingerprint",
+]
+
 _BLOCK = 1 << 22  # float64 elements per block of whole units in the centred sums (32 MiB)
-
-
-@dataclass
-class LayerFitStats:
-    """What one layer's fit saw: `samples` per unit (images x output positions), the share of (sample, unit)
-    pairs that were active (positive kind only), how many of its `units` fell back to the default pattern."""
-
-    name: str
-    samples: int
-    active_share: float | None
-    degenerate_units: int
-    units: int
-
-
-@dataclass
-class PatternSet:
-    """Fitted patterns of one estimator kind; each pattern has its layer's weight shape and dtype (CPU)."""
-
-    kind: str
-    patterns: dict[str, torch.Tensor]
-    stats: list[LayerFitStats]
-    images: int
 
 
 class _UnitBlocks:
@@ -408,90 +396,3 @@ def _finish(layers: list[_LayerFit], kinds: Sequence[str], images: int) -> dict[
             sets[kind].patterns[fit.name] = pattern
             sets[kind].stats.append(stats)
     return sets
-
-
-def save_patterns(
-    path: str | os.PathLike[str], sets: Mapping[str, PatternSet], metadata: Mapping[str, Any]
-) -> None:
-    """Write `sets` to a safetensors file (atomically): tensors "{kind}/{layer}", JSON header key "smadlrp".
-
-    `metadata` (JSON-serialisable, e.g. the weights fingerprint under "weights_fingerprint") is stored beside
-    the schema, kinds, image count, estimator definitions and per-layer stats.
-    """
-    clash = _RESERVED_KEYS & metadata.keys()
-    if clash:
-        raise ValueError(f"metadata keys {sorted(clash)} are reserved for the pattern file itself")
-    if not sets:
-        raise ValueError("no pattern sets to save")
-    images = {s.images for s in sets.values()}
-    if len(images) != 1:
-        raise ValueError("pattern sets saved together must come from one fit (same number of images)")
-    header = {
-        "schema": SCHEMA,
-        "kinds": list(sets),
-        "images": images.pop(),
-        "estimators": {kind: ESTIMATORS[kind] for kind in sets},
-        "fallback": FALLBACK,
-        "stats": {kind: [asdict(s) for s in pattern_set.stats] for kind, pattern_set in sets.items()},
-        **metadata,
-    }
-    tensors = {
-        f"{kind}/{name}": tensor.detach().cpu().contiguous()
-        for kind, pattern_set in sets.items()
-        for name, tensor in pattern_set.patterns.items()
-    }
-    write_document(path, tensors, header)
-
-
-def _read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The decoded "smadlrp" metadata and the tensors of a pattern file, or SmadlrpError saying why not."""
-    meta = read_document(path)
-    if meta["schema"] != SCHEMA:
-        raise SmadlrpError(f"{path} has schema {meta['schema']!r}; smadlrp reads pattern files of {SCHEMA}")
-    return meta, read_tensors(path)
-
-
-def load_patterns(path: str | os.PathLike[str]) -> tuple[dict[str, PatternSet], dict[str, Any]]:
-    """Read a pattern file written by `save_patterns`: (kind -> PatternSet, the full metadata dict)."""
-    meta, tensors = _read_file(path)
-    try:
-        kinds = list(meta["kinds"])
-        stats = {kind: [LayerFitStats(**row) for row in meta["stats"][kind]] for kind in kinds}
-        images = int(meta["images"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SmadlrpError(f"{path} is a damaged pattern file (metadata: {exc!r})") from exc
-    sets: dict[str, PatternSet] = {}
-    for kind in kinds:
-        prefix = f"{kind}/"
-        patterns = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if kind not in KINDS or sorted(patterns) != sorted(s.name for s in stats[kind]):
-            raise SmadlrpError(f"{path} is a damaged pattern file (kind {kind!r} does not match its tensors)")
-        sets[kind] = PatternSet(kind, patterns, stats[kind], images)
-    if sum(len(s.patterns) for s in sets.values()) != len(tensors):
-        raise SmadlrpError(f"{path} is a damaged pattern file (it holds tensors of an unlisted kind)")
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise SmadlrpError(f"{path} is a damaged pattern file (tensor {shorten(bad, 60)} holds NaN or infinity)")
-    return sets, meta
-
-
-def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 hex digest over every entry's name, dtype, shape and raw bytes, in sorted name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_fingerprint(meta: Mapping[str, Any], expected: str) -> None:
-    """Raise SmadlrpError unless the pattern file's metadata names the weights fingerprint `expected`."""
-    found = meta.get(FINGERPRINT_KEY)
-    if found is None:
-        raise SmadlrpError("the pattern file records no weights fingerprint; refit with smadlrp fit-patterns")
-    if found != expected:
-        raise SmadlrpError(
-            f"patterns were fitted on another model (weights {str(found)[:12]}..., this checkpoint has "
-            f"{expected[:12]}...); refit with smadlrp fit-patterns"
-        )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -103,3 +104,18 @@ def relevance_hook(pass_id: int, index: int, name: str, layer_type: str) -> Call
             active.add(pass_id, TraceRecord(index, name, layer_type, grad.detach().clone()))
 
     return hook
+
+
+def conservation_rows(records: list[TraceRecord]) -> list[dict[str, Any]]:
+    """Per traced node (first image of the batch): its index, name, type, shape, the sum, positive and negative
+    mass of the relevance at its input (float64), and ratio = sum / the output relevance (1 where conserved;
+    NaN when the output relevance is 0). The rows of `smadlrp trace` and of its file."""
+    output_sum = float(records[-1].relevance.double().sum())
+    rows = []
+    for rec in records:
+        r = rec.relevance.double()
+        total = float(r.sum())
+        rows.append({"index": rec.index, "name": rec.name, "type": rec.layer_type, "shape": list(rec.relevance.shape),
+                     "sum": total, "positive": float(r.clamp(min=0).sum()), "negative": float(r.clamp(max=0).sum()),
+                     "ratio": total / output_sum if output_sum else float("nan")})
+    return rows

@@ -1,0 +1,245 @@
+"""Conversion of a model into its explainable `LRPModel`: canonize, trace, give every relevance-carrying node its rule.
+
+The copy is canonized (BatchNorm folded or made affine, see `canonize`) and traced with torch.fx (`graph`).
+Every node that carries relevance gets a rule before anything runs, or the model is refused: Conv2d/Linear
+layers and nodes with rules of their own become the modules of `layers`; ReLU, max pools, concatenations,
+reshapes and Dropout are left to autograd, whose gradient already shares relevance correctly. The backward
+pass of the target logit, started with one-hot x logit, then carries relevance (not gradient) to the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from smadlrp.core.errors import UsageError
+from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
+from smadlrp.lrp.composites import Composite, Override, build_composite
+from smadlrp.lrp.graph import plan_graph, trace_model
+from smadlrp.lrp.layers import LRPConv2d, LRPLinear, RelevancePass, RuleNode, Switch, Tap
+from smadlrp.lrp.rules import Rule
+from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
+
+
+def check_supported(model: nn.Module) -> None:
+    """UsageError (one line) naming every node of `model`'s graph that carries relevance but has no LRP rule,
+    or why the model cannot be traced; nothing is computed."""
+    root = canonize(model, share_weights=True)
+    plan_graph(trace_model(root), dict(root.named_modules()))
+
+
+class _StartFunction(torch.autograd.Function):
+    """Identity on the logits whose backward multiplies the incoming gradient by the logits, so that
+    backpropagating a one-hot starts the relevance pass with one-hot x logit."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        return grad * logits
+
+
+class LRPModel(nn.Module):
+    """A model ready for LRP: `lrp_model(x)` is the ordinary forward; `lrp_model(x, explain=True, rule=...)`
+    returns logits whose backward pass (from a one-hot) leaves the relevance in `x.grad`.
+
+    The wrapped copy is `.module`; its layers keep the qualified names of the original model.
+    """
+
+    def __init__(
+        self, module: nn.Module, switch: Switch, explained: dict[str, LRPConv2d | LRPLinear], rows: int
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self._rows = rows  # traced nodes; the output's record comes after them
+        self._switch = switch
+        self._explained = explained
+
+    def forward(
+        self,
+        x: Tensor,
+        explain: bool = False,
+        rule: str | Rule | Composite = "epsilon",
+        pattern: Mapping[str, Tensor] | Sequence[Tensor] | None = None,
+        *,
+        overrides: Mapping[str | int, Override] | None = None,
+        **params: Any,
+    ) -> Tensor:
+        """Logits (B, K). With `explain`, their backward pass computes relevance with `rule` (a rule key,
+        composite name, Rule or Composite), rule `params`, per-layer `overrides` and, for PatternNet rules,
+        `pattern` (qualified layer name -> pattern, or a sequence in layer order as TorchLRP took it)."""
+        if not explain:
+            out = self.module(x)
+            assert isinstance(out, Tensor)
+            return out
+        if pattern is not None:
+            params["patterns"] = self._pattern_map(pattern)
+        composite = self.composite(rule, params, overrides)
+        out = _StartFunction.apply(self.run(x, composite))
+        assert isinstance(out, Tensor)
+        return out
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Qualified names of the explained Conv2d/Linear layers, in definition order."""
+        return tuple(self._explained)
+
+    def composite(
+        self,
+        rule: str | Rule | Composite,
+        params: Mapping[str, Any] | None = None,
+        overrides: Mapping[str | int, Override] | None = None,
+    ) -> Composite:
+        """Resolve `rule` with `params` and `overrides`, checked against this model's layers."""
+        composite = build_composite(rule, params, overrides)
+        composite.check_layers({name: layer.weight for name, layer in self._explained.items()})
+        return composite
+
+    def run(self, x: Tensor, composite: Composite) -> Tensor:
+        """The forward pass with `composite`'s rules attached; returns the logits (B, K)."""
+        self._check_input(x)
+        if self._switch.current is not None:
+            raise RuntimeError("this model is already running a relevance pass")
+        current = RelevancePass(composite, len(self._explained))
+        self._switch.current = current
+        try:
+            # A fresh non-leaf input, so per-pass tracing hooks never stay on the caller's tensor.
+            out = self.module(x.clone() if x.requires_grad else x)
+        finally:
+            self._switch.current = None
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UsageError(f"the model must return (B, K) logits to be explained, got {shape}")
+        if out.requires_grad:
+            out.register_hook(relevance_hook(current.id, self._rows, OUTPUT_NAME, OUTPUT_TYPE))
+        return out
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise UsageError(f"expected an input tensor, got {type(x).__name__}")
+        convolutional = any(isinstance(layer, nn.Conv2d) for layer in self._explained.values())
+        if convolutional and x.dim() != 4:
+            raise UsageError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise UsageError(f"expected a batch (B, ...), got shape {tuple(x.shape)}")
+
+    def _pattern_map(self, pattern: Mapping[str, Tensor] | Sequence[Tensor]) -> Mapping[str, Tensor]:
+        if isinstance(pattern, Mapping):
+            return pattern
+        if len(pattern) != len(self._explained):
+            raise UsageError(f"got {len(pattern)} patterns for {len(self._explained)} Conv2d/Linear layers")
+        return dict(zip(self._explained, pattern, strict=True))
+
+
+_MULTI_INPUT = ("sum", "gate")
+
+
+def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
+    """Canonize and trace `model`, give every relevance-carrying node its rule (or refuse), and build the
+    explainable graph module."""
+    root = canonize(model, share_weights=share_weights)
+    graph = trace_model(root)
+    modules = dict(root.named_modules())
+    plan = plan_graph(graph, modules).nodes
+    switch = Switch()
+    explained: dict[str, LRPConv2d | LRPLinear] = {}
+    taps, nodes = nn.ModuleList(), nn.ModuleList()
+    wrapped: dict[str, RuleNode] = {}
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        node_plan = plan.get(node.name)
+        if node.op == "call_module" and type(modules[str(node.target)]) in (nn.Conv2d, nn.Linear):
+            name = str(node.target)
+            source = node.args[0] if node.args else None
+            nonnegative = isinstance(source, fx.Node) and source.name in plan and plan[source.name].nonnegative
+            layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
+            layer._lrp_rectified = _rectified(node, modules)
+            _set_submodule(root, name, layer)
+            explained[name] = layer
+        elif node_plan is not None and node_plan.kind != "gradient":
+            if node.op == "call_module":
+                name = str(node.target)
+                if name not in wrapped:
+                    wrapped[name] = RuleNode(switch, node_plan, modules[name])
+                    _set_submodule(root, name, wrapped[name])
+            else:
+                rule_node = RuleNode(switch, node_plan, _callable(node))
+                nodes.append(rule_node)
+                with graph.inserting_before(node):
+                    new = graph.call_module(f"lrp_nodes.{len(nodes) - 1}", tuple(node.args), node.kwargs)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                node = new
+        if node_plan is None:
+            continue
+        tap = Tap(switch, len(taps), node_plan.name, node_plan.op)
+        taps.append(tap)
+        if node_plan.kind in _MULTI_INPUT or not node.args or not isinstance(node.args[0], fx.Node):
+            with graph.inserting_after(node):  # relevance at the output of a node with several inputs
+                tapped = graph.call_module(f"lrp_taps.{tap.index}", (node,))
+            node.replace_all_uses_with(tapped, delete_user_cb=lambda user, tap_node=tapped: user is not tap_node)
+        else:
+            with graph.inserting_before(node):
+                tapped = graph.call_module(f"lrp_taps.{tap.index}", (node.args[0],))
+            node.args = (tapped, *node.args[1:])
+    if not explained:
+        raise UsageError("the model has no Conv2d or Linear layer to explain")
+    root.add_module("lrp_taps", taps)
+    root.add_module("lrp_nodes", nodes)
+    module = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    return LRPModel(module.eval(), switch, explained, len(taps))
+
+
+def _rectified(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether `node`'s output reaches nothing but a ReLU (through folded BatchNorms)."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, nn.ReLU) or node.target in (F.relu, torch.relu, "relu", "relu_"):
+            return True
+        if not isinstance(module, FoldedBatchNorm):
+            return False
+    return False
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
+def _callable(node: fx.Node) -> Callable[..., Any]:
+    """The function a call_function node calls, or for a call_method node a function of the tensor."""
+    if node.op == "call_method":
+        method = str(node.target)
+        return lambda x, *args, **kwargs: getattr(x, method)(*args, **kwargs)
+    return node.target  # type: ignore[return-value]
+
+
+def _lrp_layer(
+    module: nn.Module, switch: Switch, name: str, nonnegative: bool, carries: bool
+) -> LRPConv2d | LRPLinear:
+    """The LRP version of a Conv2d or Linear, sharing its parameters."""
+    if isinstance(module, nn.Conv2d):
+        return LRPConv2d.from_module(module, switch, name, nonnegative, carries)
+    assert isinstance(module, nn.Linear)
+    return LRPLinear.from_module(module, switch, name, nonnegative, carries)
+
+
+def convert(model: nn.Module) -> LRPModel:
+    """A TorchLRP-style explainable copy of `model` (deep copy, BatchNorm folded; `model` is not modified).
+
+        lrp_model = convert(model)
+        x.requires_grad_(True)
+        y = lrp_model(x, explain=True, rule="epsilon")
+        y[torch.arange(len(y)), target].sum().backward()   # relevance now in x.grad (it accumulates)
+    """
+    return build_lrp_model(model, share_weights=False)

@@ -1,0 +1,141 @@
+"""The public LRP API: `Explainer` and `explain` for batches, targets resolved from indices or class names."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smadlrp.core.errors import UsageError
+from smadlrp.lrp.composites import Composite, Override
+from smadlrp.lrp.conversion import LRPModel, build_lrp_model
+from smadlrp.lrp.rules import Rule
+
+Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """One relevance pass: `relevance` (shape of the input, float32), `logits` (B, K), `target` (B,) int64."""
+
+    relevance: Tensor
+    logits: Tensor
+    target: Tensor
+
+
+class Explainer:
+    """Explains batches with one rule or composite; canonizes the model once and prepares modified weights
+    once (on first use), so repeated calls only run the relevance pass.
+
+    The explainer shares the model's weight storage (read-only), and the explainable copy with every other
+    explainer of the same model: build a new one after changing the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: str | Rule | Composite = "epsilon",
+        *,
+        class_names: Sequence[str] | None = None,
+        overrides: Mapping[str | int, Override] | None = None,
+        **params: Any,
+    ) -> None:
+        self.lrp = _kept_model(model)
+        self.composite = self.lrp.composite(rule, params, overrides)
+        self.class_names = None if class_names is None else tuple(class_names)
+        self.device = next(self.lrp.parameters()).device
+
+    def explain(self, x: Tensor, target: Target = None) -> Relevance:
+        """Relevance of `target` (default: the predicted class; an index, a class name, or one per sample)
+        for the batch `x` ((B, C, H, W) for convolutional models), computed in float32 on the model's device."""
+        if not isinstance(x, Tensor):
+            raise UsageError(f"expected an input tensor, got {type(x).__name__}")
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = x.detach().to(self.device, torch.float32).clone().requires_grad_(True)
+            logits = self.lrp.run(leaf, self.composite)
+            target_index = resolve_target(logits, target, self.class_names)
+            rows = torch.arange(len(logits), device=logits.device)
+            start = torch.zeros_like(logits)
+            start[rows, target_index] = logits.detach()[rows, target_index]
+            (relevance,) = torch.autograd.grad(logits, leaf, start)
+        return Relevance(relevance, logits.detach(), target_index)
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    rule: str | Rule | Composite = "epsilon",
+    target: Target = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    overrides: Mapping[str | int, Override] | None = None,
+    **params: Any,
+) -> Tensor:
+    """Input relevance (shape of `x`) of `target` for `model` with `rule` (rule key or composite name) and
+    rule `params`, e.g. `explain(model, x, "epsilon-gamma-box", gamma=0.25, mean=..., std=...)`.
+
+    The canonized, traced copy and its prepared weights are kept with `model` (until its weights or modules
+    change, or it is deleted), so a loop over `explain` costs what a kept `Explainer` costs.
+    """
+    explainer = Explainer(model, rule, class_names=class_names, overrides=overrides, **params)
+    return explainer.explain(x, target).relevance
+
+
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], LRPModel]] = weakref.WeakKeyDictionary()
+
+
+def _kept_model(model: nn.Module) -> LRPModel:
+    """The explainable copy of `model` that its explainers share (one copy of the folded weights and of each
+    rule's modified weights, however many rules explain it), rebuilt when a parameter or buffer is replaced or
+    changed in place (its version counter), or a module is replaced."""
+    key = (
+        tuple((name, type(m)) for name, m in model.named_modules()),
+        tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in itertools.chain(
+            model.parameters(), model.buffers())),
+    )  # fmt: skip
+    cached = _PREPARED.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, build_lrp_model(model, share_weights=True))
+        _PREPARED[model] = cached
+    return cached[1]
+
+
+def resolve_target(logits: Tensor, target: Target, class_names: Sequence[str] | None = None) -> Tensor:
+    """Target class per sample, (B,) int64 on the logits' device: the predicted class for None, else an index
+    or class name for every sample, or one per sample. UsageError when out of range or unknown."""
+    batch, classes = logits.shape
+    if class_names is not None and len(class_names) != classes:
+        raise UsageError(f"got {len(class_names)} class names for a model with {classes} outputs")
+    if target is None:
+        return logits.argmax(dim=1)
+    if isinstance(target, (str, int)) or (isinstance(target, Tensor) and target.dim() == 0):
+        items: list[object] = [target] * batch
+    elif isinstance(target, Tensor):
+        items = target.flatten().tolist() if target.dim() == 1 else [target]
+    else:
+        items = list(target)
+    if len(items) != batch:
+        raise UsageError(f"got {len(items)} targets for a batch of {batch}")
+    indices = [_class_index(item, classes, class_names) for item in items]
+    return torch.tensor(indices, dtype=torch.int64, device=logits.device)
+
+
+def _class_index(item: object, classes: int, class_names: Sequence[str] | None) -> int:
+    if isinstance(item, Tensor) and item.numel() == 1 and not item.is_floating_point():
+        item = int(item.item())
+    if isinstance(item, str):
+        if class_names is None:
+            raise UsageError(f"target {item!r} is a class name, but no class names were given")
+        if item not in class_names:
+            raise UsageError(f"unknown class {item!r}; classes: {', '.join(class_names)}")
+        return list(class_names).index(item)
+    if isinstance(item, bool) or not isinstance(item, int):
+        raise UsageError(f"a target must be a class index or name, got {item!r}")
+    if not 0 <= item < classes:
+        raise UsageError(f"target class {item} is out of range for a model with {classes} classes (0..{classes - 1})")
+    return item

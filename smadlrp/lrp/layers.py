@@ -1,0 +1,305 @@
+"""The modules that carry LRP rules in a converted model: Conv2d/Linear with their layer rule, and rule nodes.
+
+Conv2d/Linear layers become subclasses whose `torch.autograd.Function` maps the relevance at the layer output to
+the relevance at its input with the layer's rule (`smadlrp.lrp.rules`); sums, unfoldable BatchNorms, average
+pools, element-wise activations and gates become `RuleNode`s with the rules of `node_rules`; `Tap`s let tracing
+see the relevance arriving at a node. All of them share one `Switch`: outside a relevance pass they compute the
+model's ordinary output.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smadlrp.core.errors import UsageError
+from smadlrp.lrp.canonize import AffineBatchNorm
+from smadlrp.lrp.composites import Composite, LayerSlot
+from smadlrp.lrp.graph import LeafModule, NodePlan
+from smadlrp.lrp.node_rules import AffineFunction, GateFunction, PassFunction, PoolFunction, SumFunction, alias
+from smadlrp.lrp.ops import ConvOp, DenseOp, LayerOp, LayerState, Prepared
+from smadlrp.lrp.rules import Rule
+from smadlrp.lrp.trace import relevance_hook
+
+_CACHE_SIZE = 16  # prepared rules kept per layer (every rule of the registry, with room for overrides)
+_PASS_IDS = itertools.count()
+
+
+class RelevancePass:
+    """One explaining forward pass: the composite and the counter of explained layers."""
+
+    def __init__(self, composite: Composite, count: int) -> None:
+        self.composite = composite
+        self.count = count
+        self.id = next(_PASS_IDS)
+        self.explained = 0
+
+    def rule_for(self, name: str, kind: Literal["conv", "dense"]) -> Rule:
+        """The rule of the next explained layer `name` (its slot counts the layers explained before it)."""
+        rule = self.composite.rule_for(LayerSlot(self.explained, name, kind), self.count)
+        self.explained += 1
+        return rule
+
+
+class Switch:
+    """Shared by the rule-carrying modules of one converted model: the pass in progress (None: ordinary
+    forward)."""
+
+    def __init__(self) -> None:
+        self.current: RelevancePass | None = None
+
+
+class Tap(LeafModule, nn.Module):
+    """Identity on a tensor that, during a relevance pass, lets tracing see the relevance arriving at it."""
+
+    def __init__(self, switch: Switch, index: int, name: str, op: str) -> None:
+        super().__init__()
+        self.switch, self.index, self.node_name, self.op = switch, index, name, op
+
+    def forward(self, x: Any) -> Any:
+        current = self.switch.current
+        if current is not None and isinstance(x, Tensor) and x.requires_grad:
+            x.register_hook(relevance_hook(current.id, self.index, self.node_name, self.op))
+        return x
+
+
+class _RuleFunction(torch.autograd.Function):
+    """Forward: the layer. Backward: the rule's relevance at the input from the relevance at the output."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None,
+        rectified: bool,
+    ) -> Tensor:
+        if a_nonnegative is None and rule.sign_sensitive:
+            a_nonnegative = not bool(a.numel() and a.min() < 0)
+        z = op.forward(a, prepared["weight"], prepared.get("bias"))
+        if rule.needs_output(bool(a_nonnegative)):
+            ctx.save_for_backward(a, alias(z))
+        else:
+            ctx.save_for_backward(a)
+        ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative, ctx.rectified = op, rule, prepared, a_nonnegative, rectified
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        a, *z = ctx.saved_tensors
+        state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
+        with torch.autocast(r.device.type, enabled=False):
+            relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.float())
+        return relevance, None, None, None, None, None
+
+
+class _Explained(LeafModule):
+    """What LRP Conv2d/Linear layers share: the switch, the layer's qualified name, what the graph knows about
+    its input and whether it carries relevance (not inside a gate's branch), and a cache of prepared weights
+    per rule."""
+
+    _lrp_switch: Switch
+    _lrp_name: str
+    _lrp_nonnegative: bool
+    _lrp_carries: bool
+    _lrp_rectified: bool
+    _lrp_cache: OrderedDict[Rule, Prepared]
+    _lrp_key: tuple[Any, ...]
+
+    def _lrp_init(self, switch: Switch, name: str, nonnegative: bool, carries: bool) -> None:
+        self._lrp_switch, self._lrp_name = switch, name
+        self._lrp_nonnegative, self._lrp_carries = nonnegative, carries
+        self._lrp_rectified = False
+        self._lrp_cache = OrderedDict()
+        self._lrp_key = ()
+
+    def _prepared(self, name: str, rule: Rule, weight: Tensor, bias: Tensor | None) -> Prepared:
+        """The rule's modified weights for this layer: computed on first use, then cached (until the weights
+        change)."""
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in (weight, bias) if t is not None)
+        if key != self._lrp_key:
+            self._lrp_cache.clear()
+            self._lrp_key = key
+        prepared = self._lrp_cache.get(rule)
+        if prepared is None:
+            with torch.no_grad():
+                weight = weight.detach().float()
+                bias = None if bias is None else bias.detach().float()
+                prepared = {"weight": weight, **({} if bias is None else {"bias": bias})}
+                prepared.update(rule.prepare(name, weight, bias))
+            self._lrp_cache[rule] = prepared
+            if len(self._lrp_cache) > _CACHE_SIZE:
+                self._lrp_cache.popitem(last=False)
+        else:
+            self._lrp_cache.move_to_end(rule)
+        return prepared
+
+    def _explain(
+        self, input: Tensor, a: Tensor, op: LayerOp, kind: Literal["conv", "dense"], current: RelevancePass,
+        params: tuple[Tensor, Any],
+    ) -> Tensor:
+        """Apply this layer's rule from `current` to `a` (the `input`, padded if the layer pads explicitly);
+        `params` are the layer's (weight, bias). Inside a gate's branch (no relevance) the plain layer runs."""
+        name = self._lrp_name
+        rule = current.rule_for(name, kind)
+        if not self._lrp_carries:
+            return op.forward(a, *params)
+        rule.check(name, op, a)
+        prepared = self._prepared(name, rule, *params)
+        nonnegative = True if self._lrp_nonnegative else None
+        with torch.autocast(a.device.type, enabled=False):
+            out = _RuleFunction.apply(a.float(), op, rule, prepared, nonnegative, self._lrp_rectified)
+        assert isinstance(out, Tensor)
+        return out
+
+
+class LRPConv2d(_Explained, nn.Conv2d):
+    """A Conv2d that applies its LRP rule while its model explains; an ordinary Conv2d otherwise."""
+
+    _lrp_op: ConvOp
+    _lrp_pad: bool
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, switch: Switch, name: str, nonnegative: bool, carries: bool) -> LRPConv2d:
+        """Wrap `conv` (qualified name `name`), sharing its parameters; `nonnegative`: its input is known >= 0."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",  # type: ignore[arg-type]
+        )  # fmt: skip
+        new.weight = conv.weight
+        if conv.bias is not None:
+            new.bias = conv.bias
+        new._lrp_init(switch, name, nonnegative, carries)
+        explicit = conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+        padding = (0, 0) if explicit else tuple(conv.padding)
+        new._lrp_op = ConvOp(tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)  # type: ignore[arg-type]
+        new._lrp_pad = explicit
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        current = self._lrp_switch.current
+        if current is None:
+            return super().forward(input)
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise UsageError(
+                f"layer {self._lrp_name!r} (Conv2d) expects (B, {self.in_channels}, H, W) input, "
+                f"got shape {tuple(input.shape)}"
+            )
+        a = input
+        if self._lrp_pad:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            a = F.pad(input.float(), self._reversed_padding_repeated_twice, mode=mode)
+        return self._explain(input, a, self._lrp_op, "conv", current, (self.weight, self.bias))
+
+
+class LRPLinear(_Explained, nn.Linear):
+    """A Linear that applies its LRP rule while its model explains; an ordinary Linear otherwise."""
+
+    _OP = DenseOp()
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, switch: Switch, name: str, nonnegative: bool, carries: bool) -> LRPLinear:
+        """Wrap `linear` (qualified name `name`), sharing its parameters; `nonnegative`: its input is known >= 0."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        new.weight = linear.weight
+        if linear.bias is not None:
+            new.bias = linear.bias
+        new._lrp_init(switch, name, nonnegative, carries)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        current = self._lrp_switch.current
+        if current is None:
+            return super().forward(input)
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise UsageError(
+                f"layer {self._lrp_name!r} (Linear) expects {self.in_features} input features, "
+                f"got shape {tuple(input.shape)}"
+            )
+        return self._explain(input, input, self._OP, "dense", current, (self.weight, self.bias))
+
+
+_OUT_OF_PLACE: dict[type[nn.Module], Callable[[Any, Tensor], Tensor]] = {
+    nn.ReLU6: lambda m, x: F.relu6(x), nn.SiLU: lambda m, x: F.silu(x), nn.Hardswish: lambda m, x: F.hardswish(x),
+    nn.GELU: lambda m, x: F.gelu(x, approximate=m.approximate), nn.Mish: lambda m, x: F.mish(x),
+}  # fmt: skip
+
+
+class RuleNode(LeafModule, nn.Module):
+    """One graph node with an LRP rule of its own (`node_rules`): `plain` (a module or function) computes the
+    node's output as the model does; during a relevance pass with an LRP rule the same output is computed with
+    the node's rule in the backward pass. Signal methods (PatternNet family) use the gradient instead, except
+    at gates, which are constants of the forward pass for every method."""
+
+    def __init__(self, switch: Switch, plan: NodePlan, plain: Callable[..., Any]) -> None:
+        super().__init__()
+        self.switch, self.kind, self.constant, self.gate_index = switch, plan.kind, plan.constant, plan.gate_index
+        self.op, self.label = plan.op, f"{plan.name}: {plan.op}"
+        if isinstance(plain, nn.Module):
+            self.plain: Callable[..., Any] = plain
+        else:
+            self.__dict__["plain"] = plain  # a function, not a submodule
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.label}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        current = self.switch.current
+        if self.kind == "gate":
+            x, g = args[1 - self.gate_index], args[self.gate_index]
+            if current is None:
+                return self.plain(*args, **kwargs)
+            if current.composite.signal:
+                return x * g.detach()
+            return GateFunction.apply(x, g.detach())
+        if current is None or current.composite.signal:
+            return self.plain(*args, **kwargs)
+        x = next(a for a in args if isinstance(a, Tensor))
+        with torch.autocast(x.device.type, enabled=False):
+            return self._explained(x.float(), args, kwargs)
+
+    def _explained(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The node's output with its LRP rule attached; `x` is its (first) tensor input in float32."""
+        if self.kind == "sum":
+            current = self.switch.current
+            assert current is not None
+            absolute = current.composite.sum_split == "absolute"
+            return SumFunction.apply(args[0].float(), args[1].float(), absolute)  # type: ignore[no-any-return]
+        if self.kind == "shift":
+            return SumFunction.apply(x, x.new_tensor(self.constant), False)  # type: ignore[no-any-return]
+        if self.kind == "affine":
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            m = self.plain
+            assert isinstance(m, AffineBatchNorm)
+            scale, shift = m.scale.float().view(shape), m.shift.float().view(shape)
+            return AffineFunction.apply(x, scale, shift)  # type: ignore[no-any-return]
+        rest = {k: v for k, v in kwargs.items() if k != "inplace"}
+        if self.kind == "pool":
+            return PoolFunction.apply(x, lambda t: self.plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
+        if self.kind == "scale":
+            return PassFunction.apply(x, lambda t: t * self.constant)  # type: ignore[no-any-return]
+        if self.kind == "relu":
+            return self._relu(x, args, kwargs)
+        assert self.kind == "activation", self.kind
+        plain = self.plain
+        if isinstance(plain, nn.Module):
+            out_of_place = _OUT_OF_PLACE[next(t for t in _OUT_OF_PLACE if isinstance(plain, t))]
+            return PassFunction.apply(x, lambda t: out_of_place(plain, t))  # type: ignore[no-any-return]
+        return PassFunction.apply(x, lambda t: plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
+
+    def _relu(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """ReLU with the identity rule: the relevance reaching a ReLU's output is 0 wherever the output is 0
+        for every rule that gives no relevance to zero inputs, so there it equals the gradient without its
+        masking pass. Otherwise (flat, wsquare or zbox after the first layer) the gradient."""
+        current = self.switch.current
+        assert current is not None
+        if not current.composite.relu_identity:
+            return self.plain(*args, **kwargs)  # type: ignore[no-any-return]
+        if isinstance(self.plain, nn.ReLU):
+            inplace = self.plain.inplace
+        else:  # F.relu(x, inplace), torch.relu(x), x.relu(), x.relu_()
+            inplace = self.op == "Tensor.relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+        return PassFunction.apply(x, torch.relu_ if inplace else torch.relu, inplace)  # type: ignore[no-any-return]
