@@ -12,32 +12,16 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from smadlrp.evaluation.breakdown import Aggregate, Breakdown
+from smadlrp.evaluation.gates import GateResult
 from smadlrp.evaluation.intervals import Interval
-from smadlrp.evaluation.metrics import (
-    BREAKDOWN_METRICS,
-    GATE_METRICS,
-    ORACLE_METRICS,
-    Aggregate,
-    Breakdown,
-    ConfusionMatrix,
-    GateResult,
-    MetricsSummary,
-)
+from smadlrp.evaluation.rates import ConfusionMatrix
+from smadlrp.evaluation.registry import BREAKDOWN_METRICS, BY_KEY, CONDITION_METRICS, GATE_METRICS, ORACLE_METRICS
+from smadlrp.evaluation.summary import MetricsSummary
 from smadlrp.evaluation.thresholds import CRITERIA, describe
 
-# What each gate metric means, in table order.
-METRIC_MEANINGS: Mapping[str, str] = {
-    "accuracy": "(TP + TN) / all",
-    "apcer": "FN / morphs",
-    "bpcer": "FP / bona fide",
-    "d-eer": "APCER = BPCER",
-    "bpcer10": "BPCER @ APCER 10 %",
-    "bpcer20": "BPCER @ APCER 5 %",
-    "bpcer100": "BPCER @ APCER 1 %",
-    "apcer@bpcer10": "APCER @ BPCER 10 %",
-    "apcer@bpcer1": "APCER @ BPCER 1 %",
-    "auc": "ROC area",
-}
+# What each gate metric means (its registry formula), in table order.
+METRIC_MEANINGS: Mapping[str, str] = {name: BY_KEY[name].formula for name in GATE_METRICS}
 ORACLE_NOTE = "oracle: read off this split's own scores; choose thresholds on the validation split"
 
 
@@ -60,7 +44,7 @@ def value_text(summary: MetricsSummary, name: str) -> str:
     if value is None:
         return "n/a"
     interval = summary.intervals.get(name)
-    if name == "auc":
+    if BY_KEY[name].unit != "rate":
         text, bounds = f"{value:.4f}", (lambda i: f" [{i.low:.3f}, {i.high:.3f}]")
     else:
         text, bounds = percent(value), (lambda i: f" [{100 * i.low:.1f}, {100 * i.high:.1f}]")
@@ -97,7 +81,7 @@ def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
 
 def _metric_note(summary: MetricsSummary, name: str) -> str:
     """Threshold and reached rate behind an estimable metric, when it has them."""
-    if name in ("accuracy", "apcer", "bpcer"):
+    if BY_KEY[name].basis == "threshold":
         return f"t = {threshold_text(summary.threshold)} ({summary.threshold_source})"
     if name == "d-eer":
         return f"t = {threshold_text(summary.eer.threshold)}"
@@ -122,7 +106,7 @@ def confusion_table(cm: ConfusionMatrix, *, title: str = "Confusion matrix (morp
 
 def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> Table:
     """One row per gate metric (its gate name) with its value and the threshold behind it; oracle rows are
-    marked with *. METRIC_MEANINGS and docs/metrics.md define each metric."""
+    marked with *. The metric registry (and docs/metrics.md, generated from it) defines each metric."""
     table = Table(
         title=title,
         caption=(
@@ -202,9 +186,6 @@ def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, 
     for i, row in enumerate(rows):
         table.add_row(*row, style="bold" if i > last_part else None, end_section=i == last_part and aggregates)
     return table
-
-
-CONDITION_METRICS = ("d-eer", "apcer", "bpcer", "bpcer10", "apcer@bpcer10")
 
 
 def conditions_table(summaries: Mapping[str, MetricsSummary], *, title: str = "Robustness") -> Table:
