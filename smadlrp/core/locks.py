@@ -18,7 +18,8 @@ from smadlrp.core.errors import SmadlrpError
 LOCK_FILE = ".smadlrp.lock"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this PID exists on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +60,7 @@ def locked_folder(folder: Path, notify: Callable[[str], None] = lambda message: 
         if not taken:
             pid, host = _holder(lock)
             here = host in ("", socket.gethostname())
-            if pid is None or (here and not _alive(pid)):
+            if pid is None or (here and not process_alive(pid)):
                 notice = f"process {pid}, which is gone" if pid is not None else "an unreadable lock"
                 notify(f"{folder} was locked by {notice}; taking it over")
                 lock.unlink(missing_ok=True)
