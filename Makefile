@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test lint docs demo docs-figures clean
+.PHONY: install test test-quick lint docs demo docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest
+
+# The fast loop: everything but the tests marked slow (processes, the docs, full-size models), under 30 s.
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/python -m ruff check smadlrp tests benchmarks

@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny image folders and tiny checkpoints, generated on the fly (no downloads)."""
+"""Shared fixtures: tiny image folders and tiny checkpoints, generated on the fly (no downloads).
+
+Markers (registered in pyproject.toml): `slow` tests are left out of `make test-quick`; `cuda` and `dlib` tests are
+skipped, with the reason in the summary, where that hardware or optional extra is missing.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,26 @@ from smadlrp.detector.models import build_model
 
 # The test models are tiny: one thread is as fast and is not slowed down by other processes on a busy machine.
 torch.set_num_threads(1)
+
+
+@cache
+def missing(marker: str) -> str | None:
+    """Why the tests marked `marker` cannot run here, or None when they can."""
+    if marker == "cuda":
+        return None if torch.cuda.is_available() else "needs a CUDA device (marker cuda)"
+    if marker == "dlib":
+        absent = [name for name in ("dlib", "face_recognition_models") if importlib.util.find_spec(name) is None]
+        return f"needs the align extra, not installed: {', '.join(absent)} (marker dlib)" if absent else None
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests whose hardware or optional extra is missing, naming what is missing."""
+    for item in items:
+        for marker in ("cuda", "dlib"):
+            reason = missing(marker) if item.get_closest_marker(marker) else None
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def write_tiny_dataset(root: Path, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:

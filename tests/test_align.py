@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from smadlrp.cli import app
 from smadlrp.data.align import AlignPolicy, FaceAligner
 
+pytestmark = pytest.mark.dlib
 pytest.importorskip("dlib")
 runner = CliRunner()
 
@@ -38,6 +39,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_align_acceptance(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "aligned"
     result = runner.invoke(app, ["align", str(photos), str(out)])
@@ -61,6 +63,7 @@ def test_align_acceptance(photos: Path, tmp_path: Path) -> None:
     assert big["box"][1] < 200  # the largest face, not the mission patch lower down
 
 
+@pytest.mark.slow
 def test_box_policy_and_center_crop(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "box"
     result = runner.invoke(app, ["align", str(photos), str(out), "--policy", "box", "--size", "128",
@@ -79,6 +82,7 @@ def test_box_policy_and_center_crop(photos: Path, tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(out / "astronaut.png")), np.asarray(expected))
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_one_failure_line(photos: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -117,6 +121,7 @@ def _face_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_checkpoint_records_the_policy_and_predict_aligns_raw_photos(tmp_path: Path) -> None:
     raw, aligned, run = _face_tree(tmp_path / "raw"), tmp_path / "aligned", tmp_path / "run"
     assert runner.invoke(app, ["align", str(raw), str(aligned), "--size", "96"]).exit_code == 0
@@ -155,6 +160,7 @@ def test_align_option_needs_a_recorded_policy(tiny_checkpoint: Path, photos: Pat
     assert result.exit_code == 2 and "records no alignment" in result.output
 
 
+@pytest.mark.slow
 def test_protocol_in_protocol_out(photos: Path, tmp_path: Path) -> None:
     protocol = photos / "protocol.csv"
     protocol.write_text("path,label,split,subject\nastronaut.jpg,bonafide,test,a\nsub/rotated.png,morph,test,a\n"

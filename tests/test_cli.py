@@ -73,6 +73,7 @@ def test_every_command_writes_json_and_those_that_run_a_model_take_device() -> N
         assert ("--device" in options) == runs_a_model, f"{name}: --device {'missing' if runs_a_model else 'given'}"
 
 
+@pytest.mark.slow
 def test_help_pages_use_plain_metavars_and_list_commands_in_work_order() -> None:
     from smadlrp.cli.help_style import COMMAND_ORDER
 

@@ -50,6 +50,7 @@ def compared(synth_small: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.
     return out / "res", json.loads((out / "r.json").read_text()), output
 
 
+@pytest.mark.slow
 def test_outputs_exist_and_agree(compared: tuple[Path, dict[str, Any], str]) -> None:
     out, report, output = compared
     methods = {m["name"]: m for m in report["methods"]}
@@ -80,6 +81,7 @@ def test_outputs_exist_and_agree(compared: tuple[Path, dict[str, Any], str]) -> 
         assert img.format == "PNG" and img.size[0] > 600
 
 
+@pytest.mark.slow
 def test_lrp_zero_equals_gradient_times_input(compared: tuple[Path, dict[str, Any], str]) -> None:
     """On a ReLU network LRP-0 is gradient x input, so the two rows must agree (an independent cross-check)."""
     methods = {m["name"]: m for m in compared[1]["methods"]}
@@ -96,6 +98,7 @@ def _inputs(report: dict[str, Any], checkpoint: Path) -> tuple[torch.nn.Module, 
     return model, torch.stack([transform(load_rgb(p)) for p in paths]), paths
 
 
+@pytest.mark.slow
 def test_localisation_matches_a_hand_computation(compared: tuple[Path, dict[str, Any], str], synth_small: Path,
                                                  tiny_checkpoint: Path) -> None:
     """gradient x input mass accuracy recomputed image by image; masks (64 px) halved by 2x2 block means >= 0.5."""
@@ -121,6 +124,7 @@ def test_localisation_matches_a_hand_computation(compared: tuple[Path, dict[str,
     assert loc["mass_accuracy"] == pytest.approx(np.mean(values), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_aopc_matches_a_step_by_step_loop(compared: tuple[Path, dict[str, Any], str], tiny_checkpoint: Path) -> None:
     """epsilon AOPC recomputed with loops over images, patches and steps (4-px patches on 32 px: an 8x8 grid)."""
     report = compared[1]

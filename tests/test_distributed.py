@@ -86,6 +86,7 @@ def results(folder: Path, job: str) -> list[dict[str, Any]]:
     return [json.loads((folder / f"{job}.{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_collectives_on_two_ranks(two_ranks: Path) -> None:
     first, second = results(two_ranks, "core")
     assert first["shard"] == [0, 1, 2, 6, 7, 8] and second["shard"] == [3, 4, 5, 9]
@@ -127,6 +128,7 @@ def single_process(name: str, data: Path, checkpoint: Path, out: Path, two_ranks
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_fit_patterns_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     assert [r["exit_code"] for r in results(two_ranks, "fit")] == [0, 0]
@@ -146,6 +148,7 @@ def test_fit_patterns_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data
     assert "wrote" in lines[0] and "wrote" not in lines[1]  # rank 0 alone prints the tables
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
                                                    tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "evaluate")]
@@ -161,6 +164,7 @@ def test_evaluate_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Pa
     assert "rank 1/2: scoring 7 of 16 test images" in outputs[1] and "APCER" not in outputs[1]
 
 
+@pytest.mark.slow
 def test_predict_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
                                                   tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "predict")]
@@ -173,6 +177,7 @@ def test_predict_on_two_ranks_equals_one_process(two_ranks: Path, tiny_data: Pat
     assert "rank 1/2: scoring 7 of 16 images" in outputs[1] and "decision" not in outputs[1]
 
 
+@pytest.mark.slow
 def test_finetune_on_two_ranks_writes_one_run(two_ranks: Path, tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "finetune")]
     assert [r["exit_code"] for r in results(two_ranks, "finetune")] == [0, 0], outputs
@@ -197,6 +202,7 @@ def test_finetune_on_two_ranks_writes_one_run(two_ranks: Path, tmp_path: Path) -
     assert [row["epoch"] for row in json.loads((copy / "history.json").read_text())["epochs"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_on_one_rank_ends_both_with_one_line(two_ranks: Path) -> None:
     first, second = results(two_ranks, "broken")
     assert (first["exit_code"], second["exit_code"]) == (1, 1)
@@ -207,6 +213,7 @@ def test_an_unreadable_image_on_one_rank_ends_both_with_one_line(two_ranks: Path
     assert not (two_ranks / "broken-run" / "best.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_explain_on_two_ranks_writes_the_files_of_one_process(two_ranks: Path, tiny_data: Path,
                                                                tiny_checkpoint: Path, tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "explain")]
@@ -227,6 +234,7 @@ def test_explain_on_two_ranks_writes_the_files_of_one_process(two_ranks: Path, t
     assert "rank 0/2: explaining 5 of 8 images" in outputs[0] and "rank 1/2: explaining 3 of 8 images" in outputs[1]
 
 
+@pytest.mark.slow
 def test_compare_rules_on_two_ranks_averages_like_one_process(two_ranks: Path, tiny_data: Path,
                                                               tiny_checkpoint: Path, tmp_path: Path) -> None:
     outputs = [r["output"] for r in results(two_ranks, "compare")]
@@ -242,6 +250,7 @@ def test_compare_rules_on_two_ranks_averages_like_one_process(two_ranks: Path, t
     assert "rank 1/2: comparing on 4 of 12 images" in outputs[1]
 
 
+@pytest.mark.slow
 def test_a_command_without_distribution_is_refused_once(two_ranks: Path) -> None:
     first, second = results(two_ranks, "refused")
     assert (first["exit_code"], second["exit_code"]) == (2, 2)
@@ -291,6 +300,7 @@ def _train_one_rank(rank: int, port: int, data: Path, out: Path, fault: str) -> 
     (out / f"rank{rank}.json").write_text(json.dumps({"exit_code": result.exit_code, "output": result.output}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "why"), [
     ("kill", "lost contact with the other ranks"),
     ("stop", "no answer from the other ranks within 2 s (SMADLRP_DIST_TIMEOUT)"),

@@ -40,6 +40,7 @@ from smadlrp.data.synthetic import generator
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.models import build_model
 
+pytestmark = pytest.mark.slow  # every example of the docs runs, many through the whole command line
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "cli.md")]
 FIGURES_FILE = ROOT / "docs" / "demo-figures.json"

@@ -27,6 +27,7 @@ def _scores(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_by_morph_type_matches_counting_by_hand(tiny_synth: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_synth), "--split", "train", "--by", "morph_type",
                              "--threshold", "0.5", "--scores", str(tmp_path / "s.csv"), "--json",
@@ -50,6 +51,7 @@ def test_by_morph_type_matches_counting_by_hand(tiny_synth: Path, tiny_checkpoin
     assert "APCER_AP (worst morph_type)" in " ".join(output.split())
 
 
+@pytest.mark.slow
 def test_morph_type_breakdown_is_the_default_and_unknown_columns_are_named(tiny_synth: Path,
                                                                            tiny_checkpoint: Path) -> None:
     code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_synth))
@@ -59,6 +61,7 @@ def test_morph_type_breakdown_is_the_default_and_unknown_columns_are_named(tiny_
         " ".join(output.split())
 
 
+@pytest.mark.slow
 def test_validation_criteria_pick_the_validation_threshold(tiny_synth: Path, tiny_checkpoint: Path,
                                                            tmp_path: Path) -> None:
     code, output = _evaluate(tiny_checkpoint, "--data", str(tiny_synth), "--split", "val", "--scores",

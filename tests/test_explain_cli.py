@@ -42,6 +42,7 @@ def two_same_names(tiny_data: Path, tmp_path: Path) -> Path:
     return tmp_path / "in"
 
 
+@pytest.mark.slow
 def test_explain_writes_maps_table_and_raw(tiny_checkpoint: Path, two_same_names: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, output = _invoke("explain", str(two_same_names), "--checkpoint", str(tiny_checkpoint), "--rule", "epsilon",
@@ -94,6 +95,7 @@ def test_grid_has_one_panel_per_rule_plus_input() -> None:
     assert [ax.get_title() for ax in fig.axes] == ["input", *maps]
 
 
+@pytest.mark.slow
 def test_trace_sums_match_the_engine(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path) -> None:
     image = tiny_data / "test/morph/test_morph_02.png"
     code, output = _invoke("trace", str(image), "--checkpoint", str(tiny_checkpoint), "--rule", "alpha1beta0",

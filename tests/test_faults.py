@@ -105,6 +105,7 @@ def truncated_jpeg(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_in_a_worker_is_the_workers_one_line(tiny_data: Path, tiny_checkpoint: Path,
                                                                   tmp_path: Path) -> None:
     data = shutil.copytree(tiny_data, tmp_path / "data")
@@ -129,6 +130,7 @@ class _Refusing(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
         return torch.zeros(3), 0, index
 
 
+@pytest.mark.slow
 def test_a_worker_error_keeps_its_message_and_exit_code() -> None:
     with pytest.raises(SmadlrpError) as caught:
         list(make_loader(_Refusing(), 1, workers=1))
@@ -144,6 +146,7 @@ class _InterruptedFinaliser:
         signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_that_a_library_swallowed_still_ends_training_as_interrupted(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A SIGINT whose KeyboardInterrupt is lost, then the RuntimeError torch raises for the workers that the SIGINT
@@ -204,6 +207,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_command_line_loads_is_one_line_with_exit_130() -> None:
     done = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -211,6 +215,7 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line_with_exit_130() -> None
     assert done.stderr == "error: interrupted\n" and done.stdout == ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_finetune_with_workers_is_interrupted_with_exit_130(tiny_data: Path, tmp_path: Path) -> None:
     """SIGINT to the process group (as a terminal sends it) once training runs with two DataLoader workers."""
     out = tmp_path / "run"

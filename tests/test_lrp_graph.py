@@ -83,6 +83,7 @@ IDENTITY = [("resnet18", 32), ("resnet50", 32), ("densenet121", 32), ("inception
             ("squeezenet1_1", 48), ("mobilenet_v2", 32)]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size"), IDENTITY)
 def test_zero_rule_is_gradient_times_input(name: str, size: int) -> None:
     model = build(name)
@@ -103,6 +104,7 @@ def test_zero_rule_is_gradient_times_input(name: str, size: int) -> None:
     assert relative_l2(relevance, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_inception_transform_input_is_an_affine_node() -> None:
     model = build("inception_v3", transform_input=True)
     x = images(75, batch=1)
@@ -120,6 +122,7 @@ CONSERVING: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "densenet121", "efficientnet_b0", "mobilenet_v3_small"])
 def test_relevance_is_conserved_without_biases(name: str) -> None:
     model = build(name)
@@ -131,6 +134,7 @@ def test_relevance_is_conserved_without_biases(name: str) -> None:
         torch.testing.assert_close(sums, logit, rtol=1e-4, atol=0.0, msg=lambda m, r=rule: f"{r}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
 def test_relu_identity_equals_the_relu_gradient(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """ReLUs pass relevance unchanged; for rules that give no relevance to zero inputs this is exactly what
@@ -195,6 +199,7 @@ def test_absolute_sum_split_matches_a_hand_computation() -> None:
     assert not torch.allclose(z_split, relevance, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_absolute_sum_split_conserves_on_a_bias_free_resnet() -> None:
     model = build("resnet18")
     zero_biases(model)
@@ -301,6 +306,7 @@ def test_cli_refuses_a_model_without_a_rule_in_one_red_line(
     assert "cannot explain unsupported layer(s): mul (operator.mul of two tensors" in lines[-1]
 
 
+@pytest.mark.slow
 def test_resnet_checkpoint_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     """explain --rule all, trace --rule zero (conserving: every main-path row has ratio 1), fit-patterns and
     PatternAttribution on a random resnet18 checkpoint at 32 px whose only bias, the classifier's, is zero."""

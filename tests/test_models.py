@@ -9,6 +9,7 @@ from smadlrp.detector.models import ARCHITECTURES, get_architecture
 from smadlrp.lrp import check_supported
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_every_architecture_is_explainable(name: str) -> None:
     """Built on the meta device (no memory, no initialisation cost): traced, canonized, a rule at every node."""

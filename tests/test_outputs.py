@@ -196,6 +196,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
+@pytest.mark.slow
 def test_a_run_folder_held_by_a_live_process_is_refused(files: dict[str, Path]) -> None:
     out = files["out"]
     out.mkdir()
@@ -207,6 +208,7 @@ def test_a_run_folder_held_by_a_live_process_is_refused(files: dict[str, Path]) 
     assert resumed.exit_code == 1 and "in use by smadlrp process" in resumed.output
 
 
+@pytest.mark.slow
 def test_a_stale_lock_and_killed_writes_are_cleaned_up(files: dict[str, Path]) -> None:
     out = files["out"]
     out.mkdir()
@@ -249,6 +251,7 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_training_options(files: dict[str, Path]) -> None:
     out = files["out"]
     first = runner.invoke(app, [*FINETUNE, "--data", str(files["data"]), "--out", str(out), "--lr", "0.01"])
@@ -265,6 +268,7 @@ def test_resume_refuses_changed_training_options(files: dict[str, Path]) -> None
     assert same.exit_code == 0 and "resuming" in same.output, same.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("interrupt_at", "message"), [
     ("batch 1", "interrupted in epoch 1, before anything was saved; start the run again with --out"),
     ("saving epoch 2", "interrupted in epoch 2; 1 completed epoch(s) are saved. Continue with: smadlrp finetune "

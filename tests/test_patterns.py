@@ -367,7 +367,7 @@ def test_fingerprint_identifies_weights() -> None:
         check_fingerprint({}, reference)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_fit_matches_cpu() -> None:
     model = _small_net()
     x = torch.randn(12, 3, 16, 16) + 0.5

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
@@ -29,6 +30,7 @@ def _run_script(folder: Path, text: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_unguarded_script_stops_at_once_with_what_to_change(tmp_path: Path) -> None:
     done = _run_script(tmp_path, UNGUARDED)
     assert done.returncode == 1 and "finished" not in done.stdout
@@ -38,6 +40,7 @@ def test_unguarded_script_stops_at_once_with_what_to_change(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["make_set.py"]  # no .OUT.partial-PID left
 
 
+@pytest.mark.slow
 def test_guarded_script_with_workers_finishes(tmp_path: Path) -> None:
     done = _run_script(tmp_path, GUARDED)
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr
@@ -45,6 +48,7 @@ def test_guarded_script_with_workers_finishes(tmp_path: Path) -> None:
     assert len(rows) == TINY_IMAGES
 
 
+@pytest.mark.slow
 def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     abandoned = tmp_path / f".OUT.partial-{int(dead.stdout)}"

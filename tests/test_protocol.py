@@ -123,6 +123,7 @@ def test_subject_in_two_splits_is_warned_with_counts(tiny_data: Path, tiny_check
     assert "2 subject(s) appear in more than one split (2 in test and train" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_finetune_and_fit_patterns_read_a_protocol(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     protocol = _write(tmp_path / "p.csv", _folder_rows(tiny_data))
     result = runner.invoke(app, ["finetune", "--protocol", str(protocol), "--data", str(tiny_data), "--epochs", "1",

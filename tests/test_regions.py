@@ -84,6 +84,7 @@ def _regions(checkpoint: Path, data: Path, tmp_path: Path, *extra: str) -> tuple
     return result.exit_code, result.output, report
 
 
+@pytest.mark.slow
 def test_regions_command_writes_its_tables_figures_and_clusters(tiny_checkpoint: Path, marked_set: Path,
                                                                 tmp_path: Path) -> None:
     code, output, report = _regions(tiny_checkpoint, marked_set, tmp_path, "--by", "morph_type", "--clusters", "2")
@@ -146,6 +147,7 @@ def _trained(root: Path) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_planted_shortcut_is_learnt_and_found(tmp_path: Path) -> None:
     shortcut_model = _trained(_pictures(tmp_path, "marked", lambda i: True))
     clean_model = _trained(_pictures(tmp_path, "clean", lambda i: False))

@@ -28,6 +28,7 @@ def _config(data: Path, augment: str) -> TrainConfig:
                        full=True, weights="none", seed=5, data=str(data), augment=augment)
 
 
+@pytest.mark.slow
 def test_augmented_training_is_seeded_and_recorded(tiny_data: Path, tmp_path: Path) -> None:
     device = torch.device("cpu")
     runs = {}
@@ -64,6 +65,7 @@ def _jpeg_scores(checkpoint: Path, data: Path, quality: int) -> tuple[np.ndarray
     return np.array(labels), np.array(scores)
 
 
+@pytest.mark.slow
 def test_evaluate_perturb_adds_a_block_per_condition(tiny_checkpoint: Path, tiny_data: Path,
                                                      tmp_path: Path) -> None:
     report, figure = tmp_path / "e.json", tmp_path / "robustness.png"

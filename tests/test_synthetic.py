@@ -245,6 +245,7 @@ def test_global_statistics_of_a_flat_image() -> None:
     assert len(stats) == len(synthetic.GLOBAL_STATISTICS)
 
 
+@pytest.mark.slow
 def test_no_global_shortcut_on_a_small_set(tmp_path: Path) -> None:
     # 100 identities, 2 captures, 64 px: fit on the 320 training images, score the 80 held-out ones (val and
     # test, 20 identities). A model with no signal then has an AUC standard error of about 0.065, so the bound
@@ -394,6 +395,7 @@ def test_splits_on_disk_are_subject_disjoint(tiny_set: TinySet) -> None:
     assert not people["val"] & people["test"]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files_with_any_worker_count(tiny_set: TinySet, tmp_path: Path) -> None:
     again = tmp_path / "again"
     synthetic.generate_dataset(again, TINY, workers=2)

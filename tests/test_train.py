@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ def _config(data: Path, epochs: int) -> TrainConfig:
                        full=True, weights="none", seed=3, data=str(data))
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
     device = torch.device("cpu")
     straight = Finetuner(_config(tiny_data, 3), tiny_data, tmp_path / "a", device)
@@ -43,6 +45,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data: Path, tmp_path: Path) -
     assert straight.state.history[-1]["train_loss"] == resumed.state.history[-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_finetune_cli_writes_outputs(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "8",

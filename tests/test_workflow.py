@@ -38,6 +38,7 @@ def trained_project(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     return project
 
 
+@pytest.mark.slow
 def test_commands_find_the_checkpoint_and_fit_patterns_once(trained_project: Path, tiny_data: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(trained_project)
@@ -65,6 +66,7 @@ def test_commands_find_the_checkpoint_and_fit_patterns_once(trained_project: Pat
     assert f"data: {tiny_data}" in output and "best.safetensors on test" in output
 
 
+@pytest.mark.slow
 def test_fit_patterns_writes_beside_the_checkpoint_by_default(trained_project: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(trained_project)
@@ -87,6 +89,7 @@ def test_newest_checkpoint_wins(tiny_checkpoint: Path, tmp_path: Path, monkeypat
     assert "checkpoint: runs/a-new/best.safetensors" in output
 
 
+@pytest.mark.slow
 def test_a_random_backbone_trains_every_layer_unless_head_only_is_asked(tiny_data: Path, tmp_path: Path) -> None:
     common = ["finetune", "--data", str(tiny_data), "--epochs", "1", "--image-size", "32", "--weights", "none",
               "--batch-size", "16"]
@@ -127,6 +130,7 @@ def test_operating_points_match_hand_computation() -> None:
     assert eer["threshold"] == pytest.approx(0.35) and eer["apcer"] == eer["bpcer"] == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 def test_finetune_stores_operating_points_that_evaluate_uses(trained_project: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(trained_project)
