@@ -22,6 +22,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -30,21 +31,16 @@ from rich.text import Text
 
 from smadlrp.core import distributed, processes
 from smadlrp.core.config import ProjectConfig, load_config
-from smadlrp.core.device import DEVICE_HELP, resolve_device
-from smadlrp.core.errors import SmadlrpError, UsageError, shorten
+from smadlrp.core.device import DEVICE_HELP
+from smadlrp.core.errors import SmadlrpError, shorten
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.core.outputs import FilePlan
 from smadlrp.data.loading import DataSource
-from smadlrp.data.protocol import read_protocol
-from smadlrp.detector.checkpoint import CheckpointMeta, newest_checkpoint
-from smadlrp.evaluation.thresholds import (
-    CRITERIA,
-    STORED,
-    VALIDATION_PREFIX,
-    describe,
-    parse_threshold,
-    stored_point_name,
-)
+from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.evaluation.metrics import Breakdown, MetricsSummary
+from smadlrp.evaluation.report import breakdown_table, confusion_table, metrics_table
+from smadlrp.explain.pattern_file import PatternFit, fit_pattern_file
+from smadlrp.explain.run import PATTERN_KINDS
 from smadlrp.lrp.composites import SUM_SPLITS
 
 console = Console()
@@ -108,7 +104,6 @@ SumSplitOption = Annotated[
     str, typer.Option("--sum-split", help=f"How a sum a + b of two tensors (a residual connection) shares relevance: "
                                           f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
-RUNS_DIR = Path("runs")
 WorstSpeciesOption = Annotated[
     bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst group "
                                                "of the first --by column meets the APCER target.")
@@ -129,6 +124,30 @@ AlignOption = Annotated[
     bool, typer.Option("--align", help="Crop each face as the checkpoint's training data was cropped (its recorded "
                                        "`smadlrp align` policy; needs the align extra).")
 ]
+
+PatternsOption = Annotated[
+    Path | None, typer.Option("--patterns", dir_okay=False,
+                              help="Pattern file from `smadlrp fit-patterns`; default: patterns.safetensors beside "
+                                   "the checkpoint, fitted on its training split when a pattern rule needs it.")
+]
+TargetOption = Annotated[
+    str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
+]
+PatternKindOption = Annotated[
+    str, typer.Option("--pattern-kind", metavar="|".join(PATTERN_KINDS),
+                      help="Which fitted patterns patternnet and patternattribution use: positive (two-component "
+                           "estimator, suited to ReLU networks) or all (linear).")
+]
+ParamOption = Annotated[
+    list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
+]
+
+
+def rule_option(default: str) -> Any:
+    """`--rule`, repeatable, with its default (`default`) stated in the help."""
+    return typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available. "
+                                             f"Default: {default}.")
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -252,134 +271,6 @@ def device_spec(spec: str | None) -> str:
     return spec if spec is not None else project_config().device or "auto"
 
 
-def pick_device(spec: str | None) -> torch.device:
-    """Resolve `--device`, else the configured device, else auto (under torchrun: this rank's device), and print
-    the choice."""
-    ranks = distributed.current()
-    try:
-        device = ranks.device if ranks.distributed else resolve_device(device_spec(spec))
-    except SmadlrpError as exc:
-        config = project_config()
-        if spec is None and config.device is not None:
-            raise config.error("device", exc.message) from None
-        raise
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    err_console.print(f"[dim]device: {device} ({name})[/dim]", highlight=False)
-    return device
-
-
-def find_checkpoint(given: Path | None) -> Path:
-    """`--checkpoint`, else the configured one, else the newest `best.safetensors` under ./runs/ (with a notice
-    saying which)."""
-    if given is not None:
-        return given
-    config = project_config()
-    if config.checkpoint is not None:
-        notice(f"checkpoint: {config.checkpoint} (from {config.where})")
-        return config.checkpoint
-    newest = newest_checkpoint(RUNS_DIR)
-    if newest is None:
-        raise SmadlrpError("no checkpoint: none given with --checkpoint and no best.safetensors under ./runs/; "
-                           "run `smadlrp finetune` first")
-    notice(f"checkpoint: {newest} (the newest under {RUNS_DIR}/; choose another with --checkpoint)")
-    return newest
-
-
-def data_root(data: Path | None, meta: CheckpointMeta | None = None) -> Path:
-    """`--data`, else the data `meta`'s checkpoint was trained on (when it still exists), else the embedded
-    synthetic set (generated once into its cache folder); a notice says which default was taken."""
-    if data is not None:
-        return data
-    config = project_config()
-    if config.data is not None:
-        notice(f"data: {config.data} (from {config.where})")
-        return config.data
-    recorded = meta.training_data if meta is not None else None
-    if recorded is not None:
-        notice(f"data: {recorded} (the checkpoint's training data; choose other data with --data)")
-        return recorded
-    from smadlrp.data.synthetic.generator import ensure_default_dataset
-
-    def generate() -> Path:
-        with progress_bar() as bar:
-            task = bar.add_task("generating the synthetic data set", total=None)
-            return ensure_default_dataset(
-                notify=notice, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
-
-    root = distributed.main_first(generate)  # the other ranks then find it generated
-    notice(f"using the embedded synthetic data set in {root} (it exercises the pipeline, not real-world accuracy)")
-    return root
-
-
-def data_source(data: Path | None, protocol: Path | None = None, bonafide_label: str = "bonafide",
-                attack_label: str = "morph", meta: CheckpointMeta | None = None) -> DataSource:
-    """`--protocol` (paths relative to --data when given, else to the file), else `--data` split folders, else the
-    configured data, else the protocol or folder `meta`'s checkpoint was trained on, else the embedded synthetic
-    set (see `data_root`). Warns when a subject column shows one subject in two splits."""
-    unset = data is None and project_config().data is None
-    recorded = meta.training.get("protocol") if meta is not None and unset else None
-    if protocol is None and recorded and Path(recorded).is_file():
-        notice(f"data: {recorded} (the checkpoint's training protocol; choose other data with --data or --protocol)")
-        protocol, data = Path(recorded), Path(meta.training["data"])  # type: ignore[union-attr]
-        bonafide_label = meta.training.get("bonafide_label", bonafide_label)  # type: ignore[union-attr]
-        attack_label = meta.training.get("attack_label", attack_label)  # type: ignore[union-attr]
-    if protocol is not None:
-        source = DataSource(data or protocol.parent, read_protocol(protocol, base=data, bonafide_label=bonafide_label,
-                                                                   attack_label=attack_label))
-    else:
-        source = DataSource(data_root(data, meta))
-    warning = source.leak_warning()
-    if warning is not None:
-        notice(f"warning: {warning}")
-    return source
-
-
-def worst_species_column(worst_species: bool, threshold: str, by: list[str] | None) -> str | None:
-    """The --by column `--worst-species` uses (the first), None without the flag; UsageError unless the threshold
-    is an APCER criterion on labelled scores and a --by column is given."""
-    if not worst_species:
-        return None
-    if not threshold.startswith(f"{VALIDATION_PREFIX}apcer") or not by:
-        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
-    return by[0]
-
-
-def threshold_text(given: str | None, default: str = STORED) -> str:
-    """`--threshold`, else the configured threshold, else `default`, checked: a number in [0, 1], `stored`, a
-    stored operating point, or a `val-` criterion (an error from the file names the key and the file)."""
-    config = project_config()
-    text = given if given is not None else config.threshold or default
-    if stored_point_name(text) is None:
-        try:
-            parse_threshold(text)
-        except UsageError:
-            message = (f"--threshold {text!r}: use a number in [0, 1], {STORED}, a stored operating point "
-                       f"({', '.join(CRITERIA)}) or a criterion on the validation split "
-                       f"({', '.join(VALIDATION_PREFIX + name for name in CRITERIA)})")
-            if given is None and config.threshold is not None:
-                raise config.error("threshold", message) from None
-            raise UsageError(message) from None
-    return text
-
-
-def stored_threshold(text: str, meta: CheckpointMeta, checkpoint: Path) -> tuple[float, str] | None:
-    """The threshold of the stored operating point that `text` names (`stored` is the D-EER one) and a
-    description of it; None when `text` names none, or when it is `stored` and the checkpoint stores no
-    operating points (older or imported checkpoints: the caller falls back, with a notice)."""
-    name = stored_point_name(text)
-    if name is None:
-        return None
-    value = meta.stored_threshold(name, checkpoint)
-    if value is None:
-        if text != STORED:
-            raise SmadlrpError(f"--threshold {text}: {checkpoint} stores no operating points (it was written by an "
-                               f"older smadlrp or imported); use --threshold {VALIDATION_PREFIX}{name} or a number")
-        return None
-    points = meta.operating_points
-    return value, f"stored {points.get('split', 'val')} {describe(name)}, epoch {points.get('epoch', '?')}"
-
-
 def file_plan(outputs: dict[str, Path | None], folder_files: tuple[str, Path, Sequence[str]] | None = None
               ) -> FilePlan:
     """The command's output options (option -> path, None when not asked for) and the fixed files of its output
@@ -409,6 +300,14 @@ def write_json(path: Path | None, payload: Any) -> None:
     detail(f"wrote {path}")
 
 
+def show_summary(summary: MetricsSummary, breakdowns: Sequence[Breakdown], title: str) -> None:
+    """Print the confusion matrix, the metrics table and one table per group breakdown."""
+    console.print(confusion_table(summary.confusion))
+    console.print(metrics_table(summary, title=title))
+    for breakdown in breakdowns:
+        console.print(breakdown_table(breakdown, summary, title=f"By {breakdown.label}"))
+
+
 @contextmanager
 def progress_bar(*extra: Any) -> Iterator[Progress]:
     """A rich progress bar on stderr (hidden when stderr is not a terminal is rich's own behaviour)."""
@@ -419,8 +318,46 @@ def progress_bar(*extra: Any) -> Iterator[Progress]:
         yield bar
 
 
+class BarProgress:
+    """Scoring progress on a rich progress bar: a task per split scored, and this process's share of it."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task: TaskID | None = None
+
+    def start(self, split: str, condition: str | None, share: int, total: int) -> None:
+        rank_line(f"scoring {share} of {total} {split} images" + (f" under {condition}" if condition else ""))
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(f"scoring {split}" + (f" under {condition}" if condition else ""), total=share)
+
+    def advance(self, n: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+
 class ImagesPerSecond(ProgressColumn):
     """Throughput of a task whose steps are images."""
 
     def render(self, task: Task) -> Text:
         return Text("" if task.speed is None else f"{task.speed:.1f} img/s", style="cyan")
+
+
+def fit_with_progress(model: torch.nn.Module, meta: CheckpointMeta, checkpoint: Path, data: DataSource, split: str,
+                      kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
+                      workers: int, device: torch.device) -> PatternFit:
+    """`fit_pattern_file` under a progress bar of its two passes."""
+    with progress_bar(ImagesPerSecond()) as bar:
+        tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=None)
+                 for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
+
+        def start(share: int, n: int) -> None:
+            rank_line(f"fitting on {share} of {n} images")
+            for task in tasks:
+                bar.update(task, total=share)
+
+        return fit_pattern_file(model, meta, checkpoint, data, split, kinds, out, max_images=max_images, seed=seed,
+                                batch_size=batch_size, workers=workers, device=device, warn=notice, on_start=start,
+                                progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
+
+

@@ -19,29 +19,33 @@ from smadlrp.cli.common import (
     DeviceOption,
     ImagesPerSecond,
     JsonOption,
+    PatternKindOption,
+    PatternsOption,
     ProtocolOption,
     SeedOption,
     SumSplitOption,
     WorkersOption,
     console,
-    data_source,
     file_plan,
-    find_checkpoint,
     handle_errors,
     notice,
     on_ranks,
-    pick_device,
     progress_bar,
     rank_line,
+    rule_option,
     write_json,
 )
-from smadlrp.cli.explain_commands import PatternKindOption, PatternsOption, rule_option, rules_and_patterns
+from smadlrp.cli.defaults import (
+    data_source,
+    find_checkpoint,
+    open_model,
+    rules_and_patterns,
+)
 from smadlrp.core import distributed
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import IMAGE_EXTENSIONS
 from smadlrp.data.paths import prepare_out_dir
-from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
 from smadlrp.explain.heatmaps import plot_perturbation_curves
 from smadlrp.explain.run import PATTERN_KINDS, build_explainers
@@ -173,8 +177,7 @@ def compare_rules(
     plan.reads("the checkpoint", checkpoint)
     plan.reads("the pattern file", patterns)
     plan.reads("the protocol file", protocol)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
     wanted = _target(target, meta.class_names)

@@ -15,10 +15,12 @@ from smadlrp.cli.common import (
     JsonOption,
     console,
     file_plan,
-    find_checkpoint,
     handle_errors,
     progress_bar,
     write_json,
+)
+from smadlrp.cli.defaults import (
+    find_checkpoint,
 )
 from smadlrp.core.container import read_document, read_header
 from smadlrp.core.errors import UsageError

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +11,7 @@ import typer
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     AttackLabelOption,
+    BarProgress,
     BatchSizeOption,
     BonafideLabelOption,
     BootstrapOption,
@@ -24,125 +23,32 @@ from smadlrp.cli.common import (
     WorkersOption,
     WorstSpeciesOption,
     console,
-    data_source,
-    detail,
     fail_line,
     file_plan,
-    find_checkpoint,
     handle_errors,
     notice,
     on_ranks,
-    pick_device,
     progress_bar,
     project_config,
-    rank_line,
-    stored_threshold,
-    threshold_text,
-    worst_species_column,
+    show_summary,
     write_json,
 )
-from smadlrp.core import distributed
+from smadlrp.cli.defaults import (
+    data_source,
+    find_checkpoint,
+    open_model,
+    threshold_text,
+    worst_species_column,
+)
 from smadlrp.core.config import ProjectConfig
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
-from smadlrp.core.outputs import FilePlan
-from smadlrp.data.loading import DataSource, ImageDataset, SplitIndex
-from smadlrp.data.perturb import SPEC_HELP, Perturbation, parse_perturbations
-from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
-from smadlrp.detector.inference import Predictions, predict_dataset
-from smadlrp.evaluation.metrics import (
-    Breakdown,
-    Gate,
-    GateResult,
-    IntervalOptions,
-    MetricsSummary,
-    det_points,
-    gate_results,
-    group_breakdown,
-    parse_gate,
-    summarize,
-)
-from smadlrp.evaluation.plots import plot_conditions, plot_det
-from smadlrp.evaluation.report import (
-    breakdown_markdown,
-    breakdown_table,
-    conditions_table,
-    confusion_table,
-    gates_markdown,
-    github_error,
-    junit_xml,
-    metrics_table,
-    summary_markdown,
-    to_jsonable,
-)
-from smadlrp.evaluation.scores import scores_csv
-from smadlrp.evaluation.thresholds import (
-    VALIDATION_PREFIX,
-    ThresholdChoice,
-    criterion_threshold,
-    parse_threshold,
-    stored_point_name,
-)
-
-
-def _score_split(model: object, meta: CheckpointMeta, source: DataSource, split: str, batch_size: int,
-                 workers: int, device: object, plan: FilePlan, perturbation: Perturbation | None = None,
-                 seed: int = 0) -> tuple[Predictions, SplitIndex]:
-    index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
-    plan.reads(f"an image of the {split} split", (s.path for s in index.samples), keep=False)
-    plan.reads("the group file", index.groups_file)
-    dataset = ImageDataset(index.samples, meta.input_size, meta.mean, meta.std, perturb=perturbation,
-                           perturb_seed=seed)
-    with progress_bar() as bar:
-        task = bar.add_task(f"scoring {split}" + (f" under {perturbation.spec}" if perturbation else ""), total=None)
-
-        def start(share: int) -> None:
-            rank_line(f"scoring {share} of {len(dataset)} {split} images")
-            bar.update(task, total=share)
-
-        preds = predict_dataset(model, dataset, batch_size, device, meta.attack_index,  # type: ignore[arg-type]
-                                workers=workers, on_start=start, on_batch=lambda n: bar.advance(task, n))
-    return preds, index
-
-
-def _group_values(index: SplitIndex, preds: Predictions, column: str) -> list[str]:
-    """The `column` value of each scored image (in score order); UsageError naming the columns the data has."""
-    if column not in index.groups:
-        have = ", ".join(index.groups) or "none (folders without a manifest.csv, or a protocol without extra columns)"
-        raise UsageError(f"--by {column}: the data has no such column (group columns: {have})")
-    values = index.groups[column]
-    return [values[i] for i in preds.indices]
-
-
-def interval_options(ci: float, bootstrap: int, seed: int, index: SplitIndex, preds: Predictions
-                     ) -> IntervalOptions | None:
-    """--ci/--bootstrap/--seed as IntervalOptions; the bootstrap resamples subjects (each image's first subject
-    id) when the data names them, else images. None with --ci 0."""
-    subjects = index.subjects()
-    first = [subjects[i][0] if subjects[i] else "" for i in preds.indices]
-    return IntervalOptions.over_subjects(ci, bootstrap, seed, first)
-
-
-def show_summary(summary: MetricsSummary, breakdowns: Sequence[Breakdown], title: str) -> None:
-    """Print the confusion matrix, the metrics table and one table per group breakdown."""
-    console.print(confusion_table(summary.confusion))
-    console.print(metrics_table(summary, title=title))
-    for breakdown in breakdowns:
-        console.print(breakdown_table(breakdown, summary, title=f"By {breakdown.label}"))
-
-
-def _choose_threshold(wanted: float | str, worst_species: str | None, val: tuple[Predictions, SplitIndex] | None
-                      ) -> ThresholdChoice:
-    """A fixed number, or a criterion on the validation split's scores (per species with `worst_species`)."""
-    if isinstance(wanted, float):
-        return ThresholdChoice(wanted, None)
-    assert val is not None
-    preds, index = val
-    groups = _group_values(index, preds, worst_species) if worst_species is not None else None
-    t = criterion_threshold(preds.labels, preds.scores, wanted, groups=groups, where="the validation split")
-    detail(f"threshold {t:.6f} chosen on the validation split ({wanted})")
-    return ThresholdChoice(t, wanted, worst_species is not None)
-
+from smadlrp.data.loading import DataSource, SplitIndex
+from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
+from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.evaluation.metrics import Gate, parse_gate
+from smadlrp.evaluation.report import breakdown_table, conditions_table, github_error
+from smadlrp.evaluation.run import Evaluation, evaluate_sets, interval_options
 
 DEFAULT_SPLIT = "test"
 
@@ -259,86 +165,42 @@ def evaluate(
                       "--robustness": robustness_out, "--json": json_out})
     plan.reads("the checkpoint", checkpoint)
     plan.reads("a protocol file", protocol)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     sources = _test_sets(data or [], protocol or [], bonafide_label, attack_label, meta)
-    stored = stored_threshold(text, meta, checkpoint)
-    if stored is not None:
-        t, threshold_source = stored
-    else:
-        if stored_point_name(text) is not None:
-            notice(f"{checkpoint} stores no operating points (written by an older smadlrp, or imported): using "
-                   f"--threshold {VALIDATION_PREFIX}eer")
-            text = f"{VALIDATION_PREFIX}eer"
-        wanted = parse_threshold(text)
-        val = _score_split(model, meta, next(iter(sources.values())), "val", batch_size, workers, torch_device,
-                           plan) \
-            if isinstance(wanted, str) else None
-        choice = _choose_threshold(wanted, worst_column, val)
-        t, threshold_source = choice.value, choice.source("validation")
-    results = []
-    for name, source in sources.items():
+
+    def check_inputs(index: SplitIndex) -> None:
+        plan.reads(f"an image of the {index.split} split", (s.path for s in index.samples), keep=False)
+        plan.reads("the group file", index.groups_file)
+
+    with progress_bar() as bar:
         try:
-            preds, index = _score_split(model, meta, source, split, batch_size, workers, torch_device, plan)
+            result = evaluate_sets(
+                model, meta, checkpoint, sources, split=split, threshold=text, by=by, worst_species=worst_column,
+                perturbations=conditions, intervals=interval_options(ci, bootstrap, seed), batch_size=batch_size,
+                workers=workers, seed=seed, device=torch_device, progress=BarProgress(bar), notify=notice,
+                on_index=check_inputs)
         except SmadlrpError as exc:
-            if configured_split and f"{split!r}" in str(exc):  # the loaders name a missing split quoted
-                raise config.error("split", str(exc)) from None
+            if configured_split and f"{split!r}" in exc.message:  # the loaders name a missing split quoted
+                raise config.error("split", exc.message) from None
             raise
-        perturbed = {c.spec: _score_split(model, meta, source, split, batch_size, workers, torch_device, plan, c,
-                                            seed)[0]
-                     for c in conditions}
-        if distributed.current().is_main:
-            results.append(_report_set(name, source, preds, index, t, threshold_source, by,
-                                       interval_options(ci, bootstrap, seed, index, preds)))
-            results[-1].perturbed.update({spec: (p, summarize(
-                p.labels, p.scores, t, threshold_source=threshold_source,
-                intervals=interval_options(ci, bootstrap, seed, index, p))) for spec, p in perturbed.items()})
-    if not distributed.current().is_main:
+    if result is None:
         return  # every score is on rank 0, which reports and writes the files
-    title = f"{checkpoint.name} on {split}"
-    for result in results:
-        show_summary(result.summary, result.breakdowns, f"{title} of {result.name} ({result.counts(meta)})"
-                     if len(results) > 1 else f"{title} ({result.counts(meta)})")
-    across = Breakdown("test set", tuple((r.name, r.summary) for r in results), species=False)
-    if len(results) > 1:
-        console.print(breakdown_table(across, title=f"{checkpoint.name}: {len(results)} test sets"))
-    for result in results if conditions else []:
-        console.print(conditions_table({name: s for name, (_, s) in result.conditions().items()},
-                                       title=f"Robustness: {checkpoint.name} on {split}"
-                                             + (f" of {result.name}" if len(results) > 1 else "")))
-    # one entry per test set and image condition, named by what distinguishes them
-    named = {" ".join(part for part in (r.name if len(results) > 1 else "",
-                                        condition if conditions else "") if part) or checkpoint.stem: scored
-             for r in results for condition, scored in r.conditions().items()}
+    _show(result, meta)
+    gates = result.gates(above, below)
+    report = result.markdown(meta, gates)
     if scores_out is not None:
-        write_text_atomic(scores_out, _scores_file(results))
+        write_text_atomic(scores_out, result.scores_csv())
     if det_out is not None:
-        plot_det({name: det_points(p.labels, p.scores) for name, (p, _) in named.items()}, det_out,
-                 eer={name: s.eer.value for name, (_, s) in named.items() if s.eer.value is not None})
+        result.plot_det(det_out)
     if robustness_out is not None:
-        plot_conditions({name: {"D-EER": s.eer.value, "APCER@BPCER10": s.value("apcer@bpcer10")}
-                         for name, (_, s) in named.items()}, robustness_out,
-                        title=f"{checkpoint.stem} on {split}: error per image condition")
-    several = len(results) > 1
-    per_set = {r.name: gate_results(r.summary, above, below) for r in results}  # test-set names are unique
-    gates = [_named_gate(gate, name if several else None) for name, checked in per_set.items() for gate in checked]
-    report = "".join(summary_markdown(r.summary, r.breakdowns, f"{title} of {r.name}" if len(results) > 1 else
-                                      f"{title} ({r.counts(meta)})") for r in results)
-    if len(results) > 1:
-        report += "\n".join(["", "## Test sets", "", *breakdown_markdown(across, None)]) + "\n"
-    report += f"\n{gates_markdown(gates)}" if gates else ""
+        result.plot_robustness(robustness_out)
     if markdown_out is not None:
         write_text_atomic(markdown_out, report)
-    if junit_out is not None:  # one testsuite per test set: testcase names are unique within each
-        write_text_atomic(junit_out, junit_xml({f"{title} of {name}" if several else title: checked
-                                                for name, checked in per_set.items()}))
-    failures = [g.failure for g in gates if g.failure is not None]
-    sets = [{"data": r.source.name, "metrics": r.summary, "groups": {b.label: b for b in r.breakdowns},
-             **({"perturbed": {spec: s for spec, (_, s) in r.perturbed.items()}} if conditions else {})}
-            for r in results]
-    payload = {"checkpoint": str(checkpoint), "split": split, **sets[0]} if len(sets) == 1 else \
-        {"checkpoint": str(checkpoint), "split": split, "test_sets": sets, "across_sets": across}
-    write_json(json_out, to_jsonable({**payload, "gates": {"failed": failures}}))
+    if junit_out is not None:
+        write_text_atomic(junit_out, result.junit(gates))
+    payload = result.as_json(gates)
+    write_json(json_out, payload)
+    failures = payload["gates"]["failed"]
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _github_outputs(report, failures)
     for message in failures:
@@ -347,25 +209,16 @@ def evaluate(
         raise typer.Exit(1)
 
 
-@dataclass(frozen=True)
-class _SetResult:
-    """One test set's scores and metrics."""
-
-    name: str
-    source: DataSource
-    preds: Predictions
-    index: SplitIndex
-    summary: MetricsSummary
-    breakdowns: list[Breakdown]
-    perturbed: dict[str, tuple[Predictions, MetricsSummary]] = field(default_factory=dict)  # by perturbation spec
-
-    def conditions(self) -> dict[str, tuple[Predictions, MetricsSummary]]:
-        """The clean scores and those under each perturbation, clean first."""
-        return {"clean": (self.preds, self.summary), **self.perturbed}
-
-    def counts(self, meta: CheckpointMeta) -> str:
-        return f"{self.summary.n_bonafide} {meta.class_names[1 - meta.attack_index]}, " \
-               f"{self.summary.n_morph} {meta.attack_class}"
+def _show(result: Evaluation, meta: CheckpointMeta) -> None:
+    """Each test set's tables, the sets side by side, and the robustness tables."""
+    for r in result.sets:
+        show_summary(r.summary, r.breakdowns, result.set_title(r, meta))
+    if len(result.sets) > 1:
+        console.print(breakdown_table(result.across(), title=f"{result.checkpoint.name}: {len(result.sets)} test sets"))
+    for r in result.sets if result.perturbations else []:
+        console.print(conditions_table({name: s for name, (_, s) in r.conditions().items()},
+                                       title=f"Robustness: {result.title}"
+                                             + (f" of {r.name}" if len(result.sets) > 1 else "")))
 
 
 def _test_sets(data: list[Path], protocols: list[Path], bonafide_label: str, attack_label: str,
@@ -386,42 +239,6 @@ def _test_sets(data: list[Path], protocols: list[Path], bonafide_label: str, att
     if len(set(names)) < len(names):
         raise UsageError(f"the same test set is given twice: {', '.join(names)}")
     return dict(zip(names, sources, strict=True))
-
-
-def _report_set(name: str, source: DataSource, preds: Predictions, index: SplitIndex, t: float, threshold_source: str,
-                by: list[str] | None, options: IntervalOptions | None) -> _SetResult:
-    """The metrics of one test set at the shared threshold, with its group breakdowns."""
-    summary = summarize(preds.labels, preds.scores, t, threshold_source=threshold_source, intervals=options)
-    columns = by or (["morph_type"] if "morph_type" in index.groups else [])
-    breakdowns = [group_breakdown(preds.labels, preds.scores, _group_values(index, preds, column), t, column=column,
-                                  threshold_source=threshold_source, intervals=options) for column in columns]
-    return _SetResult(name, source, preds, index, summary, breakdowns)
-
-
-def _scores_file(results: Sequence[_SetResult]) -> str:
-    """The scores of every test set as one CSV: path,label,score, the group columns, and test_set with several."""
-    columns = list(dict.fromkeys(c for r in results for c in r.index.groups))
-    paths, labels, scores = [], [], []
-    groups: dict[str, list[str]] = {c: [] for c in columns}
-    if len(results) > 1:
-        groups["test_set"] = []
-    for r in results:
-        paths += [r.index.samples[i].path for i in r.preds.indices]
-        labels += r.preds.labels.tolist()
-        scores += r.preds.scores.tolist()
-        for column in columns:
-            values = r.index.groups.get(column)
-            groups[column] += [values[i] if values is not None else "" for i in r.preds.indices]
-        if len(results) > 1:
-            groups["test_set"] += [r.name] * len(r.preds.indices)
-    return scores_csv(paths, labels, scores, groups)
-
-
-def _named_gate(gate: GateResult, test_set: str | None) -> GateResult:
-    """A gate result whose failure names its test set (when there are several)."""
-    if test_set is None or gate.failure is None:
-        return gate
-    return replace(gate, failure=f"{test_set}: {gate.failure}")
 
 
 def _github_outputs(report: str, failures: list[str]) -> None:

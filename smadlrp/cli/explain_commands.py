@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import typer
 from rich import box
 from rich.table import Table
-from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
@@ -20,25 +19,29 @@ from smadlrp.cli.common import (
     DeviceOption,
     ImagesPerSecond,
     JsonOption,
+    ParamOption,
+    PatternKindOption,
+    PatternsOption,
     SumSplitOption,
+    TargetOption,
     WorkersOption,
     console,
-    data_source,
     file_plan,
-    find_checkpoint,
     handle_errors,
-    notice,
     on_ranks,
-    pick_device,
     progress_bar,
     rank_line,
+    rule_option,
     write_json,
 )
-from smadlrp.cli.patterns_command import fit_with_progress
+from smadlrp.cli.defaults import (
+    find_checkpoint,
+    open_model,
+    rules_and_patterns,
+)
 from smadlrp.core import distributed
 from smadlrp.core.container import write_document
 from smadlrp.core.errors import UsageError
-from smadlrp.core.outputs import FilePlan
 from smadlrp.data.align import recorded_aligner
 from smadlrp.data.paths import (
     collect_images,
@@ -48,9 +51,7 @@ from smadlrp.data.paths import (
     safe_output,
 )
 from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
-from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.explain.heatmaps import plot_layer_maps
-from smadlrp.explain.pattern_file import AUTO_FIT_MAX_IMAGES, default_pattern_path, fitted_kinds
 from smadlrp.explain.run import (
     PATTERN_KINDS,
     SIGNAL_RULES,
@@ -59,79 +60,14 @@ from smadlrp.explain.run import (
     explain_images,
     image_batches,
     layer_maps,
-    load_pattern_tensors,
     parse_params,
     parse_target,
-    pattern_rules,
-    resolve_rules,
 )
 from smadlrp.lrp import SUM_SPLITS
 from smadlrp.lrp import trace as lrp_trace
+from smadlrp.lrp.trace import conservation_rows
 
 DEFAULT_RULE = "epsilon"
-
-
-def rule_option(default: str) -> Any:
-    """`--rule`, repeatable, with its default (`default`) stated in the help."""
-    return typer.Option("--rule", "-r", help="Rule or composite (repeatable); `all` for every one available. "
-                                             f"Default: {default}.")
-
-
-PatternsOption = Annotated[
-    Path | None, typer.Option("--patterns", dir_okay=False,
-                              help="Pattern file from `smadlrp fit-patterns`; default: patterns.safetensors beside "
-                                   "the checkpoint, fitted on its training split when a pattern rule needs it.")
-]
-TargetOption = Annotated[
-    str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
-]
-PatternKindOption = Annotated[
-    str, typer.Option("--pattern-kind", metavar="|".join(PATTERN_KINDS),
-                      help="Which fitted patterns patternnet and patternattribution use: positive (two-component "
-                           "estimator, suited to ReLU networks) or all (linear).")
-]
-ParamOption = Annotated[
-    list[str] | None, typer.Option("--param", help="Rule parameter KEY=NUMBER (repeatable), e.g. epsilon=1e-6.")
-]
-
-
-def rules_and_patterns(requested: list[str], patterns: Path | None, checkpoint: Path, model: nn.Module,
-                       meta: CheckpointMeta, device: torch.device,
-                       kind: str = PATTERN_KINDS[0]) -> tuple[list[str], dict[str, torch.Tensor] | None]:
-    """The rules to run and the patterns they need. Without `--patterns`, `patterns.safetensors` beside the
-    checkpoint is used when it was fitted on these weights; when a pattern rule is asked for by name and that
-    file does not fit, or lacks the estimator `kind` (positive or all), it is fitted on the checkpoint's training
-    split (at most AUTO_FIT_MAX_IMAGES images, keeping the estimators it held) and written there for next time.
-    `all` takes the pattern rules only when patterns are available."""
-    if patterns is None:
-        default = default_pattern_path(checkpoint)
-        held = fitted_kinds(default, model)
-        needing = [r for r in requested if r in pattern_rules()]
-        if needing and kind not in held:
-            patterns = _fit_default_patterns(needing, checkpoint, model, meta, device, default, (*held, kind))
-        elif held:
-            patterns = default
-            notice(f"patterns: {default}")
-    tensors = load_pattern_tensors(patterns, model, kind) if patterns is not None else None
-    return resolve_rules(requested, tensors is not None), tensors
-
-
-def _fit_default_patterns(rules: list[str], checkpoint: Path, model: nn.Module, meta: CheckpointMeta,
-                          device: torch.device, out: Path, kinds: tuple[str, ...]) -> Path:
-    if meta.training_data is None:
-        raise UsageError(f"rule {', '.join(rules)} needs fitted patterns, and {checkpoint} records no training data "
-                         "that still exists to fit them on: run `smadlrp fit-patterns --checkpoint CKPT --data DATA` "
-                         "(it writes patterns.safetensors beside the checkpoint) or pass --patterns FILE")
-    plan = FilePlan()
-    plan.reads("the checkpoint", checkpoint)
-    plan.writes("the pattern file beside it", out)
-    source = data_source(None, meta=meta)
-    notice(f"fitting patterns for {checkpoint.name} on {source.name} (train split, at most {AUTO_FIT_MAX_IMAGES} "
-           f"images) into {out}; later runs reuse that file")
-    fit_with_progress(model, meta, checkpoint, source, "train", kinds, out, max_images=AUTO_FIT_MAX_IMAGES,
-                      seed=0, batch_size=32, workers=0, device=device)
-    return out
-
 
 def _gather_relevance(ranks: distributed.Ranks, share: list[int],
                       raw: dict[str, list[torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
@@ -189,8 +125,7 @@ def explain(
     images = collect_images(paths)
     checkpoint = find_checkpoint(checkpoint)
     _plan_inputs({"--json": json_out}, checkpoint, patterns, images, out)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
     explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors, sum_split)
@@ -283,8 +218,7 @@ def trace(
         raise UsageError("trace takes one rule, not all")
     checkpoint = find_checkpoint(checkpoint)
     _plan_inputs({"--json": json_out}, checkpoint, patterns, images, out)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,
                                                   pattern_kind)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors, sum_split)[rule]
@@ -293,18 +227,11 @@ def trace(
     with lrp_trace() as recorded:
         result = explainer.explain(x, parse_target(target, meta.class_names))
     records = recorded.records
-    output_sum = float(records[-1].relevance.double().sum())
+    rows = conservation_rows(records)
     columns = ["#", "layer", "type", "shape", "sum", "pos.", "neg.", "ratio"]
-    cells, rows = [], []
-    for rec in records:
-        r = rec.relevance.double()
-        total, positive, negative = float(r.sum()), float(r.clamp(min=0).sum()), float(r.clamp(max=0).sum())
-        ratio = total / output_sum if output_sum else float("nan")
-        shape = "x".join(str(n) for n in rec.relevance.shape[1:])
-        cells.append([str(rec.index), rec.name, rec.layer_type, shape, f"{total:.4g}", f"{positive:.4g}",
-                      f"{negative:.4g}", f"{ratio:.4f}"])
-        rows.append({"index": rec.index, "name": rec.name, "type": rec.layer_type, "shape": list(rec.relevance.shape),
-                     "sum": total, "positive": positive, "negative": negative, "ratio": ratio})
+    cells = [[str(row["index"]), row["name"], row["type"], "x".join(str(n) for n in row["shape"][1:]),
+              f"{row['sum']:.4g}", f"{row['positive']:.4g}", f"{row['negative']:.4g}", f"{row['ratio']:.4f}"]
+             for row in rows]
     # Long graph names (ResNet-50's layer4.0.downsample.1) keep their row: the type column goes first.
     widths = [max(len(c[i]) for c in [columns, *cells]) for i in range(len(columns))]
     if sum(widths) + 2 * (len(widths) - 1) > console.width:

@@ -19,10 +19,12 @@ from smadlrp.cli.common import (
     console,
     file_plan,
     handle_errors,
-    worst_species_column,
+    show_summary,
     write_json,
 )
-from smadlrp.cli.evaluate_command import show_summary
+from smadlrp.cli.defaults import (
+    worst_species_column,
+)
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.evaluation.metrics import (
@@ -36,21 +38,21 @@ from smadlrp.evaluation.metrics import (
 from smadlrp.evaluation.plots import plot_det
 from smadlrp.evaluation.report import breakdown_markdown, breakdown_table, summary_markdown, to_jsonable
 from smadlrp.evaluation.scores import DIRECTIONS, ScoreSet, read_scores
-from smadlrp.evaluation.thresholds import ThresholdChoice, criterion_threshold, parse_threshold
+from smadlrp.evaluation.thresholds import LabelledScores, Threshold, parse_threshold, resolve_threshold
 
 
-def _threshold(wanted: float | str, system: ScoreSet, dev: ScoreSet | None, worst: str | None) -> ThresholdChoice:
+def _threshold(text: str, system: ScoreSet, dev: ScoreSet | None, worst: str | None) -> Threshold:
     """A number in the file's score units, or a criterion on the system's dev scores."""
-    if isinstance(wanted, float):
-        return ThresholdChoice(system.threshold(wanted), None)
-    if dev is None:
-        raise UsageError(f"--threshold val-{wanted} needs the system's development scores: give --dev FILE")
-    for label, name in ((0, "bona fide"), (1, "attack")):
-        if not (dev.labels == label).any():
-            raise SmadlrpError(f"--dev {dev.file}: no {name} rows; choosing a threshold needs both classes")
-    groups = list(_groups(dev, worst)) if worst is not None else None
-    return ThresholdChoice(criterion_threshold(dev.labels, dev.scores, wanted, groups=groups, where=str(dev.file)),
-                           wanted, worst is not None)
+    def labelled() -> LabelledScores:
+        if dev is None:
+            raise UsageError(f"--threshold {text} needs the system's development scores: give --dev FILE")
+        for label, name in ((0, "bona fide"), (1, "attack")):
+            if not (dev.labels == label).any():
+                raise SmadlrpError(f"--dev {dev.file}: no {name} rows; choosing a threshold needs both classes")
+        return LabelledScores(dev.labels, dev.scores, str(dev.file),
+                              list(_groups(dev, worst)) if worst is not None else None)
+
+    return resolve_threshold(text, labelled=labelled, labelled_in="dev", probability=False, fixed=system.threshold)
 
 
 def _groups(system: ScoreSet, column: str) -> tuple[str, ...]:
@@ -98,7 +100,7 @@ def metrics(
     smadlrp or other tools (no model needed)."""
     if score_direction not in DIRECTIONS:
         raise UsageError(f"--score-direction {score_direction!r}: choose {', '.join(DIRECTIONS[1:])}")
-    wanted = parse_threshold(threshold, probability=False)
+    parse_threshold(threshold, probability=False)  # refuse a bad value before reading any file
     plan = file_plan({"--det": det_out, "--markdown": markdown_out, "--json": json_out})
     plan.reads("a score file", scores)
     plan.reads("a --dev score file", dev)
@@ -113,9 +115,8 @@ def metrics(
     devs = [read_scores(path, **read) for path in dev or []]
     results: list[tuple[str, MetricsSummary, list[Breakdown]]] = []
     for i, (name, system) in enumerate(zip(names, systems, strict=True)):
-        choice = _threshold(wanted, system, devs[min(i, len(devs) - 1)] if devs else None,
-                            worst_column)
-        source = choice.source("dev")
+        choice = _threshold(threshold, system, devs[min(i, len(devs) - 1)] if devs else None, worst_column)
+        source = choice.source
         options = IntervalOptions.over_subjects(ci, bootstrap, seed, system.subjects)
         summary = summarize(system.labels, system.scores, choice.value, threshold_source=source, intervals=options)
         columns = by or [c for c in ("attack_type",) if c in system.groups]

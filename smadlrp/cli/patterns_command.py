@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
-from torch import nn
 
 from smadlrp.cli import app
 from smadlrp.cli.common import (
@@ -19,46 +16,26 @@ from smadlrp.cli.common import (
     CheckpointOption,
     DataOption,
     DeviceOption,
-    ImagesPerSecond,
     JsonOption,
     ProtocolOption,
     SeedOption,
     WorkersOption,
     console,
-    data_source,
     file_plan,
-    find_checkpoint,
+    fit_with_progress,
     handle_errors,
-    notice,
     on_ranks,
-    pick_device,
-    progress_bar,
-    rank_line,
     write_json,
 )
+from smadlrp.cli.defaults import (
+    data_source,
+    find_checkpoint,
+    open_model,
+)
 from smadlrp.core.errors import UsageError
-from smadlrp.data.loading import IMAGE_EXTENSIONS, DataSource
-from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
-from smadlrp.explain.pattern_file import PatternFit, default_pattern_path, fit_pattern_file
+from smadlrp.data.loading import IMAGE_EXTENSIONS
+from smadlrp.explain.pattern_file import default_pattern_path
 from smadlrp.lrp.patterns import KINDS
-
-
-def fit_with_progress(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, data: DataSource, split: str,
-                      kinds: Sequence[str], out: Path, *, max_images: int | None, seed: int, batch_size: int,
-                      workers: int, device: torch.device) -> PatternFit:
-    """`fit_pattern_file` under a progress bar of its two passes."""
-    with progress_bar(ImagesPerSecond()) as bar:
-        tasks = [bar.add_task(f"{'+'.join(kinds)} patterns, {step}", total=None)
-                 for step in ("pass 1/2: unit means", "pass 2/2: statistics")]
-
-        def start(share: int, n: int) -> None:
-            rank_line(f"fitting on {share} of {n} images")
-            for task in tasks:
-                bar.update(task, total=share)
-
-        return fit_pattern_file(model, meta, checkpoint, data, split, kinds, out, max_images=max_images, seed=seed,
-                                batch_size=batch_size, workers=workers, device=device, warn=notice, on_start=start,
-                                progress=lambda pass_number, n: bar.advance(tasks[pass_number - 1], n))
 
 
 @app.command("fit-patterns")
@@ -96,8 +73,7 @@ def fit_patterns_command(
     option = "--out" if out is not None else "the default --out"
     out = out or default_pattern_path(checkpoint)
     plan.writes(option, out)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     plan.reads_images_under(f"an image of {source.name}", source.root, IMAGE_EXTENSIONS)
     fit = fit_with_progress(model, meta, checkpoint, source, split, kinds, out, max_images=max_images, seed=seed,

@@ -22,27 +22,26 @@ from smadlrp.cli.common import (
     console,
     fail_line,
     file_plan,
-    find_checkpoint,
     handle_errors,
     notice,
     on_ranks,
-    pick_device,
     progress_bar,
-    project_config,
     rank_line,
-    stored_threshold,
-    threshold_text,
     write_json,
 )
+from smadlrp.cli.defaults import (
+    configured_threshold,
+    find_checkpoint,
+    open_model,
+    threshold_text,
+)
 from smadlrp.core import distributed
-from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.align import recorded_aligner
 from smadlrp.data.loading import list_images
 from smadlrp.data.protocol import csv_writer
-from smadlrp.detector.checkpoint import CheckpointMeta, load_checkpoint
 from smadlrp.detector.inference import ImageScore, score_files
-from smadlrp.evaluation.thresholds import parse_threshold, stored_point_name
+from smadlrp.evaluation.thresholds import resolve_threshold
 
 FALLBACK_THRESHOLD = 0.5  # for checkpoints that store no operating points
 BONA_FIDE = "bona fide"
@@ -64,26 +63,6 @@ def _inputs(paths: list[Path]) -> tuple[list[Path], list[ImageScore]]:
         else:
             missing.append(ImageScore(path, None, f"no such file or folder: {path}"))
     return list(dict.fromkeys(files)), missing
-
-
-def _threshold(text: str, meta: CheckpointMeta, checkpoint: Path, configured: bool) -> tuple[float, str]:
-    """The decision threshold and where it came from: a stored operating point or a number (`configured`: the
-    text comes from the project configuration)."""
-    stored = stored_threshold(text, meta, checkpoint)
-    if stored is not None:
-        return stored
-    if stored_point_name(text) is not None:
-        notice(f"{checkpoint} stores no operating points (written by an older smadlrp, or imported): deciding at "
-               f"{FALLBACK_THRESHOLD}; give --threshold to choose")
-        return FALLBACK_THRESHOLD, "fixed: no stored operating points"
-    value = parse_threshold(text)
-    if isinstance(value, str):
-        message = (f"{text} needs a labelled validation split, which predict does not have; give --threshold with "
-                   "a number or a stored operating point")
-        if configured:
-            raise project_config().error("threshold", message)
-        raise UsageError(f"--threshold {message}")
-    return value, "fixed"
 
 
 @app.command()
@@ -116,9 +95,11 @@ def predict(
     plan = file_plan({"--csv": csv_out, "--json": json_out})
     plan.reads("the checkpoint", checkpoint)
     plan.reads("an input image", files + [r.path for r in failed], keep=False)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
-    t, source = _threshold(text, meta, checkpoint, configured=threshold is None)
+    model, meta, torch_device = open_model(checkpoint, device)
+    chosen = configured_threshold(threshold, lambda: resolve_threshold(
+        text, stored=meta.operating_points, stored_in=str(checkpoint), without_stored=FALLBACK_THRESHOLD,
+        notify=notice))
+    t, source = chosen.value, chosen.source
     prepare = recorded_aligner(meta.alignment, str(checkpoint)) if align else None
     with progress_bar(ImagesPerSecond()) as bar:
         task = bar.add_task("scoring", total=None)

@@ -28,20 +28,21 @@ from smadlrp.cli.common import (
     SumSplitOption,
     WorkersOption,
     console,
-    data_source,
     file_plan,
-    find_checkpoint,
     handle_errors,
     notice,
-    pick_device,
     progress_bar,
     write_json,
+)
+from smadlrp.cli.defaults import (
+    data_source,
+    find_checkpoint,
+    open_model,
 )
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.paths import prepare_out_dir
 from smadlrp.data.protocol import csv_writer
 from smadlrp.data.regions import REGIONS
-from smadlrp.detector.checkpoint import load_checkpoint
 from smadlrp.explain.region_plots import (
     ALIGNMENT_NOTE,
     plot_mean_maps,
@@ -51,6 +52,7 @@ from smadlrp.explain.region_plots import (
 )
 from smadlrp.explain.regions import (
     RegionRow,
+    RelevanceMaps,
     difference_map,
     load_region_ids,
     mean_maps,
@@ -114,8 +116,7 @@ def regions(
     plan = file_plan({"--json": json_out}, ("--out", out, tuple(FILES.values())))
     plan.reads("the checkpoint", checkpoint)
     plan.reads("the protocol file", protocol)
-    torch_device = pick_device(device)
-    model, meta = load_checkpoint(checkpoint, torch_device)
+    model, meta, torch_device = open_model(checkpoint, device)
     (rule,) = resolve_rules([rule], have_patterns=False)
     explainer = build_explainers(model, meta, [rule], {}, None, sum_split)[rule]
     wanted = parse_target(target or meta.attack_class, meta.class_names)
@@ -144,15 +145,9 @@ def regions(
     plot_region_shares(rows, out / FILES["shares"], title=subject)
     plot_mean_maps(means, difference, meta.attack_class, out / FILES["means"], title=subject)
     result = spray(relevance.maps, clusters)
-    unit = normalised(relevance.maps)
     mixes = [cluster_mix(result, c, inputs.labels, inputs.groups, names) for c in range(result.count)]
     console.print(_cluster_table(result, mixes, relevance.p_attack, by))
-    captions = [f"cluster {mix.cluster} ({mix.images})" for mix in mixes]
-    plot_spray_clusters(result, unit, relevance.pixels, captions, out / FILES["clusters"],
-                        title=f"SpRAy: prototype and the {max(len(result.central(c)) for c in range(result.count))} "
-                              f"most central images per cluster\n{subject}")
-    plot_spray_embedding(result, inputs.labels, names, out / FILES["embedding"],
-                         title=f"SpRAy spectral embedding, {result.count} clusters ({result.chosen_by})")
+    _plot_spray(result, mixes, relevance, inputs.labels, names, out, subject)
     write_text_atomic(out / FILES["csv"], _cluster_csv(result, inputs.paths, inputs.labels, inputs.groups,
                                                        relevance.p_attack, names))
     seconds = {"relevance": relevance_seconds, "rest": time.perf_counter() - start - relevance_seconds}
@@ -172,6 +167,17 @@ def regions(
                                   for mix in mixes]},
         "files": {key: str(out / name) for key, name in FILES.items()}, "seconds": seconds,
     })
+
+
+def _plot_spray(result: SprayResult, mixes: list[ClusterMix], relevance: RelevanceMaps, labels: np.ndarray,
+                names: list[str], out: Path, subject: str) -> None:
+    """The SpRAy figures: each cluster's prototype and most central images, and the spectral embedding."""
+    captions = [f"cluster {mix.cluster} ({mix.images})" for mix in mixes]
+    plot_spray_clusters(result, normalised(relevance.maps), relevance.pixels, captions, out / FILES["clusters"],
+                        title=f"SpRAy: prototype and the {max(len(result.central(c)) for c in range(result.count))} "
+                              f"most central images per cluster\n{subject}")
+    plot_spray_embedding(result, labels, names, out / FILES["embedding"],
+                         title=f"SpRAy spectral embedding, {result.count} clusters ({result.chosen_by})")
 
 
 def _percent(values: np.ndarray) -> list[str]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.progress import TextColumn
 
@@ -24,33 +22,31 @@ from smadlrp.cli.common import (
     SeedOption,
     WorkersOption,
     console,
-    data_source,
     file_plan,
     handle_errors,
     notice,
     on_ranks,
-    pick_device,
     progress_bar,
     rank_line,
     write_json,
 )
+from smadlrp.cli.defaults import (
+    data_source,
+    pick_device,
+)
 from smadlrp.core import distributed
-from smadlrp.core.container import first_non_finite
 from smadlrp.core.errors import SmadlrpError, UsageError, shorten
-from smadlrp.core.locks import LOCK_FILE, locked_folder, remove_write_leftovers
-from smadlrp.data.loading import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
-from smadlrp.detector.checkpoint import CheckpointMeta, first_mismatch, save_checkpoint
-from smadlrp.detector.models import ARCHITECTURES, WEIGHT_CHOICES, get_architecture
+from smadlrp.data.loading import IMAGE_EXTENSIONS
+from smadlrp.detector.importing import import_checkpoint
+from smadlrp.detector.models import ARCHITECTURES, WEIGHT_CHOICES
+from smadlrp.detector.run_folder import held_run_folder
 from smadlrp.detector.train import (
     OPTIMIZERS,
-    RESUME_FILE,
-    RUN_OUTPUTS,
     SELECT_BY,
     Callbacks,
     EpochRow,
     Finetuner,
     TrainConfig,
-    read_resume,
 )
 from smadlrp.evaluation.report import epoch_table
 
@@ -122,20 +118,9 @@ def finetune(
             out = resume
             with ranks.shared_failure():
                 if ranks.is_main:
-                    _hold_run_folder(held, out, exists=True)
-                config, doc, tensors = read_resume(resume)
-                _refuse_resume_changes(ctx, config, resume)
-            config.epochs = epochs or config.epochs
-            source = data_source(Path(config.data), Path(config.protocol) if config.protocol else None,
-                                 config.bonafide_label, config.attack_label)
-            with ranks.shared_failure():
-                trainer = Finetuner(config, source, out, torch_device, notice, workers)
-                trainer.restore(doc, tensors)
-            notice(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
-            if doc.get("world_size", 1) != ranks.world_size:
-                notice(f"the run trained on {doc.get('world_size', 1)} process(es) and continues on "
-                       f"{ranks.world_size}: weights, optimizer, schedule and history carry on; later epochs visit the "
-                       "images in another order")
+                    held.enter_context(held_run_folder(out, resume=True, notify=notice))
+            trainer = Finetuner.resume(out, torch_device, epochs=epochs, workers=workers, notify=notice,
+                                       check=lambda stored: _refuse_resume_changes(ctx, stored, resume))
         else:
             source = data_source(data, protocol, bonafide_label, attack_label)
             plan.reads_images_under("an image of the training data", source.root, IMAGE_EXTENSIONS)
@@ -148,34 +133,9 @@ def finetune(
             out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
             with ranks.shared_failure():
                 if ranks.is_main:
-                    _hold_run_folder(held, out, exists=False)
+                    held.enter_context(held_run_folder(out, resume=False, notify=notice))
                 trainer = Finetuner(config, source, out, torch_device, notice, workers)
-        _train(trainer, config, out, json_out)
-
-
-def _hold_run_folder(held: ExitStack, out: Path, exists: bool) -> None:
-    """Lock the run folder `out` until `held` closes and remove the temporary files of killed writes. A new run
-    (`exists=False`) needs a folder that is empty, or that holds only the files of a run stopped before its first
-    epoch was saved (no resume state: nothing was done); `--resume` (`exists=True`) needs an existing folder."""
-    if exists and not out.is_dir():
-        raise SmadlrpError(f"--resume {out}: no such folder")
-    held.enter_context(locked_folder(out, notice))
-    removed = remove_write_leftovers(out)
-    if removed:
-        notice(f"removed {len(removed)} temporary file(s) of interrupted writes in {out}")
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
-    if exists:
-        if not (out / RESUME_FILE).exists() and set(others) <= RUN_OUTPUTS:
-            raise SmadlrpError(f"{out} holds no resume state, so there is nothing to resume (a run stopped before its "
-                               f"first epoch was saved leaves none): start it again with --out {out}")
-        return
-    if (out / RESUME_FILE).exists():
-        raise UsageError(f"{out} is not empty: it holds a run; continue it with --resume {out}, or choose another "
-                         "--out")
-    if others and not set(others) <= RUN_OUTPUTS:
-        raise UsageError(f"{out} is not empty ({len(others)} entries, e.g. {others[0]}): choose another --out")
-    if others:
-        notice(f"{out} holds a run stopped before its first epoch was saved; starting it anew")
+        _train(trainer, trainer.config, out, json_out)
 
 
 def _refuse_resume_changes(ctx: typer.Context, config: TrainConfig, run: Path) -> None:
@@ -250,99 +210,7 @@ def import_model(
     if not source.is_file():
         raise SmadlrpError(f"file not found: {source}")
     file_plan({"--out": out, "--json": json_out}).reads("the model it converts", source)
-    spec = get_architecture(arch)
     class_names = [c.strip() for c in classes.split(",") if c.strip()]
-    meta = CheckpointMeta(architecture=arch, class_names=class_names, attack_class=attack_class,
-                          input_size=image_size or spec.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          weights_source=f"imported from {source.name}")
-    problem = meta.first_problem()  # the checks every checkpoint read passes, before any work
-    if problem is not None:
-        options = {"class_names": "--classes", "attack_class": "--attack-class", "input_size": "--image-size"}
-        raise UsageError(f"{options.get(problem[0], problem[0])}: {problem[1]}")
-    state, key = _read_pth(source, trust_pickle)
-    if key is not None:
-        notice(f"{source.name}: using the weights under its {key!r} key")
-        meta.weights_source += f" (key {key})"
-    model = spec.build(len(class_names))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    mismatch = first_mismatch(model.state_dict(), state)
-    if mismatch is not None:
-        raise SmadlrpError(f"{source} does not hold {arch} weights for {len(class_names)} classes "
-                           f"(first mismatch: {mismatch!r}); check --arch and --classes")
-    bad = first_non_finite(state)
-    if bad is not None:
-        raise SmadlrpError(f"{source}: tensor {bad!r} holds NaN or infinity")
-    model.load_state_dict(state)
-    save_checkpoint(out, model, meta)
+    meta, key = import_checkpoint(source, out, arch, class_names, attack_class, image_size, trust_pickle, notice)
     console.print(f"wrote {out} ({arch}, classes {class_names}, attack class {attack_class})", highlight=False)
     write_json(json_out, {"source": str(source), "key": key, "out": str(out), "metadata": asdict(meta)})
-
-
-NESTING_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts keep the weights
-
-
-def _is_state_dict(value: object) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def _read_pth(source: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:
-    """A state dict from `source` and the key it was nested under (None: the file is the state dict or the model);
-    whole pickled models only with `trust_pickle`."""
-    try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the file's content decides; report it in one line
-        if not _holds_other_objects(source, exc):
-            raise SmadlrpError(_not_loadable(source, exc)) from None
-        if not trust_pickle:
-            raise SmadlrpError(
-                f"{source} holds pickled Python objects (e.g. a whole model saved with torch.save(model)); "
-                "unpickling can run arbitrary code, so only weights_only loading was tried. "
-                "If you trust the file, rerun with --trust-pickle"
-            ) from None
-        try:
-            loaded = torch.load(source, map_location="cpu", weights_only=False)
-        except Exception as inner:  # noqa: BLE001
-            raise SmadlrpError(f"{source}: cannot be loaded ({shorten(str(inner))})") from exc
-    key = None
-    if isinstance(loaded, dict) and not _is_state_dict(loaded):
-        key = next((k for k in NESTING_KEYS if k in loaded), None)
-        if key is None:
-            found = ", ".join(repr(k) for k in list(loaded)[:8]) or "none"
-            raise SmadlrpError(f"{source}: neither a model nor a state dict of tensors, and none of the keys where "
-                               f"training scripts keep the weights ({', '.join(NESTING_KEYS)}); its keys: {found}. "
-                               "Save the model's state_dict() on its own")
-        loaded = loaded[key]
-    if isinstance(loaded, torch.nn.Module):
-        loaded = loaded.state_dict()
-    if not _is_state_dict(loaded):
-        where = f"its {key!r} entry is" if key else "it is"
-        raise SmadlrpError(f"{source}: {where} neither a model nor a state dict of tensors")
-    return loaded, key
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (PyTorch >= 1.6)
-_PICKLE_PROTOCOLS = range(2, 6)  # the legacy format: a pickle, protocol 2 or later (b"\x80" + protocol byte)
-
-
-def _looks_like_pytorch(source: Path) -> bool:
-    """Does `source` start like a file of torch.save: a zip archive, or a pickle of protocol 2 or later?"""
-    with source.open("rb") as fh:
-        head = fh.read(4)
-    return head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
-
-
-def _holds_other_objects(source: Path, exc: Exception) -> bool:
-    """Did weights_only loading refuse a PyTorch file because it holds objects other than tensors and plain
-    containers (whereas garbage, an empty file or a truncated archive fails in other ways)?"""
-    refused = isinstance(exc, pickle.UnpicklingError) and str(exc).startswith("Weights only load failed")
-    return refused and _looks_like_pytorch(source)
-
-
-def _not_loadable(source: Path, exc: Exception) -> str:
-    """The one-line reason why `source` is no PyTorch file, or a damaged one."""
-    if source.stat().st_size == 0:
-        return f"{source}: an empty file, not a PyTorch model"
-    if not _looks_like_pytorch(source):
-        return f"{source}: not a PyTorch model file (neither a torch.save zip archive nor a pickle)"
-    reason = "it ends too early" if isinstance(exc, EOFError) else shorten(str(exc))
-    return f"{source}: a damaged or truncated PyTorch file ({reason})"

@@ -59,21 +59,6 @@ class CheckpointMeta:
         recorded = self.training.get("data")
         return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
-    def stored_threshold(self, name: str, source: Path | str = "the checkpoint") -> float | None:
-        """The threshold of the stored operating point `name` (a criterion: eer, apcer10, ...); None when the
-        checkpoint stores no operating points (written before they were stored, or imported); SmadlrpError when
-        this one was not estimable on the validation split."""
-        points = self.operating_points.get("points")
-        if not points:
-            return None
-        point = points.get(name)
-        if point is None:
-            raise SmadlrpError(f"{source} stores no operating point {name!r} (it has: {', '.join(points)})")
-        if point.get("threshold") is None:
-            raise SmadlrpError(f"{source}: the stored operating point {name} was not estimable on the "
-                               f"{self.operating_points.get('split', 'validation')} split ({point.get('reason')})")
-        return float(point["threshold"])
-
     @classmethod
     def from_document(cls, doc: dict[str, Any], source: Path) -> CheckpointMeta:
         """Build and `validate` the metadata of a parsed document; SmadlrpError naming what is wrong."""

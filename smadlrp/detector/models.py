@@ -180,16 +180,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SmadlrpError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return read_tensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling refusal or corruption is the user's file
-        raise SmadlrpError(
-            f"{path}: not a plain state dict that loads with weights_only=True ({str(exc).splitlines()[0][:120]}); "
-            "a whole pickled model must be converted with `smadlrp import-model --trust-pickle`"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SmadlrpError(f"{path}: expected a state dict of tensors")
-    return state
+    from smadlrp.detector.importing import load_pth  # it builds checkpoints, which build models: import late
+
+    return load_pth(path, advice="convert it with `smadlrp import-model --trust-pickle` first")[0]
 
 
 def load_weights_file(model: nn.Module, arch: Architecture, path: Path) -> None:

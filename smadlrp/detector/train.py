@@ -31,17 +31,17 @@ from smadlrp.data.loading import (
     make_loader,
 )
 from smadlrp.data.perturb import parse_augmentation
+from smadlrp.data.protocol import read_protocol
 from smadlrp.detector.checkpoint import INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
 from smadlrp.detector.inference import logits_of, predict_dataset
 from smadlrp.detector.models import RANDOM_INIT, build_model, get_architecture, set_trainable
+from smadlrp.detector.run_folder import RESUME_FILE
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
 from smadlrp.evaluation.thresholds import operating_points
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 SELECT_BY: dict[str, tuple[str, int]] = {"d-eer": ("d_eer", -1), "accuracy": ("val_acc", 1), "loss": ("val_loss", -1)}
-RESUME_FILE = "resume.safetensors"
-RUN_OUTPUTS = frozenset({"best.safetensors", "last.safetensors", "history.json", "training-curves.png"})  # and resume
 RESUME_SCHEMA = "smadlrp.resume/1"
 AUX_LOSS_WEIGHT = 0.4  # inception_v3 auxiliary classifier, as in torchvision's reference training
 
@@ -188,6 +188,30 @@ class Finetuner:
         self.state = RunState()
         self.saved_epoch = 0  # the epoch of the resume state on disk
         self._trained: nn.Module | None = None  # the model as trained: itself, or wrapped for DDP
+
+    @classmethod
+    def resume(cls, out: Path, device: torch.device, *, epochs: int | None = None, workers: int = 0,
+               notify: Callable[[str], None] = lambda message: None, ranks: Ranks | None = None,
+               check: Callable[[TrainConfig], None] = lambda config: None) -> Finetuner:
+        """The interrupted run in `out`, restored from its resume state to continue bit for bit (to `epochs` in
+        all, default: its own), on the data and with the settings it was started with; `check` may refuse the
+        stored configuration first (the CLI refuses options that differ from it)."""
+        ranks = ranks or current()
+        with ranks.shared_failure():
+            config, doc, tensors = read_resume(out)
+            check(config)
+        config.epochs = epochs or config.epochs
+        root = Path(config.data)
+        source = DataSource(root, read_protocol(Path(config.protocol), base=root, bonafide_label=config.bonafide_label,
+                                                attack_label=config.attack_label) if config.protocol else None)
+        with ranks.shared_failure():
+            trainer = cls(config, source, out, device, notify, workers, ranks)
+            trainer.restore(doc, tensors)
+        notify(f"resuming {out} after epoch {trainer.state.epoch} of {config.epochs}")
+        if doc.get("world_size", 1) != ranks.world_size:
+            notify(f"the run trained on {doc.get('world_size', 1)} process(es) and continues on {ranks.world_size}: "
+                   "weights, optimizer, schedule and history carry on; later epochs visit the images in another order")
+        return trainer
 
     @property
     def trained(self) -> nn.Module:

@@ -9,7 +9,7 @@ as for BPCER_N) and `bpcerN` (BPCER <= N %). With `groups`, an APCER criterion h
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,3 +132,75 @@ def operating_points(labels: npt.ArrayLike, scores: npt.ArrayLike) -> dict[str, 
         cm = ConfusionMatrix.from_scores(y, s, t)
         points[name] = {"threshold": t, "apcer": cm.apcer, "bpcer": cm.bpcer}
     return {"n_bonafide": int(np.sum(y == BONAFIDE)), "n_morph": int(np.sum(y != BONAFIDE)), "points": points}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold on the score and where it came from, e.g. "stored val D-EER, epoch 7" or "fixed"."""
+
+    value: float
+    source: str
+
+
+@dataclass(frozen=True)
+class LabelledScores:
+    """Scores with labels (1 = attack) to choose a threshold on, where they come from (for messages: "the
+    validation split", a file name), and one group name per score for the worst-species rule (None without it)."""
+
+    labels: npt.ArrayLike
+    scores: npt.ArrayLike
+    where: str
+    groups: Sequence[str] | None = None
+
+
+def resolve_threshold(text: str, *, stored: Mapping[str, Any] | None = None, stored_in: str = "the checkpoint",
+                      labelled: Callable[[], LabelledScores] | None = None, labelled_in: str = "validation",
+                      without_stored: str | float = VALIDATION_PREFIX + "eer", probability: bool = True,
+                      fixed: Callable[[float], float] = float, notify: Callable[[str], None] = lambda message: None
+                      ) -> Threshold:
+    """The one threshold policy of evaluate, predict and metrics: `text` is a number (`fixed` maps it to the score
+    units), `stored` or a stored operating point (`apcer10`, ...: read from the `stored` operating points of
+    `stored_in`; None: the command has none), or a `val-` criterion chosen now on the `labelled` scores (computed
+    only when needed).
+
+    A checkpoint that stores no operating points (older or imported) falls back to `without_stored` with a notice;
+    a stored point that is missing or was not estimable, or a criterion without labelled scores, is an error
+    naming the option."""
+    name = stored_point_name(text)
+    if name is not None and stored is None:
+        raise UsageError(f"--threshold {text}: there are no stored operating points here; use a number or a "
+                         f"{VALIDATION_PREFIX} criterion")
+    if name is not None:
+        points = (stored or {}).get("points")
+        if points:
+            return Threshold(_stored_point(points, name, stored_in), _stored_source(stored or {}, name))
+        if text != STORED:
+            raise SmadlrpError(f"--threshold {text}: {stored_in} stores no operating points (it was written by an "
+                               f"older smadlrp or imported); use --threshold {VALIDATION_PREFIX}{name} or a number")
+        notify(f"{stored_in} stores no operating points (written by an older smadlrp, or imported): using "
+               f"--threshold {without_stored}")
+        if isinstance(without_stored, float):
+            return Threshold(without_stored, "fixed: no stored operating points")
+        text = without_stored
+    wanted = parse_threshold(text, probability=probability)
+    if isinstance(wanted, float):
+        return Threshold(fixed(wanted), "fixed")
+    if labelled is None:
+        raise UsageError(f"--threshold {text} needs labelled {labelled_in} scores, which this command does not have")
+    data = labelled()
+    value = criterion_threshold(data.labels, data.scores, wanted, groups=data.groups, where=data.where)
+    return Threshold(value, ThresholdChoice(value, wanted, data.groups is not None).source(labelled_in))
+
+
+def _stored_point(points: Mapping[str, Any], name: str, stored_in: str) -> float:
+    point = points.get(name)
+    if point is None:
+        raise SmadlrpError(f"{stored_in} stores no operating point {name!r} (it has: {', '.join(points)})")
+    if point.get("threshold") is None:
+        raise SmadlrpError(f"{stored_in}: the stored operating point {name} was not estimable on the validation "
+                           f"split ({point.get('reason')})")
+    return float(point["threshold"])
+
+
+def _stored_source(stored: Mapping[str, Any], name: str) -> str:
+    return f"stored {stored.get('split', 'val')} {describe(name)}, epoch {stored.get('epoch', '?')}"

@@ -16,9 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from smadlrp.core.distributed import current
-from smadlrp.core.errors import SmadlrpError
+from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.core.outputs import FilePlan
 from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
+from smadlrp.explain.run import load_pattern_tensors, pattern_rules, resolve_rules
 from smadlrp.lrp.canonize import canonize
 from smadlrp.lrp.patterns import (
     FINGERPRINT_KEY,
@@ -99,3 +101,36 @@ def fit_pattern_file(model: nn.Module, meta: CheckpointMeta, checkpoint: Path, d
                 "data": data.name, "split": split, "seed": seed, "world_size": ranks.world_size,
             })
     return PatternFit(sets, len(samples), out)
+
+
+FitPatterns = Callable[[Path, tuple[str, ...]], object]  # fit the estimators into the file (CLI: with progress)
+
+
+def rules_and_patterns(requested: Sequence[str], patterns: Path | None, checkpoint: Path, model: nn.Module,
+                       meta: CheckpointMeta, kind: str, fit: FitPatterns,
+                       notify: Warn = lambda message: None) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+    """The rules to run and the patterns they need (the pattern auto-fit policy). Without `patterns`,
+    `patterns.safetensors` beside the checkpoint is used when it was fitted on these weights; when a pattern rule
+    is asked for by name and that file does not fit, or lacks the estimator `kind` (positive or all), `fit(path,
+    kinds)` fits it on the checkpoint's training split (keeping the estimators it held) and writes it there for
+    next time. `all` takes the pattern rules only when patterns are available."""
+    if patterns is None:
+        default = default_pattern_path(checkpoint)
+        held = fitted_kinds(default, model)
+        needing = [r for r in requested if r in pattern_rules()]
+        if needing and kind not in held:
+            if meta.training_data is None:
+                raise UsageError(f"rule {', '.join(needing)} needs fitted patterns, and {checkpoint} records no "
+                                 "training data that still exists to fit them on: run `smadlrp fit-patterns "
+                                 "--checkpoint CKPT --data DATA` (it writes patterns.safetensors beside the "
+                                 "checkpoint) or pass --patterns FILE")
+            plan = FilePlan()
+            plan.reads("the checkpoint", checkpoint)
+            plan.writes("the pattern file beside it", default)
+            fit(default, (*held, kind))
+            patterns = default
+        elif held:
+            patterns = default
+            notify(f"patterns: {default}")
+    tensors = load_pattern_tensors(patterns, model, kind) if patterns is not None else None
+    return resolve_rules(requested, tensors is not None), tensors
