@@ -14,9 +14,9 @@ from smadlrp.cli import app
 from smadlrp.cli.common import (
     ImagesPerSecond,
     JsonOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     notice,
     progress_bar,
     write_json,
@@ -42,7 +42,7 @@ from smadlrp.data.protocol import protocol_csv
 
 
 @app.command()
-@handle_errors
+@command()
 def align(
     source: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or a protocol CSV.")],
     out: Annotated[Path, typer.Argument(help="Output folder (absent or empty): the crops as PNG, mirroring the "

@@ -266,6 +266,14 @@ def on_ranks(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def command(*, ranks: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """What every command is wrapped in (below `@app.command()`): one-line errors (`handle_errors`) and, with
+    `ranks`, a process group of its own under torchrun (`on_ranks`); without it torchrun is refused."""
+    def wrap(function: Callable[P, R]) -> Callable[P, R]:
+        return handle_errors(on_ranks(function) if ranks else function)
+    return wrap
+
+
 def device_spec(spec: str | None) -> str:
     """`--device`, else the configured device, else auto."""
     return spec if spec is not None else project_config().device or "auto"

@@ -25,11 +25,10 @@ from smadlrp.cli.common import (
     SeedOption,
     SumSplitOption,
     WorkersOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     notice,
-    on_ranks,
     progress_bar,
     rank_line,
     rule_option,
@@ -137,8 +136,7 @@ def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
 
 
 @app.command("compare-rules")
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def compare_rules(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,

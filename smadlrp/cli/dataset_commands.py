@@ -13,9 +13,9 @@ from rich.table import Table
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     JsonOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     progress_bar,
     write_json,
 )
@@ -30,7 +30,7 @@ from smadlrp.evaluation.report import operating_points_table
 
 
 @app.command()
-@handle_errors
+@command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the data set into (must be empty or absent).",
                                         file_okay=False)],
@@ -86,7 +86,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 @app.command()
-@handle_errors
+@command()
 def info(
     file: Annotated[Path | None, typer.Argument(help="A smadlrp checkpoint or pattern file (.safetensors); default: "
                                                      "the checkpoint the other commands would use.", dir_okay=False)]

@@ -22,12 +22,11 @@ from smadlrp.cli.common import (
     SeedOption,
     WorkersOption,
     WorstSpeciesOption,
+    command,
     console,
     fail_line,
     file_plan,
-    handle_errors,
     notice,
-    on_ranks,
     progress_bar,
     project_config,
     show_summary,
@@ -74,8 +73,7 @@ def _gates(cli_above: list[str] | None, cli_below: list[str] | None, config: Pro
 
 
 @app.command()
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def evaluate(
     checkpoint: CheckpointOption = None,
     data: Annotated[

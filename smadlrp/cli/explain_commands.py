@@ -25,10 +25,9 @@ from smadlrp.cli.common import (
     SumSplitOption,
     TargetOption,
     WorkersOption,
+    command,
     console,
     file_plan,
-    handle_errors,
-    on_ranks,
     progress_bar,
     rank_line,
     rule_option,
@@ -94,8 +93,7 @@ def _plan_inputs(outputs: dict[str, Path | None], checkpoint: Path, patterns: Pa
 
 
 @app.command()
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def explain(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     checkpoint: CheckpointOption = None,
@@ -198,7 +196,7 @@ def _perturbed_table(results: list[ImageResult], attack_class: str) -> Table:
 
 
 @app.command()
-@handle_errors
+@command()
 def trace(
     image: Annotated[Path, typer.Argument(help="One image file.", dir_okay=False)],
     checkpoint: CheckpointOption = None,

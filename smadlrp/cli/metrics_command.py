@@ -16,9 +16,9 @@ from smadlrp.cli.common import (
     JsonOption,
     SeedOption,
     WorstSpeciesOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     show_summary,
     write_json,
 )
@@ -63,7 +63,7 @@ def _groups(system: ScoreSet, column: str) -> tuple[str, ...]:
 
 
 @app.command()
-@handle_errors
+@command()
 def metrics(
     scores: Annotated[list[Path], typer.Argument(help="Score files, one per system: smadlrp's --scores CSV, a "
                                                       "path,label,score CSV or Bob PAD's score CSV.",

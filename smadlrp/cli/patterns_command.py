@@ -20,11 +20,10 @@ from smadlrp.cli.common import (
     ProtocolOption,
     SeedOption,
     WorkersOption,
+    command,
     console,
     file_plan,
     fit_with_progress,
-    handle_errors,
-    on_ranks,
     write_json,
 )
 from smadlrp.cli.defaults import (
@@ -39,8 +38,7 @@ from smadlrp.lrp.patterns import KINDS
 
 
 @app.command("fit-patterns")
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def fit_patterns_command(
     checkpoint: CheckpointOption = None,
     out: Annotated[Path | None, typer.Option(help="Pattern file to write (.safetensors); default: "

@@ -19,12 +19,11 @@ from smadlrp.cli.common import (
     ImagesPerSecond,
     JsonOption,
     WorkersOption,
+    command,
     console,
     fail_line,
     file_plan,
-    handle_errors,
     notice,
-    on_ranks,
     progress_bar,
     rank_line,
     write_json,
@@ -66,8 +65,7 @@ def _inputs(paths: list[Path]) -> tuple[list[Path], list[ImageScore]]:
 
 
 @app.command()
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     checkpoint: CheckpointOption = None,

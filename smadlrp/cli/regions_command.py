@@ -27,9 +27,9 @@ from smadlrp.cli.common import (
     ProtocolOption,
     SumSplitOption,
     WorkersOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     notice,
     progress_bar,
     write_json,
@@ -80,7 +80,7 @@ FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-c
 
 
 @app.command()
-@handle_errors
+@command()
 def regions(
     checkpoint: CheckpointOption = None,
     data: DataOption = None,

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from smadlrp.cli import app
-from smadlrp.cli.common import JsonOption, SeedOption, console, file_plan, handle_errors, notice, write_json
+from smadlrp.cli.common import JsonOption, SeedOption, command, console, file_plan, notice, write_json
 from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import IMAGE_EXTENSIONS
@@ -18,7 +18,7 @@ from smadlrp.data.split import COLUMNS, PRESETS, SPLITS, parse_ratios, plan_spli
 
 
 @app.command()
-@handle_errors
+@command()
 def split(
     folder: Annotated[Path, typer.Argument(help="Folder with a bona fide folder and one folder per morphing "
                                                 "method.", file_okay=False)],

@@ -21,11 +21,10 @@ from smadlrp.cli.common import (
     ProtocolOption,
     SeedOption,
     WorkersOption,
+    command,
     console,
     file_plan,
-    handle_errors,
     notice,
-    on_ranks,
     progress_bar,
     rank_line,
     write_json,
@@ -60,8 +59,7 @@ GlobalBatchOption = Annotated[
 
 
 @app.command()
-@handle_errors
-@on_ranks
+@command(ranks=True)
 def finetune(
     ctx: typer.Context,
     arch: ArchOption = "vgg_compact",
@@ -190,7 +188,7 @@ def _train(trainer: Finetuner, config: TrainConfig, out: Path, json_out: Path | 
 
 
 @app.command("import-model")
-@handle_errors
+@command()
 def import_model(
     source: Annotated[Path, typer.Argument(help="A .pth file: a state dict, or a whole pickled model.",
                                            dir_okay=False)],
