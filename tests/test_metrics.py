@@ -298,9 +298,11 @@ def test_threshold_criteria_by_hand() -> None:
 
 
 def test_parse_threshold() -> None:
-    assert parse_threshold("0.25") == 0.25 and parse_threshold("val-apcer5") == "apcer5"
+    assert parse_threshold("0.25") == 0.25 and parse_threshold("val-max-apcer5") == "max-apcer5"
+    assert parse_threshold("val-apcer5") == "max-apcer5"  # the criterion's earlier name
     assert parse_threshold("val-eer") == "eer"
-    with pytest.raises(UsageError, match="val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1"):
+    with pytest.raises(UsageError, match="val-eer, val-max-apcer10, val-max-apcer5, val-max-apcer1, "
+                                         "val-max-bpcer10, val-max-bpcer1"):
         parse_threshold("val-apcer7")
     with pytest.raises(UsageError, match="lies in"):
         parse_threshold("1.5")

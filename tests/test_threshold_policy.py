@@ -10,8 +10,9 @@ from smadlrp.evaluation.thresholds import LabelledScores, resolve_threshold
 
 POINTS = {"split": "val", "epoch": 7, "points": {
     "eer": {"threshold": 0.42, "apcer": 0.1, "bpcer": 0.1},
-    "apcer10": {"threshold": 0.61, "apcer": 0.1, "bpcer": 0.2},
-    "bpcer1": {"threshold": None, "reason": "needs >= 100 bona fide images, split has 12"}}}
+    "max-apcer10": {"threshold": 0.61, "apcer": 0.1, "bpcer": 0.2},
+    "max-bpcer1": {"threshold": None, "reason": "needs >= 100 bona fide images, split has 12"}}}
+EARLIER = {**POINTS, "points": {"eer": POINTS["points"]["eer"], "apcer10": POINTS["points"]["max-apcer10"]}}
 # 12 bona fide at 0.05..0.4, 24 morphs at 0.6..0.95: every criterion separates them
 LABELS = np.array([0] * 12 + [1] * 24)
 SCORES = np.concatenate([np.linspace(0.05, 0.4, 12), np.linspace(0.6, 0.95, 24)])
@@ -40,18 +41,21 @@ def test_a_number_is_fixed_and_mapped_to_the_score_units() -> None:
 
 @pytest.mark.parametrize(("text", "value", "source"), [
     ("stored", 0.42, "stored val D-EER, epoch 7"),
-    ("apcer10", 0.61, "stored val APCER <= 10 %, epoch 7"),
+    ("max-apcer10", 0.61, "stored val APCER <= 10 %, epoch 7"),
+    ("apcer10", 0.61, "stored val APCER <= 10 %, epoch 7"),  # the criterion's earlier name
 ])
-def test_stored_points_are_read_without_scoring(text: str, value: float, source: str) -> None:
+@pytest.mark.parametrize("points", [POINTS, EARLIER], ids=["stored", "stored-by-earlier-versions"])
+def test_stored_points_are_read_without_scoring(text: str, value: float, source: str, points: dict) -> None:
     labelled = Labelled()
-    chosen = resolve_threshold(text, stored=POINTS, labelled=labelled)
+    chosen = resolve_threshold(text, stored=points, labelled=labelled)
     assert (chosen.value, chosen.source, labelled.calls) == (value, source, 0)
 
 
 def test_a_stored_point_that_is_missing_or_not_estimable_is_an_error() -> None:
-    with pytest.raises(SmadlrpError, match="stores no operating point 'bpcer10' \\(it has: eer, apcer10, bpcer1\\)"):
+    with pytest.raises(SmadlrpError, match="stores no operating point 'max-bpcer10' \\(it has: eer, max-apcer10, "
+                                           "max-bpcer1\\)"):
         resolve_threshold("bpcer10", stored=POINTS, stored_in="ck.safetensors")
-    with pytest.raises(SmadlrpError, match="bpcer1 was not estimable on the validation split \\(needs >= 100"):
+    with pytest.raises(SmadlrpError, match="max-bpcer1 was not estimable on the validation split \\(needs >= 100"):
         resolve_threshold("bpcer1", stored=POINTS)
 
 
@@ -65,15 +69,15 @@ def test_without_stored_points_stored_falls_back_with_a_notice() -> None:
                     "--threshold val-eer"]
     fixed = resolve_threshold("stored", stored={}, without_stored=0.5)
     assert (fixed.value, fixed.source) == (0.5, "fixed: no stored operating points")
-    with pytest.raises(SmadlrpError, match="--threshold apcer10: old.safetensors stores no operating points"):
-        resolve_threshold("apcer10", stored={}, stored_in="old.safetensors")
+    with pytest.raises(SmadlrpError, match="--threshold max-apcer10: old.safetensors stores no operating points"):
+        resolve_threshold("max-apcer10", stored={}, stored_in="old.safetensors")
     with pytest.raises(UsageError, match="no stored operating points here"):
         resolve_threshold("stored")  # score files: no checkpoint
 
 
 def test_criteria_are_chosen_on_the_labelled_scores() -> None:
     labelled = Labelled()
-    chosen = resolve_threshold("val-apcer10", stored=POINTS, labelled=labelled, labelled_in="dev")
+    chosen = resolve_threshold("val-max-apcer10", stored=POINTS, labelled=labelled, labelled_in="dev")
     # APCER <= 10 % of 24 morphs lets 2 pass: the threshold is the third-lowest morph score
     assert labelled.calls == 1 and chosen.source == "dev APCER <= 10 %" and chosen.value == SCORES[12 + 2]
     worst = resolve_threshold("val-apcer10", labelled=Labelled(["-"] * 12 + ["a", "b"] * 12))

@@ -119,12 +119,12 @@ def test_operating_points_match_hand_computation() -> None:
     bona = [0.05 * i for i in range(10)]  # 0.0 ... 0.45
     stored = operating_points([1] * 10 + [0] * 10, morph + bona)
     assert (stored["n_morph"], stored["n_bonafide"]) == (10, 10)
-    apcer10 = stored["points"]["apcer10"]  # k = floor(0.1 * 10) = 1: t = second-lowest morph score
+    apcer10 = stored["points"]["max-apcer10"]  # k = floor(0.1 * 10) = 1: t = second-lowest morph score
     assert apcer10["threshold"] == pytest.approx(0.2) and apcer10["apcer"] == 0.1 and apcer10["bpcer"] == 0.6
-    bpcer10 = stored["points"]["bpcer10"]  # just above the second-highest bona fide score, 0.4
+    bpcer10 = stored["points"]["max-bpcer10"]  # just above the second-highest bona fide score, 0.4
     assert 0.4 < bpcer10["threshold"] < 0.4 + 1e-12 and bpcer10["bpcer"] == 0.1 and bpcer10["apcer"] == 0.4
-    assert stored["points"]["apcer5"] == {"threshold": None, "reason": stored["points"]["apcer5"]["reason"]}
-    assert "needs >= 20 morphs, split has 10" in stored["points"]["apcer5"]["reason"]
+    assert stored["points"]["max-apcer5"] == {"threshold": None, "reason": stored["points"]["max-apcer5"]["reason"]}
+    assert "needs >= 20 morphs, split has 10" in stored["points"]["max-apcer5"]["reason"]
     eer = stored["points"]["eer"]
     # at t = 0.35 three morphs (0.1, 0.2, 0.3) are below and three bona fide (0.35, 0.4, 0.45) at or above it
     assert eer["threshold"] == pytest.approx(0.35) and eer["apcer"] == eer["bpcer"] == pytest.approx(0.3)
@@ -151,7 +151,7 @@ def test_finetune_stores_operating_points_that_evaluate_uses(trained_project: Pa
     for rate in ("apcer", "bpcer", "tp", "fp"):
         assert runs["stored"][rate] == runs["val-eer"][rate], rate
     code, output = _invoke("evaluate", "--threshold", "apcer10")  # 8 validation morphs cannot support it
-    assert code == 1 and "the stored operating point apcer10 was not estimable" in output
+    assert code == 1 and "the stored operating point max-apcer10 was not estimable" in output
 
 
 def test_checkpoints_without_stored_points_fall_back_to_val_eer(tiny_checkpoint: Path, tiny_data: Path) -> None:
@@ -160,6 +160,6 @@ def test_checkpoints_without_stored_points_fall_back_to_val_eer(tiny_checkpoint:
     assert code == 0, output
     assert "stores no operating points" in output and "validation D-EER" in output
     code, output = _invoke(*args, "--threshold", "bpcer1")
-    assert code == 1 and "use --threshold val-bpcer1 or a number" in output
+    assert code == 1 and "use --threshold val-max-bpcer1 or a number" in output
     code, output = _invoke(*args, "--threshold", "middle")
-    assert code == 2 and "use a number in [0, 1], stored, a stored operating point (eer, apcer10" in output
+    assert code == 2 and "use a number in [0, 1], stored, a stored operating point (eer, max-apcer10" in output

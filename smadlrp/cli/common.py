@@ -105,7 +105,7 @@ SumSplitOption = Annotated[
                                           f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
 WorstSpeciesOption = Annotated[
-    bool, typer.Option("--worst-species", help="With a val-apcer criterion: the threshold at which the worst group "
+    bool, typer.Option("--worst-species", help="With a val-max-apcer criterion: the threshold at which the worst group "
                                                "of the first --by column meets the APCER target.")
 ]
 CiOption = Annotated[

@@ -126,8 +126,10 @@ def worst_species_column(worst_species: bool, threshold: str, by: list[str] | No
     is an APCER criterion on labelled scores and a --by column is given."""
     if not worst_species:
         return None
-    if not threshold.startswith(f"{VALIDATION_PREFIX}apcer") or not by:
-        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-apcer10) and a --by column")
+    wanted = parse_threshold(threshold) if threshold.startswith(VALIDATION_PREFIX) else None
+    if not isinstance(wanted, str) or (CRITERIA[wanted] or ("eer",))[0] != "apcer" or not by:
+        raise UsageError("--worst-species needs an APCER criterion (e.g. --threshold val-max-apcer10) and a --by "
+                         "column")
     return by[0]
 
 

@@ -95,9 +95,11 @@ def evaluate(
     batch_size: BatchSizeOption = 64,
     threshold: Annotated[
         str | None, typer.Option(help="Decision threshold on P(morph): a number; stored (the checkpoint's validation "
-                                      "D-EER threshold) or another stored operating point (apcer10, apcer5, apcer1, "
-                                      "bpcer10, bpcer1); or a criterion computed on the validation split now: "
-                                      "val-eer, val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1. "
+                                      "D-EER threshold) or another stored operating point (max-apcer10, max-apcer5, "
+                                      "max-apcer1, max-bpcer10, max-bpcer1); or a criterion computed on the "
+                                      "validation split now: val-eer, val-max-apcer10, val-max-apcer5, "
+                                      "val-max-apcer1, val-max-bpcer10, val-max-bpcer1 (the names without max- "
+                                      "also work). "
                                       "Default: the configured one, else stored (val-eer for checkpoints without "
                                       "stored points).")
     ] = None,

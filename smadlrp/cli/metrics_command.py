@@ -74,7 +74,8 @@ def metrics(
     ] = None,
     threshold: Annotated[
         str, typer.Option(help="Decision threshold in the files' score units, or a criterion on --dev: val-eer, "
-                               "val-apcer10, val-apcer5, val-apcer1, val-bpcer10, val-bpcer1.")
+                               "val-max-apcer10, val-max-apcer5, val-max-apcer1, val-max-bpcer10, val-max-bpcer1 "
+                               "(the names without max- also work).")
     ] = "0.5",
     by: Annotated[
         list[str] | None, typer.Option("--by", help="Group column (repeatable; Bob files: attack_type, the default)."

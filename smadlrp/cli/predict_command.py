@@ -71,8 +71,9 @@ def predict(
     checkpoint: CheckpointOption = None,
     threshold: Annotated[
         str | None, typer.Option(help="Decision threshold on P(morph): stored (the checkpoint's validation D-EER "
-                                      "threshold), a stored operating point (apcer10, apcer5, apcer1, bpcer10, "
-                                      "bpcer1), or a number; default: the configured one, else stored.")
+                                      "threshold), a stored operating point (max-apcer10, max-apcer5, max-apcer1, "
+                                      "max-bpcer10, max-bpcer1; the names without max- also work), or a number; "
+                                      "default: the configured one, else stored.")
     ] = None,
     batch_size: BatchSizeOption = 64,
     align: AlignOption = False,

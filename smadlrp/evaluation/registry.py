@@ -4,10 +4,11 @@ JSON keys (`MetricsSummary.as_dict()`, `Breakdown.as_dict()`), gate names (`--fa
 tables of `evaluation.report` and the metric table of docs/metrics.md all read METRICS. A key is lower case; a
 gate accepts a gateable metric by its key or any of its aliases, in any case.
 
-Two names have two meanings: as a metric, `bpcer10` is the BPCER at APCER <= 10 % (BPCER_10 of ISO/IEC
-30107-3); as a threshold criterion (`--threshold bpcer10`, `val-bpcer10`, the stored point `bpcer10`, see
-`evaluation.thresholds`) it is the threshold where BPCER <= 10 %, the one the metric `apcer@bpcer10` is read at.
-Likewise `bpcer1` is only a criterion (its metric is `apcer@bpcer1`). Each entry's `note` says so.
+Metrics and threshold criteria have distinct names: the metric `bpcer10` is the BPCER at APCER <= 10 % (BPCER_10
+of ISO/IEC 30107-3); the criterion `max-bpcer10` (`--threshold max-bpcer10`, `val-max-bpcer10`, see
+`evaluation.thresholds`) is the threshold where BPCER <= 10 %, the one the metric `apcer@bpcer10` is read at.
+Earlier versions named the criteria without `max-`, and those names are still read, so `bpcer10` in a
+`--threshold` means the criterion. Each entry's `note` says so.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _criterion_note(criterion: str) -> str:
 def _point(key: str, fixed: str, target: float, aliases: tuple[str, ...], note: str = "") -> Metric:
     """An operating point: the other rate at the conservative threshold for `fixed` <= `target`."""
     other = "bpcer" if fixed == "apcer" else "apcer"
-    criterion = f"{fixed}{100 * target:g}"
+    criterion = f"max-{fixed}{100 * target:g}"
     return Metric(key, f"oracle {other.upper()} at the conservative threshold for {fixed.upper()} <= "
                        f"{100 * target:g} %", "rate", "lower", "oracle",
                   f"{other.upper()} @ {fixed.upper()} {100 * target:g} %", gateable=True, interval="bootstrap",
@@ -87,7 +88,7 @@ _GATED: tuple[Metric, ...] = (
            "APCER = BPCER", gateable=True, interval="bootstrap", aliases=("d_eer",),
            note=_criterion_note("eer") + ", which is not a gate name"),
     _point("bpcer10", "apcer", 0.10, ("bpcer@apcer10", "bscer@macer10"),
-           "the criterion `bpcer10` is another threshold: BPCER <= 10 %"),
+           "the criterion `max-bpcer10` (earlier `bpcer10`) is another threshold: BPCER <= 10 %"),
     _point("bpcer20", "apcer", 0.05, ("bpcer@apcer5", "bscer@macer5")),
     _point("bpcer100", "apcer", 0.01, ("bpcer@apcer1", "bscer@macer1")),
     _point("apcer@bpcer10", "bpcer", 0.10, ("macer@bscer10",)),

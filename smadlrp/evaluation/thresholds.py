@@ -2,9 +2,11 @@
 
 One function per question: `criterion_threshold` turns scores, labels and a criterion name into a threshold;
 everything that picks a threshold by name (evaluate's `val-*`, metrics' `--dev`, thresholds stored at training
-time) calls it. Criteria: `eer` (the D-EER threshold), `apcerN` (the conservative threshold with APCER <= N %,
-as for BPCER_N) and `bpcerN` (BPCER <= N %). With `groups`, an APCER criterion holds for the worst group
-(Bob PAD's `apcer` criterion): the smallest of the groups' thresholds.
+time) calls it. Criteria: `eer` (the D-EER threshold), `max-apcerN` (the conservative threshold with APCER <= N %,
+as for BPCER_N) and `max-bpcerN` (BPCER <= N %). Their earlier names, `apcerN` and `bpcerN`, are still read
+(`CRITERION_ALIASES`): as a metric, BPCER10 is the BPCER at APCER 10 %, another thing than the criterion
+"BPCER <= 10 %", so the criteria carry the `max-` prefix. With `groups`, an APCER criterion holds for the worst
+group (Bob PAD's `apcer` criterion): the smallest of the groups' thresholds.
 """
 
 from __future__ import annotations
@@ -22,18 +24,26 @@ from smadlrp.evaluation.metrics import BONAFIDE, ConfusionMatrix, apcer_at_bpcer
 # criterion -> (rate held, its target); None for the D-EER.
 CRITERIA: Mapping[str, tuple[str, float] | None] = {
     "eer": None,
-    "apcer10": ("apcer", 0.10),
-    "apcer5": ("apcer", 0.05),
-    "apcer1": ("apcer", 0.01),
-    "bpcer10": ("bpcer", 0.10),
-    "bpcer1": ("bpcer", 0.01),
+    "max-apcer10": ("apcer", 0.10),
+    "max-apcer5": ("apcer", 0.05),
+    "max-apcer1": ("apcer", 0.01),
+    "max-bpcer10": ("bpcer", 0.10),
+    "max-bpcer1": ("bpcer", 0.01),
 }
+# the criteria's earlier names (and the keys of operating points stored by earlier versions): still accepted
+CRITERION_ALIASES: Mapping[str, str] = {name.removeprefix("max-"): name for name in CRITERIA if name != "eer"}
+
+
+def criterion_name(text: str) -> str | None:
+    """The criterion `text` names, by its name or its earlier spelling (`apcer10` -> `max-apcer10`); None when it
+    names none."""
+    return text if text in CRITERIA else CRITERION_ALIASES.get(text)
 VALIDATION_PREFIX = "val-"  # evaluate --threshold val-<criterion>: the criterion on the validation split
 
 
 def describe(criterion: str) -> str:
-    """Human name of a criterion: "D-EER", "APCER <= 10 %"."""
-    held = CRITERIA[criterion]
+    """Human name of a criterion (or of its earlier spelling): "D-EER", "APCER <= 10 %"."""
+    held = CRITERIA[criterion_name(criterion) or criterion]
     return "D-EER" if held is None else f"{held[0].upper()} <= {100 * held[1]:g} %"
 
 
@@ -56,8 +66,9 @@ class ThresholdChoice:
 def parse_threshold(text: str, *, probability: bool = True) -> float | str:
     """`--threshold`: a number (in [0, 1] for a P(morph) score), or `val-<criterion>` (returned as the
     criterion name)."""
-    if text.startswith(VALIDATION_PREFIX) and text[len(VALIDATION_PREFIX):] in CRITERIA:
-        return text[len(VALIDATION_PREFIX):]
+    name = criterion_name(text.removeprefix(VALIDATION_PREFIX)) if text.startswith(VALIDATION_PREFIX) else None
+    if name is not None:
+        return name
     try:
         value = float(text)
     except ValueError:
@@ -76,9 +87,10 @@ def criterion_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike, criterion:
     worst group's APCER meets the target, i.e. the minimum over groups of each group's conservative threshold
     (APCER only grows with the threshold). SmadlrpError, naming `where`, when the data cannot support it.
     """
-    if criterion not in CRITERIA:
+    name = criterion_name(criterion)
+    if name is None:
         raise UsageError(f"unknown threshold criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
-    held = CRITERIA[criterion]
+    held = CRITERIA[name]
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
     if groups is not None:
@@ -106,11 +118,11 @@ STORED = "stored"  # evaluate --threshold stored: the checkpoint's own validatio
 
 
 def stored_point_name(text: str) -> str | None:
-    """`--threshold stored` -> "eer", a criterion name (`apcer10`, ...) -> itself: an operating point stored in
-    the checkpoint; None for anything else (a number, a `val-` criterion)."""
+    """`--threshold stored` -> "eer", a criterion (`max-apcer10`, or its earlier name `apcer10`) -> its name: an
+    operating point stored in the checkpoint; None for anything else (a number, a `val-` criterion)."""
     if text == STORED:
         return "eer"
-    return text if text in CRITERIA else None
+    return criterion_name(text)
 
 
 def operating_points(labels: npt.ArrayLike, scores: npt.ArrayLike) -> dict[str, Any]:
@@ -193,7 +205,10 @@ def resolve_threshold(text: str, *, stored: Mapping[str, Any] | None = None, sto
 
 
 def _stored_point(points: Mapping[str, Any], name: str, stored_in: str) -> float:
-    point = points.get(name)
+    """The stored threshold of criterion `name`, under its name or (checkpoints of earlier versions) its earlier
+    spelling."""
+    earlier = {canonical: alias for alias, canonical in CRITERION_ALIASES.items()}
+    point = points.get(name, points.get(earlier.get(name, name)))
     if point is None:
         raise SmadlrpError(f"{stored_in} stores no operating point {name!r} (it has: {', '.join(points)})")
     if point.get("threshold") is None:
