@@ -99,3 +99,13 @@ def test_known_exceptions_still_exist() -> None:
 def test_the_parser_sees_every_import_form(source: str, expected: set[str]) -> None:
     """Absolute, package-level, relative and function-local imports all count."""
     assert {module for _, module in imported_modules(source, "smadlrp.core")} == expected
+
+
+@pytest.mark.parametrize("folder", ["lrp", "evaluation", "data/synthetic"])
+def test_modules_have_one_job_and_stay_small(folder: str) -> None:
+    """Each module of the engine, the metrics and the synthetic set says its job in its docstring's first line and
+    stays under 450 lines."""
+    for path in sorted((PACKAGE / folder).rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert ast.get_docstring(ast.parse(text)), f"{path.relative_to(PACKAGE)} has no docstring"
+        assert len(text.splitlines()) < 450, f"{path.relative_to(PACKAGE)} has {len(text.splitlines())} lines"
