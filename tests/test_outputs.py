@@ -159,6 +159,7 @@ def test_explain_names_are_unique_when_paths_flatten_alike(files: dict[str, Path
     result = runner.invoke(app, ["explain", str(folder), "-c", str(files["checkpoint"]), "--out",
                                  str(tmp_path / "qout"), "--json", str(tmp_path / "q.json")])
     assert result.exit_code == 0, result.output
+    assert "(sub__a~2)" in " ".join(result.output.split())  # the table names the numbered files
     written = sorted(p.name for p in (tmp_path / "qout").iterdir())
     assert len(written) == 4 and "sub__a~2.epsilon.heatmap.png" in written
     import json

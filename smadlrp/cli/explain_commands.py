@@ -152,7 +152,8 @@ def explain(
         table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
                          min_width=14 if column == "file" else None)
     for result in results:
-        named = result.path.name if result.name == result.path.stem else f"{result.path.name} ({result.name})"
+        # an image whose output name needed a number to be unique shows it (`sub__a.png (sub__a~2)`)
+        named = f"{result.path.name} ({result.name})" if "~" in result.name else result.path.name
         image = [named, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
         for i, (name, value) in enumerate(result.relevance_sum.items()):
             table.add_row(*(image if i == 0 else [""] * len(image)), name,
