@@ -64,4 +64,7 @@ cp "$out/explain/morph__$(basename "${images[0]}" .png).grid.png" "$out/docs-ima
 cp "$out/compare/perturbation-curves.png" "$out/docs-images/compare-perturbation-curves.png"
 "$python" "$(dirname "$0")/demo_figures.py" "$out"
 
+echo "== 8. one self-contained HTML page of the whole run"
+"$smadlrp" report "$out" --out "$out/report.html"
+
 echo "== done: results in $out/"

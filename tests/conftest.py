@@ -1,12 +1,13 @@
 """Shared fixtures: tiny image folders and tiny checkpoints, generated on the fly (no downloads).
 
-Markers (registered in pyproject.toml): `slow` tests are left out of `make test-quick`; `cuda` and `dlib` tests are
-skipped, with the reason in the summary, where that hardware or optional extra is missing.
+Markers (registered in pyproject.toml): `slow` tests are left out of `make test-quick`; `cuda`, `dlib` and `chromium`
+tests are skipped, with the reason in the summary, where that hardware, optional extra or program is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def missing(marker: str) -> str | None:
     """Why the tests marked `marker` cannot run here, or None when they can."""
     if marker == "cuda":
         return None if torch.cuda.is_available() else "needs a CUDA device (marker cuda)"
+    if marker == "chromium":
+        return None if shutil.which("chromium") else "needs chromium (Debian package chromium)"
     if marker == "dlib":
         absent = [name for name in ("dlib", "face_recognition_models") if importlib.util.find_spec(name) is None]
         return f"needs the align extra, not installed: {', '.join(absent)} (marker dlib)" if absent else None
@@ -37,7 +40,7 @@ def missing(marker: str) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests whose hardware or optional extra is missing, naming what is missing."""
     for item in items:
-        for marker in ("cuda", "dlib"):
+        for marker in ("cuda", "dlib", "chromium"):
             reason = missing(marker) if item.get_closest_marker(marker) else None
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))

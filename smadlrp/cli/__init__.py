@@ -58,6 +58,7 @@ from smadlrp.cli import (  # noqa: E402,F401  (each module registers its command
     patterns_command,
     predict_command,
     regions_command,
+    report_command,
     split_command,
     train_commands,
 )

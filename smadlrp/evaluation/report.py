@@ -67,7 +67,7 @@ def interval_note(summaries: Sequence[MetricsSummary]) -> str:
     return f"[{100 * found[0].confidence:g} % confidence intervals: {methods_text}]"
 
 
-def _metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
+def metric_cells(summary: MetricsSummary, name: str) -> tuple[str, str]:
     """Value and note of one gate metric: the value (with its interval) and the threshold behind it, or "n/a"
     with why it is not estimable."""
     if summary.value(name) is None:
@@ -118,7 +118,7 @@ def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> T
     table.add_column("value", justify="right")
     table.add_column("threshold / note")
     for name in GATE_METRICS:
-        table.add_row(name + (" *" if name in ORACLE_METRICS else ""), *_metric_cells(summary, name))
+        table.add_row(name + (" *" if name in ORACLE_METRICS else ""), *metric_cells(summary, name))
     return table
 
 
@@ -139,7 +139,7 @@ def _breakdown_columns(breakdown: Breakdown) -> list[str]:
     return [name for name in BREAKDOWN_METRICS if name != "bpcer" or not breakdown.shared_bonafide]
 
 
-def _breakdown_rows(breakdown: Breakdown, aggregates: bool = True) -> tuple[list[str], list[list[str]]]:
+def breakdown_rows(breakdown: Breakdown, aggregates: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows (parts, then Average and Worst unless `aggregates` is False) of a breakdown, as plain
     cells."""
     metrics = _breakdown_columns(breakdown)
@@ -178,7 +178,7 @@ def breakdown_table(breakdown: Breakdown, pooled: MetricsSummary | None = None, 
     """One row per part (group, test set or system) with APCER at its threshold and the oracle D-EER, BPCER10
     and BPCER100, then (with `aggregates`) the Average and the Worst row, and a caption giving APCER_AP beside
     the pooled APCER."""
-    header, rows = _breakdown_rows(breakdown, aggregates)
+    header, rows = breakdown_rows(breakdown, aggregates)
     table = Table(title=title, caption=breakdown_caption(breakdown, pooled, aggregates))
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
@@ -198,7 +198,7 @@ def conditions_table(summaries: Mapping[str, MetricsSummary], *, title: str = "R
     for name in CONDITION_METRICS:
         table.add_column(name, justify="right")
     for condition, summary in summaries.items():
-        table.add_row(condition, *(_metric_cells(summary, name)[0] for name in CONDITION_METRICS))
+        table.add_row(condition, *(metric_cells(summary, name)[0] for name in CONDITION_METRICS))
     return table
 
 
@@ -249,7 +249,7 @@ def summary_markdown(summary: MetricsSummary, breakdowns: Sequence[Breakdown], t
         "",
     ]
     metric_rows = [
-        [f"`{name}`" + (" \\*" if name in ORACLE_METRICS else ""), METRIC_MEANINGS[name], *_metric_cells(summary, name)]
+        [f"`{name}`" + (" \\*" if name in ORACLE_METRICS else ""), METRIC_MEANINGS[name], *metric_cells(summary, name)]
         for name in GATE_METRICS
     ]
     lines += _md_table(["metric", "meaning", "value", "threshold / note"], metric_rows, "llrl")
@@ -271,7 +271,7 @@ def summary_markdown(summary: MetricsSummary, breakdowns: Sequence[Breakdown], t
 
 def breakdown_markdown(breakdown: Breakdown, pooled: MetricsSummary | None, aggregates: bool = True) -> list[str]:
     """A breakdown as Markdown table lines (Average and Worst in bold) and its caption."""
-    header, rows = _breakdown_rows(breakdown, aggregates)
+    header, rows = breakdown_rows(breakdown, aggregates)
     if aggregates:
         rows = rows[:-2] + [[f"**{cell}**" if cell else "" for cell in row] for row in rows[-2:]]
     caption = breakdown_caption(breakdown, pooled, aggregates)

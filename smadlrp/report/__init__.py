@@ -1,0 +1,6 @@
+"""The HTML report: one self-contained page built from what the commands already wrote in run folders.
+
+`collect` finds and reads a run folder's files, `tables` turns them into the page's tables with the terminal's
+rounding, `build` renders the page from the Jinja2 templates in `templates/` (a base and a stylesheet that other
+pages can extend). Nothing here loads or runs a model.
+"""
