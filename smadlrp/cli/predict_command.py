@@ -38,9 +38,11 @@ from smadlrp.core import distributed
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.align import recorded_aligner
 from smadlrp.data.loading import list_images
+from smadlrp.data.perturb import SPEC_HELP
 from smadlrp.data.protocol import csv_writer
 from smadlrp.detector.inference import ImageScore, score_files
 from smadlrp.evaluation.thresholds import resolve_threshold
+from smadlrp.report.sheet import SHEET_PERTURBATIONS, SHEET_RULE, plan_sheets, write_sheets
 
 FALLBACK_THRESHOLD = 0.5  # for checkpoints that store no operating points
 BONA_FIDE = "bona fide"
@@ -79,6 +81,16 @@ def predict(
     align: AlignOption = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write path,score,decision,error as CSV.",
                                                  dir_okay=False)] = None,
+    sheet: Annotated[Path | None, typer.Option("--sheet", metavar="DIR", file_okay=False,
+                                               help="Also write one self-contained HTML page per image into DIR "
+                                                    "(NAME.sheet.html) for an examiner: the photo, P(morph), the "
+                                                    "decision and its operating point, a heatmap, the decision "
+                                                    "under perturbation.")] = None,
+    sheet_rule: Annotated[str, typer.Option("--sheet-rule", help="The sheet's heatmap rule (no pattern rules).")
+                          ] = SHEET_RULE,
+    sheet_perturb: Annotated[list[str] | None, typer.Option(
+        "--sheet-perturb", metavar="SPEC", help=f"A condition the sheet scores the image under (repeatable; "
+                                                f"default: {', '.join(SHEET_PERTURBATIONS)}): {SPEC_HELP}.")] = None,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -91,7 +103,9 @@ def predict(
     text = threshold_text(threshold)
     files, failed = _inputs(paths)
     checkpoint = find_checkpoint(checkpoint)
-    plan = file_plan({"--csv": csv_out, "--json": json_out})
+    sheets = None if sheet is None else plan_sheets(sheet, files + [r.path for r in failed], rule=sheet_rule,
+                                                    perturbations=sheet_perturb or SHEET_PERTURBATIONS)
+    plan = file_plan({"--csv": csv_out, "--json": json_out}, sheets.files if sheets else None)
     plan.reads("the checkpoint", checkpoint)
     plan.reads("an input image", files + [r.path for r in failed], keep=False)
     model, meta, torch_device = open_model(checkpoint, device)
@@ -133,6 +147,10 @@ def predict(
         "images": [{"path": str(r.path), "score": r.score, "decision": d, "error": r.error}
                    for r, d in zip(results, decisions, strict=True)],
     })
+    if sheets is not None:
+        pages = write_sheets(model, meta, results, chosen, sheets, point=text, checkpoint=str(checkpoint),
+                             batch_size=batch_size, device=torch_device, prepare=prepare)
+        console.print(f"wrote {len(pages)} sheet(s) to {sheets.out}", highlight=False)
     for result in results:
         if result.error is not None:
             fail_line(result.error)

@@ -52,7 +52,7 @@ def output_stems(images: Sequence[Path]) -> list[str]:
     return list(unique)
 
 
-def refuse_outputs_over_inputs(out: Path, images: Sequence[Path]) -> None:
+def refuse_outputs_over_inputs(out: Path, images: Sequence[Path], option: str = "--out") -> None:
     """SmadlrpError, before any file is written, when an input image lies in the output folder `out` under a
     name that the per-image outputs (`STEM.KIND.png`, `STEM.RULE.KIND.png`, ...) could take."""
     folder, stems = out.resolve(), set(output_stems(images))
@@ -60,8 +60,8 @@ def refuse_outputs_over_inputs(out: Path, images: Sequence[Path]) -> None:
         resolved = image.resolve()
         parts = resolved.name.split(".")
         if resolved.parent == folder and any(".".join(parts[:i]) in stems for i in range(1, len(parts) - 1)):
-            raise UsageError(f"--out {out} holds the input image {image.name}, whose name the outputs would take; "
-                               "choose another --out")
+            raise UsageError(f"{option} {out} holds the input image {image.name}, whose name the outputs would "
+                             f"take; choose another {option}")
 
 
 def prepare_out_dir(out: Path) -> Path:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from smadlrp.core.device import autocast
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError
-from smadlrp.data.loading import ImageDataset, Prepare, Sample, make_loader
+from smadlrp.data.loading import ImageDataset, Perturb, Prepare, Sample, make_loader
 from smadlrp.detector.checkpoint import CheckpointMeta
 
 
@@ -129,7 +129,7 @@ def refuse_non_finite(scores: Sequence[float], paths: Sequence[Path], errors: Se
 @torch.inference_mode()
 def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *, batch_size: int,
                 device: torch.device, workers: int = 0, amp: bool = False, ranks: Ranks | None = None,
-                prepare: Prepare | None = None,
+                prepare: Prepare | None = None, perturb: Perturb | None = None,
                 on_start: Callable[[int], None] = lambda share: None,
                 on_batch: Callable[[int], None] | None = None) -> list[ImageScore]:
     """P(attack) for every image file, in order, preprocessed exactly as `evaluate` does (the checkpoint's input
@@ -137,12 +137,14 @@ def score_files(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], *
     score is a SmadlrpError naming its image. Under torchrun
     (`ranks`, default: the current ones) each rank scores its share of whole batches and every rank gets all
     results back in order; `on_start(share)` gets this rank's count. `prepare` maps each decoded image first
-    (--align: the face crop of the checkpoint's policy)."""
+    (--align: the face crop of the checkpoint's policy); `perturb` then changes it, seeded by its position in
+    `paths` (predict --sheet: the decision under JPEG or print-scan)."""
     ranks = ranks or current()
     share = ranks.shard(len(paths), batch_size)
     on_start(len(share))
     model.eval()
-    dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std, prepare=prepare)
+    dataset = ImageDataset([Sample(p, 0) for p in paths], meta.input_size, meta.mean, meta.std, prepare=prepare,
+                           perturb=perturb)
     loader = DataLoader(Subset(_Tolerant(dataset, meta.input_size), share), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     results: list[ImageScore] = []
