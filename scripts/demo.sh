@@ -26,7 +26,7 @@ echo "== 1. fine-tune the compact VGG from random initialisation (every layer tr
 
 echo "== 2. evaluate on the test split, threshold fixed at the validation split's D-EER"
 "$smadlrp" evaluate --checkpoint "$out/run/best.safetensors" --threshold val-eer \
-  --det "$out/det.png" --json "$out/evaluate.json" --markdown "$out/evaluate.md"
+  --det "$out/det.png" --json "$out/evaluate.json" --markdown "$out/evaluate.md" --scores "$out/scores.csv"
 
 echo "== finetune + evaluate took $((SECONDS - start)) s"
 
@@ -65,6 +65,6 @@ cp "$out/compare/perturbation-curves.png" "$out/docs-images/compare-perturbation
 "$python" "$(dirname "$0")/demo_figures.py" "$out"
 
 echo "== 8. one self-contained HTML page of the whole run"
-"$smadlrp" report "$out" --out "$out/report.html"
+"$smadlrp" report "$out" --out "$out/report.html" --explain-errors 3
 
 echo "== done: results in $out/"

@@ -261,3 +261,73 @@ def test_chromium_renders_the_page_without_errors(runs: list[Path], tmp_path: Pa
     dom = subprocess.run([*command, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
     assert dom.returncode == 0 and "ISO/IEC 30107-3 rates" in dom.stdout, dom.stderr[-2000:]
     assert shutil.which("chromium")
+
+
+def make_errors_run(folder: Path, checkpoint: Path, data: Path) -> dict[str, list[tuple[str, str]]]:
+    """A run folder with a checkpoint, an evaluate JSON at threshold 0.5 and a score file of the test images whose
+    false accepts and false rejects are known: the expected (file name, score text) of each, in the page's order."""
+    (folder / "run").mkdir(parents=True)
+    shutil.copy(checkpoint, folder / "run" / "best.safetensors")
+    bonafide = sorted((data / "test" / "bonafide").glob("*.png"))[:5]
+    morphs = sorted((data / "test" / "morph").glob("*.png"))[:5]
+    paths = bonafide + morphs
+    labels = np.repeat([0, 1], 5)
+    scores = np.array([0.1, 0.7, 0.5, 0.95, 0.2, 0.9, 0.3, 0.05, 0.49, 0.6])
+    summary = summarize(labels, scores, 0.5, threshold_source="validation D-EER")
+    doc = to_jsonable({"checkpoint": str(folder / "run" / "best.safetensors"), "split": "test", "data": str(data),
+                       "metrics": summary})
+    (folder / "evaluate.json").write_text(json.dumps(doc))
+    (folder / "scores.csv").write_text(scores_csv(paths, labels, scores))
+    texts = {i: repr(float(scores[i])) for i in range(10)}
+    return {"false accept": [(paths[i].name, texts[i]) for i in (7, 6)],  # 0.05 and 0.3; 0.49 is the third
+            "false reject": [(paths[i].name, texts[i]) for i in (3, 1)]}  # 0.95 and 0.7; 0.5 (at it) is the third
+
+
+def test_explain_errors_shows_the_most_confident_errors_in_order(tiny_checkpoint: Path, tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    expected = make_errors_run(tmp_path / "run", tiny_checkpoint, tiny_data)
+    out, written = tmp_path / "page.html", tmp_path / "page.json"
+    result = runner.invoke(app, ["report", str(tmp_path / "run"), "--out", str(out), "--json", str(written),
+                                 "--explain-errors", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(written.read_text())["sections"][-1] == "errors"
+    page = out.read_text()
+    errors = page[page.index('<section id="errors"'):]
+    errors = errors[:errors.index("</section>")]
+    cases = re.findall(r'<strong class="error-kind">([^<]+)</strong>: <code class="error-file">([^<]+)</code>,\s*'
+                       r'P\(morph\) = <data class="error-score" value="([^"]+)">([^<]+)</data>\s*(\S+) threshold '
+                       r'(\S+)</figcaption>', errors)
+    assert [(kind, name, text) for kind, name, text, *_ in cases] == [
+        (kind, name, text) for kind in ("false accept", "false reject") for name, text in expected[kind]]
+    assert all(shown == f"{float(text):.4f}" and relation == ("&lt;" if kind == "false accept" else "≥")
+               and threshold == "0.5000" for kind, _, text, shown, relation, threshold in cases)
+    images = re.findall(r'<img class="pixels" src="data:image/png;base64,[^"]+" alt="([^"]+)"', errors)
+    assert len(images) == 2 * len(cases)
+    assert all(name in alt for (_, name, *_), alt in zip([c for c in cases for _ in (0, 1)], images, strict=True))
+    assert 'class="scale-bar"' in errors and "speaks for &#34;morph&#34;" in errors
+    assert "3 of 3 shown" not in errors and errors.count("2 of 3 shown") == 2
+
+
+def test_explain_errors_without_scores_says_what_adds_them(runs: list[Path], tiny_checkpoint: Path,
+                                                           tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "run"
+    make_errors_run(folder, tiny_checkpoint, tiny_data)
+    (folder / "scores.csv").unlink()
+    out = tmp_path / "page.html"
+    result = runner.invoke(app, ["report", str(folder), "--out", str(out), "--explain-errors", "3",
+                                 "--errors-rule", "epsilon"])
+    assert result.exit_code == 0, result.output
+    assert "Errors: run: no score file: evaluate --scores FILE" in " ".join(result.output.split())
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report loaded a model")
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", refuse)
+    make_errors_run(tmp_path / "again", tiny_checkpoint, tiny_data)
+    result = runner.invoke(app, ["report", str(tmp_path / "again"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert 'id="errors"' not in out.read_text()
+    result = runner.invoke(app, ["report", str(tmp_path / "again"), "--out", str(out), "--explain-errors", "1",
+                                 "--errors-rule", "patternnet"])
+    assert result.exit_code == 2 and "--errors-rule patternnet needs fitted patterns" in result.output

@@ -13,6 +13,8 @@ from smadlrp.cli.common import JsonOption, command, console, file_plan, write_js
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.report.build import build_page
 from smadlrp.report.collect import collect_runs
+from smadlrp.report.errors import ERRORS_RULE, errors_section
+from smadlrp.report.sheet import check_rule
 
 
 @app.command()
@@ -23,16 +25,24 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.", dir_okay=False)]
     = Path("report.html"),
     title: Annotated[str | None, typer.Option(help="The page's title; default: the run names.")] = None,
+    explain_errors: Annotated[int | None, typer.Option(
+        "--explain-errors", min=1, metavar="N", help="Add an Errors section: per run the N most confident false "
+        "accepts and false rejects (from its evaluate --scores file) with their heatmaps; loads the checkpoint.")]
+    = None,
+    errors_rule: Annotated[str, typer.Option("--errors-rule", help="The Errors section's heatmap rule (no pattern "
+                                                                   "rules).")] = ERRORS_RULE,
     json_out: JsonOption = None,
 ) -> None:
     """One self-contained HTML report (inline figures, no scripts, opens offline) of the detector, its evaluation,
-    its explanations and robustness, with one column per run; it runs no model."""
+    its explanations and robustness, with one column per run; it runs no model unless --explain-errors asks."""
     start = time.perf_counter()
     plan = file_plan({"--out": out, "--json": json_out})
+    rule = check_rule(errors_rule, option="--errors-rule", command="report")
     collected = collect_runs(runs)
     for run in collected:
         plan.reads(f"a file of the run {run.name}", run.read.values())
-    page = build_page(collected, title=title)
+    extra = [errors_section(collected, explain_errors, rule)] if explain_errors else []
+    page = build_page(collected, title=title, extra=extra)
     write_text_atomic(out, page.html)
     seconds = time.perf_counter() - start
     for line in page.left_out:

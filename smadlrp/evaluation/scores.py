@@ -123,6 +123,12 @@ def read_scores(file: str | Path, *, direction: str = "auto", bonafide_label: st
                     groups, subjects)
 
 
+def score_paths(file: str | Path) -> list[str]:
+    """The path column of a `path,label,score` file, one per row in the order `read_scores` reads them ("" where a
+    row has none)."""
+    return [row.get("path", "") for row in _read_rows(Path(file))[1]]
+
+
 def _label(row: Mapping[str, str], file: Path, line: int, bonafide_label: str, attack_label: str) -> int:
     value = row["label"]
     if value == attack_label:

@@ -52,7 +52,7 @@ class Section:
     id: str
     title: str
     intro: str = ""
-    items: list[tables.PageTable | Figure] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)  # tables.PageTable, Figure, or errors.ErrorGroup
     missing: list[str] = field(default_factory=list)
 
 
@@ -243,10 +243,11 @@ def build_report(folders: Sequence[Path], *, title: str | None = None) -> Report
     return build_page(collect_runs(list(folders)), title=title)
 
 
-def build_page(runs: Sequence[RunFiles], *, title: str | None = None) -> Report:
-    """The report of runs already collected (`collect.collect_runs`)."""
+def build_page(runs: Sequence[RunFiles], *, title: str | None = None, extra: Sequence[Section] = ()) -> Report:
+    """The report of runs already collected (`collect.collect_runs`); `extra` sections (the Errors section of
+    `report --explain-errors`) come after the explanations."""
     title = title or "smadlrp report: " + ", ".join(r.name for r in runs)
-    sections = [detector_section(runs), *evaluation_sections(runs), explanation_section(runs)]
+    sections = [detector_section(runs), *evaluation_sections(runs), explanation_section(runs), *extra]
     shown = [s for s in sections if s.items]
     left_out = [f"{s.title}: " + (" ".join(s.missing) or "nothing found.") for s in sections if not s.items]
     html = environment().get_template("report.html").render(title=title, css=stylesheet(), runs=runs, sections=shown,

@@ -81,12 +81,13 @@ class SheetPlan:
         return "--sheet", self.out, self.names
 
 
-def check_rule(rule: str) -> str:
-    """A rule the sheet can use without more input: a known one that needs no fitted patterns."""
+def check_rule(rule: str, *, option: str = "--sheet-rule", command: str = "predict") -> str:
+    """A rule the sheet (or the report's Errors section) can use without more input: a known one that needs no
+    fitted patterns; UsageError naming `option` and the `command` that takes no pattern file."""
     if rule not in method_names():
-        raise UsageError(f"--sheet-rule {rule!r}: unknown rule; choose one of: {', '.join(method_names())}")
+        raise UsageError(f"{option} {rule!r}: unknown rule; choose one of: {', '.join(method_names())}")
     if rule in pattern_rules():
-        raise UsageError(f"--sheet-rule {rule} needs fitted patterns, which predict does not take: choose a rule "
+        raise UsageError(f"{option} {rule} needs fitted patterns, which {command} does not take: choose a rule "
                          f"without patterns (default {SHEET_RULE}), or run `smadlrp explain --rule {rule} --patterns "
                          "patterns.safetensors` (patterns from `smadlrp fit-patterns`)")
     return rule
@@ -162,9 +163,10 @@ def operating_point(threshold: Threshold, point: str | None, meta: CheckpointMet
             "n_morph": stored.get("n_morph", "?"), "caveat": NOT_PROOF["point"]}
 
 
-def _heatmaps(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], rule: str, *, batch_size: int,
-              device: torch.device, prepare: Prepare | None) -> list[tuple[npt.NDArray[np.uint8], np.ndarray]]:
-    """Per image: the pixels the detector saw (H, W, 3) and the (H, W) relevance of the attack class."""
+def heatmaps(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], rule: str, *, batch_size: int,
+             device: torch.device, prepare: Prepare | None) -> list[tuple[npt.NDArray[np.uint8], np.ndarray]]:
+    """Per image: the pixels the detector saw (H, W, 3) and the (H, W) relevance of the attack class under `rule`
+    (what the sheet and the report's Errors section show)."""
     explainer = build_explainers(model, meta, [rule], {}, None)[rule]
     found: list[tuple[npt.NDArray[np.uint8], np.ndarray]] = []
     for x, _ in image_batches(paths, meta, batch_size, 0, device, prepare=prepare):
@@ -184,18 +186,23 @@ def _figures(path: Path, seen: npt.NDArray[np.uint8], rmap: np.ndarray, meta: Ch
         figures.append({"src": _png(seen), "alt": f"The aligned face crop of {path.name}, at the {size} x {size} "
                         "pixels the detector saw.", "caption": f"The aligned crop the detector saw ({size} x {size} "
                         "px)", "kind": "photo"})
+    return figures + heatmap_figures(seen, rmap, meta.attack_class)
+
+
+def heatmap_figures(seen: npt.NDArray[np.uint8], rmap: np.ndarray, attack: str, *,
+                    of: str = "the face") -> list[dict[str, str]]:
+    """The relevance map `rmap` of the attack class as two inline PNGs (src, alt, caption, kind "heatmap"): over a
+    grey copy of the image the detector saw, and alone, scaled to its own robust maximum and enlarged pixel for
+    pixel; `of` names the image in the alt text."""
     limit = robust_scale(rmap)
-    index = heatmap_index(rmap, limit)
-    heat = heatmap_lut()[index]
-    attack = meta.attack_class
-    figures += [
+    heat = heatmap_lut()[heatmap_index(rmap, limit)]
+    return [
         {"src": _png(overlay_rgb(seen, rmap, limit=limit, heat=heat)), "alt": f"Relevance heatmap over a grey copy "
-         f"of the face: red where the detector's evidence for {attack} lies, blue where it speaks for {BONA_FIDE}.",
+         f"of {of}: red where the detector's evidence for {attack} lies, blue where it speaks for {BONA_FIDE}.",
          "caption": "Heatmap over the face", "kind": "heatmap"},
-        {"src": _png(heat), "alt": f"The relevance heatmap alone: red for {attack}, blue against, white none.",
-         "caption": "The heatmap alone", "kind": "heatmap"},
+        {"src": _png(heat), "alt": f"The relevance heatmap of {of} alone: red for {attack}, blue against, white "
+         "none.", "caption": "The heatmap alone", "kind": "heatmap"},
     ]
-    return figures
 
 
 def _perturbed(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], clean: Sequence[float],
@@ -228,7 +235,7 @@ def build_sheets(model: nn.Module, meta: CheckpointMeta, results: Sequence[Image
     paths = [s.path for s in scored]
     if not scored:
         return sheets
-    maps = _heatmaps(model, meta, paths, plan.rule, batch_size=batch_size, device=device, prepare=prepare)
+    maps = heatmaps(model, meta, paths, plan.rule, batch_size=batch_size, device=device, prepare=prepare)
     rows = _perturbed(model, meta, paths, [s.score for s in scored if s.score is not None], plan.perturbations,
                       threshold.value, batch_size=batch_size, device=device, prepare=prepare)
     for sheet, (seen, rmap), conditions in zip(scored, maps, rows, strict=True):
