@@ -87,3 +87,22 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "set"
     generate_dataset(root, SynthConfig(identities=20, image_size=32, captures_per_identity=2, seed=3))
     return root
+
+
+def render_in_chromium(page: Path, work: Path) -> str:
+    """Render `page` in headless Chromium at a phone's width: assert a screenshot is made with no console error,
+    failed request or refused fetch, and return the rendered DOM."""
+    import subprocess
+
+    command = ["chromium", "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+               "--window-size=390,2000", f"--user-data-dir={work / 'profile'}"]
+    shot = work / "phone.png"
+    done = subprocess.run([*command, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and shot.stat().st_size > 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "net::ERR" in line
+               or "Refused to" in line]
+    assert not console, console
+    dom = subprocess.run([*command, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout
