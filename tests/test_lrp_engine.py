@@ -402,7 +402,11 @@ def test_wrong_input_shapes() -> None:
 
 def test_unsupported_layers_are_listed() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2), nn.Softmax(1))
-    with pytest.raises(UsageError, match=r"unsupported layer\(s\): 1 \(Tanh\), 4 \(Softmax\); supported: Conv2d"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2), nn.Softmax(1))
+    expected = (r"unsupported layer\(s\): 1 \(Sigmoid: a sigmoid is explained only as the gate g of x \* g\), 4 "
+                r"\(Softmax: a softmax is explained only as attention weights \(A @ v\), not as an output or a "
+                r"feature\); supported: op kinds layer, affine, norm")
+    with pytest.raises(UsageError, match=expected):
         explain(model, images())
 
 

@@ -1,4 +1,5 @@
-"""Layer-wise Relevance Propagation on the traced graph of a CNN: rules, composites, canonization, engine, tracing.
+"""Layer-wise Relevance Propagation on the traced graph of a CNN or transformer: rules, op kinds, composites,
+canonization, engine, tracing.
 
     import smadlrp.lrp as lrp
     relevance = lrp.explain(model, x, rule="epsilon")              # (B, C, H, W), one pass for the batch
@@ -8,8 +9,10 @@
 See docs/lrp.md for the maths of every rule and composite.
 """
 
-from smadlrp.lrp.canonize import AffineBatchNorm, FoldedBatchNorm, canonize
+from smadlrp.lrp.builtin_ops import pass_through
+from smadlrp.lrp.canonize import CANONIZATIONS, AffineBatchNorm, FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import (
+    ATTENTION_RULES,
     COMPOSITES,
     SUM_SPLITS,
     Composite,
@@ -22,12 +25,21 @@ from smadlrp.lrp.composites import (
 )
 from smadlrp.lrp.conversion import LRPModel, check_supported, convert
 from smadlrp.lrp.explainer import Explainer, Relevance, explain, resolve_target
+from smadlrp.lrp.op_kinds import OP_KINDS, NodeCall, OpKind, register_op, unregister_op
 from smadlrp.lrp.rules import RULES, Rule, make_rule, register, rule_names, rule_parameters
 from smadlrp.lrp.trace import TraceRecord, collect_and_disable, enable_and_clean, trace
 
 __all__ = [
+    "ATTENTION_RULES",
     "AffineBatchNorm",
+    "CANONIZATIONS",
     "COMPOSITES",
+    "OP_KINDS",
+    "NodeCall",
+    "OpKind",
+    "pass_through",
+    "register_op",
+    "unregister_op",
     "RULES",
     "SUM_SPLITS",
     "Composite",

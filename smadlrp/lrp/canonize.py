@@ -1,5 +1,11 @@
-"""Model rewrites that keep the function and make LRP exact: an eval-mode copy with every BatchNorm folded into
-the Conv2d/Linear whose output it normalises, and every other BatchNorm an explicit element-wise affine layer.
+"""Model rewrites that keep the function and make LRP exact, as a list of passes over an eval-mode copy.
+
+A canonization is a function that rewrites a model in place and says whether it changed anything
+(`Canonization`); `CANONIZATIONS` runs in order: attention written out as explicit nodes (`attention`), then
+BatchNorm folding. Register another with `CANONIZATIONS.append(...)`.
+
+BatchNorm folding: every BatchNorm folded into the Conv2d/Linear whose output it normalises, and every other
+BatchNorm an explicit element-wise affine layer.
 
 A BatchNorm in eval mode is the affine map `y = (x - mean) * g / sqrt(var + eps) + beta`. Folded into the
 Conv2d/Linear right before it (`w' = w * g / sqrt(var + eps)`, `b' = (b - mean) * g / sqrt(var + eps) + beta`),
@@ -14,13 +20,15 @@ the engine explains with the z-rule. Every Conv2d/Linear keeps its qualified nam
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from smadlrp.core.errors import UsageError
-from smadlrp.lrp.graph import LeafModule, trace_model
+from smadlrp.lrp.attention import explicit_attention
+from smadlrp.lrp.tracing import LeafModule, trace_model
 
 # Which layer a BatchNorm must directly follow (its input is that layer's output) to be folded.
 FOLDS_INTO: dict[type[nn.Module], type[nn.Module]] = {nn.BatchNorm2d: nn.Conv2d, nn.BatchNorm1d: nn.Linear}
@@ -60,21 +68,33 @@ class AffineBatchNorm(LeafModule, nn.Module):
         return f"{self.batchnorm_type} as y = scale * x + shift, {self.scale.numel()} channels"
 
 
+Canonization = Callable[[nn.Module], bool]
+
+
 def canonize(model: nn.Module, *, share_weights: bool = False) -> nn.Module:
-    """An eval-mode copy of `model` with every BatchNorm1d/2d folded into the Conv2d/Linear it follows, or made
-    an `AffineBatchNorm` where it follows anything else.
+    """An eval-mode copy of `model` rewritten by every pass of `CANONIZATIONS` (attention as explicit nodes,
+    BatchNorm1d/2d folded into the Conv2d/Linear it follows, or made an `AffineBatchNorm`).
 
     `model` is never modified. With `share_weights` the copy's parameters that need no folding share storage
     with `model` (read-only, requires_grad False) instead of being copied. UsageError for a model torch.fx
     cannot trace, or a BatchNorm that keeps no running statistics.
     """
     clone = _copy(model, share_weights).eval()
-    graph = trace_model(clone)
-    modules = dict(clone.named_modules())
+    for canonization in CANONIZATIONS:
+        canonization(clone)
+    return clone
+
+
+def fold_batchnorms(model: nn.Module) -> bool:
+    """Fold every BatchNorm1d/2d of `model` (in place) into the Conv2d/Linear it follows, or make it an
+    `AffineBatchNorm`; True when there was any."""
+    graph = trace_model(model)
+    modules = dict(model.named_modules())
     calls = {str(n.target): 0 for n in graph.nodes if n.op == "call_module"}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[str(n.target)] += 1
+    changed = False
     for node in graph.nodes:
         bn = modules.get(str(node.target)) if node.op == "call_module" else None
         if type(bn) not in FOLDS_INTO:
@@ -88,9 +108,10 @@ def canonize(model: nn.Module, *, share_weights: bool = False) -> nn.Module:
         else:
             replacement = AffineBatchNorm(bn, bn_name)
         parent, _, child = bn_name.rpartition(".")
-        setattr(clone.get_submodule(parent), child, replacement)
+        setattr(model.get_submodule(parent), child, replacement)
         modules[bn_name] = replacement
-    return clone
+        changed = True
+    return changed
 
 
 def _foldable_into(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
@@ -147,3 +168,6 @@ def _copy(model: nn.Module, share_weights: bool) -> nn.Module:
     memo.update({id(b): b.detach() for b in model.buffers()})
     return copy.deepcopy(model, memo)
 
+
+
+CANONIZATIONS: list[Canonization] = [explicit_attention, fold_batchnorms]

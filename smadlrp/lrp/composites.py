@@ -19,6 +19,11 @@ LayerKind = Literal["conv", "dense"]
 # How a sum y = a + b of two tensors shares relevance: "z" (R_a = a / y R) or "absolute" (R_a = |a| / (|a| + |b|) R).
 SumSplit = Literal["z", "absolute"]
 SUM_SPLITS: tuple[str, ...] = ("z", "absolute")
+# How attention shares relevance: "cp" (CP-LRP: the attention probabilities are constants, relevance flows to the
+# values only) or "attnlrp" (AttnLRP: the softmax rule and the uniform rule on q k^T and A v).
+Attention = Literal["cp", "attnlrp"]
+ATTENTION_RULES: tuple[str, ...] = ("cp", "attnlrp")
+DEFAULT_ATTENTION: Attention = "cp"
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ Override = str | Rule
 @dataclass(frozen=True, eq=False)
 class Composite:
     """A resolved rule map. `overrides` keys are qualified layer names or indices (negative: from the end);
-    `sum_split` is how sums of two tensors share relevance (see `SumSplit`)."""
+    `sum_split` is how sums of two tensors share relevance (see `SumSplit`), `attention` how attention does
+    (see `Attention`)."""
 
     name: str
     first: Rule | None
@@ -79,6 +85,7 @@ class Composite:
     dense: Rule
     overrides: Mapping[str | int, Rule] = dataclasses.field(default_factory=dict)
     sum_split: SumSplit = "z"
+    attention: Attention = DEFAULT_ATTENTION
 
     def rule_for(self, slot: LayerSlot, count: int) -> Rule:
         """The rule for `slot` in a model with `count` explained layers."""
@@ -157,10 +164,13 @@ def build_composite(
     sum_split = params.pop("sum_split", "z")
     if sum_split not in SUM_SPLITS:
         raise UsageError(f"sum_split must be {' or '.join(SUM_SPLITS)}, got {sum_split!r}")
+    attention = params.pop("attention", DEFAULT_ATTENTION)
+    if attention not in ATTENTION_RULES:
+        raise UsageError(f"attention must be {' or '.join(ATTENTION_RULES)}, got {attention!r}")
     if not isinstance(method, (str, Rule, Composite)):
         raise UsageError(f"rule must be a rule key, composite name, Rule or Composite, got {method!r}")
     if isinstance(method, Composite):
-        if params or overrides or sum_split != "z":
+        if params or overrides or sum_split != "z" or attention != DEFAULT_ATTENTION:
             raise UsageError("pass rule parameters and overrides when building the Composite, not with it")
         return method
     override_keys = [v for v in (overrides or {}).values() if isinstance(v, str)]
@@ -171,15 +181,15 @@ def build_composite(
     if isinstance(method, Rule):
         rest_rule = Zero() if method.input_layer else method
         composite = Composite(method.key, method if method.input_layer else None, rest_rule, rest_rule, resolved,
-                              sum_split)
+                              sum_split, attention)
     elif method in COMPOSITES:
         spec = COMPOSITES[method]
         first = built[spec.first] if spec.first else None
-        composite = Composite(method, first, built[spec.conv], built[spec.dense], resolved, sum_split)
+        composite = Composite(method, first, built[spec.conv], built[spec.dense], resolved, sum_split, attention)
     else:
         rule = built[method]
         rest = built[Zero.key] if rule.input_layer else rule
-        composite = Composite(method, rule if rule.input_layer else None, rest, rest, resolved, sum_split)
+        composite = Composite(method, rule if rule.input_layer else None, rest, rest, resolved, sum_split, attention)
     if len({r.signal for r in composite.rules()}) > 1:
         raise UsageError("PatternNet-family rules cannot be mixed with relevance rules in one explanation")
     if composite.signal and sum_split != "z":

@@ -1,10 +1,11 @@
 """Conversion of a model into its explainable `LRPModel`: canonize, trace, give every relevance-carrying node its rule.
 
-The copy is canonized (BatchNorm folded or made affine, see `canonize`) and traced with torch.fx (`graph`).
-Every node that carries relevance gets a rule before anything runs, or the model is refused: Conv2d/Linear
-layers and nodes with rules of their own become the modules of `layers`; ReLU, max pools, concatenations,
-reshapes and Dropout are left to autograd, whose gradient already shares relevance correctly. The backward
-pass of the target logit, started with one-hot x logit, then carries relevance (not gradient) to the input.
+The copy is canonized (attention written out, BatchNorm folded or made affine, see `canonize`) and traced with
+torch.fx (`graph`). Every node that carries relevance gets an op kind before anything runs, or the model is
+refused: Conv2d/Linear layers and nodes with rules of their own become the modules of `layers`; max pools,
+concatenations, reshapes and Dropout are left to autograd, whose gradient already shares relevance correctly;
+learned additive terms become `Term`s. The backward pass of the target logit, started with one-hot x logit,
+then carries relevance (not gradient) to the input and the terms.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from smadlrp.core.errors import UsageError
 from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, Override, build_composite
 from smadlrp.lrp.graph import plan_graph, trace_model
-from smadlrp.lrp.layers import LRPConv2d, LRPLinear, RelevancePass, RuleNode, Switch, Tap
+from smadlrp.lrp.layers import LRPConv2d, LRPLinear, RelevancePass, RuleNode, Switch, Tap, Term
+from smadlrp.lrp.op_kinds import OP_KINDS
 from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
@@ -29,7 +31,7 @@ def check_supported(model: nn.Module) -> None:
     """UsageError (one line) naming every node of `model`'s graph that carries relevance but has no LRP rule,
     or why the model cannot be traced; nothing is computed."""
     root = canonize(model, share_weights=True)
-    plan_graph(trace_model(root), dict(root.named_modules()))
+    plan_graph(trace_model(root), root)
 
 
 class _StartFunction(torch.autograd.Function):
@@ -83,7 +85,7 @@ class LRPModel(nn.Module):
         if pattern is not None:
             params["patterns"] = self._pattern_map(pattern)
         composite = self.composite(rule, params, overrides)
-        out = _StartFunction.apply(self.run(x, composite))
+        out = _StartFunction.apply(self.run(x, composite)[0])
         assert isinstance(out, Tensor)
         return out
 
@@ -103,12 +105,18 @@ class LRPModel(nn.Module):
         composite.check_layers({name: layer.weight for name, layer in self._explained.items()})
         return composite
 
-    def run(self, x: Tensor, composite: Composite) -> Tensor:
-        """The forward pass with `composite`'s rules attached; returns the logits (B, K)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of relevance: float64 for a float64 model, else float32."""
+        return torch.float64 if next(self.parameters()).dtype == torch.float64 else torch.float32
+
+    def run(self, x: Tensor, composite: Composite) -> tuple[Tensor, dict[str, Tensor]]:
+        """The forward pass with `composite`'s rules attached: the logits (B, K) and the leaves of the learned
+        additive terms (name -> (B, ...)), whose gradient after the backward pass is their relevance."""
         self._check_input(x)
         if self._switch.current is not None:
             raise RuntimeError("this model is already running a relevance pass")
-        current = RelevancePass(composite, len(self._explained))
+        current = RelevancePass(composite, len(self._explained), self.dtype, len(x))
         self._switch.current = current
         try:
             # A fresh non-leaf input, so per-pass tracing hooks never stay on the caller's tensor.
@@ -120,7 +128,7 @@ class LRPModel(nn.Module):
             raise UsageError(f"the model must return (B, K) logits to be explained, got {shape}")
         if out.requires_grad:
             out.register_hook(relevance_hook(current.id, self._rows, OUTPUT_NAME, OUTPUT_TYPE))
-        return out
+        return out, current.terms
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -139,25 +147,27 @@ class LRPModel(nn.Module):
         return dict(zip(self._explained, pattern, strict=True))
 
 
-_MULTI_INPUT = ("sum", "gate")
-
-
 def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
-    """Canonize and trace `model`, give every relevance-carrying node its rule (or refuse), and build the
+    """Canonize and trace `model`, give every relevance-carrying node its op kind (or refuse), and build the
     explainable graph module."""
     root = canonize(model, share_weights=share_weights)
     graph = trace_model(root)
-    modules = dict(root.named_modules())
-    plan = plan_graph(graph, modules).nodes
+    planned = plan_graph(graph, root)
+    plan, modules = planned.nodes, dict(root.named_modules())
     switch = Switch()
     explained: dict[str, LRPConv2d | LRPLinear] = {}
-    taps, nodes = nn.ModuleList(), nn.ModuleList()
+    taps, nodes, terms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
     wrapped: dict[str, RuleNode] = {}
     for node in list(graph.nodes):
-        if node.op not in ("call_module", "call_function", "call_method"):
+        if node.name in planned.terms:
+            terms.append(Term(switch, planned.terms[node.name]))
+            with graph.inserting_after(node):
+                term = graph.call_module(f"lrp_terms.{len(terms) - 1}", (node,))
+            node.replace_all_uses_with(term, delete_user_cb=lambda user, t=term: user is not t)
             continue
         node_plan = plan.get(node.name)
-        if node.op == "call_module" and type(modules[str(node.target)]) in (nn.Conv2d, nn.Linear):
+        if node.op == "call_module" and isinstance(modules[str(node.target)], (nn.Conv2d, nn.Linear)):
+            # every layer, also inside a gate's branch (which carries no relevance): layers count in composites
             name = str(node.target)
             source = node.args[0] if node.args else None
             nonnegative = isinstance(source, fx.Node) and source.name in plan and plan[source.name].nonnegative
@@ -165,26 +175,26 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
             layer._lrp_rectified = _rectified(node, modules)
             _set_submodule(root, name, layer)
             explained[name] = layer
-        elif node_plan is not None and node_plan.kind != "gradient":
+        if node_plan is None:
+            continue
+        kind = OP_KINDS[node_plan.kind]
+        if node_plan.kind != "layer" and (kind.apply is not None or kind.signal is not None):
             if node.op == "call_module":
                 name = str(node.target)
                 if name not in wrapped:
-                    wrapped[name] = RuleNode(switch, node_plan, modules[name])
+                    wrapped[name] = RuleNode(switch, node_plan, kind, modules[name])
                     _set_submodule(root, name, wrapped[name])
             else:
-                rule_node = RuleNode(switch, node_plan, _callable(node))
-                nodes.append(rule_node)
+                nodes.append(RuleNode(switch, node_plan, kind, _callable(node)))
                 with graph.inserting_before(node):
                     new = graph.call_module(f"lrp_nodes.{len(nodes) - 1}", tuple(node.args), node.kwargs)
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
                 node = new
-        if node_plan is None:
-            continue
         tap = Tap(switch, len(taps), node_plan.name, node_plan.op)
         taps.append(tap)
-        if node_plan.kind in _MULTI_INPUT or not node.args or not isinstance(node.args[0], fx.Node):
-            with graph.inserting_after(node):  # relevance at the output of a node with several inputs
+        if node_plan.carrying != (0,):  # relevance at the output of a node with several inputs
+            with graph.inserting_after(node):
                 tapped = graph.call_module(f"lrp_taps.{tap.index}", (node,))
             node.replace_all_uses_with(tapped, delete_user_cb=lambda user, tap_node=tapped: user is not tap_node)
         else:
@@ -195,6 +205,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
         raise UsageError("the model has no Conv2d or Linear layer to explain")
     root.add_module("lrp_taps", taps)
     root.add_module("lrp_nodes", nodes)
+    root.add_module("lrp_terms", terms)
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return LRPModel(module.eval(), switch, explained, len(taps))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,11 +21,21 @@ Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
 
 @dataclass(frozen=True)
 class Relevance:
-    """One relevance pass: `relevance` (shape of the input, float32), `logits` (B, K), `target` (B,) int64."""
+    """One relevance pass: `relevance` (shape of the input; float64 for a float64 model, else float32), `logits`
+    (B, K), `target` (B,) int64, and `terms`: the relevance that reached each learned additive term (positional
+    embedding, class token), summed per sample, name -> (B,). `total()` is the sum over the input and the terms."""
 
     relevance: Tensor
     logits: Tensor
     target: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    def total(self) -> Tensor:
+        """(B,): the relevance of the input and of every learned term, per sample."""
+        total = self.relevance.flatten(1).sum(1)
+        for term in self.terms.values():
+            total = total + term
+        return total
 
 
 class Explainer:
@@ -52,18 +62,25 @@ class Explainer:
 
     def explain(self, x: Tensor, target: Target = None) -> Relevance:
         """Relevance of `target` (default: the predicted class; an index, a class name, or one per sample)
-        for the batch `x` ((B, C, H, W) for convolutional models), computed in float32 on the model's device."""
+        for the batch `x` ((B, C, H, W) for convolutional models), computed on the model's device in float64 for
+        a float64 model, else in float32."""
         if not isinstance(x, Tensor):
             raise UsageError(f"expected an input tensor, got {type(x).__name__}")
         with torch.inference_mode(False), torch.enable_grad():
-            leaf = x.detach().to(self.device, torch.float32).clone().requires_grad_(True)
-            logits = self.lrp.run(leaf, self.composite)
+            leaf = x.detach().to(self.device, self.lrp.dtype).clone().requires_grad_(True)
+            logits, term_leaves = self.lrp.run(leaf, self.composite)
             target_index = resolve_target(logits, target, self.class_names)
             rows = torch.arange(len(logits), device=logits.device)
             start = torch.zeros_like(logits)
             start[rows, target_index] = logits.detach()[rows, target_index]
-            (relevance,) = torch.autograd.grad(logits, leaf, start)
-        return Relevance(relevance, logits.detach(), target_index)
+            names = list(term_leaves)
+            relevance, *term_relevance = torch.autograd.grad(
+                logits, [leaf, *term_leaves.values()], start, allow_unused=True)
+        terms = {name: (r.flatten(1).sum(1) if r is not None else torch.zeros_like(start[:, 0]))
+                 for name, r in zip(names, term_relevance, strict=True)}
+        if relevance is None:
+            relevance = torch.zeros_like(leaf)
+        return Relevance(relevance, logits.detach(), target_index, terms)
 
 
 def explain(

@@ -1,144 +1,39 @@
-"""The model as a torch.fx graph: every call (modules called twice, `F.relu`, `torch.cat`, `out += identity`) is a
-node, and every node that carries relevance is given the kind of rule that explains it, or is refused.
+"""Planning on the traced graph: every node that carries relevance is given the op kind that explains it
+(`op_kinds.OP_KINDS`, the built-in kinds in `builtin_ops`), or the model is refused.
 
-    graph = trace_model(model)            # UsageError when torch.fx cannot follow the forward pass
-    plan = plan_graph(graph, modules)     # UsageError naming each node without a rule, before any relevance
+    graph = trace_model(model)          # UsageError when torch.fx cannot follow the forward pass
+    plan = plan_graph(graph, model)     # UsageError naming each node without a rule, before any relevance
 
-Kinds (see docs/lrp.md for the maths of each):
-
-- `layer`: Conv2d / Linear, the layer rules of `rules/`;
-- `pool`: average pools (modules, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `mean`): the z-rule on their weights;
-- `sum`: `a + b` of two tensors: the z-rule on the sum, `R_a = a / (a + b) R`;
-- `shift`: `x + c` for a constant c: the z-rule, `R_x = x / (x + c) R`;
-- `scale`: `x * c`, `x / c`, `-x`: relevance unchanged;
-- `affine`: a BatchNorm that cannot be folded, `y = s x + t`: the z-rule, `R_x = s x / y R`;
-- `activation`: ReLU6, SiLU, Hardswish, GELU, ...: relevance unchanged (the identity rule);
-- `relu`: ReLU: the identity rule too, which equals its gradient wherever relevance can arrive; the gradient
-  when a rule that gives relevance to zero inputs (flat, wsquare, zbox) explains a layer after the first;
-- `gate`: `x * g` with g a sigmoid or hard sigmoid (squeeze-excitation): all relevance to x, none to g;
-- `gradient`: ops whose gradient already shares relevance correctly: max pools (winner takes all),
-  concatenation, slicing and reshapes (relevance sliced back),
-  Dropout and stochastic depth in eval mode, folded BatchNorm (the identity).
-
-Nodes inside a gate's branch carry no relevance and need no rule; `meta` nodes (`x.size(0)`, `x.shape`) carry
-no tensor.
+What needs no rule: `meta` nodes (`x.size(0)`, `x.shape`) carry no tensor; constants (parameters, buffers, and
+anything computed from them and from shapes alone: a relative position bias, an attention mask) carry no
+relevance; nodes inside a gate's branch carry none either. A learned parameter that enters the computation as an
+additive term with a leading batch dimension of 1 (a positional embedding, a class token) is an input of the
+explanation: its relevance is reported as its own term (`GraphPlan.terms`).
 """
 
 from __future__ import annotations
 
-import builtins
-import math
-import operator
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import stochastic_depth
 
+import smadlrp.lrp.builtin_ops as builtin
 from smadlrp.core.errors import UsageError
+from smadlrp.lrp.op_kinds import OP_KINDS, NodePlan, NodeView, OpKind
+from smadlrp.lrp.tracing import LeafModule, trace_model
 
-Kind = Literal["layer", "pool", "sum", "shift", "scale", "affine", "activation", "relu", "gate", "gradient"]
-
-
-class LeafModule:
-    """Mixin marking the engine's own modules as leaves of the trace (called, not traced through)."""
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, LeafModule) or super().is_leaf_module(m, module_qualified_name)
-
-
-def trace_model(model: nn.Module) -> fx.Graph:
-    """The forward pass of `model` as a torch.fx graph; UsageError with the reason when it cannot be traced."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is a property of the user's model
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"cannot explain {type(model).__name__}: torch.fx cannot trace its forward pass ({reason[:200]}); "
-            "LRP needs a forward pass without data-dependent control flow"
-        ) from None
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise UsageError(f"cannot explain {type(model).__name__}: its forward takes {len(placeholders)} inputs, "
-                         "LRP explains models of one input tensor")
-    return graph
-
-
-# --- what each op is -------------------------------------------------------------------------------------
-
-_Op = Callable[..., Any] | str
-GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten,
-    nn.Unflatten, nn.Identity,
-)  # fmt: skip
-POOL_MODULES: tuple[type[nn.Module], ...] = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish)
-GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
-LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-NONNEGATIVE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
-
-_STRUCTURAL: set[_Op] = {
-    torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.unsqueeze, torch.squeeze,
-    torch.transpose, torch.permute, torch.chunk, torch.split, operator.getitem,
-    "view", "reshape", "flatten", "contiguous", "unsqueeze", "squeeze", "permute", "transpose", "chunk",
-    "split", "clone", "expand", "expand_as",
-}  # fmt: skip
-_GRADIENT_FUNCTIONS: set[_Op] = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
-_RELU_FUNCTIONS: set[_Op] = {F.relu, torch.relu, "relu", "relu_"}
-_POOL_FUNCTIONS: set[_Op] = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, "mean"}
-_ACTIVATION_FUNCTIONS: set[_Op] = {F.relu6, F.silu, F.hardswish, F.gelu, F.mish}
-_GATE_FUNCTIONS: set[_Op] = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
-_NONNEGATIVE_FUNCTIONS: set[_Op] = {F.relu, torch.relu, "relu", "relu_", F.relu6, *_GATE_FUNCTIONS}
-_META: set[_Op] = {"size", "dim", "numel", builtins.getattr, builtins.len}
-_ADD: set[_Op] = {operator.add, operator.iadd, torch.add, "add"}
-_MUL: set[_Op] = {operator.mul, operator.imul, torch.mul, "mul"}
-_DIV: set[_Op] = {operator.truediv, torch.div, "div"}
-_SUB: set[_Op] = {operator.sub, operator.isub, torch.sub, "sub"}
-# Dropout-like functions: the identity when their `training` argument is False (eval mode).
-_EVAL_IDENTITY: dict[_Op, int] = {F.dropout: 2, stochastic_depth: 3}
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    """How one node is explained: its `kind`, a readable `name` (qualified module name, or the enclosing
-    module's name and the op, e.g. `layer1.0.add`), the `op` as shown in tables, the position of its gate
-    operand (gates only), its constant operand (shift and scale), and whether its output is known >= 0."""
-
-    kind: Kind
-    name: str
-    op: str
-    gate_index: int = -1
-    constant: float = 0.0
-    nonnegative: bool = False
+__all__ = ["GraphPlan", "LeafModule", "NodePlan", "plan_graph", "trace_model"]
 
 
 @dataclass(frozen=True)
 class GraphPlan:
-    """The rule kind of every relevance-carrying node (by fx node name), in forward order."""
+    """The op kind of every relevance-carrying node (by fx node name), in forward order, and the learned
+    additive terms (get_attr node name -> parameter name)."""
 
     nodes: dict[str, NodePlan]
-
-
-def _target_key(node: fx.Node) -> _Op | None:
-    if node.op == "call_method":
-        assert isinstance(node.target, str)
-        return node.target
-    if node.op == "call_function":
-        return node.target  # type: ignore[return-value]
-    return None
-
-
-def _in(key: _Op | None, ops: set[_Op]) -> bool:
-    try:
-        return key in ops
-    except TypeError:  # unhashable target
-        return False
+    terms: dict[str, str]
 
 
 def _op_label(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
@@ -189,50 +84,61 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
-def _tensor_inputs(node: fx.Node, meta: set[str]) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if n.name not in meta]
+def _classify(nodes: list[fx.Node]) -> tuple[set[str], set[str]]:
+    """(meta, constants): nodes that carry no tensor (sizes, shapes, asserts), and tensors that do not depend on
+    the input (parameters, buffers, and what is computed from them and from meta nodes alone)."""
+    meta: set[str] = set()
+    constants: set[str] = set()
+    for node in nodes:
+        if node.op == "get_attr":
+            constants.add(node.name)
+            continue
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        inputs = node.all_input_nodes
+        if node.target in builtin.META_FUNCTIONS or (inputs and all(n.name in meta for n in inputs)):
+            meta.add(node.name)
+        elif all(n.name in meta or n.name in constants for n in inputs):
+            constants.add(node.name)
+    return meta, constants
 
 
-def plan_graph(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> GraphPlan:
-    """The rule kind of every relevance-carrying node of `graph` (`modules`: qualified name -> module).
+def _is_gate_source(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], builtin.GATE_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in builtin.GATE_FUNCTIONS
+
+
+def plan_graph(graph: fx.Graph, root: nn.Module) -> GraphPlan:
+    """The op kind of every relevance-carrying node of `graph` (traced from `root`).
 
     UsageError (one line) listing every node that carries relevance but has no rule, and every Conv2d/Linear
     called more than once, before anything is computed.
     """
+    modules = dict(root.named_modules())
     names = _node_names(graph)
     nodes = list(graph.nodes)
-    meta: set[str] = set()
-    for node in nodes:
-        key = _target_key(node)
-        inputs = node.all_input_nodes
-        if _in(key, _META) or (node.op in ("call_function", "call_method") and inputs
-                               and all(n.name in meta for n in inputs)):
-            meta.add(node.name)
-    gate_sources = {
-        node.name for node in nodes
-        if (node.op == "call_module" and isinstance(modules[str(node.target)], GATE_MODULES))
-        or _in(_target_key(node), _GATE_FUNCTIONS)
-    }  # fmt: skip
+    meta, constants = _classify(nodes)
+    quiet = meta | constants
+    gate_sources = {node.name for node in nodes if _is_gate_source(node, modules)}
 
     # Which nodes carry relevance: every node the output depends on, except through a gate operand.
     carries: set[str] = set()
     gate_index: dict[str, int] = {}
     for node in reversed(nodes):
         if node.op == "output":
-            carries.update(n.name for n in _tensor_inputs(node, meta))
+            carries.update(n.name for n in node.all_input_nodes if n.name not in quiet)
+        if node.name not in carries or node.op == "output":
             continue
-        if node.name not in carries:
+        operands = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name not in quiet]
+        gates = [i for i in operands if node.args[i].name in gate_sources]  # type: ignore[union-attr]
+        if node.target in builtin._MUL and len(operands) == 2 and len(node.args) == 2 and len(gates) == 1:
+            gate_index[node.name] = gates[0]
+            other = node.args[1 - gates[0]]
+            assert isinstance(other, fx.Node)
+            carries.add(other.name)
             continue
-        inputs = _tensor_inputs(node, meta)
-        if _in(_target_key(node), _MUL) and len(inputs) == 2 and len(node.args) == 2:
-            gates = [i for i, arg in enumerate(node.args) if isinstance(arg, fx.Node) and arg.name in gate_sources]
-            if len(gates) == 1:
-                gate_index[node.name] = gates[0]
-                other = node.args[1 - gates[0]]
-                assert isinstance(other, fx.Node)
-                carries.add(other.name)
-                continue
-        carries.update(n.name for n in inputs)
+        carries.update(n.name for n in node.all_input_nodes if n.name not in quiet)
 
     plans: dict[str, NodePlan] = {}
     refused: list[str] = []
@@ -241,96 +147,77 @@ def plan_graph(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> GraphPlan:
     for node in nodes:
         if node.name not in carries or node.op in ("placeholder", "get_attr", "output"):
             continue
-        plan = _plan_node(node, modules, names[node.name], meta, gate_index, nonnegative)
-        if isinstance(plan, str):
-            refused.append(f"{names[node.name]} ({plan})")
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        carrying = tuple(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name in carries)
+        if node.name in gate_index:
+            carrying = (1 - gate_index[node.name],)
+        view = NodeView(
+            node, module, carrying,
+            numbers=tuple(n for n in (_number(a) for a in node.args) if n is not None),
+            constants=tuple(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name in quiet),
+            gate_index=gate_index.get(node.name, -1),
+        )  # fmt: skip
+        op = _op_label(node, modules)
+        found = _find_kind(view)
+        if isinstance(found, str):
+            refused.append(f"{names[node.name]} ({op}{': ' + found if found else ': no LRP rule for this operation'})")
             continue
-        if plan.kind == "layer" and calls[str(node.target)] > 1:
-            refused.append(f"{names[node.name]} ({plan.op} called {calls[str(node.target)]} times)")
+        if found.name == "layer" and calls[str(node.target)] > 1:
+            refused.append(f"{names[node.name]} ({op} called {calls[str(node.target)]} times)")
             continue
-        plans[node.name] = plan
-        if plan.nonnegative:
+        inputs_nonnegative = bool(carrying) and all(
+            node.args[i].name in nonnegative for i in carrying  # type: ignore[union-attr]
+        ) and not any(isinstance(a, (list, tuple)) for a in node.args)
+        positive = found.sign == "nonnegative" or (found.sign == "keeps" and inputs_nonnegative)
+        plans[node.name] = NodePlan(found.name, names[node.name], op, carrying, view.gate_index, positive)
+        if positive:
             nonnegative.add(node.name)
     if refused:
-        raise UsageError(f"cannot explain unsupported layer(s): {', '.join(refused)}; supported: {SUPPORTED}")
-    return GraphPlan(plans)
+        raise UsageError(f"cannot explain unsupported layer(s): {', '.join(refused)}; supported: {supported()}")
+    return GraphPlan(plans, _terms(nodes, carries, meta, constants, root))
 
 
-SUPPORTED = (
-    "Conv2d, Linear, BatchNorm (folded, or affine), ReLU, ReLU6, SiLU, Hardswish, GELU, Mish, max and average "
-    "pools, sums, concatenation, reshapes, Dropout, stochastic depth, gates x * sigmoid(...) (see docs/lrp.md)"
-)
+def _find_kind(view: NodeView) -> OpKind | str:
+    """The first registered kind that matches `view` and accepts it, or the reason none does ('' for none)."""
+    reason = ""
+    for kind in OP_KINDS.values():
+        if not kind.matches(view.node, view.module):
+            continue
+        verdict = True if kind.accepts is None else kind.accepts(view)
+        if verdict is True:
+            return kind
+        if isinstance(verdict, str) and not reason:
+            reason = verdict
+    return reason
 
 
-def _plan_node(
-    node: fx.Node, modules: Mapping[str, nn.Module], name: str, meta: set[str], gate_index: Mapping[str, int],
-    nonnegative: set[str],
-) -> NodePlan | str:
-    """The plan for one relevance-carrying node, or why it has no rule."""
-    op = _op_label(node, modules)
-    inputs = _tensor_inputs(node, meta)
-    keeps_sign = bool(inputs) and all(n.name in nonnegative for n in inputs)
+def _terms(nodes: list[fx.Node], carries: set[str], meta: set[str], constants: set[str], root: nn.Module
+           ) -> dict[str, str]:
+    """Learned additive terms: parameters (leading dimension 1, at least 2-D) that reach a relevance-carrying
+    node through constants of one tensor input each (`expand(B, -1, -1)`, `reshape`)."""
+    terms: dict[str, str] = {}
+    for node in nodes:
+        if node.name not in carries:
+            continue
+        for source in node.all_input_nodes:
+            while source.name in constants and source.op != "get_attr":
+                tensors = [n for n in source.all_input_nodes if n.name not in meta]
+                if len(tensors) != 1:
+                    break
+                source = tensors[0]
+            if source.op != "get_attr" or source.name in terms:
+                continue
+            value = _attribute(root, str(source.target))
+            if isinstance(value, nn.Parameter) and value.dim() >= 2 and value.shape[0] == 1:
+                terms[source.name] = str(source.target)
+    return terms
 
-    def plan(kind: Kind, **extra: Any) -> NodePlan:
-        return NodePlan(kind, name, op, **extra)
 
-    if node.op == "call_module":
-        module = modules[str(node.target)]
-        if isinstance(module, LAYER_MODULES):
-            return plan("layer")
-        if getattr(module, "lrp_kind", None) == "affine":
-            return plan("affine")
-        if isinstance(module, POOL_MODULES):
-            return plan("pool", nonnegative=keeps_sign)
-        if isinstance(module, nn.ReLU):
-            return plan("relu", nonnegative=True)
-        if isinstance(module, ACTIVATION_MODULES):
-            return plan("activation", nonnegative=isinstance(module, NONNEGATIVE_MODULES))
-        if isinstance(module, GRADIENT_MODULES):
-            return plan("gradient", nonnegative=isinstance(module, NONNEGATIVE_MODULES) or keeps_sign)
-        if isinstance(module, GATE_MODULES):
-            return f"{op}: a sigmoid is explained only as the gate g of x * g"
-        return op
-    key = _target_key(node)
-    if key in _EVAL_IDENTITY:
-        position = _EVAL_IDENTITY[key]  # type: ignore[index]
-        training = node.kwargs.get("training", node.args[position] if len(node.args) > position else True)
-        if training is not False:
-            return f"{op} in training mode is random"
-        return plan("gradient", nonnegative=keeps_sign)
-    if _in(key, _STRUCTURAL):
-        return plan("gradient", nonnegative=keeps_sign)
-    if _in(key, _RELU_FUNCTIONS):
-        return plan("relu", nonnegative=True)
-    if _in(key, _GRADIENT_FUNCTIONS):
-        return plan("gradient", nonnegative=keeps_sign)
-    if _in(key, _POOL_FUNCTIONS):
-        return plan("pool", nonnegative=keeps_sign)
-    if _in(key, _ACTIVATION_FUNCTIONS):
-        return plan("activation", nonnegative=_in(key, _NONNEGATIVE_FUNCTIONS))
-    if _in(key, _GATE_FUNCTIONS):
-        return f"{op}: a sigmoid is explained only as the gate g of x * g"
-    constants = [_number(a) for a in node.args if not isinstance(a, fx.Node)]
-    operands = [a for a in node.args if isinstance(a, fx.Node) and a.name not in meta]  # x * x: two operands
-    constant = constants[0] if len(operands) == 1 and len(node.args) == 2 and len(constants) == 1 else None
-    first_is_tensor = isinstance(node.args[0], fx.Node) if node.args else False
-    if _in(key, _ADD) and "alpha" not in node.kwargs:
-        if len(operands) == 2 and len(node.args) == 2:
-            return plan("sum", nonnegative=keeps_sign)
-        if constant is not None:
-            return plan("shift", constant=constant)
-    if _in(key, _SUB) and "alpha" not in node.kwargs and constant is not None and first_is_tensor:
-        return plan("shift", constant=-constant)
-    if node.name in gate_index:
-        x = node.args[1 - gate_index[node.name]]
-        return plan("gate", gate_index=gate_index[node.name], nonnegative=getattr(x, "name", "") in nonnegative)
-    if key is operator.neg or key == "neg":
-        return plan("scale", constant=-1.0)
-    if (_in(key, _MUL) or (_in(key, _DIV) and first_is_tensor)) and constant is not None:
-        if constant == 0 or not math.isfinite(constant):
-            return f"{op} by {constant:g} has no LRP rule"
-        value = 1.0 / constant if _in(key, _DIV) else constant
-        return plan("scale", constant=value, nonnegative=keeps_sign and value > 0)
-    if _in(key, _MUL) and len(operands) == 2:
-        return f"{op} of two tensors has no LRP rule (a product is explained only as a gate x * sigmoid(...))"
-    return f"{op}: no LRP rule for this operation"
+def _attribute(root: nn.Module, target: str) -> object:
+    owner, _, attr = target.rpartition(".")
+    return getattr(root.get_submodule(owner), attr, None)
+
+
+def supported() -> str:
+    """The op kinds of the registry, for messages."""
+    return f"op kinds {', '.join(OP_KINDS)} (docs/lrp.md lists what each matches)"

@@ -1,10 +1,10 @@
 """The modules that carry LRP rules in a converted model: Conv2d/Linear with their layer rule, and rule nodes.
 
 Conv2d/Linear layers become subclasses whose `torch.autograd.Function` maps the relevance at the layer output to
-the relevance at its input with the layer's rule (`smadlrp.lrp.rules`); sums, unfoldable BatchNorms, average
-pools, element-wise activations and gates become `RuleNode`s with the rules of `node_rules`; `Tap`s let tracing
-see the relevance arriving at a node. All of them share one `Switch`: outside a relevance pass they compute the
-model's ordinary output.
+the relevance at its input with the layer's rule (`smadlrp.lrp.rules`); every other node with a rule of its own
+becomes a `RuleNode` that applies its op kind (`op_kinds`); `Term`s make learned additive terms (positional
+embeddings, class tokens) inputs of the explanation; `Tap`s let tracing see the relevance arriving at a node. All
+of them share one `Switch`: outside a relevance pass they compute the model's ordinary output.
 """
 
 from __future__ import annotations
@@ -19,26 +19,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smadlrp.core.errors import UsageError
-from smadlrp.lrp.canonize import AffineBatchNorm
 from smadlrp.lrp.composites import Composite, LayerSlot
-from smadlrp.lrp.graph import LeafModule, NodePlan
-from smadlrp.lrp.node_rules import AffineFunction, GateFunction, PassFunction, PoolFunction, SumFunction, alias
+from smadlrp.lrp.node_rules import alias
+from smadlrp.lrp.op_kinds import NodeCall, NodePlan, OpKind
 from smadlrp.lrp.ops import ConvOp, DenseOp, LayerOp, LayerState, Prepared
 from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import relevance_hook
+from smadlrp.lrp.tracing import LeafModule
 
 _CACHE_SIZE = 16  # prepared rules kept per layer (every rule of the registry, with room for overrides)
 _PASS_IDS = itertools.count()
 
 
 class RelevancePass:
-    """One explaining forward pass: the composite and the counter of explained layers."""
+    """One explaining forward pass: the composite, the counter of explained layers, the compute `dtype`
+    (float64 for a float64 model, else float32), the `batch` size and the learned terms' leaves (by name)."""
 
-    def __init__(self, composite: Composite, count: int) -> None:
+    def __init__(self, composite: Composite, count: int, dtype: torch.dtype, batch: int) -> None:
         self.composite = composite
         self.count = count
+        self.dtype, self.batch = dtype, batch
         self.id = next(_PASS_IDS)
         self.explained = 0
+        self.terms: dict[str, Tensor] = {}
 
     def rule_for(self, name: str, kind: Literal["conv", "dense"]) -> Rule:
         """The rule of the next explained layer `name` (its slot counts the layers explained before it)."""
@@ -92,7 +95,7 @@ class _RuleFunction(torch.autograd.Function):
         a, *z = ctx.saved_tensors
         state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
         with torch.autocast(r.device.type, enabled=False):
-            relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.float())
+            relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.to(a.dtype))
         return relevance, None, None, None, None, None
 
 
@@ -116,18 +119,18 @@ class _Explained(LeafModule):
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
-    def _prepared(self, name: str, rule: Rule, weight: Tensor, bias: Tensor | None) -> Prepared:
-        """The rule's modified weights for this layer: computed on first use, then cached (until the weights
-        change)."""
-        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in (weight, bias) if t is not None)
+    def _prepared(self, name: str, rule: Rule, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Prepared:
+        """The rule's modified weights for this layer in `dtype`: computed on first use, then cached (until the
+        weights change)."""
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in (weight, bias) if t is not None) + (dtype,)
         if key != self._lrp_key:
             self._lrp_cache.clear()
             self._lrp_key = key
         prepared = self._lrp_cache.get(rule)
         if prepared is None:
             with torch.no_grad():
-                weight = weight.detach().float()
-                bias = None if bias is None else bias.detach().float()
+                weight = weight.detach().to(dtype)
+                bias = None if bias is None else bias.detach().to(dtype)
                 prepared = {"weight": weight, **({} if bias is None else {"bias": bias})}
                 prepared.update(rule.prepare(name, weight, bias))
             self._lrp_cache[rule] = prepared
@@ -148,10 +151,10 @@ class _Explained(LeafModule):
         if not self._lrp_carries:
             return op.forward(a, *params)
         rule.check(name, op, a)
-        prepared = self._prepared(name, rule, *params)
+        prepared = self._prepared(name, rule, *params, current.dtype)
         nonnegative = True if self._lrp_nonnegative else None
         with torch.autocast(a.device.type, enabled=False):
-            out = _RuleFunction.apply(a.float(), op, rule, prepared, nonnegative, self._lrp_rectified)
+            out = _RuleFunction.apply(a.to(current.dtype), op, rule, prepared, nonnegative, self._lrp_rectified)
         assert isinstance(out, Tensor)
         return out
 
@@ -191,7 +194,7 @@ class LRPConv2d(_Explained, nn.Conv2d):
         a = input
         if self._lrp_pad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            a = F.pad(input.float(), self._reversed_padding_repeated_twice, mode=mode)
+            a = F.pad(input.to(current.dtype), self._reversed_padding_repeated_twice, mode=mode)
         return self._explain(input, a, self._lrp_op, "conv", current, (self.weight, self.bias))
 
 
@@ -222,84 +225,48 @@ class LRPLinear(_Explained, nn.Linear):
         return self._explain(input, input, self._OP, "dense", current, (self.weight, self.bias))
 
 
-_OUT_OF_PLACE: dict[type[nn.Module], Callable[[Any, Tensor], Tensor]] = {
-    nn.ReLU6: lambda m, x: F.relu6(x), nn.SiLU: lambda m, x: F.silu(x), nn.Hardswish: lambda m, x: F.hardswish(x),
-    nn.GELU: lambda m, x: F.gelu(x, approximate=m.approximate), nn.Mish: lambda m, x: F.mish(x),
-}  # fmt: skip
-
-
 class RuleNode(LeafModule, nn.Module):
-    """One graph node with an LRP rule of its own (`node_rules`): `plain` (a module or function) computes the
-    node's output as the model does; during a relevance pass with an LRP rule the same output is computed with
-    the node's rule in the backward pass. Signal methods (PatternNet family) use the gradient instead, except
-    at gates, which are constants of the forward pass for every method."""
+    """One graph node with a rule of its own: `plain` (a module or function) computes the node's output as the
+    model does; during a relevance pass the op `kind` computes the same output with its rule attached
+    (`OpKind.apply`, or `OpKind.signal` for signal methods; None: the plain op, whose gradient passes)."""
 
-    def __init__(self, switch: Switch, plan: NodePlan, plain: Callable[..., Any]) -> None:
+    def __init__(self, switch: Switch, plan: NodePlan, kind: OpKind, plain: Callable[..., Any]) -> None:
         super().__init__()
-        self.switch, self.kind, self.constant, self.gate_index = switch, plan.kind, plan.constant, plan.gate_index
-        self.op, self.label = plan.op, f"{plan.name}: {plan.op}"
+        self.switch, self.plan, self.op_kind = switch, plan, kind
         if isinstance(plain, nn.Module):
             self.plain: Callable[..., Any] = plain
         else:
             self.__dict__["plain"] = plain  # a function, not a submodule
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, {self.label}"
+        return f"{self.plan.kind}, {self.plan.name}: {self.plan.op}"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         current = self.switch.current
-        if self.kind == "gate":
-            x, g = args[1 - self.gate_index], args[self.gate_index]
-            if current is None:
-                return self.plain(*args, **kwargs)
-            if current.composite.signal:
-                return x * g.detach()
-            return GateFunction.apply(x, g.detach())
-        if current is None or current.composite.signal:
+        apply = None if current is None else (
+            self.op_kind.signal if current.composite.signal else self.op_kind.apply)
+        if apply is None:
             return self.plain(*args, **kwargs)
-        x = next(a for a in args if isinstance(a, Tensor))
-        with torch.autocast(x.device.type, enabled=False):
-            return self._explained(x.float(), args, kwargs)
-
-    def _explained(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """The node's output with its LRP rule attached; `x` is its (first) tensor input in float32."""
-        if self.kind == "sum":
-            current = self.switch.current
-            assert current is not None
-            absolute = current.composite.sum_split == "absolute"
-            return SumFunction.apply(args[0].float(), args[1].float(), absolute)  # type: ignore[no-any-return]
-        if self.kind == "shift":
-            return SumFunction.apply(x, x.new_tensor(self.constant), False)  # type: ignore[no-any-return]
-        if self.kind == "affine":
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            m = self.plain
-            assert isinstance(m, AffineBatchNorm)
-            scale, shift = m.scale.float().view(shape), m.shift.float().view(shape)
-            return AffineFunction.apply(x, scale, shift)  # type: ignore[no-any-return]
-        rest = {k: v for k, v in kwargs.items() if k != "inplace"}
-        if self.kind == "pool":
-            return PoolFunction.apply(x, lambda t: self.plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
-        if self.kind == "scale":
-            return PassFunction.apply(x, lambda t: t * self.constant)  # type: ignore[no-any-return]
-        if self.kind == "relu":
-            return self._relu(x, args, kwargs)
-        assert self.kind == "activation", self.kind
-        plain = self.plain
-        if isinstance(plain, nn.Module):
-            out_of_place = _OUT_OF_PLACE[next(t for t in _OUT_OF_PLACE if isinstance(plain, t))]
-            return PassFunction.apply(x, lambda t: out_of_place(plain, t))  # type: ignore[no-any-return]
-        return PassFunction.apply(x, lambda t: plain(t, *args[1:], **rest))  # type: ignore[no-any-return]
-
-    def _relu(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """ReLU with the identity rule: the relevance reaching a ReLU's output is 0 wherever the output is 0
-        for every rule that gives no relevance to zero inputs, so there it equals the gradient without its
-        masking pass. Otherwise (flat, wsquare or zbox after the first layer) the gradient."""
-        current = self.switch.current
         assert current is not None
-        if not current.composite.relu_identity:
-            return self.plain(*args, **kwargs)  # type: ignore[no-any-return]
-        if isinstance(self.plain, nn.ReLU):
-            inplace = self.plain.inplace
-        else:  # F.relu(x, inplace), torch.relu(x), x.relu(), x.relu_()
-            inplace = self.op == "Tensor.relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-        return PassFunction.apply(x, torch.relu_ if inplace else torch.relu, inplace)  # type: ignore[no-any-return]
+        call = NodeCall(self.plain, args, kwargs, self.plan, current.composite, current.dtype)
+        device = next(a for a in args if isinstance(a, Tensor)).device
+        with torch.autocast(device.type, enabled=False):
+            return apply(call)
+
+
+class Term(LeafModule, nn.Module):
+    """A learned additive term (positional embedding, class token; shape (1, ...)) as an input of the
+    explanation: during a relevance pass, a leaf of shape (B, ...) whose relevance the explainer collects under
+    `name`; the parameter itself otherwise."""
+
+    def __init__(self, switch: Switch, name: str) -> None:
+        super().__init__()
+        self.switch, self.term_name = switch, name
+
+    def forward(self, p: Tensor) -> Tensor:
+        current = self.switch.current
+        if current is None:
+            return p
+        leaf = p.detach().to(current.dtype).expand(current.batch, *p.shape[1:]).clone().requires_grad_(True)
+        current.terms[self.term_name] = leaf
+        return leaf

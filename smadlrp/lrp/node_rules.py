@@ -8,7 +8,14 @@ relevance at the inputs (not the gradient):
 - `AffineFunction`, `y = s x + t` element-wise: `R_x = s x / y * R = (y - t) / y * R`;
 - `PoolFunction`, a linear pool `y = P x`: `R_x = x * P^T (R / y)`;
 - `PassFunction`, `y = f(x)` element-wise (ReLU, ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
-- `GateFunction`, `y = x * g` with a gate g (a constant of the forward pass): `R_x = R`, nothing to g.
+- `GateFunction`, `y = x * g` with a gate g (a constant of the forward pass): `R_x = R`, nothing to g;
+- `NormFunction`, a normalisation `y = (C x) / sigma * w + b` (LayerNorm, GroupNorm, RMSNorm, ...), with sigma a
+  constant of the forward pass: `R_x = x * J^T (R / y)`, J the Jacobian of `x -> (C x) / sigma * w` (the
+  centring C is a linear map under the z-rule, the scale passes relevance unchanged, b absorbs its share);
+- `SoftmaxFunction`, `s = softmax(x)`: `R_x = x * (R - s * sum(R))` (AttnLRP, Deep Taylor with bias);
+- `ProductFunction`, `z = f(u, v)` bilinear (`u * v`, `u @ v`, einsum): `R_u = 1/2 u * J_u^T (R / z)` and the
+  same for v (the uniform rule); all of it to the one operand that carries relevance when the other is a
+  constant of the pass (CP-LRP's attention probabilities).
 
 Denominators are not stabilised: where `y = 0` the relevance is 0, which loses nothing, because the relevance
 arriving at a tensor is `y * c` for every rule of the engine (it is 0 where y is). Outputs are saved for the
@@ -54,9 +61,9 @@ class SumFunction(torch.autograd.Function):
         a, b, y = ctx.saved_tensors
         if ctx.absolute:
             a, b = a.abs(), b.abs()
-            s = stabilized_divide(r.float(), a + b, 0.0, nonnegative=True, overwrite=True)
+            s = stabilized_divide(r, a + b, 0.0, nonnegative=True, overwrite=True)
         else:
-            s = stabilized_divide(r.float(), y, 0.0)
+            s = stabilized_divide(r, y, 0.0)
         need_a, need_b, _ = ctx.needs_input_grad
         r_a = (a * s).sum_to_size(a.shape) if need_a else None
         r_b = s.mul_(b).sum_to_size(b.shape) if need_b else None  # s is ours: the last product takes it
@@ -76,7 +83,7 @@ class AffineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         shift, y = ctx.saved_tensors
-        s = stabilized_divide(r.float(), y, 0.0)
+        s = stabilized_divide(r, y, 0.0)
         return s.mul_(y - shift), None, None
 
 
@@ -96,7 +103,7 @@ class PoolFunction(torch.autograd.Function):
         a, y = ctx.saved_tensors
         with torch.autocast(r.device.type, enabled=False), torch.enable_grad():
             leaf = a.detach().requires_grad_(True)
-            (c,) = torch.autograd.grad(ctx.pool(leaf), leaf, stabilized_divide(r.float(), y, 0.0))
+            (c,) = torch.autograd.grad(ctx.pool(leaf), leaf, stabilized_divide(r, y, 0.0))
         return c.mul_(a), None
 
 
@@ -128,3 +135,78 @@ class GateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         return r.sum_to_size(ctx.shape), None
+
+
+def _vjp(
+    f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...], v: Tensor
+) -> list[Tensor | None]:
+    """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`."""
+    with torch.autocast(v.device.type, enabled=False), torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
+        grads = torch.autograd.grad(f(*leaves), [t for t in leaves if t.requires_grad], v)
+    it = iter(grads)
+    return [next(it) if w else None for w in wanted]
+
+
+class NormFunction(torch.autograd.Function):
+    """A normalisation `y = plain(x)` with sigma constant: `R_x = x * J^T (R / y)`, J the Jacobian of `frozen`
+    (the same map with sigma detached and without its bias)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, plain: Callable[[Tensor], Tensor], frozen: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        y = plain(x)
+        ctx.save_for_backward(x, alias(y))
+        ctx.frozen = frozen
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, y = ctx.saved_tensors
+        (c,) = _vjp(ctx.frozen, (x,), (True,), stabilized_divide(r, y, 0.0))
+        assert c is not None
+        return c.mul_(x), None, None
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """`s = softmax(x)` (any dim, through `f`) with AttnLRP's rule `R_x = x * J^T (R / s)`
+    `= x * (R - s * sum(R))`; masked logits (-inf) get 0."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        s = f(x)
+        ctx.save_for_backward(x, alias(s))
+        ctx.f = f
+        return s
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, s = ctx.saved_tensors
+        (c,) = _vjp(ctx.f, (x,), (True,), stabilized_divide(r, s, 0.0))
+        assert c is not None
+        return c.mul_(x.masked_fill(~torch.isfinite(x), 0.0)), None
+
+
+class ProductFunction(torch.autograd.Function):
+    """`z = f(u, v)` for a bilinear `f` with the uniform rule: `R_u = w u * J_u^T (R / z)`, `R_v` alike, with
+    w = 1/2 when both operands carry relevance and 1 when only one does."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, u: Tensor, v: Tensor, f: Callable[[Tensor, Tensor], Tensor]
+    ) -> Tensor:
+        z = f(u, v)
+        ctx.save_for_backward(u, v, alias(z))
+        ctx.f = f
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        u, v, z = ctx.saved_tensors
+        wanted = tuple(ctx.needs_input_grad[:2])
+        share = 0.5 if all(wanted) else 1.0
+        c_u, c_v = _vjp(ctx.f, (u, v), wanted, stabilized_divide(r, z, 0.0))
+        r_u = None if c_u is None else c_u.mul_(u).mul_(share)
+        r_v = None if c_v is None else c_v.mul_(v).mul_(share)
+        return r_u, r_v, None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from smadlrp.core.errors import UsageError
@@ -51,10 +50,10 @@ class _PatternRule(Rule):
                 )
 
     def pattern(self, name: str, weight: Tensor) -> Tensor:
-        """The pattern of layer `name` as float32 on the weight's device."""
+        """The pattern of layer `name` in the weight's dtype, on its device."""
         self.check_layers({name: weight})
         assert self.patterns is not None
-        return self.patterns[name].detach().to(device=weight.device, dtype=torch.float32)
+        return self.patterns[name].detach().to(device=weight.device, dtype=weight.dtype)
 
 
 @register

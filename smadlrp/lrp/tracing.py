@@ -1,0 +1,36 @@
+"""The model's forward pass as a torch.fx graph, with the engine's own modules kept as leaves.
+
+    graph = trace_model(model)    # UsageError when torch.fx cannot follow the forward pass
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from smadlrp.core.errors import UsageError
+
+
+class LeafModule:
+    """Mixin marking the engine's own modules as leaves of the trace (called, not traced through)."""
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LeafModule) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_model(model: nn.Module) -> fx.Graph:
+    """The forward pass of `model` as a torch.fx graph; UsageError with the reason when it cannot be traced."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is a property of the user's model
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot explain {type(model).__name__}: torch.fx cannot trace its forward pass ({reason[:200]}); "
+            "LRP needs a forward pass without data-dependent control flow"
+        ) from None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UsageError(f"cannot explain {type(model).__name__}: its forward takes {len(placeholders)} inputs, "
+                         "LRP explains models of one input tensor")
+    return graph
