@@ -22,7 +22,7 @@ from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, Override, build_composite
 from smadlrp.lrp.graph import plan_graph, trace_model
 from smadlrp.lrp.layers import LRPConv2d, LRPLinear, RelevancePass, RuleNode, Switch, Tap, Term
-from smadlrp.lrp.op_kinds import OP_KINDS
+from smadlrp.lrp.op_kinds import OP_KINDS, NodePlan
 from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
@@ -154,6 +154,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     graph = trace_model(root)
     planned = plan_graph(graph, root)
     plan, modules = planned.nodes, dict(root.named_modules())
+    projections = _attention_projections(graph, plan)
     switch = Switch()
     explained: dict[str, LRPConv2d | LRPLinear] = {}
     taps, nodes, terms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -173,6 +174,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
             nonnegative = isinstance(source, fx.Node) and source.name in plan and plan[source.name].nonnegative
             layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
             layer._lrp_rectified = _rectified(node, modules)
+            layer._lrp_projection = node.name in projections
             _set_submodule(root, name, layer)
             explained[name] = layer
         if node_plan is None:
@@ -208,6 +210,30 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     root.add_module("lrp_terms", terms)
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return LRPModel(module.eval(), switch, explained, len(taps))
+
+
+_PASSING = ("gradient", "scale")  # kinds that only move or scale values
+
+
+def _attention_projections(graph: fx.Graph, plan: Mapping[str, NodePlan]) -> set[str]:
+    """The layer nodes that are attention projections: their output reaches a product (q, k, v) or their input
+    comes from one (the output projection) through reshapes and scalings only."""
+
+    def reaches(node: fx.Node, forward: bool) -> bool:
+        seen, todo = set(), [node]
+        while todo:
+            current = todo.pop()
+            for other in (current.users if forward else current.all_input_nodes):
+                kind = plan[other.name].kind if other.name in plan else None
+                if kind == "product":
+                    return True
+                if kind in _PASSING and other.name not in seen:
+                    seen.add(other.name)
+                    todo.append(other)
+        return False
+
+    layers = [n for n in graph.nodes if n.name in plan and plan[n.name].kind == "layer"]
+    return {n.name for n in layers if reaches(n, True) or reaches(n, False)}
 
 
 def _rectified(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:

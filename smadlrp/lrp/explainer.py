@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp.composites import Composite, Override
 from smadlrp.lrp.conversion import LRPModel, build_lrp_model
+from smadlrp.lrp.op_kinds import registry_version
 from smadlrp.lrp.rules import Rule
 
 Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
@@ -109,8 +110,9 @@ _PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], LRPModel]
 def _kept_model(model: nn.Module) -> LRPModel:
     """The explainable copy of `model` that its explainers share (one copy of the folded weights and of each
     rule's modified weights, however many rules explain it), rebuilt when a parameter or buffer is replaced or
-    changed in place (its version counter), or a module is replaced."""
+    changed in place (its version counter), a module is replaced, or the op-kind registry changes."""
     key = (
+        registry_version(),
         tuple((name, type(m)) for name, m in model.named_modules()),
         tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in itertools.chain(
             model.parameters(), model.buffers())),

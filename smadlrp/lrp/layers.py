@@ -43,9 +43,9 @@ class RelevancePass:
         self.explained = 0
         self.terms: dict[str, Tensor] = {}
 
-    def rule_for(self, name: str, kind: Literal["conv", "dense"]) -> Rule:
+    def rule_for(self, name: str, kind: Literal["conv", "dense"], projection: bool = False) -> Rule:
         """The rule of the next explained layer `name` (its slot counts the layers explained before it)."""
-        rule = self.composite.rule_for(LayerSlot(self.explained, name, kind), self.count)
+        rule = self.composite.rule_for(LayerSlot(self.explained, name, kind, projection), self.count)
         self.explained += 1
         return rule
 
@@ -109,6 +109,7 @@ class _Explained(LeafModule):
     _lrp_nonnegative: bool
     _lrp_carries: bool
     _lrp_rectified: bool
+    _lrp_projection: bool
     _lrp_cache: OrderedDict[Rule, Prepared]
     _lrp_key: tuple[Any, ...]
 
@@ -116,6 +117,7 @@ class _Explained(LeafModule):
         self._lrp_switch, self._lrp_name = switch, name
         self._lrp_nonnegative, self._lrp_carries = nonnegative, carries
         self._lrp_rectified = False
+        self._lrp_projection = False
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
@@ -147,7 +149,7 @@ class _Explained(LeafModule):
         """Apply this layer's rule from `current` to `a` (the `input`, padded if the layer pads explicitly);
         `params` are the layer's (weight, bias). Inside a gate's branch (no relevance) the plain layer runs."""
         name = self._lrp_name
-        rule = current.rule_for(name, kind)
+        rule = current.rule_for(name, kind, self._lrp_projection)
         if not self._lrp_carries:
             return op.forward(a, *params)
         rule.check(name, op, a)

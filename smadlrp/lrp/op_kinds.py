@@ -133,6 +133,12 @@ def _hashable(items: Sequence[Any]) -> list[Any]:
 
 
 OP_KINDS: dict[str, OpKind] = {}
+_CHANGES = [0]  # registry changes so far: explainable copies built before a change are rebuilt
+
+
+def registry_version() -> int:
+    """A number that changes whenever the registry does."""
+    return _CHANGES[0]
 
 
 def register_op(kind: OpKind, *, before: str | None = None) -> OpKind:
@@ -148,9 +154,11 @@ def register_op(kind: OpKind, *, before: str | None = None) -> OpKind:
     entries.insert(at, (kind.name, kind))
     OP_KINDS.clear()
     OP_KINDS.update(entries)
+    _CHANGES[0] += 1
     return kind
 
 
 def unregister_op(name: str) -> None:
     """Remove the kind `name` from the registry (KeyError when absent)."""
     del OP_KINDS[name]
+    _CHANGES[0] += 1

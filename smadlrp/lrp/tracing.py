@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from smadlrp.core.errors import UsageError
+from smadlrp.lrp.op_kinds import OP_KINDS
 
 
 class LeafModule:
@@ -15,8 +16,13 @@ class LeafModule:
 
 
 class _Tracer(fx.Tracer):
+    """Keeps as single calls: torch.nn's modules, the engine's own, and every module class an op kind names
+    exactly (a user's registered module; a subclass is traced through, as it may compute something else)."""
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, LeafModule) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, LeafModule) or any(type(m) in kind.modules for kind in OP_KINDS.values()):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_model(model: nn.Module) -> fx.Graph:
