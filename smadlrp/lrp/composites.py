@@ -244,7 +244,9 @@ def _accepted(key: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in accepted}
 
 
-def _split_groups(params: Mapping[str, Any], spec: CompositeSpec | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _split_groups(
+    params: Mapping[str, Any], spec: CompositeSpec | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(parameters for every rule, group -> parameters for that group's rule only): `projection_gamma=0.05` is
     `gamma=0.05` for the projection group. Group prefixes apply to named composites only."""
     shared: dict[str, Any] = {}
