@@ -1,10 +1,12 @@
-"""Time and memory of smadlrp's LRP rules against a plain input gradient, on torchvision VGG16, ResNet-50 or
-EfficientNet-B0.
+"""Time and memory of smadlrp's LRP rules against a plain input gradient, on torchvision VGG16, ResNet-50,
+EfficientNet-B0, ViT-B/16, Swin-T or ConvNeXt-T.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_lrp.py [--arch vgg16|resnet50|efficientnet_b0]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_lrp.py [--arch vgg16|resnet50|efficientnet_b0|vit_b_16|...]
         [--batch 8 1] [--runs 5] [--threads 2] [--device cpu|cuda]
 
-The model has random weights (BatchNorm with its default statistics); inputs are 224 x 224. Reference: forward,
+The model has random weights (BatchNorm with its default statistics; ViT's zero-initialised head drawn at random
+so that its logits are not 0); inputs are 224 x 224. The transformers are explained with `epsilon` under CP-LRP
+attention (`epsilon`) and AttnLRP's rules (`attnlrp`), and with the `gamma-transformer` composite. Reference: forward,
 then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
 built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round runs the
 reference and each method once, in turn, so a load change on the machine hits all of them alike. The table gives
@@ -46,20 +48,33 @@ from smadlrp.lrp import Explainer  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REFERENCE = "gradient"
-METHODS: dict[str, dict[str, object]] = {
-    "epsilon": {},
-    "gamma": {},
-    "alpha1beta0": {},
-    "alpha2beta1": {},
-    "epsilon-plus": {},
-    "epsilon-gamma-box": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+# method name -> (rule or composite, its parameters)
+CNN_METHODS: dict[str, tuple[str, dict[str, object]]] = {
+    "epsilon": ("epsilon", {}),
+    "gamma": ("gamma", {}),
+    "alpha1beta0": ("alpha1beta0", {}),
+    "alpha2beta1": ("alpha2beta1", {}),
+    "epsilon-plus": ("epsilon-plus", {}),
+    "epsilon-gamma-box": ("epsilon-gamma-box", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
 }
-ARCHS = ("vgg16", "resnet50", "efficientnet_b0")
+TRANSFORMER_METHODS: dict[str, tuple[str, dict[str, object]]] = {
+    "epsilon": ("epsilon", {}),
+    "attnlrp": ("epsilon", {"attention": "attnlrp"}),
+    "gamma-transformer": ("gamma-transformer", {}),
+}
+ARCHS = ("vgg16", "resnet50", "efficientnet_b0", "vit_b_16", "swin_t", "convnext_tiny")
+TRANSFORMER_TARGETS = {"epsilon": 1.2, "attnlrp": 1.2, "gamma-transformer": 1.7}
 TIME_TARGETS = {
     "vgg16": {"epsilon": 1.2, "gamma": 1.6, "alpha1beta0": 2.2, "alpha2beta1": 2.2, "epsilon-gamma-box": 1.7},
     "resnet50": {"epsilon": 1.2, "epsilon-plus": 1.6, "epsilon-gamma-box": 1.7},
     "efficientnet_b0": {},
+    **{arch: TRANSFORMER_TARGETS for arch in ("vit_b_16", "swin_t", "convnext_tiny")},
 }
+
+
+def methods(arch: str) -> dict[str, tuple[str, dict[str, object]]]:
+    """The methods measured on `arch`."""
+    return TRANSFORMER_METHODS if arch in ("vit_b_16", "swin_t", "convnext_tiny") else CNN_METHODS
 
 
 def build_model(arch: str, device: str = "cpu", seed: int = 0) -> nn.Module:
@@ -68,6 +83,8 @@ def build_model(arch: str, device: str = "cpu", seed: int = 0) -> nn.Module:
     model = torchvision.models.get_model(arch, weights=None).eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    if isinstance(model, torchvision.models.VisionTransformer):
+        nn.init.normal_(model.heads.head.weight, std=0.02)
     return model
 
 
@@ -80,17 +97,18 @@ def gradient(model: nn.Module, x: Tensor) -> Tensor:
     return grad
 
 
-def runner(name: str, model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
-    """A zero-argument call computing `name` (the reference or an LRP method) for the batch `x`."""
+def runner(arch: str, name: str, model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
+    """A zero-argument call computing `name` (the reference or an LRP method of `arch`) for the batch `x`."""
     if name == REFERENCE:
         return lambda: gradient(model, x)
-    explainer = Explainer(model, name, **METHODS[name])  # type: ignore[arg-type]
+    rule, params = methods(arch)[name]
+    explainer = Explainer(model, rule, **params)  # type: ignore[arg-type]
     return lambda: explainer.explain(x).relevance
 
 
-def time_methods(model: nn.Module, x: Tensor, runs: int) -> dict[str, list[tuple[float, float]]]:
+def time_methods(arch: str, model: nn.Module, x: Tensor, runs: int) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) seconds per round for the reference and every method, interleaved round by round."""
-    calls = {name: runner(name, model, x) for name in (REFERENCE, *METHODS)}
+    calls = {name: runner(arch, name, model, x) for name in (REFERENCE, *methods(arch))}
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for call in calls.values():
         call()
@@ -117,7 +135,7 @@ def memory_child(arch: str, name: str, batch: int, size: int, threads: int) -> N
     torch.set_num_threads(threads)
     model = build_model(arch)
     x = torch.randn(batch, 3, size, size)
-    call = runner(name, model, x)
+    call = runner(arch, name, model, x)
     call()
     gc.collect()
     before = _status_kib("VmRSS")
@@ -183,11 +201,11 @@ def main() -> None:
     model = build_model(args.arch, args.device)
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
-        times = time_methods(model, x, args.runs)
+        times = time_methods(args.arch, model, x, args.runs)
         memory = None
         if not args.no_memory and args.device == "cpu":
             memory = {name: measure_memory(args.arch, name, batch, args.size, args.threads)
-                      for name in (REFERENCE, *METHODS)}  # fmt: skip
+                      for name in (REFERENCE, *methods(args.arch))}  # fmt: skip
         report(args.arch, batch, times, memory, args.device)
 
 

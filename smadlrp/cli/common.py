@@ -104,6 +104,12 @@ SumSplitOption = Annotated[
     str, typer.Option("--sum-split", help=f"How a sum a + b of two tensors (a residual connection) shares relevance: "
                                           f"{' or '.join(SUM_SPLITS)} (z: a / (a + b); absolute: |a| / (|a| + |b|)).")
 ]
+AttentionOption = Annotated[
+    str, typer.Option("--attention", help="How attention shares relevance (transformers): cp (the attention weights "
+                                          "are constants, relevance flows to the values; conserves) or attnlrp (the "
+                                          "softmax and product rules of AttnLRP, relevance also through queries and "
+                                          "keys).")
+]
 WorstSpeciesOption = Annotated[
     bool, typer.Option("--worst-species", help="With a val-max-apcer criterion: the threshold at which the worst group "
                                                "of the first --by column meets the APCER target.")

@@ -12,6 +12,7 @@ from rich.table import Table
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     AttackLabelOption,
+    AttentionOption,
     BatchSizeOption,
     BonafideLabelOption,
     CheckpointOption,
@@ -46,9 +47,10 @@ from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import IMAGE_EXTENSIONS
 from smadlrp.data.paths import prepare_out_dir
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
+from smadlrp.explain.grid import best_setting_line, grid_explainers, parse_grid
 from smadlrp.explain.heatmaps import plot_perturbation_curves
 from smadlrp.explain.run import PATTERN_KINDS, build_explainers
-from smadlrp.lrp.composites import SUM_SPLITS
+from smadlrp.lrp.composites import DEFAULT_ATTENTION, SUM_SPLITS
 
 CSV_FILE, CURVES_FILE = "compare-rules.csv", "perturbation-curves.png"  # written into --out
 BEST = "bold green"
@@ -165,6 +167,13 @@ def compare_rules(
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     sum_split: SumSplitOption = SUM_SPLITS[0],
+    attention: AttentionOption = DEFAULT_ATTENTION,
+    grid: Annotated[
+        list[str] | None, typer.Option("--grid", metavar="PARAM=V1,V2,...", help="Search the parameters of the one "
+                                       "--rule given (repeatable; every combination is compared, e.g. --rule "
+                                       "gamma-transformer --grid projection_gamma=0,0.05,0.25 --grid "
+                                       "dense_gamma=0.05,0.25) and print the most faithful setting.")
+    ] = None,
     json_out: JsonOption = None,
 ) -> None:
     """Compare LRP rules with the gradient, gradient x input and a random map: localisation against artifact
@@ -179,7 +188,8 @@ def compare_rules(
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
     wanted = _target(target, meta.class_names)
-    explainers = build_explainers(model, meta, rules, {}, pattern_tensors, sum_split)
+    explainers = grid_explainers(rules, parse_grid(grid or []), lambda rs, params: build_explainers(
+        model, meta, rs, params, pattern_tensors, sum_split, attention))
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     plan.reads_images_under(f"an image of {source.name}", source.root, IMAGE_EXTENSIONS)
     prepare_out_dir(out)
@@ -208,5 +218,8 @@ def compare_rules(
                              baselines=[m.name for m in result.methods if m.kind == "baseline"],
                              ylabel=f"mean drop of the {result.score}",
                              title=f"Region perturbation: {checkpoint.name}, target {result.target}")
+    if grid:
+        console.print(best_setting_line(result, list(explainers)), highlight=False)
     console.print(f"wrote {CSV_FILE} and {CURVES_FILE} to {out}", highlight=False)
-    write_json(json_out, {"checkpoint": str(checkpoint), "sum_split": sum_split, **result.as_dict()})
+    write_json(json_out, {"checkpoint": str(checkpoint), "sum_split": sum_split, "attention": attention,
+                          **result.as_dict()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -14,6 +14,7 @@ from rich.table import Table
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     AlignOption,
+    AttentionOption,
     BatchSizeOption,
     CheckpointOption,
     DeviceOption,
@@ -62,7 +63,7 @@ from smadlrp.explain.run import (
     parse_params,
     parse_target,
 )
-from smadlrp.lrp import SUM_SPLITS
+from smadlrp.lrp import DEFAULT_ATTENTION, SUM_SPLITS
 from smadlrp.lrp import trace as lrp_trace
 from smadlrp.lrp.trace import conservation_rows
 
@@ -103,6 +104,7 @@ def explain(
     target: TargetOption = "predicted",
     param: ParamOption = None,
     sum_split: SumSplitOption = SUM_SPLITS[0],
+    attention: AttentionOption = DEFAULT_ATTENTION,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
     batch_size: BatchSizeOption = 16,
     save_raw: Annotated[bool, typer.Option("--save-raw", help="Also write the relevance tensors (safetensors).")]
@@ -126,7 +128,8 @@ def explain(
     model, meta, torch_device = open_model(checkpoint, device)
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
-    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors, sum_split)
+    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors, sum_split,
+                                  attention)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
@@ -147,7 +150,8 @@ def explain(
                   caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
                           "conserves relevance and the biases absorb none; signal: the rule's output is a signal "
                           "estimate in input space, not a relevance, so its sum means nothing")
-    for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R"):
+    terms = sorted({t for r in results for values in r.term_relevance.values() for t in values})
+    for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R", *terms):
         text = column in {"file", "target", "rule"}
         table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
                          min_width=14 if column == "file" else None)
@@ -157,7 +161,8 @@ def explain(
         image = [named, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
         for i, (name, value) in enumerate(result.relevance_sum.items()):
             table.add_row(*(image if i == 0 else [""] * len(image)), name,
-                          "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}")
+                          "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}",
+                          *(f"{result.term_relevance.get(name, {}).get(t, 0.0):.4g}" for t in terms))
     console.print(table)
     if conditions:
         console.print(_perturbed_table(results, meta.attack_class))
@@ -170,12 +175,13 @@ def explain(
                   highlight=False)
     images_json = [
         {"path": str(r.path), "name": r.name, "predicted": r.predicted, "p_attack": r.p_attack, "target": r.target,
-         "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "files": r.files,
+         "target_logit": r.target_logit, "relevance_sum": r.relevance_sum, "term_relevance": r.term_relevance,
+         "files": r.files,
          **({"perturbed": {spec: asdict(c) for spec, c in r.perturbed.items()}} if conditions else {})}
         for r in results
     ]  # fmt: skip
-    write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "sum_split": sum_split, "out": str(out),
-                          "images": images_json})
+    write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "sum_split": sum_split,
+                          "attention": attention, "out": str(out), "images": images_json})
 
 
 def _perturbed_table(results: list[ImageResult], attack_class: str) -> Table:
@@ -207,6 +213,7 @@ def trace(
     target: TargetOption = "predicted",
     param: ParamOption = None,
     sum_split: SumSplitOption = SUM_SPLITS[0],
+    attention: AttentionOption = DEFAULT_ATTENTION,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("test_results"),
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -220,7 +227,8 @@ def trace(
     model, meta, torch_device = open_model(checkpoint, device)
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,
                                                   pattern_kind)
-    explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors, sum_split)[rule]
+    explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors, sum_split,
+                                 attention)[rule]
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))
     with lrp_trace() as recorded:
@@ -247,15 +255,29 @@ def trace(
     for c in cells:
         table.add_row(*c)
     console.print(table)
+    terms = {name: float(values[0]) for name, values in result.terms.items()}
+    if terms:
+        console.print(_terms_line(terms, rows), highlight=False)
     stem = output_stems(images)[0]
     inputs = set(images)
     write_document(safe_output(out, f"{stem}.{rule}.trace.safetensors", inputs),
                    {f"{rec.index:03d}.{rec.name}": rec.relevance[0] for rec in records},
                    {"schema": "smadlrp.trace/1", "image": str(image), "rule": rule, "sum_split": sum_split,
-                    "layers": rows})
+                    "attention": attention, "layers": rows, "terms": terms})
     maps, spatial = layer_maps(records)
     note = None if len(maps) == spatial else (f"{len(maps)} of {spatial} nodes, evenly spaced; every node's map "
                                               f"is in {stem}.{rule}.trace.safetensors")
     plot_layer_maps(maps, safe_output(out, f"{stem}.{rule}.trace.png", inputs), note)
     console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
-    write_json(json_out, {"image": str(image), "rule": rule, "sum_split": sum_split, "layers": rows})
+    write_json(json_out, {"image": str(image), "rule": rule, "sum_split": sum_split, "attention": attention,
+                          "layers": rows, "terms": terms})
+
+
+def _terms_line(terms: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    """The relevance of each learned term (positional embedding, class token) and of the input with them, as
+    ratios of the output relevance."""
+    output = rows[-1]["sum"]
+    ratio = (lambda v: f"{v / output:.4f}") if output else (lambda v: "nan")
+    total = rows[0]["sum"] + sum(terms.values())
+    parts = [f"{name} {value:.4g} (ratio {ratio(value)})" for name, value in terms.items()]
+    return f"learned terms: {'; '.join(parts)}; input + terms: {total:.4g} (ratio {ratio(total)})"

@@ -17,6 +17,7 @@ from rich.table import Table
 from smadlrp.cli import app
 from smadlrp.cli.common import (
     AttackLabelOption,
+    AttentionOption,
     BatchSizeOption,
     BonafideLabelOption,
     CheckpointOption,
@@ -72,7 +73,7 @@ from smadlrp.explain.spray import (
     cluster_mix,
     spray,
 )
-from smadlrp.lrp.composites import SUM_SPLITS
+from smadlrp.lrp.composites import DEFAULT_ATTENTION, SUM_SPLITS
 
 SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl", "hair", "bgr", "short")
 FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-clusters.png",
@@ -108,6 +109,7 @@ def regions(
     workers: WorkersOption = 0,
     device: DeviceOption = "auto",
     sum_split: SumSplitOption = SUM_SPLITS[0],
+    attention: AttentionOption = DEFAULT_ATTENTION,
     json_out: JsonOption = None,
 ) -> None:
     """Where relevance goes over a split: shares per face region, mean maps, and SpRAy strategy clusters."""
@@ -118,7 +120,7 @@ def regions(
     plan.reads("the protocol file", protocol)
     model, meta, torch_device = open_model(checkpoint, device)
     (rule,) = resolve_rules([rule], have_patterns=False)
-    explainer = build_explainers(model, meta, [rule], {}, None, sum_split)[rule]
+    explainer = build_explainers(model, meta, [rule], {}, None, sum_split, attention)[rule]
     wanted = parse_target(target or meta.attack_class, meta.class_names)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
@@ -155,7 +157,7 @@ def regions(
                   f"for the relevance pass, {seconds['rest']:.1f} s for tables, figures and SpRAy", highlight=False)
     write_json(json_out, {
         "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "sum_split": sum_split,
-        "target": target_name,
+        "attention": attention, "target": target_name,
         "by": by, "images": len(inputs.paths), "regions": list(REGIONS),
         "rows": [row.as_dict() for row in rows],
         "spray": {"size": min(meta.input_size, SPRAY_SIZE), "neighbours": SPRAY_NEIGHBOURS,

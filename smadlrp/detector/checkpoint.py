@@ -86,7 +86,8 @@ class CheckpointMeta:
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         """(KEY, what is wrong) for each problem, in order; each check may rely on the ones before it."""
-        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
+        known = isinstance(self.architecture, str) and self.architecture in ARCHITECTURES
+        if not known:
             yield "architecture", f"unknown architecture {shown(self.architecture)}"
         names = self.class_names
         if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
@@ -97,6 +98,8 @@ class CheckpointMeta:
         low, high = INPUT_SIZES
         if type(self.input_size) is not int or not low <= self.input_size <= high:
             yield "input_size", f"{shown(self.input_size)} is not a whole number of pixels in {low}..{high}"
+        elif known and (problem := ARCHITECTURES[self.architecture].size_problem(self.input_size)) is not None:
+            yield "input_size", f"{self.input_size} px does not fit: {problem}"
         for key, values in (("mean", self.mean), ("std", self.std)):
             if not (isinstance(values, list | tuple) and len(values) == 3 and all(_is_finite(v) for v in values)):
                 yield key, f"{shown(values)} is not a list of 3 finite numbers (R, G, B)"
@@ -171,7 +174,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     meta = load_meta(path)
     arch = get_architecture(meta.architecture)
-    model = arch.build(len(meta.class_names))
+    model = arch.build(len(meta.class_names), image_size=meta.input_size)
     state = read_tensors(path)
     bad = first_non_finite(state)
     if bad is not None:

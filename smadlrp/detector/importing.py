@@ -39,7 +39,7 @@ def import_checkpoint(source: Path, out: Path, arch: str, class_names: list[str]
     if key is not None:
         notify(f"{source.name}: using the weights under its {key!r} key")
         meta.weights_source += f" (key {key})"
-    model = spec.build(len(class_names))
+    model = spec.build(len(class_names), image_size=meta.input_size)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     mismatch = first_mismatch(model.state_dict(), state)
     if mismatch is not None:

@@ -1,20 +1,35 @@
-"""Architecture registry: torchvision builders, classifier-head replacement, weight sources, feature extraction."""
+"""The architecture registry (every torchvision classification builder and a compact VGG, with their input
+sides) and building its networks with their initial weights: ImageNet, random, or a file.
+
+Each entry knows how to build its network with a fresh `num_classes` head (`smadlrp.detector.heads`), which
+parameters form that head, its default input side (the crop of torchvision's default ImageNet weights), and which
+sides it accepts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from unittest import mock
 
 import torch
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models import regnet
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from smadlrp.core.container import read_tensors
 from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.detector.heads import replace_heads
 
 Notify = Callable[[str], None]
+MIN_SIDE = 32  # px, the smallest input side offered for a torchvision network (its usual 32x reduction to 1 px)
+POSITION_EMBEDDING = "encoder.pos_embedding"  # ViT's (1, 1 + patches, width) tensor, sized for one input side
 
 
 class CompactVGG(nn.Sequential):
@@ -42,79 +57,154 @@ class CompactVGG(nn.Sequential):
         self.classifier = nn.Linear(in_channels, num_classes)
 
 
-# Head replacement, as in the PyTorch fine-tuning tutorial (`model` is typed Any: torchvision's attributes vary).
-def _head_vgg(model: Any, n: int) -> None:
-    model.classifier[6] = nn.Linear(model.classifier[6].in_features, n)
-
-
-def _head_fc(model: Any, n: int) -> None:
-    model.fc = nn.Linear(model.fc.in_features, n)
-
-
-def _head_squeezenet(model: Any, n: int) -> None:
-    model.classifier[1] = nn.Conv2d(512, n, kernel_size=1)
-
-
-def _head_densenet(model: Any, n: int) -> None:
-    model.classifier = nn.Linear(model.classifier.in_features, n)
-
-
-def _head_inception(model: Any, n: int) -> None:
-    model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, n)
-    model.fc = nn.Linear(model.fc.in_features, n)
-
-
-def _head_last_linear(model: Any, n: int) -> None:
-    """MobileNet and EfficientNet: the classifier is a Sequential ending in its Linear layer."""
-    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, n)
-
-
 @dataclass(frozen=True)
 class Architecture:
-    """One registry entry: how to build the network, replace its head, and which parameters form the head.
+    """One registry entry: how to build the network for an input side, and which layers form its replaced head.
 
-    Every entry is built from layers and operations the LRP engine explains (tests/test_models.py checks it).
+    Every entry is meant to be built from layers and operations the LRP engine explains (tests/test_models.py).
     """
 
     name: str
     input_size: int  # default square input side, pixels
-    head: tuple[str, ...]  # parameter-name prefixes of the replaced head (trained in feature extraction)
-    replace_head: Callable[[Any, int], None] | None  # None: built with the right head directly
+    head_layers: tuple[str, ...]  # module paths of the classifier layers replaced by fresh `num_classes` ones
     torchvision_name: str | None = None  # None: not a torchvision model (no ImageNet weights)
+    min_size: int = MIN_SIDE  # smallest accepted side, pixels
+    size_step: int = 1  # accepted sides are multiples of this, pixels
+    size_step_reason: str = ""  # what `size_step` is, after "a multiple of", e.g. "its 16 px patch"
+    side_bound: Literal["vit", "maxvit"] | None = None  # built for one side (the builder takes it)
+    options: Mapping[str, object] = field(default_factory=dict)  # further torchvision builder keywords
 
-    def build(self, num_classes: int, imagenet: bool = False) -> nn.Module:
-        """Build the network with a fresh `num_classes` head; ImageNet weights for the backbone if asked."""
+    @property
+    def head(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the replaced head (the parameters trained in feature extraction)."""
+        return tuple(f"{layer}." for layer in self.head_layers)
+
+    def size_problem(self, size: int) -> str | None:
+        """Why this network cannot take `size` x `size` px inputs, e.g. "vit_b_16 needs a multiple of its 16 px
+        patch"; None when it can."""
+        if size < self.min_size:
+            return f"{self.name} needs at least {self.min_size} px"
+        if size % self.size_step:
+            return f"{self.name} needs a multiple of {self.size_step_reason}"
+        return None
+
+    def check_image_size(self, size: int) -> None:
+        """UsageError "--image-size SIZE: NAME needs ..." when the network cannot take `size` px inputs."""
+        problem = self.size_problem(size)
+        if problem is not None:
+            raise UsageError(f"--image-size {size}: {problem}")
+
+    def build(self, num_classes: int, imagenet: bool = False, image_size: int | None = None) -> nn.Module:
+        """The network for (B, 3, S, S) inputs, S = `image_size` px (None: `input_size`), returning (B,
+        `num_classes`) logits in eval mode, with ImageNet weights for everything but the fresh head if asked."""
+        side = self.input_size if image_size is None else image_size
+        self.check_image_size(side)
         if self.torchvision_name is None:
             return CompactVGG(num_classes)
-        kwargs: dict[str, object] = {"aux_logits": True, "init_weights": False} if self.name == "inception_v3" else {}
+        options = self.builder_options(side)
         weights = tvm.get_model_weights(self.torchvision_name).DEFAULT if imagenet else None
-        model = tvm.get_model(self.torchvision_name, weights=weights, **kwargs)
-        assert self.replace_head is not None
-        self.replace_head(model, num_classes)
+        with _regnet_widths_on_cpu():
+            if weights is not None and self.side_bound is not None and side != weights.meta["min_size"][0]:
+                model = tvm.get_model(self.torchvision_name, weights=None, **options)
+                model.load_state_dict(self.fit_state(weights.get_state_dict(progress=True, check_hash=True), side))
+            else:
+                model = tvm.get_model(self.torchvision_name, weights=weights, **options)
+        replace_heads(model, self.head_layers, num_classes)
         return model
 
+    def builder_options(self, side: int) -> dict[str, object]:
+        """The torchvision builder keywords of this entry for `side` px inputs (a side-bound network takes it)."""
+        if self.side_bound == "vit":
+            return {**self.options, "image_size": side}
+        if self.side_bound == "maxvit":
+            return {**self.options, "input_size": (side, side)}
+        return dict(self.options)
 
-def _tv(name: str, head: tuple[str, ...], replace: Callable[[Any, int], None], size: int = 224) -> Architecture:
-    return Architecture(name, size, head, replace, torchvision_name=name)
+    def fit_state(self, state: Mapping[str, torch.Tensor], image_size: int) -> dict[str, torch.Tensor]:
+        """`state` made to fit this network built for `image_size` px: a ViT's positional embedding, (1, 1 +
+        patches, width), is interpolated over the grid of its `size_step` px patches with torchvision's
+        `interpolate_embeddings` (bicubic); every other tensor, and every other architecture's state, is returned
+        as it is."""
+        if self.side_bound != "vit" or POSITION_EMBEDDING not in state:
+            return dict(state)
+        try:
+            return dict(interpolate_embeddings(image_size, self.size_step, OrderedDict(state)))
+        except ValueError as exc:
+            raise SmadlrpError(f"cannot fit the {self.name} positional embedding of shape "
+                               f"{tuple(state[POSITION_EMBEDDING].shape)} to {image_size} px: {exc}") from None
 
+
+@contextmanager
+def _regnet_widths_on_cpu() -> Iterator[None]:
+    """Let torchvision's RegNet builders run while the default device is `meta`: they compute their stage widths
+    with tensors on the default device and read them back as numbers, which meta tensors cannot do; those
+    tensors are made on the CPU instead (nothing changes on any other device)."""
+    if torch.get_default_device().type != "meta":
+        yield
+        return
+    compute_widths = regnet.BlockParams.from_init_params
+
+    def on_cpu(*args: Any, **kwargs: Any) -> regnet.BlockParams:
+        with torch.device("cpu"):
+            return compute_widths(*args, **kwargs)
+
+    with mock.patch.object(regnet.BlockParams, "from_init_params", staticmethod(on_cpu)):
+        yield
+
+
+def default_side(torchvision_name: str) -> int:
+    """The crop side, pixels, of the default ImageNet weights of a torchvision builder."""
+    return int(tvm.get_model_weights(torchvision_name).DEFAULT.transforms().crop_size[0])
+
+
+def _family(names: Iterable[str], head_layers: tuple[str, ...], **fields: Any) -> dict[str, Architecture]:
+    """Entries for torchvision builders that share a head layout and size rule."""
+    return {name: Architecture(name, default_side(name), head_layers, torchvision_name=name, **fields)
+            for name in names}
+
+
+def _vit(name: str, patch: int) -> dict[str, Architecture]:
+    """A Vision Transformer entry: built for one side, a multiple of its patch and at least MIN_SIDE."""
+    return _family([name], ("heads.head",), side_bound="vit", size_step=patch,
+                   size_step_reason=f"its {patch} px patch", min_size=math.ceil(MIN_SIDE / patch) * patch)
+
+
+_MAXVIT_PARTITION = 7  # px, maxvit_t's attention window and grid on its 1/32 feature map
+_MAXVIT_STEP = 32 * _MAXVIT_PARTITION
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vgg_compact": Architecture("vgg_compact", 64, ("classifier.",), None),
-    **{n: _tv(n, ("classifier.6.",), _head_vgg) for n in
-       ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
-    "alexnet": _tv("alexnet", ("classifier.6.",), _head_vgg),
-    **{n: _tv(n, ("fc.",), _head_fc) for n in
-       ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")},
-    **{n: _tv(n, ("classifier.1.",), _head_squeezenet) for n in ("squeezenet1_0", "squeezenet1_1")},
-    **{n: _tv(n, ("classifier.",), _head_densenet) for n in
-       ("densenet121", "densenet161", "densenet169", "densenet201")},
-    "inception_v3": _tv("inception_v3", ("fc.", "AuxLogits.fc."), _head_inception, size=299),
-    "mobilenet_v2": _tv("mobilenet_v2", ("classifier.1.",), _head_last_linear),
-    "mobilenet_v3_large": _tv("mobilenet_v3_large", ("classifier.3.",), _head_last_linear),
-    "mobilenet_v3_small": _tv("mobilenet_v3_small", ("classifier.3.",), _head_last_linear),
-    **{f"efficientnet_b{i}": _tv(f"efficientnet_b{i}", ("classifier.1.",), _head_last_linear, size=size)
-       for i, size in enumerate((224, 240, 288, 300))},
+    "vgg_compact": Architecture("vgg_compact", 64, ("classifier",), min_size=16),
+    **_family(("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"),
+              ("classifier.6",)),
+    **_family(("alexnet",), ("classifier.6",), min_size=63),
+    **_family(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+               "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"), ("fc",)),
+    **_family(("squeezenet1_0", "squeezenet1_1"), ("classifier.1",)),
+    **_family(("densenet121", "densenet161", "densenet169", "densenet201"), ("classifier",)),
+    # transform_input: the ImageNet-normalised input is mapped to the normalisation the weights were trained
+    # with; always on, so that a network rebuilt from a checkpoint computes what it computed in training
+    **_family(("inception_v3",), ("fc", "AuxLogits.fc"), min_size=75,
+              options={"aux_logits": True, "init_weights": False, "transform_input": True}),
+    # without its auxiliary classifiers GoogLeNet returns plain logits in training mode too
+    **_family(("googlenet",), ("fc",), options={"aux_logits": False, "init_weights": False, "transform_input": True}),
+    **_family(("mobilenet_v2", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3"), ("classifier.1",)),
+    **_family(("mobilenet_v3_large", "mobilenet_v3_small"), ("classifier.3",)),
+    **_family([f"efficientnet_b{i}" for i in range(8)] + ["efficientnet_v2_s", "efficientnet_v2_m",
+                                                         "efficientnet_v2_l"], ("classifier.1",)),
+    **_family([f"regnet_{kind}_{flops}" for kind in "xy" for flops in ("400mf", "800mf", "1_6gf", "3_2gf", "8gf",
+                                                                         "16gf", "32gf")] + ["regnet_y_128gf"],
+              ("fc",)),
+    **_family(("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"), ("fc",)),
+    **_family(("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"), ("classifier.2",)),
+    **_family(("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"), ("head",)),
+    **_family(("maxvit_t",), ("classifier.5",), side_bound="maxvit", min_size=_MAXVIT_STEP, size_step=_MAXVIT_STEP,
+              size_step_reason=f"{_MAXVIT_STEP} px (32 x its {_MAXVIT_PARTITION} px partition)"),
+    **_vit("vit_b_16", 16), **_vit("vit_b_32", 32), **_vit("vit_l_16", 16), **_vit("vit_l_32", 32),
+    **_vit("vit_h_14", 14),
 }
+
+# torchvision classification builders left out of the registry: name -> why
+REFUSED: dict[str, str] = {}
 
 
 def get_architecture(name: str) -> Architecture:
@@ -122,7 +212,8 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
+        reason = f" ({REFUSED[name]})" if name in REFUSED else ""
+        raise UsageError(f"unknown architecture {name!r}{reason}; choose one of: {', '.join(ARCHITECTURES)}") from None
 
 
 def imagenet_weights_cached(arch: Architecture) -> bool:
@@ -137,36 +228,38 @@ RANDOM_INIT = "random initialisation"  # the weights source of a model built wit
 WEIGHT_CHOICES = ("auto", "imagenet", "none")  # `--weights` values that name no file
 
 
-def build_model(arch_name: str, num_classes: int, weights: str = "auto",
-                notify: Notify = lambda _msg: None) -> tuple[nn.Module, str]:
-    """Build `arch_name` with a `num_classes` head and initial weights; return (model, weights source).
+def build_model(arch_name: str, num_classes: int, weights: str = "auto", notify: Notify = lambda _msg: None,
+                image_size: int | None = None) -> tuple[nn.Module, str]:
+    """Build `arch_name` with a `num_classes` head and initial weights for `image_size` px inputs (None: the
+    architecture's default side); return (model, weights source).
 
     `weights`: "imagenet" (torchvision's weights API; needs the file cached or a network), "none" (random
     initialisation), "auto" (ImageNet when cached, else random with a notice), or a path to a local
     `.safetensors` / torchvision state-dict `.pth` file of the same architecture.
     """
     arch = get_architecture(arch_name)
+    side = arch.input_size if image_size is None else image_size
     if weights == "none":
-        return arch.build(num_classes), RANDOM_INIT
+        return arch.build(num_classes, image_size=side), RANDOM_INIT
     if weights == "auto":
         if imagenet_weights_cached(arch):
-            return _build_imagenet(arch, num_classes), "imagenet (torchvision, cached)"
+            return _build_imagenet(arch, num_classes, side), "imagenet (torchvision, cached)"
         notify(f"no cached ImageNet weights for {arch.name}: starting from random initialisation "
                "(use --weights imagenet or --weights FILE to change this)")
-        return arch.build(num_classes), RANDOM_INIT
+        return arch.build(num_classes, image_size=side), RANDOM_INIT
     if weights == "imagenet":
-        return _build_imagenet(arch, num_classes), "imagenet (torchvision)"
+        return _build_imagenet(arch, num_classes, side), "imagenet (torchvision)"
     path = Path(weights)
-    model = arch.build(num_classes)
-    load_weights_file(model, arch, path)
+    model = arch.build(num_classes, image_size=side)
+    load_weights_file(model, arch, path, side)
     return model, f"file {path.name}"
 
 
-def _build_imagenet(arch: Architecture, num_classes: int) -> nn.Module:
+def _build_imagenet(arch: Architecture, num_classes: int, image_size: int) -> nn.Module:
     if arch.torchvision_name is None:
         raise UsageError(f"{arch.name} has no ImageNet weights; use --weights none or --weights FILE")
     try:
-        return arch.build(num_classes, imagenet=True)
+        return arch.build(num_classes, imagenet=True, image_size=image_size)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub wraps some failures in RuntimeError
         raise SmadlrpError(
             f"cannot get ImageNet weights for {arch.name} ({exc.__class__.__name__}: offline?); "
@@ -185,17 +278,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_pth(path, advice="convert it with `smadlrp import-model --trust-pickle` first")[0]
 
 
-def load_weights_file(model: nn.Module, arch: Architecture, path: Path) -> None:
-    """Load a local weights file into `model` (a fresh `arch` network); the head is kept fresh when its size differs.
+def load_weights_file(model: nn.Module, arch: Architecture, path: Path, image_size: int | None = None) -> None:
+    """Load a local weights file into `model` (a fresh `arch` network for `image_size` px, None: the default side);
+    the head is kept fresh when its size differs, and a ViT's positional embedding is fitted to `image_size`.
 
     Names must match the architecture exactly; a shape mismatch outside the head means another architecture.
     """
-    load_compatible_state(model, arch, read_state_dict(path), source=str(path))
+    side = arch.input_size if image_size is None else image_size
+    load_compatible_state(model, arch, read_state_dict(path), source=str(path), image_size=side)
 
 
-def load_compatible_state(model: nn.Module, arch: Architecture, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, refusing tensors that do not fit `arch` (SmadlrpError naming them)."""
+def load_compatible_state(model: nn.Module, arch: Architecture, state: dict[str, torch.Tensor], source: str,
+                          image_size: int | None = None) -> None:
+    """Copy `state` into `model`, refusing tensors that do not fit `arch` (SmadlrpError naming them); with
+    `image_size`, the side `model` was built for, `state` is first fitted to it (`Architecture.fit_state`)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if image_size is not None:
+        state = arch.fit_state(state, image_size)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -225,3 +324,4 @@ def set_trainable(model: nn.Module, arch: Architecture, full: bool) -> list[nn.P
         if param.requires_grad:
             trainable.append(param)
     return trainable
+

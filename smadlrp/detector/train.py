@@ -90,9 +90,9 @@ class TrainConfig:
             self.augment = parse_augmentation(self.augment).spec
         if self.image_size == 0:
             self.image_size = arch.input_size
-        minimum = 75 if self.arch == "inception_v3" else 32 if arch.torchvision_name else 16
-        if not minimum <= self.image_size <= INPUT_SIZES[1]:
-            raise UsageError(f"--image-size {self.image_size}: {self.arch} needs {minimum}..{INPUT_SIZES[1]} px")
+        if self.image_size > INPUT_SIZES[1]:
+            raise UsageError(f"--image-size {self.image_size}: at most {INPUT_SIZES[1]} px")
+        arch.check_image_size(self.image_size)
         return self
 
 
@@ -180,7 +180,8 @@ class Finetuner:
         self.val_data = ImageDataset(val_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, cache=True)
         self.shares = (len(self.sampler or train_data), len(train_data),
                        len(ranks.shard(len(self.val_data), config.batch_size)), len(self.val_data))
-        model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify)
+        model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify,
+                                                 image_size=config.image_size)
         self.model = model.to(device)
         self.params = set_trainable(self.model, arch, self._resolve_full())
         self.optimizer = make_optimizer(config, self.params)

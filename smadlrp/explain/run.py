@@ -37,7 +37,15 @@ from smadlrp.explain.heatmaps import (
     save_heatmap,
     save_rgb,
 )
-from smadlrp.lrp import SUM_SPLITS, Explainer, method_is_signal, method_names, method_parameters
+from smadlrp.lrp import (
+    ATTENTION_RULES,
+    DEFAULT_ATTENTION,
+    SUM_SPLITS,
+    Explainer,
+    method_is_signal,
+    method_names,
+    method_parameters,
+)
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
 SIGNAL_RULES = ("patternnet",)  # output a signal estimate in input space, not a relevance: its sum means nothing
@@ -93,10 +101,11 @@ def load_pattern_tensors(path: Path, model: nn.Module, kind: str = PATTERN_KINDS
 
 
 def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str], params: Mapping[str, float],
-                     patterns: Mapping[str, torch.Tensor] | None, sum_split: str = "z") -> dict[str, Explainer]:
+                     patterns: Mapping[str, torch.Tensor] | None, sum_split: str = "z",
+                     attention: str = DEFAULT_ATTENTION) -> dict[str, Explainer]:
     """One explainer per rule, each given the parameters it accepts (z-box bounds from the checkpoint's
-    normalisation, patterns for the pattern rules, and the user's `--param` values); `sum_split` goes to the
-    relevance rules (signal rules pass sums by the gradient)."""
+    normalisation, patterns for the pattern rules, and the user's `--param` values); `sum_split` and
+    `attention` go to the relevance rules (signal rules pass sums by the gradient and hold attention constant)."""
     offered: dict[str, Any] = {"mean": meta.mean, "std": meta.std, "patterns": patterns, **params}
     unused = set(params) - {p for rule in rules for p in method_parameters(rule)}
     if unused:
@@ -107,7 +116,9 @@ def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str
     if sum_split != "z" and not relevance_rules:
         raise UsageError(f"--sum-split {sum_split}: {', '.join(rules)} propagate(s) a signal, which passes sums by "
                          "the gradient")
-    split: dict[str, Any] = {"sum_split": sum_split}
+    if attention not in ATTENTION_RULES:
+        raise UsageError(f"--attention {attention!r}: choose {' or '.join(ATTENTION_RULES)}")
+    split: dict[str, Any] = {"sum_split": sum_split, "attention": attention}
     return {rule: Explainer(model, rule, class_names=meta.class_names,
                             **{k: v for k, v in offered.items() if k in method_parameters(rule)},
                             **(split if rule in relevance_rules else {}))
@@ -143,6 +154,7 @@ class ImageResult:
     target: str
     target_logit: float
     relevance_sum: dict[str, float] = field(default_factory=dict)
+    term_relevance: dict[str, dict[str, float]] = field(default_factory=dict)  # rule -> learned term -> relevance
     name: str = ""  # the output files' common stem (data.paths.output_stems): unique among the images
     files: list[str] = field(default_factory=list)
     perturbed: dict[str, ConditionResult] = field(default_factory=dict)  # by perturbation spec
@@ -234,6 +246,9 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                 sums = relevance.flatten(1).sum(dim=1).double()
                 for result, value in zip(batch_results, sums.tolist(), strict=True):
                     result.relevance_sum[rule] = value
+                for term, values in res.terms.items():
+                    for result, value in zip(batch_results, values.double().tolist(), strict=True):
+                        result.term_relevance.setdefault(rule, {})[term] = value
             for row, result in enumerate(batch_results):
                 result.name = stems[positions[row]]
                 image_maps = {rule: maps[rule][row] for rule in explainers}

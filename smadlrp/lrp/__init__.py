@@ -14,6 +14,7 @@ from smadlrp.lrp.canonize import CANONIZATIONS, AffineBatchNorm, FoldedBatchNorm
 from smadlrp.lrp.composites import (
     ATTENTION_RULES,
     COMPOSITES,
+    DEFAULT_ATTENTION,
     SUM_SPLITS,
     Composite,
     CompositeSpec,
@@ -34,6 +35,7 @@ __all__ = [
     "AffineBatchNorm",
     "CANONIZATIONS",
     "COMPOSITES",
+    "DEFAULT_ATTENTION",
     "OP_KINDS",
     "NodeCall",
     "OpKind",

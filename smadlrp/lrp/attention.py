@@ -36,7 +36,8 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 
 
 class ExplicitMultiheadAttention(nn.Module):
-    """`nn.MultiheadAttention` (eval mode) as explicit nodes; called like it, returns (output, None).
+    """`nn.MultiheadAttention` (eval mode) as explicit nodes; called like it, returns (output, None). The query
+    projection `q` carries the scale 1 / sqrt(head_dim) in its weights and bias.
 
     Shapes: query (B, L, E) with `batch_first`, else (L, B, E); key and value (B, S, E) alike.
     """
@@ -51,6 +52,9 @@ class ExplicitMultiheadAttention(nn.Module):
         else:
             wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
         bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+        scale = 1.0 / math.sqrt(mha.head_dim)  # folded into the query projection: no scaled copy of q is kept
+        with torch.no_grad():
+            wq, bq = wq * scale, None if bq is None else bq * scale
         self.q, self.k, self.v = _linear(wq, bq), _linear(wk, bk), _linear(wv, bv)
         self.out_proj = _linear(mha.out_proj.weight, mha.out_proj.bias)
         self.heads, self.head_dim, self.batch_first, self.embed_dim = mha.num_heads, mha.head_dim, mha.batch_first, e
@@ -63,8 +67,7 @@ class ExplicitMultiheadAttention(nn.Module):
             raise UsageError(f"cannot explain {self.name!r}: attention masks are not supported")
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        q = self._heads(self.q(query)) * (1.0 / math.sqrt(self.head_dim))
-        k, v = self._heads(self.k(key)), self._heads(self.v(value))
+        q, k, v = self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value))
         attention = F.softmax(q @ k.transpose(-2, -1), dim=-1)
         out = (attention @ v).transpose(1, 2)
         out = self.out_proj(out.reshape(out.shape[0], out.shape[1], self.embed_dim))

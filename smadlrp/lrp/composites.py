@@ -165,8 +165,11 @@ def method_is_signal(method: str) -> bool:
 
 
 def method_parameters(method: str) -> tuple[str, ...]:
-    """Parameter names accepted by the rule or composite `method`."""
-    return tuple(dict.fromkeys(p for key in _method_keys(method) for p in rule_parameters(key)))
+    """Parameter names accepted by the rule or composite `method` (a composite's also prefixed by group)."""
+    names = [p for key in _method_keys(method) for p in rule_parameters(key)]
+    if method in COMPOSITES:
+        names += [f"{g}_{p}" for g, key in COMPOSITES[method].group_keys().items() for p in rule_parameters(key)]
+    return tuple(dict.fromkeys(names))
 
 
 def _method_keys(method: str) -> tuple[str, ...]:

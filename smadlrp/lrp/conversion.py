@@ -175,6 +175,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
             layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
             layer._lrp_rectified = _rectified(node, modules)
             layer._lrp_projection = node.name in projections
+            layer._lrp_recompute = _feeds_a_copy(node, plan)
             _set_submodule(root, name, layer)
             explained[name] = layer
         if node_plan is None:
@@ -234,6 +235,19 @@ def _attention_projections(graph: fx.Graph, plan: Mapping[str, NodePlan]) -> set
 
     layers = [n for n in graph.nodes if n.name in plan and plan[n.name].kind == "layer"]
     return {n.name for n in layers if reaches(n, True) or reaches(n, False)}
+
+
+def _feeds_a_copy(node: fx.Node, plan: Mapping[str, NodePlan]) -> bool:
+    """Whether `node`'s output reaches nothing but an element-wise activation that writes a new tensor (through
+    folded BatchNorms), so that no other node keeps it."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        kind = plan[node.name].kind if node.name in plan else None
+        if kind in ("activation", "relu6"):
+            return True
+        if kind != "gradient" or node.op != "call_module":  # FoldedBatchNorm, Identity, Dropout
+            return False
+    return False
 
 
 def _rectified(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:

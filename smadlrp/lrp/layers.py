@@ -73,30 +73,36 @@ class Tap(LeafModule, nn.Module):
 
 
 class _RuleFunction(torch.autograd.Function):
-    """Forward: the layer. Backward: the rule's relevance at the input from the relevance at the output."""
+    """Forward: the layer. Backward: the rule's relevance at the input from the relevance at the output. With
+    `recompute`, an output the rule needs is computed again in the backward pass instead of being kept (for a
+    layer whose output nothing else keeps: one followed by an activation that writes a new tensor)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None,
-        rectified: bool,
+        rectified: bool, recompute: bool,
     ) -> Tensor:
         if a_nonnegative is None and rule.sign_sensitive:
             a_nonnegative = not bool(a.numel() and a.min() < 0)
         z = op.forward(a, prepared["weight"], prepared.get("bias"))
-        if rule.needs_output(bool(a_nonnegative)):
+        needs_output = rule.needs_output(bool(a_nonnegative))
+        if needs_output and not recompute:
             ctx.save_for_backward(a, alias(z))
         else:
             ctx.save_for_backward(a)
         ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative, ctx.rectified = op, rule, prepared, a_nonnegative, rectified
+        ctx.recompute = needs_output and recompute
         return z
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, *z = ctx.saved_tensors
-        state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
         with torch.autocast(r.device.type, enabled=False):
+            if ctx.recompute:
+                z = [ctx.op.forward(a, ctx.prepared["weight"], ctx.prepared.get("bias"))]
+            state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
             relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.to(a.dtype))
-        return relevance, None, None, None, None, None
+        return relevance, None, None, None, None, None, None
 
 
 class _Explained(LeafModule):
@@ -110,6 +116,7 @@ class _Explained(LeafModule):
     _lrp_carries: bool
     _lrp_rectified: bool
     _lrp_projection: bool
+    _lrp_recompute: bool
     _lrp_cache: OrderedDict[Rule, Prepared]
     _lrp_key: tuple[Any, ...]
 
@@ -118,6 +125,7 @@ class _Explained(LeafModule):
         self._lrp_nonnegative, self._lrp_carries = nonnegative, carries
         self._lrp_rectified = False
         self._lrp_projection = False
+        self._lrp_recompute = False
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
@@ -156,7 +164,8 @@ class _Explained(LeafModule):
         prepared = self._prepared(name, rule, *params, current.dtype)
         nonnegative = True if self._lrp_nonnegative else None
         with torch.autocast(a.device.type, enabled=False):
-            out = _RuleFunction.apply(a.to(current.dtype), op, rule, prepared, nonnegative, self._lrp_rectified)
+            out = _RuleFunction.apply(a.to(current.dtype), op, rule, prepared, nonnegative, self._lrp_rectified,
+                                      self._lrp_recompute)
         assert isinstance(out, Tensor)
         return out
 

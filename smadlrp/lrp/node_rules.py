@@ -138,12 +138,15 @@ class GateFunction(torch.autograd.Function):
 
 
 def _vjp(
-    f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...], v: Tensor
+    f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...],
+    vector: Callable[[Tensor], Tensor],
 ) -> list[Tensor | None]:
-    """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`."""
-    with torch.autocast(v.device.type, enabled=False), torch.enable_grad():
+    """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`, with
+    `v = vector(f(inputs))` (so that a rule dividing by the output need not keep it from the forward pass)."""
+    with torch.autocast(inputs[0].device.type, enabled=False), torch.enable_grad():
         leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
-        grads = torch.autograd.grad(f(*leaves), [t for t in leaves if t.requires_grad], v)
+        out = f(*leaves)
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], vector(out.detach()))
     it = iter(grads)
     return [next(it) if w else None for w in wanted]
 
@@ -164,49 +167,48 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        (c,) = _vjp(ctx.frozen, (x,), (True,), stabilized_divide(r, y, 0.0))
+        (c,) = _vjp(ctx.frozen, (x,), (True,), lambda _: stabilized_divide(r, y, 0.0))
         assert c is not None
         return c.mul_(x), None, None
 
 
 class SoftmaxFunction(torch.autograd.Function):
     """`s = softmax(x)` (any dim, through `f`) with AttnLRP's rule `R_x = x * J^T (R / s)`
-    `= x * (R - s * sum(R))`; masked logits (-inf) get 0."""
+    `= x * (R - s * sum(R))`; masked logits (-inf) get 0. s is recomputed in the backward pass, not kept."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
-        s = f(x)
-        ctx.save_for_backward(x, alias(s))
+        ctx.save_for_backward(x)
         ctx.f = f
-        return s
+        return f(x)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, s = ctx.saved_tensors
-        (c,) = _vjp(ctx.f, (x,), (True,), stabilized_divide(r, s, 0.0))
+        (x,) = ctx.saved_tensors
+        (c,) = _vjp(ctx.f, (x,), (True,), lambda s: stabilized_divide(r, s, 0.0))
         assert c is not None
         return c.mul_(x.masked_fill(~torch.isfinite(x), 0.0)), None
 
 
 class ProductFunction(torch.autograd.Function):
     """`z = f(u, v)` for a bilinear `f` with the uniform rule: `R_u = w u * J_u^T (R / z)`, `R_v` alike, with
-    w = 1/2 when both operands carry relevance and 1 when only one does."""
+    w = 1/2 when both operands carry relevance and 1 when only one does. z is recomputed in the backward pass
+    (with the vector-Jacobian product it needs anyway), not kept."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, u: Tensor, v: Tensor, f: Callable[[Tensor, Tensor], Tensor]
     ) -> Tensor:
-        z = f(u, v)
-        ctx.save_for_backward(u, v, alias(z))
+        ctx.save_for_backward(u, v)
         ctx.f = f
-        return z
+        return f(u, v)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        u, v, z = ctx.saved_tensors
+        u, v = ctx.saved_tensors
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
-        c_u, c_v = _vjp(ctx.f, (u, v), wanted, stabilized_divide(r, z, 0.0))
+        c_u, c_v = _vjp(ctx.f, (u, v), wanted, lambda z: stabilized_divide(r, z, 0.0))
         r_u = None if c_u is None else c_u.mul_(u).mul_(share)
         r_v = None if c_v is None else c_v.mul_(v).mul_(share)
         return r_u, r_v, None
