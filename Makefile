@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test test-quick lint docs demo docs-figures clean
+.PHONY: install test test-all test-quick lint docs demo docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
+	$(BIN)/python -m pytest -m "not sweep"
+
+# Also the sweeps over every registry architecture (float64 LRP-0 = gradient x input on each CNN): minutes more.
+test-all: install
 	$(BIN)/python -m pytest
 
 # The fast loop: everything but the tests marked slow (processes, the docs, full-size models), under 30 s.

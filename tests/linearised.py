@@ -21,8 +21,7 @@ from torch import Tensor
 
 def _gain(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def frozen(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        kwargs.pop("inplace", None)
-        y = f(x, *args, **kwargs)
+        y = f(x.clone(), *args, **kwargs)  # an in-place activation must not change x
         gain = torch.where(x == 0, torch.zeros_like(x), y / torch.where(x == 0, torch.ones_like(x), x))
         return x * gain.detach()
 
@@ -55,12 +54,13 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
 @contextlib.contextmanager
 def linearised(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """torch's layers linearised at the forward pass (see the module docstring)."""
-    sigmoid = torch.sigmoid
+    sigmoid, hardsigmoid = torch.sigmoid, F.hardsigmoid
     with monkeypatch.context() as m:
-        for name in ("gelu", "silu", "hardswish", "mish", "relu6"):
+        for name in ("gelu", "silu", "hardswish", "mish", "relu6", "hardtanh"):  # nn.ReLU6 calls F.hardtanh
             m.setattr(F, name, _gain(getattr(F, name)))
         m.setattr(torch, "tanh", _gain(torch.tanh))
         m.setattr(torch, "sigmoid", lambda x, *a, **k: sigmoid(x).detach())
+        m.setattr(F, "hardsigmoid", lambda x, *a, **k: hardsigmoid(x).detach())
         m.setattr(F, "layer_norm", _layer_norm)
         m.setattr(F, "normalize", _normalize)
         m.setattr(F, "softmax", _softmax)

@@ -38,7 +38,7 @@ from smadlrp.lrp.node_rules import (
     SoftmaxFunction,
     SumFunction,
 )
-from smadlrp.lrp.norms import NORM_FUNCTIONS, NORM_MODULES, frozen
+from smadlrp.lrp.norms import NORM_FUNCTIONS, NORM_MODULES, freeze
 from smadlrp.lrp.op_kinds import NodeCall, NodeView, OpKind, register_op
 from smadlrp.lrp.window_ops import STRUCTURAL_FUNCTIONS
 
@@ -128,14 +128,15 @@ def _gate_signal(call: NodeCall) -> Tensor:
 
 
 def _norm(call: NodeCall) -> Tensor:
-    return NormFunction.apply(call.operand(), lambda t: call.call_with(t), frozen(call))  # type: ignore[no-any-return]
+    return NormFunction.apply(call.operand(), lambda t: freeze(call, t))  # type: ignore[no-any-return]
 
 
 def _norm_signal(call: NodeCall) -> Tensor:
     """The layer's output with the gradient of its frozen form (sigma constant)."""
-    out = call.call_with(call.operand())
-    linear = frozen(call)(call.operand())
-    return linear + (out - linear).detach()  # type: ignore[no-any-return]
+    x = call.operand()
+    y, frozen = freeze(call, x)
+    linear = frozen(x)
+    return linear + (y - linear).detach()
 
 
 def _softmax(call: NodeCall) -> Tensor:

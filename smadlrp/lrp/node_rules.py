@@ -9,8 +9,8 @@ relevance at the inputs (not the gradient):
 - `PoolFunction`, a linear pool `y = P x`: `R_x = x * P^T (R / y)`;
 - `PassFunction`, `y = f(x)` element-wise (ReLU, ReLU6, SiLU, ..., scaling by a constant): `R_x = R`;
 - `GateFunction`, `y = x * g` with a gate g (a constant of the forward pass): `R_x = R`, nothing to g;
-- `NormFunction`, a normalisation `y = (C x) / sigma * w + b` (LayerNorm, GroupNorm, RMSNorm, ...), with sigma a
-  constant of the forward pass: `R_x = x * J^T (R / y)`, J the Jacobian of `x -> (C x) / sigma * w` (the
+- `NormFunction`, a normalisation `y = C(x) / sigma * w + b` (LayerNorm, GroupNorm, RMSNorm, ...), with sigma a
+  constant of the forward pass: `R_x = x * J^T (R / y)`, J the Jacobian of `x -> C(x) / sigma * w` (the
   centring C is a linear map under the z-rule, the scale passes relevance unchanged, b absorbs its share);
 - `SoftmaxFunction`, `s = softmax(x)`: `R_x = x * (R - s * sum(R))` (AttnLRP, Deep Taylor with bias);
 - `ProductFunction`, `z = f(u, v)` bilinear (`u * v`, `u @ v`, einsum): `R_u = 1/2 u * J_u^T (R / z)` and the
@@ -152,14 +152,14 @@ def _vjp(
 
 
 class NormFunction(torch.autograd.Function):
-    """A normalisation `y = plain(x)` with sigma constant: `R_x = x * J^T (R / y)`, J the Jacobian of `frozen`
-    (the same map with sigma detached and without its bias)."""
+    """A normalisation with sigma constant, `y = C(x) * scale + b` (`norms.FrozenNorm`):
+    `R_x = x * J^T (R / y)` with `J^T v = C(v * scale)`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, plain: Callable[[Tensor], Tensor], frozen: Callable[[Tensor], Tensor]
+        ctx: Any, x: Tensor, freeze: Callable[[Tensor], tuple[Tensor, Any]]
     ) -> Tensor:
-        y = plain(x)
+        y, frozen = freeze(x)
         ctx.save_for_backward(x, alias(y))
         ctx.frozen = frozen
         return y
@@ -167,9 +167,7 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        (c,) = _vjp(ctx.frozen, (x,), (True,), lambda _: stabilized_divide(r, y, 0.0))
-        assert c is not None
-        return c.mul_(x), None, None
+        return ctx.frozen.vjp(stabilized_divide(r, y, 0.0)).mul_(x), None
 
 
 class SoftmaxFunction(torch.autograd.Function):

@@ -1,15 +1,18 @@
-"""Normalisation layers with sigma held constant: the map whose Jacobian `NormFunction` shares relevance with.
+"""Normalisation layers with sigma held constant: the linear map whose Jacobian `NormFunction` shares relevance
+with.
 
-For LayerNorm, GroupNorm, RMSNorm and `F.normalize`, `frozen(call)` returns `x -> (C x) / sigma * w`: the centring
-C (none for RMSNorm and `F.normalize`), sigma computed from the detached input (a constant of the forward pass),
-the scale w, and no bias (which absorbs its share of relevance like any bias). Its value differs from the layer's
-output only by the bias; its Jacobian is the one of the linearised layer (AttnLRP, Prop. 3.4).
+LayerNorm, GroupNorm, RMSNorm and `F.normalize` compute `y = C(x) * (w / sigma) + b`: C the centring (subtracting
+the mean over the normalised dims; none for RMSNorm and `F.normalize`), sigma from x, w the scale and b the bias.
+With sigma a constant of the forward pass the layer is `x -> C(x) * scale` plus b (AttnLRP, Prop. 3.4). C is
+symmetric, so the vector-Jacobian product of that map is `C(v * scale)`: no autograd and no second pass over x.
+`freeze(call, x)` computes the layer's output with one fused kernel where torch has one, and its `FrozenNorm`.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,56 +26,66 @@ NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSN
 NORM_FUNCTIONS: tuple[Any, ...] = (F.layer_norm, F.group_norm, F.rms_norm, F.normalize)
 
 
-def _scaled(t: Tensor, weight: Tensor | None, dtype: torch.dtype, channel_first: bool = False) -> Tensor:
-    if weight is None:
-        return t
-    w = weight.detach().to(dtype)
-    return t * (w.view(1, -1, *([1] * (t.dim() - 2))) if channel_first else w)
+@dataclass(frozen=True)
+class FrozenNorm:
+    """`x -> C(x) * scale`: `scale` (w / sigma, broadcast against x), C the subtraction of the mean over `dims`
+    (none when `dims` is empty) after viewing x as `groups` groups per sample (GroupNorm; 0: x as it is)."""
+
+    scale: Tensor
+    dims: tuple[int, ...] = ()
+    groups: int = 0
+
+    def centre(self, t: Tensor) -> Tensor:
+        """C(t): t minus its mean over the normalised dims (t itself without centring)."""
+        if not self.dims:
+            return t
+        g = t.reshape(t.shape[0], self.groups, -1) if self.groups else t
+        return (g - g.mean(self.dims, keepdim=True)).reshape(t.shape)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.centre(x) * self.scale
+
+    def vjp(self, v: Tensor) -> Tensor:
+        """`J^T v = C(v * scale)` (C is symmetric)."""
+        return self.centre(v * self.scale)
 
 
-def frozen_layer_norm(shape: tuple[int, ...], weight: Tensor | None, eps: float, dtype: torch.dtype
-                      ) -> Callable[[Tensor], Tensor]:
-    """`x -> (x - mean) / sigma * w` over the last len(shape) dims, sigma from the detached x."""
+def _weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | float:
+    return 1.0 if weight is None else weight.detach().to(dtype)
+
+
+def _layer_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+                ) -> tuple[Tensor, FrozenNorm]:
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y, _, rstd = torch.native_layer_norm(x, list(shape), w, b, eps)
+    return y, FrozenNorm(rstd * _weight(weight, x.dtype), tuple(range(-len(shape), 0)))
+
+
+def _group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+                ) -> tuple[Tensor, FrozenNorm]:
+    batch, channels = x.shape[:2]
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y, _, rstd = torch.native_group_norm(x, w, b, batch, channels, x[0, 0].numel(), groups, eps)
+    per_channel = rstd.repeat_interleave(channels // groups, dim=1).view(batch, channels, *([1] * (x.dim() - 2)))
+    w_view = _weight(weight, x.dtype)
+    if isinstance(w_view, Tensor):
+        w_view = w_view.view(1, channels, *([1] * (x.dim() - 2)))
+    return y, FrozenNorm(per_channel * w_view, (-1,), groups)
+
+
+def _rms_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float | None
+              ) -> tuple[Tensor, FrozenNorm]:
     dims = tuple(range(-len(shape), 0))
-
-    def f(x: Tensor) -> Tensor:
-        sigma = torch.sqrt(x.detach().var(dims, unbiased=False, keepdim=True) + eps)
-        return _scaled((x - x.mean(dims, keepdim=True)) / sigma, weight, dtype)
-
-    return f
+    e = torch.finfo(x.dtype).eps if eps is None else eps
+    scale = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + e) * _weight(weight, x.dtype)
+    return x * scale, FrozenNorm(scale)
 
 
-def frozen_group_norm(groups: int, weight: Tensor | None, eps: float, dtype: torch.dtype
-                      ) -> Callable[[Tensor], Tensor]:
-    """`x -> (x - mean) / sigma * w` per group of channels (dim 1), sigma from the detached x."""
-
-    def f(x: Tensor) -> Tensor:
-        g = x.reshape(x.shape[0], groups, -1)
-        sigma = torch.sqrt(g.detach().var(-1, unbiased=False, keepdim=True) + eps)
-        return _scaled(((g - g.mean(-1, keepdim=True)) / sigma).reshape(x.shape), weight, dtype, channel_first=True)
-
-    return f
-
-
-def frozen_rms_norm(shape: tuple[int, ...], weight: Tensor | None, eps: float | None, dtype: torch.dtype
-                    ) -> Callable[[Tensor], Tensor]:
-    """`x -> x / rms * w` over the last len(shape) dims, rms from the detached x."""
-    dims = tuple(range(-len(shape), 0))
-
-    def f(x: Tensor) -> Tensor:
-        e = torch.finfo(x.dtype).eps if eps is None else eps
-        return _scaled(x / torch.sqrt(x.detach().pow(2).mean(dims, keepdim=True) + e), weight, dtype)
-
-    return f
-
-
-def frozen_normalize(p: float, dim: int, eps: float) -> Callable[[Tensor], Tensor]:
-    """`x -> x / max(||x||_p, eps)` along `dim`, the norm from the detached x."""
-
-    def f(x: Tensor) -> Tensor:
-        return x / x.detach().norm(p, dim, keepdim=True).clamp_min(eps)
-
-    return f
+def _normalize(x: Tensor, p: float, dim: int, eps: float) -> tuple[Tensor, FrozenNorm]:
+    scale = 1.0 / x.norm(p, dim, keepdim=True).clamp_min(eps)
+    return x * scale, FrozenNorm(scale)
 
 
 def _bound(function: Callable[..., Any], call: NodeCall) -> dict[str, Any]:
@@ -81,22 +94,27 @@ def _bound(function: Callable[..., Any], call: NodeCall) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def frozen(call: NodeCall) -> Callable[[Tensor], Tensor]:
-    """The frozen map of the normalisation node `call` (a module of NORM_MODULES or a NORM_FUNCTIONS call)."""
-    m, dtype = call.plain, call.dtype
-    if isinstance(m, nn.LayerNorm):
-        return frozen_layer_norm(tuple(m.normalized_shape), m.weight, m.eps, dtype)
-    if isinstance(m, nn.GroupNorm):
-        return frozen_group_norm(m.num_groups, m.weight, m.eps, dtype)
-    if isinstance(m, nn.RMSNorm):
-        return frozen_rms_norm(tuple(m.normalized_shape), m.weight, m.eps, dtype)
-    if m in (F.layer_norm, F.rms_norm, F.group_norm, F.normalize):
-        a = _bound(m, call)  # type: ignore[arg-type]
+def freeze(call: NodeCall, x: Tensor) -> tuple[Tensor, FrozenNorm]:
+    """The output of the normalisation node `call` (a module of NORM_MODULES or a NORM_FUNCTIONS call) for `x`,
+    computed without autograd, and its frozen linear map."""
+    m = call.plain
+    with torch.no_grad():
+        if isinstance(m, nn.LayerNorm):
+            return _layer_norm(x, tuple(m.normalized_shape), m.weight, m.bias, m.eps)
+        if isinstance(m, nn.GroupNorm):
+            return _group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+        if isinstance(m, nn.RMSNorm):
+            return _rms_norm(x, tuple(m.normalized_shape), m.weight, m.eps)
         if m is F.layer_norm:
-            return frozen_layer_norm(tuple(a["normalized_shape"]), a["weight"], a["eps"], dtype)
-        if m is F.rms_norm:
-            return frozen_rms_norm(tuple(a["normalized_shape"]), a["weight"], a["eps"], dtype)
+            a = _bound(m, call)
+            return _layer_norm(x, tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"])
         if m is F.group_norm:
-            return frozen_group_norm(a["num_groups"], a["weight"], a["eps"], dtype)
-        return frozen_normalize(a["p"], a["dim"], a["eps"])
+            a = _bound(m, call)
+            return _group_norm(x, a["num_groups"], a["weight"], a["bias"], a["eps"])
+        if m is F.rms_norm:
+            a = _bound(m, call)
+            return _rms_norm(x, tuple(a["normalized_shape"]), a["weight"], a["eps"])
+        if m is F.normalize:
+            a = _bound(m, call)
+            return _normalize(x, a["p"], a["dim"], a["eps"])
     raise UsageError(f"no frozen form for normalisation {call.plan.op}")
