@@ -186,3 +186,24 @@ def test_bad_input_exits_2_with_one_line(tiny_data: Path, tiny_checkpoint: Path,
                            "--device", "cpu", "--out", str(tmp_path / "res"), *args)
     assert code == 2
     assert message in output.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_grid_search_compares_every_setting_and_names_the_best(synth_small: Path, tiny_checkpoint: Path,
+                                                                tmp_path: Path) -> None:
+    code, output = _invoke("compare-rules", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_small),
+                           "--rule", "epsilon-gamma-box", "--grid", "gamma=0,0.25", "--grid", "epsilon=0.01,1",
+                           "--max-images", "6", "--patch-size", "4", "--steps", "4", "--device", "cpu",
+                           "--out", str(tmp_path / "res"), "--json", str(tmp_path / "r.json"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "r.json").read_text())
+    settings = [m for m in report["methods"] if m["kind"] == "rule"]
+    assert [m["name"] for m in settings] == [f"epsilon-gamma-box(gamma={g},epsilon={e})"
+                                             for g in ("0", "0.25") for e in ("0.01", "1")]
+    best = max(settings, key=lambda m: m["aopc"])
+    params = best["name"][len("epsilon-gamma-box("):-1].split(",")
+    assert f"most faithful setting: {best['name']}" in output
+    assert f"use --param {params[0]} --param {params[1]}" in output
+    code, output = _invoke("compare-rules", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_small),
+                           "--rule", "epsilon", "--grid", "epsilon", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--grid 'epsilon': write PARAM=V1,V2,... with numbers" in output

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
 from smadlrp.core.device import num_threads
+from smadlrp.core.errors import UsageError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TRANSFORMERS = [("vit_b_16", 32), ("swin_t", 32), ("maxvit_t", 224), ("convnext_tiny", 32)]
@@ -154,3 +155,13 @@ def test_float64_model_gives_float64_relevance_equal_to_gradient_times_input() -
     leaf = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(canonical(leaf)[torch.arange(2), result.target].sum(), leaf)
     assert relative_l2(result.relevance, grad * x) <= 1e-10
+
+
+def test_pattern_methods_are_refused_on_transformers() -> None:
+    """PatternNet's signal is not defined through LayerNorm and attention (it overflows): refused by name."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("vit_b_32", weights=None, num_classes=2, image_size=32).eval()
+    expected = r"this model has \d+ normalisation or attention node\(s\) \(e.g. encoder.layers.encoder_layer_0.ln_1"
+    for method in ("patternnet", "patternattribution"):
+        with pytest.raises(UsageError, match=expected):
+            lrp.Explainer(model, method, patterns={})

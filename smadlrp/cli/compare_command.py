@@ -219,7 +219,7 @@ def compare_rules(
                              ylabel=f"mean drop of the {result.score}",
                              title=f"Region perturbation: {checkpoint.name}, target {result.target}")
     if grid:
-        console.print(best_setting_line(result, list(explainers)), highlight=False)
+        console.print(best_setting_line(result, list(explainers)), highlight=False, soft_wrap=True)
     console.print(f"wrote {CSV_FILE} and {CURVES_FILE} to {out}", highlight=False)
     write_json(json_out, {"checkpoint": str(checkpoint), "sum_split": sum_split, "attention": attention,
                           **result.as_dict()})

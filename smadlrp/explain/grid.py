@@ -32,8 +32,8 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[float]]:
 
 
 def setting_name(rule: str, params: Mapping[str, float]) -> str:
-    """`gamma-transformer[projection_gamma=0.05,dense_gamma=0.25]`."""
-    return f"{rule}[{','.join(f'{k}={v:g}' for k, v in params.items())}]"
+    """`gamma-transformer(projection_gamma=0.05,dense_gamma=0.25)`."""
+    return f"{rule}({','.join(f'{k}={v:g}' for k, v in params.items())})"
 
 
 def grid_explainers(rules: Sequence[str], grid: Mapping[str, Sequence[float]], build: Build) -> dict[str, Explainer]:
@@ -54,6 +54,6 @@ def grid_explainers(rules: Sequence[str], grid: Mapping[str, Sequence[float]], b
 def best_setting_line(result: Comparison, names: Sequence[str]) -> str:
     """The grid setting with the largest AOPC, as the `--param` options that choose it."""
     best = max((result.method(name) for name in names), key=lambda m: m.aopc)
-    params = best.name[best.name.index("[") + 1:-1].split(",")
+    params = best.name[best.name.index("(") + 1:-1].split(",")
     options = " ".join(f"--param {p}" for p in params)
     return f"most faithful setting: {best.name} (AOPC {best.aopc:.4f}); use {options}"

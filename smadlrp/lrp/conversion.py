@@ -27,6 +27,21 @@ from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
 
+# Kinds through which a PatternNet-family signal is not defined (Kindermans et al. 2018 derive it for linear layers
+# and rectifiers): on a transformer it grows from block to block until it overflows.
+NON_SIGNAL_KINDS = ("norm", "softmax", "product")
+
+
+def check_signal_model(nodes: Mapping[str, NodePlan]) -> None:
+    """UsageError (one line) when the planned graph has a node a PatternNet-family signal cannot pass."""
+    blocking = [plan for plan in nodes.values() if plan.kind in NON_SIGNAL_KINDS]
+    if blocking:
+        raise UsageError(
+            f"PatternNet and PatternAttribution are defined for linear layers and rectifiers; this model has "
+            f"{len(blocking)} normalisation or attention node(s) (e.g. {blocking[0].name}: {blocking[0].op}), through "
+            "which their signal is not defined: use an LRP rule or composite")
+
+
 def check_supported(model: nn.Module) -> None:
     """UsageError (one line) naming every node of `model`'s graph that carries relevance but has no LRP rule,
     or why the model cannot be traced; nothing is computed."""
@@ -57,10 +72,12 @@ class LRPModel(nn.Module):
     """
 
     def __init__(
-        self, module: nn.Module, switch: Switch, explained: dict[str, LRPConv2d | LRPLinear], rows: int
+        self, module: nn.Module, switch: Switch, explained: dict[str, LRPConv2d | LRPLinear], rows: int,
+        plan: Mapping[str, NodePlan],
     ) -> None:
         super().__init__()
         self.module = module
+        self._plan = plan
         self._rows = rows  # traced nodes; the output's record comes after them
         self._switch = switch
         self._explained = explained
@@ -102,6 +119,8 @@ class LRPModel(nn.Module):
     ) -> Composite:
         """Resolve `rule` with `params` and `overrides`, checked against this model's layers."""
         composite = build_composite(rule, params, overrides)
+        if composite.signal:
+            check_signal_model(self._plan)
         composite.check_layers({name: layer.weight for name, layer in self._explained.items()})
         return composite
 
@@ -210,7 +229,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     root.add_module("lrp_nodes", nodes)
     root.add_module("lrp_terms", terms)
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    return LRPModel(module.eval(), switch, explained, len(taps))
+    return LRPModel(module.eval(), switch, explained, len(taps), plan)
 
 
 _PASSING = ("gradient", "scale")  # kinds that only move or scale values

@@ -28,6 +28,8 @@ from torch.nn.grad import conv2d_weight
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.memory import release_free_memory
+from smadlrp.lrp.conversion import check_signal_model
+from smadlrp.lrp.graph import plan_graph, trace_model
 from smadlrp.lrp.fitted_patterns import (
     DEGENERATE_RTOL,
     ESTIMATORS,
@@ -326,6 +328,7 @@ def fit_patterns(
     """
     ranks = ranks or current()
     kinds = _check_kinds(kinds)
+    check_signal_model(plan_graph(trace_model(model), model).nodes)
     if isinstance(batches, Iterator):
         raise TypeError("fit_patterns passes over `batches` twice: give a list or a DataLoader, not an iterator")
     device = device or _model_device(model)
