@@ -26,7 +26,6 @@ from smadlrp.lrp.op_kinds import OP_KINDS, NodePlan
 from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
-
 # Kinds through which a PatternNet-family signal is not defined (Kindermans et al. 2018 derive it for linear layers
 # and rectifiers): on a transformer it grows from block to block until it overflows.
 NON_SIGNAL_KINDS = ("norm", "softmax", "product")

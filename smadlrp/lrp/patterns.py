@@ -29,7 +29,6 @@ from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.memory import release_free_memory
 from smadlrp.lrp.conversion import check_signal_model
-from smadlrp.lrp.graph import plan_graph, trace_model
 from smadlrp.lrp.fitted_patterns import (
     DEGENERATE_RTOL,
     ESTIMATORS,
@@ -44,6 +43,7 @@ from smadlrp.lrp.fitted_patterns import (
     save_patterns,
     weights_fingerprint,
 )
+from smadlrp.lrp.graph import plan_graph, trace_model
 
 __all__ = [
     "DEGENERATE_RTOL",
