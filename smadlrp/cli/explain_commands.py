@@ -51,6 +51,7 @@ from smadlrp.data.paths import (
     safe_output,
 )
 from smadlrp.data.perturb import SPEC_HELP, parse_perturbations
+from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.heatmaps import plot_layer_maps
 from smadlrp.explain.run import (
     PATTERN_KINDS,
@@ -128,8 +129,8 @@ def explain(
     model, meta, torch_device = open_model(checkpoint, device)
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
-    explainers = build_explainers(model, meta, rules, parse_params(param or []), pattern_tensors, sum_split,
-                                  attention)
+    params = parse_params(param or [])
+    explainers = build_explainers(model, meta, rules, params, pattern_tensors, sum_split, attention)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
@@ -146,24 +147,7 @@ def explain(
     relevance = _gather_relevance(ranks, share, raw)
     if not ranks.is_main:
         return  # rank 0 prints the table of every image and writes the shared files
-    table = Table(title=f"{len(images)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
-                  caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
-                          "conserves relevance and the biases absorb none; signal: the rule's output is a signal "
-                          "estimate in input space, not a relevance, so its sum means nothing")
-    terms = sorted({t for r in results for values in r.term_relevance.values() for t in values})
-    for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R", *terms):
-        text = column in {"file", "target", "rule"}
-        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
-                         min_width=14 if column == "file" else None)
-    for result in results:
-        # an image whose output name needed a number to be unique shows it (`sub__a.png (sub__a~2)`)
-        named = f"{result.path.name} ({result.name})" if "~" in result.name else result.path.name
-        image = [named, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
-        for i, (name, value) in enumerate(result.relevance_sum.items()):
-            table.add_row(*(image if i == 0 else [""] * len(image)), name,
-                          "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}",
-                          *(f"{result.term_relevance.get(name, {}).get(t, 0.0):.4g}" for t in terms))
-    console.print(table)
+    console.print(_results_table(results, meta, f"{len(images)} image(s), {checkpoint.name}"))
     if conditions:
         console.print(_perturbed_table(results, meta.attack_class))
     if relevance is not None:
@@ -182,6 +166,28 @@ def explain(
     ]  # fmt: skip
     write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "sum_split": sum_split,
                           "attention": attention, "out": str(out), "images": images_json})
+
+
+def _results_table(results: list[ImageResult], meta: CheckpointMeta, title: str) -> Table:
+    """Per image and rule: the score, the target, its logit, the relevance sum and each learned term's share."""
+    table = Table(title=title, box=box.SIMPLE_HEAD,
+                  caption="logit: the target class's; sum R: the relevance sum, equal to the logit when the rule "
+                          "conserves relevance and the biases absorb none; signal: the rule's output is a signal "
+                          "estimate in input space, not a relevance, so its sum means nothing")
+    terms = sorted({t for r in results for values in r.term_relevance.values() for t in values})
+    for column in ("file", f"P({meta.attack_class})", "target", "logit", "rule", "sum R", *terms):
+        text = column in {"file", "target", "rule"}
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text,
+                         min_width=14 if column == "file" else None)
+    for result in results:
+        # an image whose output name needed a number to be unique shows it (`sub__a.png (sub__a~2)`)
+        named = f"{result.path.name} ({result.name})" if "~" in result.name else result.path.name
+        image = [named, f"{result.p_attack:.4f}", result.target, f"{result.target_logit:.4g}"]
+        for i, (name, value) in enumerate(result.relevance_sum.items()):
+            table.add_row(*(image if i == 0 else [""] * len(image)), name,
+                          "[dim]signal[/dim]" if name in SIGNAL_RULES else f"{value:.4g}",
+                          *(f"{result.term_relevance.get(name, {}).get(t, 0.0):.4g}" for t in terms))
+    return table
 
 
 def _perturbed_table(results: list[ImageResult], attack_class: str) -> Table:

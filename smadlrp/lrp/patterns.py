@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.memory import release_free_memory
-from smadlrp.lrp.conversion import check_signal_model
 from smadlrp.lrp.fitted_patterns import (
     DEGENERATE_RTOL,
     ESTIMATORS,
@@ -43,7 +43,7 @@ from smadlrp.lrp.fitted_patterns import (
     save_patterns,
     weights_fingerprint,
 )
-from smadlrp.lrp.graph import plan_graph, trace_model
+from smadlrp.lrp.norms import NORM_MODULES
 
 __all__ = [
     "DEGENERATE_RTOL",
@@ -304,6 +304,17 @@ def _ieee_float32() -> Iterator[None]:
             setattr(owner, name, value)
 
 
+def _check_signal(model: nn.Module) -> None:
+    """Refuse a model with a normalisation or attention layer, through which PatternNet's signal is not defined
+    (read from its modules: the explainer refuses any such node of the graph too)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (*NORM_MODULES, nn.MultiheadAttention, nn.Softmax, ShiftedWindowAttention)):
+            raise UsageError(
+                "PatternNet and PatternAttribution are defined for linear layers and rectifiers; this model has a "
+                f"normalisation or attention layer ({name}: {type(module).__name__}), through which their signal is "
+                "not defined: use an LRP rule or composite")
+
+
 def fit_patterns(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -328,7 +339,7 @@ def fit_patterns(
     """
     ranks = ranks or current()
     kinds = _check_kinds(kinds)
-    check_signal_model(plan_graph(trace_model(model), model).nodes)
+    _check_signal(model)
     if isinstance(batches, Iterator):
         raise TypeError("fit_patterns passes over `batches` twice: give a list or a DataLoader, not an iterator")
     device = device or _model_device(model)
