@@ -48,7 +48,7 @@ def test_transformer_detector_end_to_end(arch: str, tiny_synth: Path, tmp_path: 
             if name.endswith("bias"):  # also attention's in_proj_bias
                 param.zero_()
     bias_free = save_checkpoint(tmp_path / "bias_free.safetensors", model, meta)
-    output = invoke("trace", image, "--rule", "zero", "--checkpoint", bias_free, "--device", "cpu",
+    output = invoke("trace", image, "--rule", "zero", "--attention", "cp", "--checkpoint", bias_free, "--device", "cpu",
                     "--out", tmp_path / "trace", "--json", tmp_path / "t.json")
     traced = json.loads((tmp_path / "t.json").read_text())
     rows, terms = traced["layers"], traced["terms"]

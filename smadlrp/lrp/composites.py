@@ -30,7 +30,7 @@ SUM_SPLITS: tuple[str, ...] = ("z", "absolute")
 # values only) or "attnlrp" (AttnLRP: the softmax rule and the uniform rule on q k^T and A v).
 Attention = Literal["cp", "attnlrp"]
 ATTENTION_RULES: tuple[str, ...] = ("cp", "attnlrp")
-DEFAULT_ATTENTION: Attention = "cp"
+DEFAULT_ATTENTION: Attention = "attnlrp"
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ COMPOSITES: dict[str, CompositeSpec] = {
         CompositeSpec(
             "gamma-transformer", "gamma with its own strength on the patch embedding, the attention projections and "
             "the MLPs", "gamma", "gamma", "gamma", "gamma",
-            (("first_gamma", 1.0), ("projection_gamma", 0.05), ("dense_gamma", 0.05)),
+            (("first_gamma", 0.25), ("projection_gamma", 0.0), ("dense_gamma", 0.05)),
         ),
     )
 }
