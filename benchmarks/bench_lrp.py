@@ -6,7 +6,7 @@ EfficientNet-B0, ViT-B/16, Swin-T or ConvNeXt-T.
 
 The model has random weights (BatchNorm with its default statistics; ViT's zero-initialised head drawn at random
 so that its logits are not 0); inputs are 224 x 224. The transformers are explained with `epsilon` under CP-LRP
-attention (`epsilon`) and AttnLRP's rules (`attnlrp`), and with the `gamma-transformer` composite. Reference: forward,
+attention (`epsilon-cp`) and AttnLRP's rules (`epsilon-attnlrp`), and with the `gamma-transformer` composite. Reference: forward,
 then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
 built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round runs the
 reference and each method once, in turn, so a load change on the machine hits all of them alike. The table gives
@@ -58,12 +58,12 @@ CNN_METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "epsilon-gamma-box": ("epsilon-gamma-box", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
 }
 TRANSFORMER_METHODS: dict[str, tuple[str, dict[str, object]]] = {
-    "epsilon": ("epsilon", {}),
-    "attnlrp": ("epsilon", {"attention": "attnlrp"}),
-    "gamma-transformer": ("gamma-transformer", {}),
+    "epsilon-cp": ("epsilon", {"attention": "cp"}),
+    "epsilon-attnlrp": ("epsilon", {"attention": "attnlrp"}),
+    "gamma-transformer": ("gamma-transformer", {}),  # with AttnLRP, the default
 }
 ARCHS = ("vgg16", "resnet50", "efficientnet_b0", "vit_b_16", "swin_t", "convnext_tiny")
-TRANSFORMER_TARGETS = {"epsilon": 1.2, "attnlrp": 1.2, "gamma-transformer": 1.7}
+TRANSFORMER_TARGETS = {"epsilon-cp": 1.2, "epsilon-attnlrp": 1.2, "gamma-transformer": 1.7}
 TIME_TARGETS = {
     "vgg16": {"epsilon": 1.2, "gamma": 1.6, "alpha1beta0": 2.2, "alpha2beta1": 2.2, "epsilon-gamma-box": 1.7},
     "resnet50": {"epsilon": 1.2, "epsilon-plus": 1.6, "epsilon-gamma-box": 1.7},

@@ -3,8 +3,8 @@ with.
 
 LayerNorm, GroupNorm, RMSNorm and `F.normalize` compute `y = C(x) * (w / sigma) + b`: C the centring (subtracting
 the mean over the normalised dims; none for RMSNorm and `F.normalize`), sigma from x, w the scale and b the bias.
-With sigma a constant of the forward pass the layer is `x -> C(x) * scale` plus b (AttnLRP, Prop. 3.4). C is
-symmetric, so the vector-Jacobian product of that map is `C(v * scale)`: no autograd and no second pass over x.
+With sigma a constant of the forward pass the layer is `x -> C(x) * w / sigma` plus b (AttnLRP, Prop. 3.4). C is
+symmetric, so the vector-Jacobian product of that map is `C(v * w / sigma)`: no autograd, no second pass over x.
 `freeze(call, x)` computes the layer's output with one fused kernel where torch has one, and its `FrozenNorm`.
 """
 
@@ -28,10 +28,12 @@ NORM_FUNCTIONS: tuple[Any, ...] = (F.layer_norm, F.group_norm, F.rms_norm, F.nor
 
 @dataclass(frozen=True)
 class FrozenNorm:
-    """`x -> C(x) * scale`: `scale` (w / sigma, broadcast against x), C the subtraction of the mean over `dims`
-    (none when `dims` is empty) after viewing x as `groups` groups per sample (GroupNorm; 0: x as it is)."""
+    """`x -> C(x) * rstd * weight`: `rstd` (1 / sigma) and `weight` (w) broadcast against x and kept apart (their
+    product would be the size of x), C the subtraction of the mean over `dims` (none when `dims` is empty) after
+    viewing x as `groups` groups per sample (GroupNorm; 0: x as it is)."""
 
-    scale: Tensor
+    rstd: Tensor
+    weight: Tensor | float = 1.0
     dims: tuple[int, ...] = ()
     groups: int = 0
 
@@ -43,11 +45,11 @@ class FrozenNorm:
         return (g - g.mean(self.dims, keepdim=True)).reshape(t.shape)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.centre(x) * self.scale
+        return self.centre(x) * self.rstd * self.weight
 
     def vjp(self, v: Tensor) -> Tensor:
-        """`J^T v = C(v * scale)` (C is symmetric)."""
-        return self.centre(v * self.scale)
+        """`J^T v = C(v * rstd * weight)` (C is symmetric)."""
+        return self.centre(v * self.rstd * self.weight)
 
 
 def _weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | float:
@@ -59,7 +61,7 @@ def _layer_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: 
     w = None if weight is None else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     y, _, rstd = torch.native_layer_norm(x, list(shape), w, b, eps)
-    return y, FrozenNorm(rstd * _weight(weight, x.dtype), tuple(range(-len(shape), 0)))
+    return y, FrozenNorm(rstd, _weight(weight, x.dtype), tuple(range(-len(shape), 0)))
 
 
 def _group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -72,20 +74,21 @@ def _group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | No
     w_view = _weight(weight, x.dtype)
     if isinstance(w_view, Tensor):
         w_view = w_view.view(1, channels, *([1] * (x.dim() - 2)))
-    return y, FrozenNorm(per_channel * w_view, (-1,), groups)
+    return y, FrozenNorm(per_channel, w_view, (-1,), groups)
 
 
 def _rms_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float | None
               ) -> tuple[Tensor, FrozenNorm]:
     dims = tuple(range(-len(shape), 0))
     e = torch.finfo(x.dtype).eps if eps is None else eps
-    scale = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + e) * _weight(weight, x.dtype)
-    return x * scale, FrozenNorm(scale)
+    rstd = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + e)
+    frozen = FrozenNorm(rstd, _weight(weight, x.dtype))
+    return frozen(x), frozen
 
 
 def _normalize(x: Tensor, p: float, dim: int, eps: float) -> tuple[Tensor, FrozenNorm]:
-    scale = 1.0 / x.norm(p, dim, keepdim=True).clamp_min(eps)
-    return x * scale, FrozenNorm(scale)
+    frozen = FrozenNorm(1.0 / x.norm(p, dim, keepdim=True).clamp_min(eps))
+    return frozen(x), frozen
 
 
 def _bound(function: Callable[..., Any], call: NodeCall) -> dict[str, Any]:
