@@ -6,8 +6,8 @@ EfficientNet-B0, ViT-B/16, Swin-T or ConvNeXt-T.
 
 The model has random weights (BatchNorm with its default statistics; ViT's zero-initialised head drawn at random
 so that its logits are not 0); inputs are 224 x 224. The transformers are explained with `epsilon` under CP-LRP
-attention (`epsilon-cp`) and AttnLRP's rules (`epsilon-attnlrp`), and with the `gamma-transformer` composite. Reference: forward,
-then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
+attention (`epsilon-cp`) and AttnLRP's rules (`epsilon-attnlrp`), and with the `gamma-transformer` composite.
+Reference: forward, then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
 built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round runs the
 reference and each method once, in turn, so a load change on the machine hits all of them alike. The table gives
 the median wall time, its ratio to the reference's median, the median of the per-round wall ratios, and the ratio
