@@ -4,15 +4,15 @@ EfficientNet-B0, ViT-B/16, Swin-T or ConvNeXt-T.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_lrp.py [--arch vgg16|resnet50|efficientnet_b0|vit_b_16|...]
         [--batch 8 1] [--runs 5] [--threads 2] [--device cpu|cuda]
 
-The model has random weights (BatchNorm with its default statistics; ViT's zero-initialised head drawn at random
-so that its logits are not 0); inputs are 224 x 224. The transformers are explained with `epsilon` under CP-LRP
+The model has random weights (BatchNorm with its default statistics; ViT's zero-initialised head drawn at random so
+that its logits are not 0); inputs are 224 x 224. The transformers are explained with `epsilon` under CP-LRP
 attention (`epsilon-cp`) and AttnLRP's rules (`epsilon-attnlrp`), and with the `gamma-transformer` composite.
-Reference: forward, then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method is an `Explainer`
-built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round runs the
-reference and each method once, in turn, so a load change on the machine hits all of them alike. The table gives
-the median wall time, its ratio to the reference's median, the median of the per-round wall ratios, and the ratio
-of median CPU times (user + system of the process, all threads). On a shared machine the CPU-time ratio is the
-steadier figure: time spent waiting for a core does not count. OpenMP threads sleep instead of spinning while
+Reference: forward, then the backward pass of the predicted logit w.r.t. the input (parameters frozen). Each method
+is an `Explainer` built once. Time: after one warm-up call per method, `--runs` rounds in one process; every round
+runs the reference and each method once, in turn, so a load change on the machine hits all of them alike. The table
+gives the median wall time, its ratio to the reference's median, the median of the per-round wall ratios, and the
+ratio of median CPU times (user + system of the process, all threads). On a shared machine the CPU-time ratio is
+the steadier figure: time spent waiting for a core does not count. OpenMP threads sleep instead of spinning while
 they wait (OMP_WAIT_POLICY=PASSIVE, unless set otherwise), so that waiting does not count as CPU time either.
 
 Memory: one fresh subprocess per method and batch size builds the model (and explainer), makes one warm-up
