@@ -44,6 +44,20 @@ def alias(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
+def _vjp(
+    f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...],
+    vector: Callable[[Tensor], Tensor],
+) -> list[Tensor | None]:
+    """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`, with
+    `v = vector(f(inputs))` (so that a rule dividing by the output need not keep it from the forward pass)."""
+    with torch.autocast(inputs[0].device.type, enabled=False), torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
+        out = f(*leaves)
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], vector(out.detach()))
+    it = iter(grads)
+    return [next(it) if w else None for w in wanted]
+
+
 class SumFunction(torch.autograd.Function):
     """`y = a + b` with the z-rule, `R_a = a / y R` and `R_b = b / y R`, or with `absolute` the absolute split
     `R_a = |a| / (|a| + |b|) R` (Otsuki et al., ECCV 2024), which hands each term a share of R's sign;
@@ -101,9 +115,8 @@ class PoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, y = ctx.saved_tensors
-        with torch.autocast(r.device.type, enabled=False), torch.enable_grad():
-            leaf = a.detach().requires_grad_(True)
-            (c,) = torch.autograd.grad(ctx.pool(leaf), leaf, stabilized_divide(r, y, 0.0))
+        (c,) = _vjp(ctx.pool, (a,), (True,), lambda _: stabilized_divide(r, y, 0.0))
+        assert c is not None
         return c.mul_(a), None
 
 
@@ -137,23 +150,9 @@ class GateFunction(torch.autograd.Function):
         return r.sum_to_size(ctx.shape), None
 
 
-def _vjp(
-    f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...],
-    vector: Callable[[Tensor], Tensor],
-) -> list[Tensor | None]:
-    """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`, with
-    `v = vector(f(inputs))` (so that a rule dividing by the output need not keep it from the forward pass)."""
-    with torch.autocast(inputs[0].device.type, enabled=False), torch.enable_grad():
-        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
-        out = f(*leaves)
-        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], vector(out.detach()))
-    it = iter(grads)
-    return [next(it) if w else None for w in wanted]
-
-
 class NormFunction(torch.autograd.Function):
-    """A normalisation with sigma constant, `y = C(x) * scale + b` (`norms.FrozenNorm`):
-    `R_x = x * J^T (R / y)` with `J^T v = C(v * scale)`."""
+    """A normalisation with sigma constant, `y = C(x) * w / sigma + b` (`norms.FrozenNorm`):
+    `R_x = x * J^T (R / y)` with `J^T v = C(v * w / sigma)`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
