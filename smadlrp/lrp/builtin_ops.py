@@ -47,7 +47,7 @@ GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 GATE_FUNCTIONS: tuple[object, ...] = (torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
 _ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
 _SUB = (operator.sub, operator.isub, torch.sub, "sub")
-_MUL = (operator.mul, operator.imul, torch.mul, "mul")
+MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, "mul")
 _DIV = (operator.truediv, torch.div, "div")
 _MATMUL = (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.einsum)
 _STRUCTURAL = (
@@ -194,7 +194,7 @@ def _eval_identity(view: NodeView) -> bool | str:
 
 def _attention_weights(view: NodeView) -> bool | str:
     """A softmax is explained as attention weights: its output must multiply something (`A @ v`)."""
-    if all(user.target in _MATMUL + _MUL for user in view.node.users):
+    if all(user.target in _MATMUL + MUL_FUNCTIONS for user in view.node.users):
         return True
     return "a softmax is explained only as attention weights (A @ v), not as an output or a feature"
 
@@ -224,13 +224,13 @@ for _kind in (
     OpKind("softmax", "AttnLRP: R_x = x * (R - s sum(R)); CP-LRP: a constant", modules=(nn.Softmax,),
            functions=(F.softmax, torch.softmax, "softmax"), apply=_softmax, signal=_softmax_signal,
            accepts=_attention_weights),
-    OpKind("gate", "all relevance to x, none to the gate g", functions=_MUL, apply=_gate, signal=_gate_signal,
+    OpKind("gate", "all relevance to x, none to the gate g", functions=MUL_FUNCTIONS, apply=_gate, signal=_gate_signal,
            accepts=_is_gate),
-    OpKind("product", "uniform: half of the z-rule's relevance to each operand", functions=_MUL + _MATMUL,
+    OpKind("product", "uniform: half of the z-rule's relevance to each operand", functions=MUL_FUNCTIONS + _MATMUL,
            apply=_product, accepts=_two_carrying),
     OpKind("sum", "z-rule on the sum: R_a = a / y R", functions=_ADD + _SUB, sign="keeps", apply=_sum,
            accepts=_sum_accepts),
-    OpKind("scale", "identity: R_x = R_y", functions=(*_MUL, *_DIV, operator.neg, "neg"), apply=_scale,
+    OpKind("scale", "identity: R_x = R_y", functions=(*MUL_FUNCTIONS, *_DIV, operator.neg, "neg"), apply=_scale,
            accepts=_scale_accepts),
     OpKind("gradient", "the gradient (relevance sliced back, or winner takes all)", modules=GRADIENT_MODULES,
            functions=(*_STRUCTURAL, *_EVAL_IDENTITY), sign="keeps", accepts=_eval_identity),

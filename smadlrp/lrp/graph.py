@@ -132,7 +132,7 @@ def plan_graph(graph: fx.Graph, root: nn.Module) -> GraphPlan:
             continue
         operands = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name not in quiet]
         gates = [i for i in operands if node.args[i].name in gate_sources]  # type: ignore[union-attr]
-        if node.target in builtin._MUL and len(operands) == 2 and len(node.args) == 2 and len(gates) == 1:
+        if node.target in builtin.MUL_FUNCTIONS and len(operands) == 2 and len(node.args) == 2 and len(gates) == 1:
             gate_index[node.name] = gates[0]
             other = node.args[1 - gates[0]]
             assert isinstance(other, fx.Node)
