@@ -9,7 +9,7 @@ DEMO   := demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,align]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,align,clip,timm,lora]'
 	touch $(STAMP)
 
 install: $(STAMP)

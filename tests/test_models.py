@@ -137,7 +137,7 @@ def test_imagenet_vit_at_another_side_is_interpolated(monkeypatch: pytest.Monkey
     weights = tvm.get_model_weights("vit_b_32").DEFAULT
     state = tvm.get_model("vit_b_32", weights=None).state_dict()
     monkeypatch.setattr(type(weights), "get_state_dict", lambda self, *args, **kwargs: state)
-    model = get_architecture("vit_b_32").build(3, imagenet=True, image_size=64)
+    model = get_architecture("vit_b_32").build(3, pretrained=True, image_size=64)
     assert model.encoder.pos_embedding.shape == (1, 5, 768)
     assert torch.equal(model.state_dict()["conv_proj.weight"], state["conv_proj.weight"])
     assert model.heads.head.out_features == 3
@@ -149,7 +149,7 @@ def test_imagenet_maxvit_at_another_side_loads_unchanged(monkeypatch: pytest.Mon
     with torch.device("meta"):
         state = tvm.get_model("maxvit_t").state_dict()
         monkeypatch.setattr(type(weights), "get_state_dict", lambda self, *args, **kwargs: state)
-        model = get_architecture("maxvit_t").build(3, imagenet=True, image_size=448).eval()
+        model = get_architecture("maxvit_t").build(3, pretrained=True, image_size=448).eval()
         assert model(torch.empty(1, 3, 448, 448)).shape == (1, 3)
 
 

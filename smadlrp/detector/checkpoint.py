@@ -18,7 +18,7 @@ from torch import nn
 from smadlrp import __version__
 from smadlrp.core.container import first_non_finite, read_document, read_tensors, write_document
 from smadlrp.core.errors import SmadlrpError, shorten, shown
-from smadlrp.detector.models import ARCHITECTURES, get_architecture, load_compatible_state
+from smadlrp.detector.models import get_architecture, is_architecture, load_compatible_state
 
 CHECKPOINT_SCHEMA = "smadlrp.detector.checkpoint/1"
 INPUT_SIZES = (16, 4096)  # pixels, the input sides a checkpoint may declare (a larger one costs gigabytes per image)
@@ -86,7 +86,7 @@ class CheckpointMeta:
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         """(KEY, what is wrong) for each problem, in order; each check may rely on the ones before it."""
-        known = isinstance(self.architecture, str) and self.architecture in ARCHITECTURES
+        known = is_architecture(self.architecture)
         if not known:
             yield "architecture", f"unknown architecture {shown(self.architecture)}"
         names = self.class_names
@@ -98,7 +98,7 @@ class CheckpointMeta:
         low, high = INPUT_SIZES
         if type(self.input_size) is not int or not low <= self.input_size <= high:
             yield "input_size", f"{shown(self.input_size)} is not a whole number of pixels in {low}..{high}"
-        elif known and (problem := ARCHITECTURES[self.architecture].size_problem(self.input_size)) is not None:
+        elif known and (problem := get_architecture(self.architecture).size_problem(self.input_size)) is not None:
             yield "input_size", f"{self.input_size} px does not fit: {problem}"
         for key, values in (("mean", self.mean), ("std", self.std)):
             if not (isinstance(values, list | tuple) and len(values) == 3 and all(_is_finite(v) for v in values)):

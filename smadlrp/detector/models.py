@@ -1,5 +1,6 @@
-"""The architecture registry (every torchvision classification builder and a compact VGG, with their input
-sides) and building its networks with their initial weights: ImageNet, random, or a file.
+"""The architecture registry (every torchvision classification builder, a compact VGG, and open_clip / timm
+backbones behind optional extras, with their input sides) and building its networks with their initial weights:
+pretrained (ImageNet for torchvision), random, or a file.
 
 Each entry knows how to build its network with a fresh `num_classes` head (`smadlrp.detector.heads`), which
 parameters form that head, its default input side (the crop of torchvision's default ImageNet weights), and which
@@ -25,6 +26,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 from smadlrp.core.container import read_tensors
 from smadlrp.core.errors import SmadlrpError, UsageError
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from smadlrp.detector.heads import replace_heads
 
 Notify = Callable[[str], None]
@@ -73,6 +75,8 @@ class Architecture:
     size_step_reason: str = ""  # what `size_step` is, after "a multiple of", e.g. "its 16 px patch"
     side_bound: Literal["vit", "maxvit"] | None = None  # built for one side (the builder takes it)
     options: Mapping[str, object] = field(default_factory=dict)  # further torchvision builder keywords
+    mean: tuple[float, ...] = tuple(IMAGENET_MEAN)  # the input normalisation its weights expect, RGB in [0, 1]
+    std: tuple[float, ...] = tuple(IMAGENET_STD)
 
     @property
     def head(self) -> tuple[str, ...]:
@@ -94,15 +98,33 @@ class Architecture:
         if problem is not None:
             raise UsageError(f"--image-size {size}: {problem}")
 
-    def build(self, num_classes: int, imagenet: bool = False, image_size: int | None = None) -> nn.Module:
+    @property
+    def pretrained_name(self) -> str:
+        """What `--weights pretrained` loads, e.g. "imagenet (torchvision)"."""
+        return "imagenet (torchvision)"
+
+    def pretrained_cached(self) -> bool:
+        """True when the pretrained weights file is already in the library's cache (no download needed)."""
+        if self.torchvision_name is None:
+            return False
+        url = tvm.get_model_weights(self.torchvision_name).DEFAULT.url
+        return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+
+    def offline_hint(self) -> str:
+        """Where to put the pretrained weights file by hand, for a machine without network."""
+        return f"put the file in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+
+    def build(self, num_classes: int, pretrained: bool = False, image_size: int | None = None) -> nn.Module:
         """The network for (B, 3, S, S) inputs, S = `image_size` px (None: `input_size`), returning (B,
-        `num_classes`) logits in eval mode, with ImageNet weights for everything but the fresh head if asked."""
+        `num_classes`) logits in eval mode, with pretrained weights for everything but the fresh head if asked."""
         side = self.input_size if image_size is None else image_size
         self.check_image_size(side)
         if self.torchvision_name is None:
+            if pretrained:
+                raise UsageError(f"{self.name} has no pretrained weights; use --weights none or --weights FILE")
             return CompactVGG(num_classes)
         options = self.builder_options(side)
-        weights = tvm.get_model_weights(self.torchvision_name).DEFAULT if imagenet else None
+        weights = tvm.get_model_weights(self.torchvision_name).DEFAULT if pretrained else None
         with _regnet_widths_on_cpu():
             if weights is not None and self.side_bound is not None and side != weights.meta["min_size"][0]:
                 model = tvm.get_model(self.torchvision_name, weights=None, **options)
@@ -206,26 +228,31 @@ ARCHITECTURES: dict[str, Architecture] = {
 # torchvision classification builders left out of the registry: name -> why
 REFUSED: dict[str, str] = {}
 
+from smadlrp.detector.backbones import LIBRARY_ARCHITECTURES, TIMM_PREFIX, timm_architecture  # noqa: E402
+
+ARCHITECTURES.update(LIBRARY_ARCHITECTURES)
+
 
 def get_architecture(name: str) -> Architecture:
-    """Look up a registry entry; UsageError listing the known names otherwise."""
-    try:
+    """Look up a registry entry, or a timm model by `timm/NAME` (with the timm extra); UsageError listing the
+    known names otherwise."""
+    if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    except KeyError:
-        reason = f" ({REFUSED[name]})" if name in REFUSED else ""
-        raise UsageError(f"unknown architecture {name!r}{reason}; choose one of: {', '.join(ARCHITECTURES)}") from None
+    if name.startswith(TIMM_PREFIX):
+        return timm_architecture(name)
+    reason = f" ({REFUSED[name]})" if name in REFUSED else ""
+    raise UsageError(f"unknown architecture {name!r}{reason}; choose one of: {', '.join(ARCHITECTURES)}, "
+                     f"or {TIMM_PREFIX}NAME for a timm model")
 
 
-def imagenet_weights_cached(arch: Architecture) -> bool:
-    """True when torchvision's ImageNet weights file for `arch` is already in torch's hub cache."""
-    if arch.torchvision_name is None:
-        return False
-    url = tvm.get_model_weights(arch.torchvision_name).DEFAULT.url
-    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+def is_architecture(name: object) -> bool:
+    """Whether `name` names a registry entry or a well-formed `timm/NAME` (without importing timm)."""
+    return isinstance(name, str) and (name in ARCHITECTURES or (name.startswith(TIMM_PREFIX) and
+                                                                len(name) > len(TIMM_PREFIX)))
 
 
 RANDOM_INIT = "random initialisation"  # the weights source of a model built without pretrained weights
-WEIGHT_CHOICES = ("auto", "imagenet", "none")  # `--weights` values that name no file
+WEIGHT_CHOICES = ("auto", "pretrained", "imagenet", "none")  # `--weights` values that name no file
 
 
 def build_model(arch_name: str, num_classes: int, weights: str = "auto", notify: Notify = lambda _msg: None,
@@ -233,37 +260,38 @@ def build_model(arch_name: str, num_classes: int, weights: str = "auto", notify:
     """Build `arch_name` with a `num_classes` head and initial weights for `image_size` px inputs (None: the
     architecture's default side); return (model, weights source).
 
-    `weights`: "imagenet" (torchvision's weights API; needs the file cached or a network), "none" (random
-    initialisation), "auto" (ImageNet when cached, else random with a notice), or a path to a local
-    `.safetensors` / torchvision state-dict `.pth` file of the same architecture.
+    `weights`: "pretrained" or its older name "imagenet" (the library's weights: torchvision's ImageNet weights,
+    open_clip's or timm's pretrained tag; needs the file cached or a network), "none" (random initialisation),
+    "auto" (pretrained when cached, else random with a notice), or a path to a local `.safetensors` / state-dict
+    `.pth` file of the same architecture.
     """
     arch = get_architecture(arch_name)
     side = arch.input_size if image_size is None else image_size
     if weights == "none":
         return arch.build(num_classes, image_size=side), RANDOM_INIT
     if weights == "auto":
-        if imagenet_weights_cached(arch):
-            return _build_imagenet(arch, num_classes, side), "imagenet (torchvision, cached)"
-        notify(f"no cached ImageNet weights for {arch.name}: starting from random initialisation "
-               "(use --weights imagenet or --weights FILE to change this)")
+        if arch.pretrained_cached():
+            return _build_pretrained(arch, num_classes, side), f"{arch.pretrained_name}, cached"
+        notify(f"no cached pretrained weights for {arch.name}: starting from random initialisation "
+               "(use --weights pretrained or --weights FILE to change this)")
         return arch.build(num_classes, image_size=side), RANDOM_INIT
-    if weights == "imagenet":
-        return _build_imagenet(arch, num_classes, side), "imagenet (torchvision)"
+    if weights in ("pretrained", "imagenet"):
+        return _build_pretrained(arch, num_classes, side), arch.pretrained_name
     path = Path(weights)
     model = arch.build(num_classes, image_size=side)
     load_weights_file(model, arch, path, side)
     return model, f"file {path.name}"
 
 
-def _build_imagenet(arch: Architecture, num_classes: int, image_size: int) -> nn.Module:
-    if arch.torchvision_name is None:
-        raise UsageError(f"{arch.name} has no ImageNet weights; use --weights none or --weights FILE")
+def _build_pretrained(arch: Architecture, num_classes: int, image_size: int) -> nn.Module:
     try:
-        return arch.build(num_classes, imagenet=True, image_size=image_size)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub wraps some failures in RuntimeError
+        return arch.build(num_classes, pretrained=True, image_size=image_size)
+    except (SmadlrpError, UsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a download fails in each library's own way (URLError, hub errors)
         raise SmadlrpError(
-            f"cannot get ImageNet weights for {arch.name} ({exc.__class__.__name__}: offline?); "
-            f"put the file in {Path(torch.hub.get_dir()) / 'checkpoints'}, or use --weights none or --weights FILE"
+            f"cannot get the pretrained weights of {arch.name} ({exc.__class__.__name__}: offline?); "
+            f"{arch.offline_hint()}, or use --weights none or --weights FILE"
         ) from exc
 
 

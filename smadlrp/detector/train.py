@@ -23,13 +23,7 @@ from smadlrp.core.errors import SmadlrpError, UsageError, shorten, shown
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.core.processes import interrupted, is_interrupt
 from smadlrp.data.align import recorded_policy
-from smadlrp.data.loading import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataSource,
-    ImageDataset,
-    make_loader,
-)
+from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.data.perturb import parse_augmentation
 from smadlrp.data.protocol import read_protocol
 from smadlrp.detector.checkpoint import INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
@@ -168,7 +162,8 @@ class Finetuner:
         val_split = data.split("val", self.class_names, config.attack_class, warn=notify)
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
-        train_data = ImageDataset(train_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, augment=True, cache=True,
+        self.mean, self.std = list(arch.mean), list(arch.std)  # the normalisation the backbone's weights expect
+        train_data = ImageDataset(train_split.samples, size, self.mean, self.std, augment=True, cache=True,
                                   perturb=parse_augmentation(config.augment) if config.augment else None,
                                   perturb_seed=None)
         self.sampler: DistributedSampler[int] | None = None  # one process: the loader shuffles itself
@@ -177,7 +172,7 @@ class Finetuner:
         self.train_loader = make_loader(
             train_data, config.batch_size // ranks.world_size, shuffle=self.sampler is None, sampler=self.sampler,
             workers=workers, generator=self.generator, device=device)
-        self.val_data = ImageDataset(val_split.samples, size, IMAGENET_MEAN, IMAGENET_STD, cache=True)
+        self.val_data = ImageDataset(val_split.samples, size, self.mean, self.std, cache=True)
         self.shares = (len(self.sampler or train_data), len(train_data),
                        len(ranks.shard(len(self.val_data), config.batch_size)), len(self.val_data))
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify,
@@ -354,7 +349,7 @@ class Finetuner:
         """The checkpoint metadata of this run with an epoch's metrics and validation operating points."""
         return CheckpointMeta(
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
-            input_size=self.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            input_size=self.config.image_size, mean=self.mean, std=self.std,
             weights_source=self.weights_source, training={**asdict(self.config), "world_size": self.ranks.world_size},
             metrics=metrics, operating_points=points or {}, alignment=self.alignment,
         )

@@ -123,9 +123,14 @@ class ExplicitWindowAttention(nn.Module):
 
 def explicit_attention(model: nn.Module) -> bool:
     """Replace every `nn.MultiheadAttention` and Swin attention of `model` (in place, eval mode) by its explicit
-    form; True when anything was replaced."""
+    form, and switch attention modules that offer an explicit path behind a `fused_attn` flag (timm's) to it;
+    True when anything changed."""
     replaced = False
     for name, module in list(model.named_modules()):
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False  # type: ignore[assignment]
+            replaced = True
+            continue
         if isinstance(module, nn.MultiheadAttention):
             new: nn.Module = ExplicitMultiheadAttention(module, name)
         elif isinstance(module, ShiftedWindowAttention):

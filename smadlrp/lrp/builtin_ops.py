@@ -13,7 +13,9 @@
 - `sum`: `a + b` and `a - b`, tensors or a constant (bias, positional embedding, mask): the z-rule on the sum;
 - `scale`: `x * c`, `x / c`, `-x` for a constant c (a number or a parameter such as a layer scale): unchanged;
 - `gradient`: ops whose gradient already shares relevance: max pools (winner takes all), concatenation,
-  slicing, reshapes, `roll`, `pad`, window partitioning, Dropout and stochastic depth in eval mode.
+  slicing, reshapes, dtype casts, `roll`, `pad`, window partitioning, Dropout and stochastic depth in eval mode;
+- `upsample`: nearest upsampling (`nn.Upsample`, `F.interpolate`), explained by its gradient (each output copies
+  one input); other modes are refused.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ _STRUCTURAL = (
     torch.narrow, operator.getitem, F.pad, F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d,
     swin_transformer._patch_merging_pad,
     "view", "reshape", "flatten", "contiguous", "unsqueeze", "squeeze", "permute", "transpose", "swapaxes",
-    "chunk", "split", "unbind", "clone", "expand", "expand_as", "roll", "narrow",
+    "chunk", "split", "unbind", "clone", "expand", "expand_as", "roll", "narrow", "to", "float",
     *STRUCTURAL_FUNCTIONS,
 )  # fmt: skip
+_PASS_MODULES = (nn.Dropout, nn.Identity)  # modules an eval-mode value passes through unchanged
 # Dropout-like functions: the identity when their `training` argument (at this position) is False.
 _EVAL_IDENTITY: dict[object, int] = {F.dropout: 2, stochastic_depth: 3}
 
@@ -192,9 +195,23 @@ def _eval_identity(view: NodeView) -> bool | str:
     return True if training is False else f"{getattr(node.target, '__name__', node.target)} in training mode is random"
 
 
+def _nearest(view: NodeView) -> bool | str:
+    """Upsampling is explained by its gradient only in nearest mode, where each output copies one input."""
+    mode = view.module.mode if isinstance(view.module, nn.Upsample) else view.node.kwargs.get("mode", "nearest")
+    return True if mode == "nearest" else f"upsampling in {mode} mode has no LRP rule (only nearest)"
+
+
 def _attention_weights(view: NodeView) -> bool | str:
-    """A softmax is explained as attention weights: its output must multiply something (`A @ v`)."""
-    if all(user.target in _MATMUL + MUL_FUNCTIONS for user in view.node.users):
+    """A softmax is explained as attention weights: its output must multiply something (`A @ v`), possibly
+    after an eval-mode Dropout or Identity module."""
+    users, seen = list(view.node.users), []
+    while users:
+        user = users.pop()
+        if user.op == "call_module" and isinstance(view.modules.get(str(user.target)), _PASS_MODULES):
+            users += list(user.users)
+        else:
+            seen.append(user)
+    if seen and all(user.target in _MATMUL + MUL_FUNCTIONS for user in seen):
         return True
     return "a softmax is explained only as attention weights (A @ v), not as an output or a feature"
 
@@ -234,6 +251,8 @@ for _kind in (
            accepts=_scale_accepts),
     OpKind("gradient", "the gradient (relevance sliced back, or winner takes all)", modules=GRADIENT_MODULES,
            functions=(*_STRUCTURAL, *_EVAL_IDENTITY), sign="keeps", accepts=_eval_identity),
+    OpKind("upsample", "the gradient: nearest upsampling copies each input", modules=(nn.Upsample,),
+           functions=(F.interpolate,), sign="keeps", accepts=_nearest),
     OpKind("sigmoid", "refused outside a gate", modules=GATE_MODULES, functions=GATE_FUNCTIONS,
            accepts=_gate_refused),
 ):

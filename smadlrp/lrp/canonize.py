@@ -1,8 +1,9 @@
 """Model rewrites that keep the function and make LRP exact, as a list of passes over an eval-mode copy.
 
 A canonization is a function that rewrites a model in place and says whether it changed anything
-(`Canonization`); `CANONIZATIONS` runs in order: attention written out as explicit nodes (`attention`), then
-BatchNorm folding. Register another with `CANONIZATIONS.append(...)`.
+(`Canonization`); `CANONIZATIONS` runs in order: attention written out as explicit nodes (`attention`), a
+BatchNorm that also applies its activation split into the two (timm's `BatchNormAct2d`), then BatchNorm folding.
+Register another with `CANONIZATIONS.append(...)`.
 
 BatchNorm folding: every BatchNorm folded into the Conv2d/Linear whose output it normalises, and every other
 BatchNorm an explicit element-wise affine layer.
@@ -161,6 +162,25 @@ def fold_batchnorm(layer: nn.Module, bn: nn.Module, bn_name: str = "BatchNorm") 
     layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=requires_grad)
 
 
+def split_norm_act(model: nn.Module) -> bool:
+    """Replace every BatchNorm2d subclass that also applies a dropout and an activation after normalising (timm's
+    `BatchNormAct2d`: `act(drop(batch_norm(x)))`) by a plain BatchNorm2d followed by its `drop` and `act` modules,
+    in place; True when there was any. The BatchNorm can then be folded and the activation given its rule."""
+    replaced = False
+    for name, module in list(model.named_modules()):
+        drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+        if not (isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d
+                and isinstance(drop, nn.Module) and isinstance(act, nn.Module)):
+            continue
+        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        plain.load_state_dict(module.state_dict(), strict=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Sequential(plain.eval(), drop, act))
+        replaced = True
+    return replaced
+
+
 def _copy(model: nn.Module, share_weights: bool) -> nn.Module:
     if not share_weights:
         return copy.deepcopy(model)
@@ -170,4 +190,4 @@ def _copy(model: nn.Module, share_weights: bool) -> nn.Module:
 
 
 
-CANONIZATIONS: list[Canonization] = [explicit_attention, fold_batchnorms]
+CANONIZATIONS: list[Canonization] = [explicit_attention, split_norm_act, fold_batchnorms]

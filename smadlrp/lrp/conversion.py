@@ -177,13 +177,15 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     explained: dict[str, LRPConv2d | LRPLinear] = {}
     taps, nodes, terms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
     wrapped: dict[str, RuleNode] = {}
+    names = {n.name: n for n in graph.nodes}
     for node in list(graph.nodes):
-        if node.name in planned.terms:
-            terms.append(Term(switch, planned.terms[node.name]))
-            with graph.inserting_after(node):
-                term = graph.call_module(f"lrp_terms.{len(terms) - 1}", (node,))
-            node.replace_all_uses_with(term, delete_user_cb=lambda user, t=term: user is not t)
-            continue
+        entering = planned.terms.get(node.name, {})
+        for operand, parameter in entering.items():
+            like = next(n for n in node.all_input_nodes if n.name not in entering)  # carrying: gives the batch
+            terms.append(Term(switch, parameter))
+            with graph.inserting_before(node):
+                term = graph.call_module(f"lrp_terms.{len(terms) - 1}", (names[operand], like))
+            node.replace_input_with(names[operand], term)
         node_plan = plan.get(node.name)
         if node.op == "call_module" and isinstance(modules[str(node.target)], (nn.Conv2d, nn.Linear)):
             # every layer, also inside a gate's branch (which carries no relevance): layers count in composites

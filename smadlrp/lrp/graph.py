@@ -30,10 +30,10 @@ __all__ = ["GraphPlan", "LeafModule", "NodePlan", "plan_graph", "trace_model"]
 @dataclass(frozen=True)
 class GraphPlan:
     """The op kind of every relevance-carrying node (by fx node name), in forward order, and the learned
-    additive terms (get_attr node name -> parameter name)."""
+    additive terms (consumer node name -> {constant input node name -> parameter name})."""
 
     nodes: dict[str, NodePlan]
-    terms: dict[str, str]
+    terms: dict[str, dict[str, str]]
 
 
 def _op_label(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
@@ -155,7 +155,7 @@ def plan_graph(graph: fx.Graph, root: nn.Module) -> GraphPlan:
             node, module, carrying,
             numbers=tuple(n for n in (_number(a) for a in node.args) if n is not None),
             constants=tuple(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name in quiet),
-            gate_index=gate_index.get(node.name, -1),
+            gate_index=gate_index.get(node.name, -1), modules=modules,
         )  # fmt: skip
         op = _op_label(node, modules)
         found = _find_kind(view)
@@ -174,7 +174,7 @@ def plan_graph(graph: fx.Graph, root: nn.Module) -> GraphPlan:
             nonnegative.add(node.name)
     if refused:
         raise UsageError(f"cannot explain unsupported layer(s): {', '.join(refused)}; supported: {supported()}")
-    return GraphPlan(plans, _terms(nodes, carries, meta, constants, root))
+    return GraphPlan(plans, _terms(nodes, carries, meta, constants, root, plans))
 
 
 def _find_kind(view: NodeView) -> OpKind | str:
@@ -191,25 +191,26 @@ def _find_kind(view: NodeView) -> OpKind | str:
     return reason
 
 
-def _terms(nodes: list[fx.Node], carries: set[str], meta: set[str], constants: set[str], root: nn.Module
-           ) -> dict[str, str]:
-    """Learned additive terms: parameters (leading dimension 1, at least 2-D) that reach a relevance-carrying
-    node through constants of one tensor input each (`expand(B, -1, -1)`, `reshape`)."""
-    terms: dict[str, str] = {}
+def _terms(nodes: list[fx.Node], carries: set[str], meta: set[str], constants: set[str], root: nn.Module,
+           plans: Mapping[str, NodePlan]) -> dict[str, dict[str, str]]:
+    """Learned additive terms: parameters that reach a relevance-carrying sum or concatenation through constants
+    of one tensor input each (`expand(B, -1, -1)`, `view`, `to`), as consumer node -> {constant input node ->
+    parameter name}; any shape (a class token (1, 1, D) or (D,), a positional embedding (1, N, D) or (N, D))."""
+    terms: dict[str, dict[str, str]] = {}
     for node in nodes:
-        if node.name not in carries:
+        if node.name not in carries or node.name not in plans or plans[node.name].kind not in ("sum", "gradient"):
             continue
-        for source in node.all_input_nodes:
-            while source.name in constants and source.op != "get_attr":
+        for operand in node.all_input_nodes:
+            if operand.name not in constants:
+                continue
+            source = operand
+            while source.op != "get_attr":
                 tensors = [n for n in source.all_input_nodes if n.name not in meta]
-                if len(tensors) != 1:
+                if len(tensors) != 1 or tensors[0].name not in constants:
                     break
                 source = tensors[0]
-            if source.op != "get_attr" or source.name in terms:
-                continue
-            value = _attribute(root, str(source.target))
-            if isinstance(value, nn.Parameter) and value.dim() >= 2 and value.shape[0] == 1:
-                terms[source.name] = str(source.target)
+            if source.op == "get_attr" and isinstance(_attribute(root, str(source.target)), nn.Parameter):
+                terms.setdefault(node.name, {})[operand.name] = str(source.target)
     return terms
 
 

@@ -266,18 +266,26 @@ class RuleNode(LeafModule, nn.Module):
 
 
 class Term(LeafModule, nn.Module):
-    """A learned additive term (positional embedding, class token; shape (1, ...)) as an input of the
-    explanation: during a relevance pass, a leaf of shape (B, ...) whose relevance the explainer collects under
-    `name`; the parameter itself otherwise."""
+    """A learned additive term (positional embedding, class token) where it enters a sum or concatenation with
+    a carrying operand `like` (B, ...): during a relevance pass, a leaf of shape (B, ...) (the term broadcast to
+    the batch, unless it already is per sample) whose relevance the explainer collects under `name`; the term
+    itself otherwise."""
 
     def __init__(self, switch: Switch, name: str) -> None:
         super().__init__()
         self.switch, self.term_name = switch, name
 
-    def forward(self, p: Tensor) -> Tensor:
+    def forward(self, p: Tensor, like: Tensor) -> Tensor:
         current = self.switch.current
         if current is None:
             return p
-        leaf = p.detach().to(current.dtype).expand(current.batch, *p.shape[1:]).clone().requires_grad_(True)
-        current.terms[self.term_name] = leaf
+        leaf = p.detach().to(current.dtype)
+        if not (leaf.dim() == like.dim() and leaf.shape[0] == current.batch):
+            leaf = leaf.reshape((1,) * max(like.dim() - leaf.dim(), 0) + tuple(leaf.shape))
+            leaf = leaf.expand(current.batch, *leaf.shape[1:])
+        leaf = leaf.clone().requires_grad_(True)
+        name, copy = self.term_name, 2
+        while name in current.terms:  # the same parameter entering twice
+            name, copy = f"{self.term_name}#{copy}", copy + 1
+        current.terms[name] = leaf
         return leaf

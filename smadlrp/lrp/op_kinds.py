@@ -15,7 +15,7 @@ returns True, False (not this kind) or the reason the node cannot be explained.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ class NodeView:
     """What planning knows about one node: the fx `node`, its `module` (call_module nodes), its `carrying`
     operands (positions in `node.args` of tensors that carry relevance), its numeric operands, its constant
     tensor operands (parameters, buffers, anything computed from them alone) and, for `x * g` with a gate g,
-    the gate's position (else -1)."""
+    the gate's position (else -1), and the traced model's `modules` by qualified name."""
 
     node: fx.Node
     module: nn.Module | None
@@ -41,6 +41,7 @@ class NodeView:
     numbers: tuple[float, ...]
     constants: tuple[int, ...]
     gate_index: int = -1
+    modules: Mapping[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
