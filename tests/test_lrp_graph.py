@@ -19,9 +19,9 @@ import smadlrp.lrp as lrp
 from smadlrp.cli import app
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
-from smadlrp.detector import models
+from smadlrp.detector import architecture, models
+from smadlrp.detector.architecture import CompactVGG
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
-from smadlrp.detector.models import CompactVGG
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -297,7 +297,7 @@ def test_cli_refuses_a_model_without_a_rule_in_one_red_line(
             h = self.features(x)
             return self.classifier(self.flatten(self.pool(torch.sin(h))))
 
-    monkeypatch.setattr(models, "CompactVGG", SquaringVGG)
+    monkeypatch.setattr(architecture, "CompactVGG", SquaringVGG)
     image = tiny_data / "test" / "morph" / "test_morph_00.png"
     result = CliRunner().invoke(app, ["explain", str(image), "--checkpoint", str(tiny_checkpoint),
                                       "--out", str(tmp_path / "out")])  # fmt: skip

@@ -10,10 +10,10 @@ from torchvision import models as tvm
 from torchvision.models import regnet
 
 from smadlrp.core.errors import UsageError
+from smadlrp.detector.architecture import POSITION_EMBEDDING
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.detector.models import (
     ARCHITECTURES,
-    POSITION_EMBEDDING,
     REFUSED,
     get_architecture,
     load_compatible_state,

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from smadlrp.core.errors import UsageError
-from smadlrp.detector.models import MIN_SIDE, Architecture
+from smadlrp.detector.architecture import MIN_SIDE, Architecture
 from smadlrp.lrp.op_kinds import NodeView, OpKind, register_op
 
 TIMM_PREFIX = "timm/"
