@@ -189,7 +189,7 @@ def compare_rules(
                                                 pattern_kind)
     wanted = _target(target, meta.class_names)
     explainers = grid_explainers(rules, parse_grid(grid or []), lambda rs, params: build_explainers(
-        model, meta, rs, params, pattern_tensors, sum_split, attention))
+        model, meta, rs, params, pattern_tensors, sum_split, attention, notice))
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     plan.reads_images_under(f"an image of {source.name}", source.root, IMAGE_EXTENSIONS)
     prepare_out_dir(out)

@@ -29,6 +29,7 @@ from smadlrp.cli.common import (
     command,
     console,
     file_plan,
+    notice,
     progress_bar,
     rank_line,
     rule_option,
@@ -59,6 +60,7 @@ from smadlrp.explain.run import (
     ImageResult,
     build_explainers,
     explain_images,
+    head_caveat,
     image_batches,
     layer_maps,
     parse_params,
@@ -130,7 +132,7 @@ def explain(
     rules, pattern_tensors = rules_and_patterns(rule or [DEFAULT_RULE], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
     params = parse_params(param or [])
-    explainers = build_explainers(model, meta, rules, params, pattern_tensors, sum_split, attention)
+    explainers = build_explainers(model, meta, rules, params, pattern_tensors, sum_split, attention, notice)
     wanted = parse_target(target, meta.class_names)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
@@ -165,7 +167,7 @@ def explain(
         for r in results
     ]  # fmt: skip
     write_json(json_out, {"checkpoint": str(checkpoint), "rules": rules, "sum_split": sum_split,
-                          "attention": attention, "out": str(out), "images": images_json})
+                          "attention": attention, "head": head_caveat(meta), "out": str(out), "images": images_json})
 
 
 def _results_table(results: list[ImageResult], meta: CheckpointMeta, title: str) -> Table:
@@ -234,7 +236,7 @@ def trace(
     (rule,), pattern_tensors = rules_and_patterns([rule], patterns, checkpoint, model, meta, torch_device,
                                                   pattern_kind)
     explainer = build_explainers(model, meta, [rule], parse_params(param or []), pattern_tensors, sum_split,
-                                 attention)[rule]
+                                 attention, notice)[rule]
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))
     with lrp_trace() as recorded:

@@ -120,7 +120,7 @@ def regions(
     plan.reads("the protocol file", protocol)
     model, meta, torch_device = open_model(checkpoint, device)
     (rule,) = resolve_rules([rule], have_patterns=False)
-    explainer = build_explainers(model, meta, [rule], {}, None, sum_split, attention)[rule]
+    explainer = build_explainers(model, meta, [rule], {}, None, sum_split, attention, notice)[rule]
     wanted = parse_target(target or meta.attack_class, meta.class_names)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)

@@ -36,6 +36,7 @@ from smadlrp.cli.defaults import (
 from smadlrp.core import distributed
 from smadlrp.core.errors import SmadlrpError, UsageError, shorten
 from smadlrp.data.loading import IMAGE_EXTENSIONS
+from smadlrp.detector.frozen_heads import KINDS as HEAD_KINDS
 from smadlrp.detector.importing import import_checkpoint
 from smadlrp.detector.models import ARCHITECTURES, WEIGHT_CHOICES
 from smadlrp.detector.run_folder import held_run_folder
@@ -49,7 +50,7 @@ from smadlrp.detector.train import (
 )
 from smadlrp.evaluation.report import epoch_table
 
-ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}.")]
+ArchOption = Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHITECTURES)}, or timm/NAME.")]
 
 
 GlobalBatchOption = Annotated[
@@ -83,7 +84,8 @@ def finetune(
                                                              "weights, every layer on a random backbone.")
     ] = None,
     weights: Annotated[
-        str, typer.Option(help="Initial weights: auto, imagenet, none, or a .safetensors / state-dict .pth file.")
+        str, typer.Option(help="Initial weights: auto, pretrained (the library's: ImageNet for torchvision; "
+                               "imagenet is the same), none, or a .safetensors / state-dict .pth file.")
     ] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
     select_by: Annotated[str, typer.Option("--select-by", help=f"Pick best.safetensors by: {', '.join(SELECT_BY)}.")]
@@ -93,6 +95,17 @@ def finetune(
         "--augment", metavar="SPEC",
         help="Perturb each training image, values drawn per sample and seeded: comma-separated NAME:LOW-HIGH, "
              "e.g. jpeg:50-95,resize:0.5-1,blur:0-1.5 (see docs/robustness.md).")] = "",
+    lora: Annotated[int, typer.Option("--lora", metavar="RANK", min=0, help=(
+        "Train LoRA adapters of this rank on a transformer's attention projections, and the head; the rest stays "
+        "frozen (0: no LoRA)."))] = 0,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha (0: the rank, a scaling of 1).")] = 0.0,
+    lora_targets: Annotated[str, typer.Option("--lora-targets", help="Projections LoRA adapts, among q, k, v, out.")]
+    = "q,v",
+    frozen: Annotated[bool, typer.Option("--frozen", help=(
+        "Extract the backbone's features once (cached) and fit --head on them."))] = False,
+    head: Annotated[str | None, typer.Option("--head", help=(
+        f"The head --frozen fits: {', '.join(HEAD_KINDS)} (gmm: one-class, on bona fide images only; default "
+        "linear)."))] = None,
     workers: WorkersOption = 0,
     seed: SeedOption = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/ARCH-TIME).", file_okay=False)] = None,
@@ -102,8 +115,11 @@ def finetune(
     device: DeviceOption = None,
     json_out: JsonOption = None,
 ) -> None:
-    """Fine-tune a torchvision CNN (or the compact VGG) on bona fide vs morph images (under torchrun: data-parallel
-    on every process, rank 0 writes the run folder, holding its lock for the run's lifetime)."""
+    """Fine-tune a detector on bona fide vs morph images: every layer, the head only, LoRA adapters, or a head on
+    frozen features (under torchrun: data-parallel on every process, rank 0 writes the run folder, holding its
+    lock for the run's lifetime)."""
+    if head is not None and not frozen:
+        raise UsageError("--head chooses the head that --frozen fits: add --frozen")
     torch_device = pick_device(device)
     ranks = distributed.current()
     plan = file_plan({"--json": json_out})
@@ -127,7 +143,9 @@ def finetune(
                                  weights=weights, amp=amp, select_by=select_by, attack_class=attack_class, seed=seed,
                                  data=str(source.root.resolve()),
                                  protocol=str(protocol.resolve()) if protocol is not None else "",
-                                 bonafide_label=bonafide_label, attack_label=attack_label, augment=augment)
+                                 bonafide_label=bonafide_label, attack_label=attack_label, augment=augment,
+                                 lora=lora, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                                 frozen=(head or "linear") if frozen else "")
             out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
             with ranks.shared_failure():
                 if ranks.is_main:

@@ -21,6 +21,7 @@ from smadlrp.core.errors import SmadlrpError, shorten, shown
 from smadlrp.detector.models import get_architecture, is_architecture, load_compatible_state
 
 CHECKPOINT_SCHEMA = "smadlrp.detector.checkpoint/1"
+ADAPTER_PREFIX = "adapter/"  # LoRA adapters beside the merged weights: adapter/<module>.lora_A (rank, in), .lora_B
 INPUT_SIZES = (16, 4096)  # pixels, the input sides a checkpoint may declare (a larger one costs gigabytes per image)
 # the highest stored threshold: a conservative APCER threshold just above a bona fide score of 1.0
 _MAX_THRESHOLD = math.nextafter(1.0, math.inf)
@@ -45,6 +46,8 @@ class CheckpointMeta:
     operating_points: dict[str, Any] = field(default_factory=dict)
     # the face crop policy of the training data (data.align.AlignPolicy as a dict) when `smadlrp align` made it
     alignment: dict[str, Any] = field(default_factory=dict)
+    # a head fitted on frozen features (detector.frozen_heads.head_spec: kind, dims, ...); {}: the registry's Linear
+    head: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
     schema: str = CHECKPOINT_SCHEMA
 
@@ -108,7 +111,7 @@ class CheckpointMeta:
         for key in ("weights_source", "version"):
             if not isinstance(getattr(self, key), str):
                 yield key, f"{shown(getattr(self, key))} is not a text"
-        for key in ("training", "metrics", "operating_points", "alignment"):
+        for key in ("training", "metrics", "operating_points", "alignment", "head"):
             if not isinstance(getattr(self, key), dict):
                 yield key, f"{shown(getattr(self, key))} is not a JSON object"
         for key in _TRAINING_TEXTS:
@@ -154,10 +157,11 @@ def first_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, tor
     return names[0] if names else None
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta) -> Path:
-    """Write `model`'s state dict and `meta` to `path` atomically, after `meta.validate` (a checkpoint that
-    smadlrp writes always reads back); returns the path."""
-    return write_document(path, model.state_dict(), asdict(meta.validate(path)))
+def save_checkpoint(path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+    """Write `model`'s state dict (or the given tensors) and `meta` to `path` atomically, after `meta.validate` (a
+    checkpoint that smadlrp writes always reads back); returns the path."""
+    tensors = model.state_dict() if isinstance(model, nn.Module) else model
+    return write_document(path, tensors, asdict(meta.validate(path)))
 
 
 def load_meta(path: str | Path) -> CheckpointMeta:
@@ -175,7 +179,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     meta = load_meta(path)
     arch = get_architecture(meta.architecture)
     model = arch.build(len(meta.class_names), image_size=meta.input_size)
-    state = read_tensors(path)
+    if meta.head:
+        _install_frozen_head(model, arch.head_layers[0], meta.head, len(meta.class_names), path)
+    state = {k: v for k, v in read_tensors(path).items() if not k.startswith(ADAPTER_PREFIX)}
     bad = first_non_finite(state)
     if bad is not None:
         raise SmadlrpError(f"{path}: not a valid smadlrp checkpoint: tensor {shorten(bad, 60)} holds NaN or infinity")
@@ -188,6 +194,20 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), meta
 
 
+def _install_frozen_head(model: nn.Module, layer: str, spec: dict[str, Any], classes: int, path: Path) -> None:
+    """Put the frozen-feature head `spec` describes in place of the registry's Linear at `layer`."""
+    from smadlrp.detector.frozen_heads import build_head  # scikit-learn, only for such checkpoints
+
+    parent, _, name = layer.rpartition(".")
+    linear = model.get_submodule(layer)
+    if not isinstance(linear, nn.Linear):
+        raise SmadlrpError(f"{path}: a frozen {spec.get('kind')} head needs a Linear at {layer!r}")
+    try:
+        setattr(model.get_submodule(parent), name, build_head(spec, linear.in_features, classes))
+    except SmadlrpError as exc:
+        raise SmadlrpError(f"{path}: not a valid smadlrp checkpoint: {exc.message}") from None
+
+
 def newest_checkpoint(folder: Path, name: str = "best.safetensors") -> Path | None:
     """The most recently written `name` anywhere below `folder` (None when there is none)."""
     found = [p for p in folder.rglob(name) if p.is_file()] if folder.is_dir() else []
@@ -195,6 +215,7 @@ def newest_checkpoint(folder: Path, name: str = "best.safetensors") -> Path | No
 
 
 __all__ = [
+    "ADAPTER_PREFIX",
     "CHECKPOINT_SCHEMA",
     "CheckpointMeta",
     "first_mismatch",

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from smadlrp import __version__
 from smadlrp.core.container import read_document, read_tensors, write_document
 from smadlrp.core.device import autocast
 from smadlrp.core.distributed import Ranks, current
@@ -236,7 +235,7 @@ class FeatureCache:
             raise ValueError(f"features (N, D) and labels (N,) expected, got {tuple(features.shape)} and "
                              f"{tuple(labels.shape)}")
         document = {**doc, "schema": FEATURES_SCHEMA, "key": key, "count": int(features.shape[0]),
-                    "dims": int(features.shape[1]), "version": __version__}
+                    "dims": int(features.shape[1])}
         return write_document(self.path(key), {"features": features.float(), "labels": labels.long()}, document)
 
 

@@ -33,6 +33,8 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from smadlrp.core.errors import SmadlrpError, UsageError, shorten, shown
+from smadlrp.lrp.node_rules import PoolFunction
+from smadlrp.lrp.op_kinds import NodeCall, OpKind, register_op
 
 Notify = Callable[[str], None]
 Array = NDArray[np.float64]
@@ -546,3 +548,18 @@ def build_head(spec: Mapping[str, Any], in_features: int, num_classes: int) -> n
     head = GMMHead(in_features, components, covariance, num_classes, attack)
     head.fit_info = dict(fit) if isinstance(fit, Mapping) else {}
     return head
+
+
+# ---- explaining a GMM head ---------------------------------------------------------------------------------
+
+GMM_HEAD_RULE = "gradient x input"  # how explain labels the GMM head's share of an explanation
+
+
+def _taylor(call: NodeCall) -> torch.Tensor:
+    """The head's relevance by gradient x input of its logits: R_f = f * J^T (R / y); starting from the target
+    logit y_t, R_f = f * dy_t/df. Not conservative: the quadratic form has no LRP rule."""
+    return PoolFunction.apply(call.operand(), lambda t: call.call_with(t))  # type: ignore[no-any-return]
+
+
+register_op(OpKind("gmm-head", "gradient x input of the score: R_f = f * dS/df (not conservative)",
+                   modules=(GMMHead,), apply=_taylor), before="layer")

@@ -26,8 +26,10 @@ from smadlrp.data.align import recorded_policy
 from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.data.perturb import parse_augmentation
 from smadlrp.data.protocol import read_protocol
-from smadlrp.detector.checkpoint import INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
-from smadlrp.detector.inference import logits_of, predict_dataset
+from smadlrp.detector.checkpoint import ADAPTER_PREFIX, INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
+from smadlrp.detector.frozen_heads import KINDS as HEAD_KINDS
+from smadlrp.detector.inference import Predictions, logits_of, predict_dataset
+from smadlrp.detector.lora import DEFAULT_TARGETS, LoraAdapter, LoraSettings, attach_lora
 from smadlrp.detector.models import RANDOM_INIT, build_model, get_architecture, set_trainable
 from smadlrp.detector.run_folder import RESUME_FILE
 from smadlrp.evaluation.metrics import ConfusionMatrix, d_eer
@@ -64,6 +66,10 @@ class TrainConfig:
     bonafide_label: str = "bonafide"  # protocol label values
     attack_label: str = "morph"
     augment: str = ""  # perturbations drawn per training sample, e.g. "jpeg:50-95,blur:0-1.5" (data.perturb)
+    lora: int = 0  # LoRA rank on the attention projections (0: no LoRA; detector.lora)
+    lora_alpha: float = 0.0  # LoRA alpha (0: the rank, a scaling of 1)
+    lora_targets: str = ",".join(DEFAULT_TARGETS)  # the projections LoRA adapts, among q, k, v, out
+    frozen: str = ""  # a head fitted on frozen backbone features: linear, logistic, svm, gmm ("": gradient steps)
 
     def validate(self) -> TrainConfig:
         """Raise UsageError for values that cannot work; fill in the architecture's input size."""
@@ -82,12 +88,28 @@ class TrainConfig:
                 raise UsageError(f"{option} {value}: must be a finite number {'> 0' if low is None else '>= 0'}")
         if self.augment:
             self.augment = parse_augmentation(self.augment).spec
+        self._check_recipe()
         if self.image_size == 0:
             self.image_size = arch.input_size
         if self.image_size > INPUT_SIZES[1]:
             raise UsageError(f"--image-size {self.image_size}: at most {INPUT_SIZES[1]} px")
         arch.check_image_size(self.image_size)
         return self
+
+
+    def _check_recipe(self) -> None:
+        """LoRA and frozen features are recipes of their own: refuse the options that contradict them."""
+        if self.lora:
+            LoraSettings.from_options(self.lora, self.lora_alpha or None, self.lora_targets)
+            if self.frozen:
+                raise UsageError("--lora trains adapters, --frozen fits a head on fixed features: choose one")
+            if self.full:
+                raise UsageError("--lora trains the adapters and the head only: drop --full")
+        if self.frozen:
+            if self.frozen not in HEAD_KINDS:
+                raise UsageError(f"--head {self.frozen!r}: choose one of {', '.join(HEAD_KINDS)}")
+            if self.full or self.augment:
+                raise UsageError("--frozen extracts the backbone's features once: drop --full and --augment")
 
 
 @dataclass
@@ -156,6 +178,7 @@ class Finetuner:
         self.alignment = recorded_policy(data.protocol.file.parent if data.protocol is not None else data.root) or {}
         train_split = data.split("train", attack_class=config.attack_class, warn=notify)
         self.class_names = train_split.class_names
+        self.train_samples = train_split.samples
         if config.attack_class not in self.class_names:
             raise UsageError(f"attack class {config.attack_class!r} is not a class folder of {data.name}/train "
                              f"(found: {', '.join(self.class_names)}); set --attack-class")
@@ -178,7 +201,16 @@ class Finetuner:
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify,
                                                  image_size=config.image_size)
         self.model = model.to(device)
-        self.params = set_trainable(self.model, arch, self._resolve_full())
+        self.lora: LoraAdapter | None = None
+        self.head_spec: dict[str, Any] = {}  # a frozen-feature head's description (frozen_heads.head_spec)
+        if config.lora:
+            config.full = False
+            self.lora = attach_lora(self.model, LoraSettings.from_options(config.lora, config.lora_alpha or None,
+                                                                          config.lora_targets),
+                                    arch.head, arch.name, config.image_size)
+            self.params = self.lora.trainable_parameters()
+        else:
+            self.params = set_trainable(self.model, arch, False if config.frozen else self._resolve_full())
         self.optimizer = make_optimizer(config, self.params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
         self.state = RunState()
@@ -239,6 +271,11 @@ class Finetuner:
         """Train until `config.epochs`; Ctrl-C leaves the last completed epoch's resume state and says how to resume."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.saved_epoch = self.state.epoch  # 0, or the epoch the run was restored at
+        if self.config.frozen:
+            from smadlrp.detector.frozen import fit_frozen_head
+
+            fit_frozen_head(self, callbacks or Callbacks())
+            return self.state
         try:
             while self.state.epoch < self.config.epochs:
                 self._epoch(callbacks or Callbacks())
@@ -273,6 +310,13 @@ class Finetuner:
         train_loss, train_acc, samples = self._train_pass(callbacks)
         preds = predict_dataset(self.model, self.val_data, self.config.batch_size, self.device, self.attack_index,
                                 workers=self.workers, amp=self.config.amp, ranks=self.ranks)
+        self.record_epoch(epoch, (train_loss, train_acc, samples), preds, start, callbacks)
+
+    def record_epoch(self, epoch: int, train: tuple[float, float, int], preds: Predictions, start: float,
+                     callbacks: Callbacks) -> None:
+        """Score epoch `epoch` on the validation predictions, select, and write its files (rank 0): checkpoints,
+        history, resume state. `train`: (mean loss, accuracy, images); `start`: its perf_counter start."""
+        train_loss, train_acc, samples = train
         at_half = ConfusionMatrix.from_scores(preds.labels, preds.scores, 0.5)
         eer = d_eer(preds.labels, preds.scores)
         row = EpochRow(epoch, train_loss, train_acc, preds.loss, at_half.accuracy, at_half.apcer, at_half.bpcer,
@@ -286,11 +330,13 @@ class Finetuner:
         points = {"split": "val", "epoch": epoch, **operating_points(preds.labels, preds.scores)}
         with self.ranks.shared_failure():  # rank 0 writes; a failed write ends every rank
             if self.ranks.is_main:
-                save_checkpoint(self.out / "last.safetensors", self.model, self.meta(metrics, points))
+                weights = self.checkpoint_tensors()
+                save_checkpoint(self.out / "last.safetensors", weights, self.meta(metrics, points))
                 if is_best:
-                    save_checkpoint(self.out / "best.safetensors", self.model, self.meta(metrics, points))
+                    save_checkpoint(self.out / "best.safetensors", weights, self.meta(metrics, points))
                 self._save_history()
-                self._save_resume()  # last: once the resume state says epoch N, every file of epoch N is written
+                if not self.config.frozen:  # a frozen head is fitted at once: nothing to resume
+                    self._save_resume()  # last: once it says epoch N, every file of epoch N is written
             self.saved_epoch = epoch
         callbacks.epoch_end(row, is_best)
 
@@ -300,6 +346,8 @@ class Finetuner:
         with self.ranks.exchanging():  # building DDP broadcasts rank 0's parameters
             model = self.trained
         model.train()
+        if self.lora is not None:
+            self.lora.train()  # the frozen network's BatchNorms keep their statistics
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -350,12 +398,26 @@ class Finetuner:
         return CheckpointMeta(
             architecture=self.config.arch, class_names=self.class_names, attack_class=self.config.attack_class,
             input_size=self.config.image_size, mean=self.mean, std=self.std,
-            weights_source=self.weights_source, training={**asdict(self.config), "world_size": self.ranks.world_size},
-            metrics=metrics, operating_points=points or {}, alignment=self.alignment,
+            weights_source=self.weights_source,
+            training={**asdict(self.config), "world_size": self.ranks.world_size, **self.recipe()},
+            metrics=metrics, operating_points=points or {}, alignment=self.alignment, head=self.head_spec,
         )
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors: the model's state dict; with LoRA the merged weights in the architecture's own
+        layout, and the adapters under `adapter/<module>.lora_A` (rank, in) and `.lora_B` (out, rank)."""
+        if self.lora is None:
+            return dict(self.model.state_dict())
+        adapters = {f"{ADAPTER_PREFIX}{k}": v for k, v in self.lora.adapter_state_dict().items()}
+        return {**self.lora.merged_state_dict(), **adapters}
+
+    def recipe(self) -> dict[str, Any]:
+        """What the checkpoint and history record of a LoRA run (rank, alpha, targets, trainable parameters)."""
+        return {"lora": self.lora.describe()} if self.lora is not None else {}
+
     def _save_history(self) -> None:
-        doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history}
+        doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history,
+               **self.recipe()}
         write_text_atomic(self.out / "history.json", json.dumps(doc, indent=2) + "\n")
         from smadlrp.evaluation.plots import plot_training_curves
 

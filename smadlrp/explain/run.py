@@ -100,12 +100,26 @@ def load_pattern_tensors(path: Path, model: nn.Module, kind: str = PATTERN_KINDS
     return sets[kind].patterns
 
 
+def head_caveat(meta: CheckpointMeta) -> str | None:
+    """What an explanation of this checkpoint says about its head when no LRP rule explains it (a one-class
+    Gaussian mixture), else None."""
+    if meta.head.get("kind") != "gmm":
+        return None
+    return ("the gmm head (a Gaussian mixture of bona fide features) is explained by gradient x input of its score, "
+            "R_f = f * dS/df, which does not conserve relevance; the backbone below it by the chosen rule")
+
+
 def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str], params: Mapping[str, float],
                      patterns: Mapping[str, torch.Tensor] | None, sum_split: str = "z",
-                     attention: str = DEFAULT_ATTENTION) -> dict[str, Explainer]:
+                     attention: str = DEFAULT_ATTENTION, notify: Callable[[str], None] = lambda _: None
+                     ) -> dict[str, Explainer]:
     """One explainer per rule, each given the parameters it accepts (z-box bounds from the checkpoint's
     normalisation, patterns for the pattern rules, and the user's `--param` values); `sum_split` and
-    `attention` go to the relevance rules (signal rules pass sums by the gradient and hold attention constant)."""
+    `attention` go to the relevance rules (signal rules pass sums by the gradient and hold attention constant).
+    `notify` hears how a head without an LRP rule is explained (`head_caveat`)."""
+    caveat = head_caveat(meta)
+    if caveat is not None:
+        notify(caveat)
     offered: dict[str, Any] = {"mean": meta.mean, "std": meta.std, "patterns": patterns, **params}
     unused = set(params) - {p for rule in rules for p in method_parameters(rule)}
     if unused:

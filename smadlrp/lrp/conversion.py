@@ -28,7 +28,7 @@ from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
 # Kinds through which a PatternNet-family signal is not defined (Kindermans et al. 2018 derive it for linear layers
 # and rectifiers): on a transformer it grows from block to block until it overflows.
-NON_SIGNAL_KINDS = ("norm", "softmax", "product")
+NON_SIGNAL_KINDS = ("norm", "softmax", "product", "gmm-head")
 
 
 def check_signal_model(nodes: Mapping[str, NodePlan]) -> None:
@@ -37,8 +37,8 @@ def check_signal_model(nodes: Mapping[str, NodePlan]) -> None:
     if blocking:
         raise UsageError(
             f"PatternNet and PatternAttribution are defined for linear layers and rectifiers; this model has "
-            f"{len(blocking)} normalisation or attention node(s) (e.g. {blocking[0].name}: {blocking[0].op}), through "
-            "which their signal is not defined: use an LRP rule or composite")
+            f"{len(blocking)} normalisation, attention or mixture node(s) (e.g. {blocking[0].name}: "
+            f"{blocking[0].op}), through which their signal is not defined: use an LRP rule or composite")
 
 
 def check_supported(model: nn.Module) -> None:
