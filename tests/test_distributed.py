@@ -59,6 +59,11 @@ def command_lines(data: Path, checkpoint: Path, sets: Path, out: Path) -> dict[s
                 "--json", f"{out}/fit.json"],
         "evaluate": ["evaluate", *common, "--batch-size", "3", "--threshold", "val-eer", "--scores",
                      f"{out}/scores.csv", "--json", f"{out}/evaluate.json"],
+        "lora": [*train, "--arch", "vit_b_16", "--lora", "2", "--image-size", "32", "--data", str(data),
+                 "--out", f"{out}/lora-run"],
+        "frozen": ["finetune", "--arch", "resnet18", "--frozen", "--head", "svm", "--weights", "none",
+                   "--image-size", "32", "--batch-size", "4", "--data", str(data), "--device", "cpu",
+                   "--out", f"{out}/frozen-run"],
     }
 
 
@@ -74,7 +79,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_ch
     jobs = ["core", *(f"{name}:{json.dumps(args)}" for name, args in
                       command_lines(tiny_data, tiny_checkpoint, sets, out).items())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           distributed.TIMEOUT_ENV: str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
+           distributed.TIMEOUT_ENV: str(TIMEOUT_S), "OMP_NUM_THREADS": "1", "SMADLRP_CACHE": str(out / "cache")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "--monitor-interval=0.1", str(WORKER), str(out), *jobs],
                           env=env, capture_output=True, text=True, timeout=240)
@@ -324,3 +329,30 @@ def test_a_rank_lost_in_a_training_step_gives_the_documented_line(fault: str, wh
     errors = [line for line in survivor["output"].splitlines() if line.startswith("error")]
     assert survivor["exit_code"] == 1 and errors == [f"error: rank 0/2: {why}; another rank has probably failed "
                                                      "(see its error)"], survivor["output"]
+
+
+@pytest.mark.slow
+def test_lora_finetune_on_two_ranks_writes_one_run(two_ranks: Path) -> None:
+    outputs = [r["output"] for r in results(two_ranks, "lora")]
+    assert [r["exit_code"] for r in results(two_ranks, "lora")] == [0, 0], outputs
+    run = two_ranks / "lora-run"
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "history.json", "last.safetensors",
+                                                     "resume.safetensors", "training-curves.png"]
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.training["world_size"] == 2 and meta.training["lora"]["rank"] == 2
+
+
+@pytest.mark.slow
+def test_frozen_features_on_two_ranks_equal_one_process(two_ranks: Path, tiny_data: Path, tiny_checkpoint: Path,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraction shards over the ranks and gathers in dataset order: the same cache files and the same head."""
+    assert [r["exit_code"] for r in results(two_ranks, "frozen")] == [0, 0]
+    monkeypatch.setenv("SMADLRP_CACHE", str(tmp_path / "cache"))
+    single_process("frozen", tiny_data, tiny_checkpoint, tmp_path, two_ranks)
+    shared = sorted((two_ranks / "cache" / "features").glob("*.safetensors"))
+    alone = sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
+    assert [p.name for p in shared] == [p.name for p in alone] and len(alone) == 2  # train and val
+    for a, b in zip(shared, alone, strict=True):
+        assert all(torch.equal(t, read_tensors(b)[k]) for k, t in read_tensors(a).items())
+    heads = [read_tensors(folder / "frozen-run" / "best.safetensors") for folder in (two_ranks, tmp_path)]
+    assert torch.equal(heads[0]["fc.weight"], heads[1]["fc.weight"])

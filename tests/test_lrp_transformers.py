@@ -161,7 +161,8 @@ def test_pattern_methods_are_refused_on_transformers() -> None:
     """PatternNet's signal is not defined through LayerNorm and attention (it overflows): refused by name."""
     torch.manual_seed(0)
     model = torchvision.models.get_model("vit_b_32", weights=None, num_classes=2, image_size=32).eval()
-    expected = r"this model has \d+ normalisation, attention or mixture node\(s\) \(e.g. encoder.layers.encoder_layer_0.ln_1"
+    expected = (r"this model has \d+ normalisation, attention or mixture node\(s\) "
+                r"\(e.g. encoder.layers.encoder_layer_0.ln_1")
     for method in ("patternnet", "patternattribution"):
         with pytest.raises(UsageError, match=expected):
             lrp.Explainer(model, method, patterns={})
