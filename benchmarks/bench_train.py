@@ -1,11 +1,27 @@
-"""Overhead of `evaluate` and of a `finetune` epoch against bare PyTorch loops over the same batches.
+"""Overhead of `evaluate` and of a `finetune` epoch against bare PyTorch loops over the same batches; and, with
+`--lora`, the cost of a LoRA training step against a full fine-tuning step of the same network.
 
-Prints images/s of smadlrp's scoring pass (`smadlrp.detector.inference.predict`, what `evaluate` runs) against a bare
-`torch.no_grad()` loop over the same DataLoader and model, and the time of one `finetune` training epoch
-(`Finetuner._train_pass`) against a bare training loop (forward, loss, zero_grad, backward, step) over the same
-DataLoader. Runs alternate and the median of each is reported, so machine noise hits both sides alike.
+Default mode: prints images/s of smadlrp's scoring pass (`smadlrp.detector.inference.predict`, what `evaluate`
+runs) against a bare `torch.no_grad()` loop over the same DataLoader and model, and the time of one `finetune`
+training epoch (`Finetuner._train_pass`) against a bare training loop (forward, loss, zero_grad, backward, step)
+over the same DataLoader. Runs alternate and the median of each is reported, so machine noise hits both sides alike.
+
+`--lora` mode: two `Finetuner`s on the same image folder, one `finetune --full --optimizer adamw` and one
+`finetune --lora RANK --optimizer adamw` (LoRA on q and v by default, the new head trainable, AdamW over the
+trainable parameters only: the library's own `attach_lora` and parameter selection), same random initialisation.
+Both run the same training step (forward, cross-entropy, zero_grad, backward, AdamW step) on the same in-memory
+batches, alternating step by step (the order flipping each time); the median time per step of each phase
+(forward + loss, backward, optimizer step) and the ratio LoRA / full (target <= 0.7) are printed. Memory, measured
+exactly rather than as process RSS: the bytes the autograd graph saves for the backward pass (activations, through
+`torch.autograd.graph.saved_tensors_hooks`, parameters and buffers left out) and the bytes of gradients + AdamW
+state (3 float32 per trainable parameter). Default network: timm's `vit_small_patch14_dinov2` at 112 px (22 M
+parameters, 12 blocks of width 384, 65 tokens), a ViT small enough for a CPU step to take well under a second and
+with a realistic balance of attention and projection work; `--lora-arch vit_b_16 --lora-size 64` (86 M parameters,
+17 tokens) is dominated by the optimizer step over 86 M parameters, which flatters LoRA.
 
     .venv/bin/python benchmarks/bench_train.py [--images 512] [--size 64] [--repeats 5]
+    .venv/bin/python benchmarks/bench_train.py --lora [--lora-arch timm/vit_small_patch14_dinov2] [--lora-size 112]
+        [--lora-batch 16] [--lora-batches 3] [--lora-rank 8] [--lora-targets q,v] [--repeats 5] [--foreach]
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +42,9 @@ from conftest import write_tiny_dataset  # noqa: E402
 
 from smadlrp.detector.inference import predict  # noqa: E402
 from smadlrp.detector.train import Callbacks, Finetuner, TrainConfig  # noqa: E402
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+PHASES = ("forward+loss", "backward", "optimizer")
 
 
 def bare_eval(model: nn.Module, loader: torch.utils.data.DataLoader) -> None:  # type: ignore[type-arg]
@@ -49,13 +69,8 @@ def timed(fn: object, *args: object) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=512, help="images per split and class pair (train split)")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
+def overhead(args: argparse.Namespace) -> None:
+    """The default mode: `evaluate` scoring and a `finetune` epoch against bare loops (vgg_compact)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = write_tiny_dataset(Path(tmp), per_class=args.images // 2, size=128)
         config = TrainConfig(arch="vgg_compact", epochs=1, batch_size=32, image_size=args.size, full=True,
@@ -80,6 +95,125 @@ def main() -> None:
                   f" ratio {e_bare / e_ours:.3f} (target >= 0.9)")
             print(f"[{label}] finetune epoch {t_ours:6.2f} s vs bare training loop {t_bare:6.2f} s:"
                   f" ratio {t_ours / t_bare:.3f} (target <= 1.05)")
+
+
+# ---- --lora ------------------------------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float, float]:
+    """One training step; seconds of (forward + loss, zero_grad + backward, optimizer step)."""
+    images, targets = batch
+    start = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(images), targets)
+    forward = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    backward = time.perf_counter()
+    opt.step()
+    return forward - start, backward - forward, time.perf_counter() - backward
+
+
+def saved_activation_bytes(model: nn.Module, batch: Batch) -> int:
+    """Bytes of the distinct tensor storages the autograd graph of one forward + loss saves for the backward pass,
+    parameters and buffers left out (they exist anyway)."""
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in kept:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images, targets = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = nn.functional.cross_entropy(model(images), targets)
+    del loss
+    return sum(saved.values())
+
+
+def lora_tuners(args: argparse.Namespace, root: Path, out: Path) -> tuple[Finetuner, Finetuner]:
+    """`finetune --full` and `finetune --lora RANK` runs (AdamW) on `root`, with the same initial weights."""
+    common = {"arch": args.lora_arch, "epochs": 1, "batch_size": args.lora_batch, "image_size": args.lora_size,
+              "weights": "none", "optimizer": "adamw", "lr": 1e-4}
+    full = Finetuner(TrainConfig(full=True, **common), root, out / "full", torch.device("cpu"))
+    lora = Finetuner(TrainConfig(lora=args.lora_rank, lora_targets=args.lora_targets, **common), root, out / "lora",
+                     torch.device("cpu"))
+    if args.foreach:  # the same optimizer with its multi-tensor (foreach) implementation, on both sides
+        for tuner in (full, lora):
+            tuner.optimizer = torch.optim.AdamW(tuner.params, lr=1e-4, foreach=True)
+    return full, lora
+
+
+def lora_cost(args: argparse.Namespace) -> None:
+    """The `--lora` mode: a LoRA step against a full fine-tuning step of the same network."""
+    with tempfile.TemporaryDirectory() as tmp:
+        per_class = (args.lora_batch * args.lora_batches + 1) // 2
+        root = write_tiny_dataset(Path(tmp) / "data", per_class=per_class, size=args.lora_size)
+        full, lora = lora_tuners(args, root, Path(tmp))
+        assert lora.lora is not None
+        torch.manual_seed(0)  # the batches: the first `--lora-batches` of the (shuffled) training loader, in memory
+        batches: list[Batch] = []
+        for images, targets, _ in full.train_loader:
+            if len(targets) == args.lora_batch and len(batches) < args.lora_batches:
+                batches.append((images, targets))
+        full.model.train()
+        lora.model.train()
+        lora.lora.train()
+        sides: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {"full": (full.model, full.optimizer),
+                                                                      "lora": (lora.model, lora.optimizer)}
+        activations = {name: saved_activation_bytes(model, batches[0]) for name, (model, _) in sides.items()}
+        trainable = {"full": sum(p.numel() for p in full.params), "lora": sum(p.numel() for p in lora.params)}
+        for model, opt in sides.values():  # warm-up: allocator, kernels, optimizer state
+            for batch in batches:
+                train_step(model, opt, batch)
+        times: dict[str, list[tuple[float, float, float]]] = {"full": [], "lora": []}
+        for repeat in range(args.repeats):
+            for i, batch in enumerate(batches):
+                order = ("full", "lora") if (repeat + i) % 2 == 0 else ("lora", "full")
+                for name in order:
+                    times[name].append(train_step(*sides[name], batch))
+        total = sum(p.numel() for p in full.model.parameters())
+        print(f"{args.lora_arch} at {args.lora_size} px, batch {args.lora_batch}, {total / 1e6:.1f} M parameters; "
+              f"LoRA rank {args.lora_rank} on {args.lora_targets} + head; AdamW"
+              f"{' (foreach)' if args.foreach else ''}; 2 threads; {args.repeats} x {len(batches)} alternating steps")
+        for name in ("full", "lora"):
+            print(f"  {name:4s}: trainable {trainable[name]:>10,d} parameters; saved activations "
+                  f"{activations[name] / 2**20:7.1f} MiB; gradients + AdamW state "
+                  f"{trainable[name] * 12 / 2**20:7.1f} MiB")
+        pick: Callable[[list[float]], float]
+        for label, pick in (("median", statistics.median), ("min", min)):
+            print(f"[{label}] per step, s:   " + "  ".join(f"{phase:>12s}" for phase in PHASES) + "         total")
+            steps = {}
+            for name in ("full", "lora"):
+                phases = [pick([t[k] for t in times[name]]) for k in range(3)]
+                steps[name] = pick([sum(t) for t in times[name]])
+                print(f"[{label}]   {name:4s}           " + "  ".join(f"{p:12.4f}" for p in phases)
+                      + f"  {steps[name]:12.4f}")
+            ratios = [pick([t[k] for t in times["lora"]]) / pick([t[k] for t in times["full"]]) for k in range(3)]
+            print(f"[{label}]   lora / full      " + "  ".join(f"{r:12.3f}" for r in ratios)
+                  + f"  {steps['lora'] / steps['full']:12.3f}  (target <= 0.7)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=512, help="images per split and class pair (train split)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs (--lora: passes over the batches)")
+    parser.add_argument("--lora", action="store_true", help="measure a LoRA step against a full fine-tuning step")
+    parser.add_argument("--lora-arch", default="timm/vit_small_patch14_dinov2")
+    parser.add_argument("--lora-size", type=int, default=112, help="input side, px")
+    parser.add_argument("--lora-batch", type=int, default=16)
+    parser.add_argument("--lora-batches", type=int, default=3, help="distinct batches per pass")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-targets", default="q,v")
+    parser.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on both sides")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.lora:
+        lora_cost(args)
+    else:
+        overhead(args)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,9 @@ def test_one_class_gmm_on_frozen_dinov2_end_to_end(tiny_data: Path, tmp_path: Pa
                   "--json", tmp_path / "explain.json", *CPU)
     assert "gradient x input" in " ".join(said.split())  # never silently an LRP map
     assert "gradient x input" in json.loads((tmp_path / "explain.json").read_text())["head"]
+    line = refused("fit-patterns", "--checkpoint", checkpoint, "--data", tiny_data, "--out", tmp_path / "p.safetensors",
+                   *CPU)
+    assert "normalisation, attention or mixture layer" in line  # no PatternNet signal through either
 
     def no_image(path: object) -> object:
         raise AssertionError(f"an image was read: {path}")

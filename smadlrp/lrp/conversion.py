@@ -22,13 +22,12 @@ from smadlrp.lrp.canonize import FoldedBatchNorm, canonize
 from smadlrp.lrp.composites import Composite, Override, build_composite
 from smadlrp.lrp.graph import plan_graph, trace_model
 from smadlrp.lrp.layers import LRPConv2d, LRPLinear, RelevancePass, RuleNode, Switch, Tap, Term
-from smadlrp.lrp.op_kinds import OP_KINDS, NodePlan
+from smadlrp.lrp.op_kinds import NON_SIGNAL_KINDS, OP_KINDS, NodePlan
 from smadlrp.lrp.rules import Rule
 from smadlrp.lrp.trace import OUTPUT_NAME, OUTPUT_TYPE, relevance_hook
 
 # Kinds through which a PatternNet-family signal is not defined (Kindermans et al. 2018 derive it for linear layers
 # and rectifiers): on a transformer it grows from block to block until it overflows.
-NON_SIGNAL_KINDS = ("norm", "softmax", "product", "gmm-head")
 
 
 def check_signal_model(nodes: Mapping[str, NodePlan]) -> None:

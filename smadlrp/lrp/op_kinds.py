@@ -134,6 +134,8 @@ def _hashable(items: Sequence[Any]) -> list[Any]:
 
 
 OP_KINDS: dict[str, OpKind] = {}
+# Kinds a PatternNet-family signal cannot pass (no signal is defined through them).
+NON_SIGNAL_KINDS = ("norm", "softmax", "product", "gmm-head")
 _CHANGES = [0]  # registry changes so far: explainable copies built before a change are rebuilt
 
 

@@ -44,6 +44,7 @@ from smadlrp.lrp.fitted_patterns import (
     weights_fingerprint,
 )
 from smadlrp.lrp.norms import NORM_MODULES
+from smadlrp.lrp.op_kinds import NON_SIGNAL_KINDS, OP_KINDS
 
 __all__ = [
     "DEGENERATE_RTOL",
@@ -307,12 +308,13 @@ def _ieee_float32() -> Iterator[None]:
 def _check_signal(model: nn.Module) -> None:
     """Refuse a model with a normalisation or attention layer, through which PatternNet's signal is not defined
     (read from its modules: the explainer refuses any such node of the graph too)."""
+    registered = tuple(m for kind in NON_SIGNAL_KINDS if kind in OP_KINDS for m in OP_KINDS[kind].modules)
     for name, module in model.named_modules():
-        if isinstance(module, (*NORM_MODULES, nn.MultiheadAttention, nn.Softmax, ShiftedWindowAttention)):
+        if isinstance(module, (*NORM_MODULES, nn.MultiheadAttention, nn.Softmax, ShiftedWindowAttention, *registered)):
             raise UsageError(
                 "PatternNet and PatternAttribution are defined for linear layers and rectifiers; this model has a "
-                f"normalisation or attention layer ({name}: {type(module).__name__}), through which their signal is "
-                "not defined: use an LRP rule or composite")
+                f"normalisation, attention or mixture layer ({name}: {type(module).__name__}), through which their "
+                "signal is not defined: use an LRP rule or composite")
 
 
 def fit_patterns(
