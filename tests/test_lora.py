@@ -26,13 +26,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.detector.backbones import ClipClassifier
-from smadlrp.detector.lora import (
-    LoraAdapter,
-    LoraSettings,
-    SplitMultiheadAttention,
-    attach_lora,
-    parse_targets,
-)
+from smadlrp.detector.lora import LoraAdapter, LoraSettings, attach_lora, parse_targets
+from smadlrp.detector.split_attention import SplitMultiheadAttention
 
 TOLERANCE = 1e-5
 
@@ -337,9 +332,9 @@ def test_a_bypassed_adapter_is_detected() -> None:
 def test_swin_with_torchvision_forward_would_be_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the Swin attention left with torchvision's functional forward, attaching fails instead of training a
     bypassed adapter."""
-    from smadlrp.detector import lora
+    from smadlrp.detector import split_attention
 
-    monkeypatch.setattr(lora.SplitWindowAttention, "forward", swin.ShiftedWindowAttention.forward)
+    monkeypatch.setattr(split_attention.SplitWindowAttention, "forward", swin.ShiftedWindowAttention.forward)
     with pytest.raises(SmadlrpError, match="swin does not run with split attention projections"):
         attach("swin", build("swin"))
 
