@@ -70,6 +70,7 @@ def test_madation_lora_recipe_end_to_end(tiny_data: Path, clip_start: Path, tmp_
     assert "P(morph)" in invoke("predict", image, *model_options)
 
     model, meta = load_checkpoint(checkpoint)
+    assert meta.training["backbone"] == {"library": "open_clip", "model": "ViT-B-16", "tag": "openai"}
     recorded = meta.training["lora"]
     assert (recorded["rank"], recorded["alpha"], recorded["targets"]) == (4, 4.0, ["q", "v"])
     width, layers = 768, 12

@@ -256,8 +256,10 @@ def attach_lora(model: nn.Module, settings: LoraSettings, head_prefixes: tuple[s
     SmadlrpError when an adapter would be bypassed. After an error `model` may be left with its projections split
     (computing the same function): build it again rather than reuse it.
     """
-    import peft
-
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("--lora needs the lora extra: pip install 'smadlrp[lora]'") from None
     settings.validate()
     original = {k: v.shape for k, v in model.state_dict().items()}
     units = split_attention(model)

@@ -26,6 +26,7 @@ from smadlrp.data.align import recorded_policy
 from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.data.perturb import parse_augmentation
 from smadlrp.data.protocol import read_protocol
+from smadlrp.detector.backbones import LibraryArchitecture
 from smadlrp.detector.checkpoint import ADAPTER_PREFIX, INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
 from smadlrp.detector.frozen_heads import KINDS as HEAD_KINDS
 from smadlrp.detector.inference import Predictions, logits_of, predict_dataset
@@ -412,8 +413,12 @@ class Finetuner:
         return {**self.lora.merged_state_dict(), **adapters}
 
     def recipe(self) -> dict[str, Any]:
-        """What the checkpoint and history record of a LoRA run (rank, alpha, targets, trainable parameters)."""
-        return {"lora": self.lora.describe()} if self.lora is not None else {}
+        """What the checkpoint and history record beyond the configuration: a library backbone's model name and
+        pretrained tag, and a LoRA run's rank, alpha, targets and trainable parameters."""
+        arch = get_architecture(self.config.arch)
+        backbone = {"backbone": {"library": arch.library, "model": arch.model_name, "tag": arch.pretrained_tag}} \
+            if isinstance(arch, LibraryArchitecture) else {}
+        return {**backbone, **({"lora": self.lora.describe()} if self.lora is not None else {})}
 
     def _save_history(self) -> None:
         doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history,
