@@ -146,3 +146,12 @@ def test_an_open_clip_file_loads_into_the_image_tower(tmp_path: Any) -> None:
     x = images(32)
     with torch.no_grad():
         torch.testing.assert_close(model.projection(model.visual(x)), clip.encode_image(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_without_peft_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smadlrp.detector.lora import LoraSettings, attach_lora
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    model, _ = build_model("vit_b_16", 2, "none", image_size=32)
+    with pytest.raises(UsageError, match=r"^--lora needs the lora extra: pip install 'smadlrp\[lora\]'$"):
+        attach_lora(model, LoraSettings(4, 4.0), ("heads.head.",), "vit_b_16", 32)
