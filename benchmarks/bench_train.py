@@ -10,14 +10,21 @@ over the same DataLoader. Runs alternate and the median of each is reported, so 
 `finetune --lora RANK --optimizer adamw` (LoRA on q and v by default, the new head trainable, AdamW over the
 trainable parameters only: the library's own `attach_lora` and parameter selection), same random initialisation.
 Both run the same training step (forward, cross-entropy, zero_grad, backward, AdamW step) on the same in-memory
-batches, alternating step by step (the order flipping each time); the median time per step of each phase
-(forward + loss, backward, optimizer step) and the ratio LoRA / full (target <= 0.7) are printed. Memory, measured
+batches, alternating step by step (the order rotating each time); the median time per step of each phase
+(forward + loss, backward, optimizer step) and the ratio LoRA / full (target <= 0.7) are printed. A third side,
+`floor`, is the unchanged network with its backbone frozen (only the head trains) fed images that require
+gradients: its backward pass computes every layer's input gradient and no weight gradient, which any adapter in
+the first block must pay at least, without LoRA's own work (split q/k/v, adapter matmuls). For torchvision ViTs
+this floor is too high: with a frozen packed `in_proj_weight` and a (non-contiguous) input that requires
+gradients, `nn.MultiheadAttention`'s input projection goes through PyTorch's `matmul` as a `bmm` over the expanded
+weight instead of one `mm`, about 1.7x slower; the split projections of LoRA avoid it. Memory, measured
 exactly rather than as process RSS: the bytes the autograd graph saves for the backward pass (activations, through
-`torch.autograd.graph.saved_tensors_hooks`, parameters and buffers left out) and the bytes of gradients + AdamW
+`torch.autograd.graph.saved_tensors_hooks`, parameters, buffers and images left out) and the bytes of gradients + AdamW
 state (3 float32 per trainable parameter). Default network: timm's `vit_small_patch14_dinov2` at 112 px (22 M
 parameters, 12 blocks of width 384, 65 tokens), a ViT small enough for a CPU step to take well under a second and
-with a realistic balance of attention and projection work; `--lora-arch vit_b_16 --lora-size 64` (86 M parameters,
-17 tokens) is dominated by the optimizer step over 86 M parameters, which flatters LoRA.
+with a realistic balance of attention and projection work. torchvision's `vit_b_16` at 64 or 96 px (86 M
+parameters, 17 or 37 tokens) spends 12-21 % of a full step in the AdamW step over 86 M parameters, which flatters
+LoRA: `--lora-arch vit_b_16 --lora-size 96`.
 
     .venv/bin/python benchmarks/bench_train.py [--images 512] [--size 64] [--repeats 5]
     .venv/bin/python benchmarks/bench_train.py --lora [--lora-arch timm/vit_small_patch14_dinov2] [--lora-size 112]
@@ -27,6 +34,7 @@ with a realistic balance of attention and projection work; `--lora-arch vit_b_16
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -41,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_tiny_dataset  # noqa: E402
 
 from smadlrp.detector.inference import predict  # noqa: E402
+from smadlrp.detector.models import get_architecture  # noqa: E402
 from smadlrp.detector.train import Callbacks, Finetuner, TrainConfig  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -100,9 +109,13 @@ def overhead(args: argparse.Namespace) -> None:
 # ---- --lora ------------------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float, float]:
-    """One training step; seconds of (forward + loss, zero_grad + backward, optimizer step)."""
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
+               input_grad: bool = False) -> tuple[float, float, float]:
+    """One training step; seconds of (forward + loss, zero_grad + backward, optimizer step). `input_grad`: the
+    images require gradients (the backward pass then runs through every layer, frozen or not)."""
     images, targets = batch
+    if input_grad:
+        images = images.detach().requires_grad_(True)
     start = time.perf_counter()
     loss = nn.functional.cross_entropy(model(images), targets)
     forward = time.perf_counter()
@@ -113,10 +126,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> tu
     return forward - start, backward - forward, time.perf_counter() - backward
 
 
-def saved_activation_bytes(model: nn.Module, batch: Batch) -> int:
+def saved_activation_bytes(model: nn.Module, batch: Batch, input_grad: bool = False) -> int:
     """Bytes of the distinct tensor storages the autograd graph of one forward + loss saves for the backward pass,
-    parameters and buffers left out (they exist anyway)."""
-    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    parameters, buffers and the images left out (they exist anyway); `input_grad` as for `train_step`."""
+    images, targets = batch
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), images)}
+    if input_grad:
+        images = images.detach().requires_grad_(True)
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,7 +141,6 @@ def saved_activation_bytes(model: nn.Module, batch: Batch) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    images, targets = batch
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = nn.functional.cross_entropy(model(images), targets)
     del loss
@@ -160,39 +175,50 @@ def lora_cost(args: argparse.Namespace) -> None:
         full.model.train()
         lora.model.train()
         lora.lora.train()
-        sides: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {"full": (full.model, full.optimizer),
-                                                                      "lora": (lora.model, lora.optimizer)}
-        activations = {name: saved_activation_bytes(model, batches[0]) for name, (model, _) in sides.items()}
-        trainable = {"full": sum(p.numel() for p in full.params), "lora": sum(p.numel() for p in lora.params)}
-        for model, opt in sides.values():  # warm-up: allocator, kernels, optimizer state
+        # the floor (see the module docstring): frozen backbone, images that require gradients
+        floor = copy.deepcopy(full.model)
+        head = get_architecture(args.lora_arch).head
+        for name, param in floor.named_parameters():
+            param.requires_grad_(name.startswith(head))
+        floor_params = [param for param in floor.parameters() if param.requires_grad]
+        floor_opt = torch.optim.AdamW(floor_params, lr=1e-4, foreach=True if args.foreach else None)
+        sides: dict[str, tuple[nn.Module, torch.optim.Optimizer, bool]] = {
+            "full": (full.model, full.optimizer, False), "lora": (lora.model, lora.optimizer, False),
+            "floor": (floor, floor_opt, True)}
+        activations = {name: saved_activation_bytes(side[0], batches[0], side[2]) for name, side in sides.items()}
+        trainable = {"full": sum(p.numel() for p in full.params), "lora": sum(p.numel() for p in lora.params),
+                     "floor": sum(p.numel() for p in floor_params)}
+        for side in sides.values():  # warm-up: allocator, kernels, optimizer state
             for batch in batches:
-                train_step(model, opt, batch)
-        times: dict[str, list[tuple[float, float, float]]] = {"full": [], "lora": []}
+                train_step(side[0], side[1], batch, side[2])
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in sides}
         for repeat in range(args.repeats):
             for i, batch in enumerate(batches):
-                order = ("full", "lora") if (repeat + i) % 2 == 0 else ("lora", "full")
+                order = list(sides)[(repeat + i) % 3:] + list(sides)[:(repeat + i) % 3]  # rotate the order
                 for name in order:
-                    times[name].append(train_step(*sides[name], batch))
+                    model, opt, input_grad = sides[name]
+                    times[name].append(train_step(model, opt, batch, input_grad))
         total = sum(p.numel() for p in full.model.parameters())
         print(f"{args.lora_arch} at {args.lora_size} px, batch {args.lora_batch}, {total / 1e6:.1f} M parameters; "
               f"LoRA rank {args.lora_rank} on {args.lora_targets} + head; AdamW"
               f"{' (foreach)' if args.foreach else ''}; 2 threads; {args.repeats} x {len(batches)} alternating steps")
-        for name in ("full", "lora"):
-            print(f"  {name:4s}: trainable {trainable[name]:>10,d} parameters; saved activations "
+        for name in sides:
+            print(f"  {name:5s}: trainable {trainable[name]:>10,d} parameters; saved activations "
                   f"{activations[name] / 2**20:7.1f} MiB; gradients + AdamW state "
                   f"{trainable[name] * 12 / 2**20:7.1f} MiB")
         pick: Callable[[list[float]], float]
         for label, pick in (("median", statistics.median), ("min", min)):
             print(f"[{label}] per step, s:   " + "  ".join(f"{phase:>12s}" for phase in PHASES) + "         total")
             steps = {}
-            for name in ("full", "lora"):
+            for name in sides:
                 phases = [pick([t[k] for t in times[name]]) for k in range(3)]
                 steps[name] = pick([sum(t) for t in times[name]])
-                print(f"[{label}]   {name:4s}           " + "  ".join(f"{p:12.4f}" for p in phases)
+                print(f"[{label}]   {name:5s}          " + "  ".join(f"{p:12.4f}" for p in phases)
                       + f"  {steps[name]:12.4f}")
-            ratios = [pick([t[k] for t in times["lora"]]) / pick([t[k] for t in times["full"]]) for k in range(3)]
-            print(f"[{label}]   lora / full      " + "  ".join(f"{r:12.3f}" for r in ratios)
-                  + f"  {steps['lora'] / steps['full']:12.3f}  (target <= 0.7)")
+            for name, note in (("lora", "(target <= 0.7)"), ("floor", "(no weight gradients, no LoRA work)")):
+                ratios = [pick([t[k] for t in times[name]]) / pick([t[k] for t in times["full"]]) for k in range(3)]
+                print(f"[{label}]   {name + ' / full':16s} " + "  ".join(f"{r:12.3f}" for r in ratios)
+                      + f"  {steps[name] / steps['full']:12.3f}  {note}")
 
 
 def main() -> None:

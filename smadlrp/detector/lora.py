@@ -38,6 +38,7 @@ from smadlrp.core.errors import SmadlrpError, UsageError, shorten, shown
 from smadlrp.detector.split_attention import (
     TARGETS,
     AttentionUnit,
+    SplitQKV,
     is_lora_layer,
     join,
     split_attention,
@@ -301,12 +302,14 @@ def attach_lora(model: nn.Module, settings: LoraSettings, head_prefixes: tuple[s
 def check_adapters_called(model: nn.Module, adapted: list[str], example: Tensor, arch_name: str) -> None:
     """Run `example` (B, 3, H, W) through `model` (eval mode, no gradients; its modes are restored) and raise
     SmadlrpError naming the first LoRA layer among `adapted` (module paths) whose adapter was not called, i.e. that
-    the network bypasses by reading its weights directly."""
+    the network bypasses by reading its weights directly. An adapter inside a `SplitQKV` counts as called when the
+    `SplitQKV` is (it applies its adapters itself, and has no packed weight anyone could read)."""
     called: set[str] = set()
     handles = []
     for path in adapted:
-        lora_a = _matrix(model.get_submodule(path), "A")
-        handles.append(lora_a.register_forward_pre_hook(lambda _m, _x, path=path: called.add(path)))
+        parent = model.get_submodule(path.rpartition(".")[0])
+        watched = parent if isinstance(parent, SplitQKV) else _matrix(model.get_submodule(path), "A")
+        handles.append(watched.register_forward_pre_hook(lambda _m, _x, path=path: called.add(path)))
     modes = {module: module.training for module in model.modules()}
     parameter = next(model.parameters())
     try:
