@@ -116,7 +116,8 @@ class LibraryArchitecture(Architecture):
         with _library_logs_silenced():  # their retries and notices; a failure is raised and said in one line
             if self.library == "open_clip":
                 clip = module.create_model(self.model_name, pretrained=self.pretrained_tag if pretrained else None,
-                                           force_image_size=side, force_quick_gelu=self.quick_gelu)
+                                           force_image_size=side, force_quick_gelu=self.quick_gelu,
+                                           device=torch.get_default_device())
                 return ClipClassifier(clip.visual, num_classes).eval()
             register_timm_ops(module)
             sized = {"img_size": side} if self.patch else {}
@@ -167,7 +168,7 @@ def register_timm_ops(timm: ModuleType) -> None:
     attention = importlib.import_module("timm.layers.attention")
     register_op(OpKind("timm-attention-mask", "the gradient: without a mask, the scores unchanged",
                        functions=(attention.resolve_self_attn_mask, attention.maybe_add_mask), sign="keeps",
-                       accepts=_accepts_no_mask), before="gradient")
+                       accepts=_accepts_no_mask))
 
 
 def _vit_sides(patch: int) -> dict[str, Any]:

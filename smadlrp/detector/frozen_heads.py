@@ -562,4 +562,4 @@ def _taylor(call: NodeCall) -> torch.Tensor:
 
 
 register_op(OpKind("gmm-head", "gradient x input of the score: R_f = f * dS/df (not conservative)",
-                   modules=(GMMHead,), apply=_taylor), before="layer")
+                   modules=(GMMHead,), apply=_taylor))

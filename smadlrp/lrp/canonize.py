@@ -174,7 +174,8 @@ def split_norm_act(model: nn.Module) -> bool:
             continue
         plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats)
-        plain.load_state_dict(module.state_dict(), strict=False)
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):  # the same tensors
+            setattr(plain, key, getattr(module, key))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Sequential(plain.eval(), drop, act))
         replaced = True
