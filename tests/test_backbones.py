@@ -23,8 +23,9 @@ pytest.importorskip("open_clip")
 pytest.importorskip("timm")
 
 # (registry name, input side in px): every library backbone smadlrp offers by name, at a small side
-BACKBONES = [("clip_vit_b_16", 32), ("timm/vit_small_patch14_dinov2", 42), ("timm/efficientnet_b4", 64),
-             ("timm/hrnet_w18", 64)]
+BACKBONES = [("clip_vit_b_16", 32), ("timm/vit_small_patch14_dinov2", 42),
+             pytest.param("timm/efficientnet_b4", 64, marks=pytest.mark.sweep),
+             pytest.param("timm/hrnet_w18", 64, marks=pytest.mark.sweep)]  # CNNs: conservation in make test
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,7 +89,9 @@ def test_zero_rule_is_gradient_times_input_of_the_linearised_backbone(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "side"), BACKBONES)
+@pytest.mark.parametrize(("name", "side"), [(name, side) for name, side in (
+    ("clip_vit_b_16", 32), ("timm/vit_small_patch14_dinov2", 42), ("timm/efficientnet_b4", 64),
+    ("timm/hrnet_w18", 64))])
 def test_relevance_is_conserved_without_biases(name: str, side: int) -> None:
     model = random_model(name, side, biases=False).double()
     result = lrp.Explainer(model, "epsilon", epsilon=1e-12, attention="cp").explain(images(side).double())

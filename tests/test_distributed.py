@@ -59,7 +59,7 @@ def command_lines(data: Path, checkpoint: Path, sets: Path, out: Path) -> dict[s
                 "--json", f"{out}/fit.json"],
         "evaluate": ["evaluate", *common, "--batch-size", "3", "--threshold", "val-eer", "--scores",
                      f"{out}/scores.csv", "--json", f"{out}/evaluate.json"],
-        "lora": [*train, "--arch", "vit_b_16", "--lora", "2", "--image-size", "32", "--data", str(data),
+        "lora": [*train, "--arch", "swin_t", "--lora", "2", "--image-size", "32", "--data", str(data),
                  "--out", f"{out}/lora-run"],
         "frozen": ["finetune", "--arch", "resnet18", "--frozen", "--head", "svm", "--weights", "none",
                    "--image-size", "32", "--batch-size", "4", "--data", str(data), "--device", "cpu",
