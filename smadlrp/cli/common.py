@@ -137,7 +137,8 @@ PatternsOption = Annotated[
                                    "the checkpoint, fitted on its training split when a pattern rule needs it.")
 ]
 TargetOption = Annotated[
-    str, typer.Option(help="Class to explain: predicted, a class name, or a class index.")
+    str, typer.Option(help="Class to explain: predicted, a class name, a class index, or contrast (the attack "
+                           "logit minus the other class's: the log-odds of P(attack), in one relevance pass).")
 ]
 PatternKindOption = Annotated[
     str, typer.Option("--pattern-kind", metavar="|".join(PATTERN_KINDS),

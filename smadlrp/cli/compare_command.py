@@ -49,7 +49,8 @@ from smadlrp.data.paths import prepare_out_dir
 from smadlrp.explain.compare import RANDOM, Comparison, Localisation, MethodResult, compare_methods, comparison_csv
 from smadlrp.explain.grid import best_setting_line, grid_explainers, parse_grid
 from smadlrp.explain.heatmaps import plot_perturbation_curves
-from smadlrp.explain.run import PATTERN_KINDS, build_explainers
+from smadlrp.explain.run import CONTRAST, PATTERN_KINDS, build_explainers
+from smadlrp.lrp import Contrast
 from smadlrp.lrp.composites import DEFAULT_ATTENTION, SUM_SPLITS
 
 CSV_FILE, CURVES_FILE = "compare-rules.csv", "perturbation-curves.png"  # written into --out
@@ -124,10 +125,12 @@ def per_type_table(result: Comparison) -> Table:
     return table
 
 
-def _target(text: str | None, class_names: Sequence[str]) -> int | str | None:
-    """`--target`: a class name or index; None (the attack class) when not given."""
+def _target(text: str | None, class_names: Sequence[str], attack_class: str) -> int | str | Contrast | None:
+    """`--target`: a class name or index, or contrast; None (the attack class) when not given."""
     if text is None or text in class_names:
         return text
+    if text == CONTRAST:
+        return Contrast(attack_class)
     if text.isdigit():
         return int(text)
     if text == "predicted":
@@ -187,7 +190,7 @@ def compare_rules(
     model, meta, torch_device = open_model(checkpoint, device)
     rules, pattern_tensors = rules_and_patterns(rule or ["all"], patterns, checkpoint, model, meta, torch_device,
                                                 pattern_kind)
-    wanted = _target(target, meta.class_names)
+    wanted = _target(target, meta.class_names, meta.attack_class)
     explainers = grid_explainers(rules, parse_grid(grid or []), lambda rs, params: build_explainers(
         model, meta, rs, params, pattern_tensors, sum_split, attention, notice))
     source = data_source(data, protocol, bonafide_label, attack_label, meta)

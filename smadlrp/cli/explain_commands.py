@@ -66,7 +66,7 @@ from smadlrp.explain.run import (
     parse_params,
     parse_target,
 )
-from smadlrp.lrp import DEFAULT_ATTENTION, SUM_SPLITS
+from smadlrp.lrp import DEFAULT_ATTENTION, SUM_SPLITS, Relevance
 from smadlrp.lrp import trace as lrp_trace
 from smadlrp.lrp.trace import conservation_rows
 
@@ -133,7 +133,7 @@ def explain(
                                                 pattern_kind)
     params = parse_params(param or [])
     explainers = build_explainers(model, meta, rules, params, pattern_tensors, sum_split, attention, notice)
-    wanted = parse_target(target, meta.class_names)
+    wanted = parse_target(target, meta.class_names, meta.attack_class)
     prepare_out_dir(out)
     raw: dict[str, list[torch.Tensor]] | None = {} if save_raw else None
     ranks = distributed.current()
@@ -240,7 +240,7 @@ def trace(
     prepare_out_dir(out)
     x, _ = next(image_batches(images, meta, 1, 0, torch_device))
     with lrp_trace() as recorded:
-        result = explainer.explain(x, parse_target(target, meta.class_names))
+        result = explainer.explain(x, parse_target(target, meta.class_names, meta.attack_class))
     records = recorded.records
     rows = conservation_rows(records)
     columns = ["#", "layer", "type", "shape", "sum", "pos.", "neg.", "ratio"]
@@ -253,7 +253,7 @@ def trace(
         del columns[2]
         for c in cells:
             del c[2]
-    table = Table(title=f"{image.name}: {rule}, target {meta.class_names[int(result.target[0])]}",
+    table = Table(title=f"{image.name}: {rule}, target {_target_name(meta, result)}",
                   caption="relevance at each node's input (at the output of a sum, gate or concatenation): sum, "
                           "positive and negative mass; ratio = sum / output relevance (1 = conserved)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
@@ -278,7 +278,14 @@ def trace(
     plot_layer_maps(maps, safe_output(out, f"{stem}.{rule}.trace.png", inputs), note)
     console.print(f"wrote {stem}.{rule}.trace.safetensors and {stem}.{rule}.trace.png to {out}", highlight=False)
     write_json(json_out, {"image": str(image), "rule": rule, "sum_split": sum_split, "attention": attention,
+                          "target": _target_name(meta, result), "explained": float(result.explained[0]),
                           "layers": rows, "terms": terms})
+
+
+def _target_name(meta: CheckpointMeta, result: Relevance) -> str:
+    """The explained class of the first image, `A - B` for a contrast."""
+    target = int(result.target[0])
+    return meta.class_names[target] + (f" - {meta.class_names[1 - target]}" if result.contrast else "")
 
 
 def _terms_line(terms: dict[str, float], rows: list[dict[str, Any]]) -> str:

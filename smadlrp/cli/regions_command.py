@@ -121,7 +121,7 @@ def regions(
     model, meta, torch_device = open_model(checkpoint, device)
     (rule,) = resolve_rules([rule], have_patterns=False)
     explainer = build_explainers(model, meta, [rule], {}, None, sum_split, attention, notice)[rule]
-    wanted = parse_target(target or meta.attack_class, meta.class_names)
+    wanted = parse_target(target or meta.attack_class, meta.class_names, meta.attack_class)
     source = data_source(data, protocol, bonafide_label, attack_label, meta)
     index = source.split(split, meta.class_names, meta.attack_class, warn=notice)
     plan.reads(f"an image of the {split} split", (sample.path for sample in index.samples), keep=False)

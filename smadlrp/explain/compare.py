@@ -41,7 +41,7 @@ from smadlrp.explain.faithfulness import (
     rank_accuracy,
     resize_mask,
 )
-from smadlrp.lrp import Explainer, resolve_target
+from smadlrp.lrp import Contrast, Explainer, resolve_target
 
 RANDOM = "random"
 BASELINES: tuple[str, ...] = ("gradient", "gradient*input", RANDOM)
@@ -221,24 +221,41 @@ def baseline_maps(model: nn.Module, seed: int) -> dict[str, MapFunction]:
     return {"gradient": gradient, "gradient*input": gradient_input, RANDOM: random}
 
 
-def rule_maps(explainers: Mapping[str, Explainer]) -> dict[str, MapFunction]:
-    """Each explainer as a map function: its relevance summed over channels."""
+def rule_maps(explainers: Mapping[str, Explainer], contrast: bool = False) -> dict[str, MapFunction]:
+    """Each explainer as a map function: its relevance summed over channels (with `contrast`, of the target's
+    logit minus the other's)."""
 
     def bind(explainer: Explainer) -> MapFunction:
-        return lambda x, target, positions: explainer.explain(x, target).relevance.sum(dim=1)
+        return lambda x, target, positions: explainer.explain(
+            x, Contrast(target) if contrast else target).relevance.sum(dim=1)
 
     return {name: bind(explainer) for name, explainer in explainers.items()}
 
 
+class LogitDifference(nn.Module):
+    """A two-class model's logits minus their swap, (B, 2): column t holds z_t - z_other, the log-odds of class t;
+    what a contrastive comparison scores, and differentiates for its gradient baselines."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        return logits - logits.flip(1)  # type: ignore[no-any-return]
+
+
 def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[str, Explainer], data: DataSource, *,
                     split: str = "test", max_images: int = 200, batch_size: int = 32, patch_size: int | None = None,
-                    steps: int = 50, seed: int = 0, target: int | str | None = None, workers: int = 0,
+                    steps: int = 50, seed: int = 0, target: int | str | Contrast | None = None, workers: int = 0,
                     device: torch.device | None = None, warn: Callable[[str], None] = lambda message: None,
                     on_start: Callable[[int, int], None] = lambda share, n: None,
                     on_batch: Callable[[int], None] = lambda n: None, ranks: Ranks | None = None) -> Comparison:
     """Compare `explainers` and the baselines on up to `max_images` images of one split of `data` (seeded subset).
 
-    `target`: the class (index or name) explained and scored for every image; None: the attack class.
+    `target`: the class (index or name) explained and scored for every image; None: the attack class; a
+    `Contrast`: its logit minus the other's is explained, scored (AOPC in logit-difference units) and
+    differentiated by the baselines.
     `on_start(share, n)` gets this process's and the total number of chosen images, `on_batch(n)` the size of
     each finished batch. Under torchrun (`ranks`, default: the current ones) each rank takes a share of whole
     batches and the per-image values are gathered in image order, so every average equals one process's.
@@ -256,18 +273,28 @@ def compare_methods(model: nn.Module, meta: CheckpointMeta, explainers: Mapping[
     share = ranks.shard(len(samples), batch_size)
     on_start(len(share), len(samples))
     masks, note = artifact_masks(index, chosen.tolist(), meta.attack_index, size)
-    methods = {**rule_maps(explainers), **baseline_maps(model, seed)}
+    contrast = isinstance(target, Contrast)
+    if contrast and len(meta.class_names) != 2:
+        raise UsageError(f"--target contrast explains z_attack - z_other of a two-class detector; this one has "
+                         f"{len(meta.class_names)} classes")
+    scored = LogitDifference(model) if contrast else model
+    methods = {**rule_maps(explainers, contrast), **baseline_maps(scored, seed)}
     collected = {name: _Collected() for name in methods}
-    wanted = meta.attack_class if target is None else target
+    chosen_class = target.target if isinstance(target, Contrast) else target
+    if not (chosen_class is None or isinstance(chosen_class, (int, str))):
+        raise UsageError("compare-rules explains one class, by index or name, for every image")
+    wanted = meta.attack_class if chosen_class is None else chosen_class
     dataset = ImageDataset(samples, size, meta.mean, meta.std)
     with ranks.shared_failure():
-        _run_batches(model, methods, collected, Subset(dataset, share), wanted, meta, masks, patch, steps,
+        _run_batches(scored, methods, collected, Subset(dataset, share), wanted, meta, masks, patch, steps,
                      batch_size, workers, device, on_batch)
     if ranks.distributed:
         collected = _merge(ranks.gather(collected))
     results = _results(collected, explainers, len(samples))
     counts = {name: int((index.labels[chosen] == i).sum()) for i, name in enumerate(meta.class_names)}
     target_name = wanted if isinstance(wanted, str) else meta.class_names[wanted]
+    if contrast:
+        target_name += f" - {meta.class_names[1 - meta.class_names.index(target_name)]}"
     return Comparison(data=data.name, split=split, target=target_name, n_images=len(samples), class_counts=counts,
                       patch_size=patch, steps=steps, methods=results, localisation_note=note,
                       images=[str(s.path) for s in samples])

@@ -20,7 +20,7 @@ from smadlrp.data.loading import SplitIndex
 from smadlrp.data.regions import REGIONS, read_region_map, region_map_path, resize_region_map
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.explain.run import image_batches, to_uint8
-from smadlrp.lrp import Explainer
+from smadlrp.lrp import Contrast, Explainer
 
 FloatArray = npt.NDArray[np.float64]
 REGION_PATH_COLUMN = "region_path"
@@ -93,8 +93,8 @@ class RelevanceMaps:
     p_attack: FloatArray
 
 
-def relevance_maps(paths: Sequence[Path], meta: CheckpointMeta, explainer: Explainer, target: int | str | None,
-                   *, batch_size: int, workers: int, device: torch.device,
+def relevance_maps(paths: Sequence[Path], meta: CheckpointMeta, explainer: Explainer,
+                   target: int | str | Contrast | None, *, batch_size: int, workers: int, device: torch.device,
                    on_batch: Callable[[int], None] = lambda n: None) -> RelevanceMaps:
     """One batched relevance pass over `paths` on `device`."""
     size = meta.input_size

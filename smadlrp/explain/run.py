@@ -41,13 +41,16 @@ from smadlrp.lrp import (
     ATTENTION_RULES,
     DEFAULT_ATTENTION,
     SUM_SPLITS,
+    Contrast,
     Explainer,
+    Relevance,
     method_is_signal,
     method_names,
     method_parameters,
 )
 from smadlrp.lrp.patterns import check_fingerprint, load_patterns, weights_fingerprint
 
+CONTRAST = "contrast"  # `--target contrast`: the attack logit minus the other's (lrp.Contrast)
 SIGNAL_RULES = ("patternnet",)  # output a signal estimate in input space, not a relevance: its sum means nothing
 PATTERN_KINDS = ("positive", "all")  # default first: the two-component estimator suits ReLU networks (Kindermans 2018)
 
@@ -139,15 +142,19 @@ def build_explainers(model: nn.Module, meta: CheckpointMeta, rules: Sequence[str
             for rule in rules}
 
 
-def parse_target(text: str, class_names: Sequence[str]) -> int | str | None:
-    """`predicted` -> None, a class name -> itself, an integer -> the index (checked later against the model)."""
+def parse_target(text: str, class_names: Sequence[str], attack_class: str | None = None) -> int | str | Contrast | None:
+    """`predicted` -> None, a class name -> itself, an integer -> the index (checked later against the model),
+    `contrast` -> the attack class's logit minus the other's (`lrp.Contrast`)."""
     if text == "predicted":
         return None
+    if text == CONTRAST and attack_class is not None:
+        return Contrast(attack_class)
     if text in class_names:
         return text
     if re.fullmatch(r"\d+", text):
         return int(text)
-    raise UsageError(f"--target {text!r}: use predicted, a class name ({', '.join(class_names)}) or an index")
+    raise UsageError(f"--target {text!r}: use predicted, {CONTRAST}, a class name ({', '.join(class_names)}) or an "
+                     "index")
 
 
 def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> npt.NDArray[np.uint8]:
@@ -226,7 +233,8 @@ class BackgroundWriter:
 
 
 def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Mapping[str, Explainer],
-                   target: int | str | None, out: Path, *, batch_size: int, workers: int, device: torch.device,
+                   target: int | str | Contrast | None, out: Path, *, batch_size: int, workers: int,
+                   device: torch.device,
                    raw: dict[str, list[torch.Tensor]] | None = None, share: Sequence[int] | None = None,
                    perturbations: Sequence[Perturbation] = (),
                    prepare: Prepare | None = None,
@@ -256,7 +264,7 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                     raw.setdefault(rule, []).append(relevance)
                 maps[rule] = relevance.sum(dim=1).numpy()
                 if not batch_results:
-                    batch_results = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
+                    batch_results = _predictions(images, positions, res, meta)
                 sums = relevance.flatten(1).sum(dim=1).double()
                 for result, value in zip(batch_results, sums.tolist(), strict=True):
                     result.relevance_sum[rule] = value
@@ -283,7 +291,7 @@ def explain_images(images: Sequence[Path], meta: CheckpointMeta, explainers: Map
                 for rule, explainer in explainers.items():
                     res = explainer.explain(xp, target)
                     p_maps[rule] = res.relevance.detach().cpu().sum(dim=1).numpy()
-                    scored = _predictions(images, positions, res.logits.cpu(), res.target.cpu(), meta)
+                    scored = _predictions(images, positions, res, meta)
                     for row, (result, score) in enumerate(zip(batch_results, scored, strict=True)):
                         condition = result.perturbed.setdefault(
                             perturbation.spec, ConditionResult(score.p_attack, score.target, score.target_logit))
@@ -326,14 +334,16 @@ def _write_image_files(pixels: npt.NDArray[np.uint8], maps: Mapping[str, np.ndar
         plot_rule_grid(pixels, maps, files["grid"], title=title)
 
 
-def _predictions(images: Sequence[Path], positions: Sequence[int], logits: torch.Tensor, target: torch.Tensor,
+def _predictions(images: Sequence[Path], positions: Sequence[int], res: Relevance,
                  meta: CheckpointMeta) -> list[ImageResult]:
+    """Per image: the prediction, P(attack), the target (`A - B` for a contrast) and the explained output."""
+    logits, target, explained = res.logits.cpu(), res.target.cpu(), res.explained.cpu()
     probs = torch.softmax(logits.double(), dim=1)
     refuse_non_finite(probs[:, meta.attack_index].tolist(), [images[pos] for pos in positions], [""] * len(positions))
-    rows = torch.arange(len(positions))
+    names = [meta.class_names[int(t)] + (f" - {meta.class_names[1 - int(t)]}" if res.contrast else "")
+             for t in target]
     return [ImageResult(path=images[pos], predicted=meta.class_names[int(logits[i].argmax())],
-                        p_attack=float(probs[i, meta.attack_index]), target=meta.class_names[int(target[i])],
-                        target_logit=float(logits[rows, target][i]))
+                        p_attack=float(probs[i, meta.attack_index]), target=names[i], target_logit=float(explained[i]))
             for i, pos in enumerate(positions)]
 
 

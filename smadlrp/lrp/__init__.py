@@ -25,7 +25,7 @@ from smadlrp.lrp.composites import (
     method_parameters,
 )
 from smadlrp.lrp.conversion import LRPModel, check_supported, convert
-from smadlrp.lrp.explainer import Explainer, Relevance, explain, resolve_target
+from smadlrp.lrp.explainer import Contrast, Explainer, Relevance, explain, resolve_target
 from smadlrp.lrp.op_kinds import OP_KINDS, NodeCall, OpKind, register_op, unregister_op
 from smadlrp.lrp.rules import RULES, Rule, make_rule, register, rule_names, rule_parameters
 from smadlrp.lrp.trace import TraceRecord, collect_and_disable, enable_and_clean, trace
@@ -45,6 +45,7 @@ __all__ = [
     "RULES",
     "SUM_SPLITS",
     "Composite",
+    "Contrast",
     "CompositeSpec",
     "Explainer",
     "FoldedBatchNorm",

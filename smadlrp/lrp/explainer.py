@@ -17,19 +17,42 @@ from smadlrp.lrp.conversion import LRPModel, build_lrp_model
 from smadlrp.lrp.op_kinds import registry_version
 from smadlrp.lrp.rules import Rule
 
-Target = int | str | Tensor | Sequence[int] | Sequence[str] | None
+ClassTarget = int | str | Tensor | Sequence[int] | Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A contrastive target for a two-class model: explain `z_target - z_other` (for two classes the log-odds of
+    P(target)), "what makes this image more `target` than the other class". One relevance pass: the output
+    relevance is +z on the target's logit and -z on the other's, so the relevance of every rule linear in it is
+    the difference of the two single-logit explanations, and it is conserved against the logit difference.
+    `target`: an index or class name, or one per sample."""
+
+    target: ClassTarget
+
+
+Target = ClassTarget | Contrast
 
 
 @dataclass(frozen=True)
 class Relevance:
     """One relevance pass: `relevance` (shape of the input; float64 for a float64 model, else float32), `logits`
     (B, K), `target` (B,) int64, and `terms`: the relevance that reached each learned additive term (positional
-    embedding, class token), summed per sample, name -> (B,). `total()` is the sum over the input and the terms."""
+    embedding, class token), summed per sample, name -> (B,). `total()` is the sum over the input and the terms;
+    `contrast`: the target's logit minus the other's was explained (`explained` gives what was explained)."""
 
     relevance: Tensor
     logits: Tensor
     target: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    contrast: bool = False
+
+    @property
+    def explained(self) -> Tensor:
+        """(B,): the explained output, the target's logit, or with a contrast its difference to the other's."""
+        rows = torch.arange(len(self.logits), device=self.logits.device)
+        picked = self.logits[rows, self.target]
+        return picked - self.logits[rows, 1 - self.target] if self.contrast else picked
 
     def total(self) -> Tensor:
         """(B,): the relevance of the input and of every learned term, per sample."""
@@ -62,18 +85,25 @@ class Explainer:
         self.device = next(self.lrp.parameters()).device
 
     def explain(self, x: Tensor, target: Target = None) -> Relevance:
-        """Relevance of `target` (default: the predicted class; an index, a class name, or one per sample)
-        for the batch `x` ((B, C, H, W) for convolutional models), computed on the model's device in float64 for
-        a float64 model, else in float32."""
+        """Relevance of `target` (default: the predicted class; an index, a class name, one per sample, or a
+        `Contrast`) for the batch `x` ((B, C, H, W) for convolutional models), computed on the model's device in
+        float64 for a float64 model, else in float32."""
         if not isinstance(x, Tensor):
             raise UsageError(f"expected an input tensor, got {type(x).__name__}")
         with torch.inference_mode(False), torch.enable_grad():
             leaf = x.detach().to(self.device, self.lrp.dtype).clone().requires_grad_(True)
             logits, term_leaves = self.lrp.run(leaf, self.composite)
-            target_index = resolve_target(logits, target, self.class_names)
+            contrast = isinstance(target, Contrast)
+            target_index = resolve_target(logits, target.target if isinstance(target, Contrast) else target,
+                                          self.class_names)
             rows = torch.arange(len(logits), device=logits.device)
             start = torch.zeros_like(logits)
             start[rows, target_index] = logits.detach()[rows, target_index]
+            if contrast:
+                if logits.shape[1] != 2:
+                    raise UsageError(f"a contrastive target explains z_target - z_other of a two-class model; this "
+                                     f"one has {logits.shape[1]} classes")
+                start[rows, 1 - target_index] = -logits.detach()[rows, 1 - target_index]
             names = list(term_leaves)
             relevance, *term_relevance = torch.autograd.grad(
                 logits, [leaf, *term_leaves.values()], start, allow_unused=True)
@@ -81,7 +111,7 @@ class Explainer:
                  for name, r in zip(names, term_relevance, strict=True)}
         if relevance is None:
             relevance = torch.zeros_like(leaf)
-        return Relevance(relevance, logits.detach(), target_index, terms)
+        return Relevance(relevance, logits.detach(), target_index, terms, contrast)
 
 
 def explain(
@@ -124,7 +154,7 @@ def _kept_model(model: nn.Module) -> LRPModel:
     return cached[1]
 
 
-def resolve_target(logits: Tensor, target: Target, class_names: Sequence[str] | None = None) -> Tensor:
+def resolve_target(logits: Tensor, target: ClassTarget, class_names: Sequence[str] | None = None) -> Tensor:
     """Target class per sample, (B,) int64 on the logits' device: the predicted class for None, else an index
     or class name for every sample, or one per sample. UsageError when out of range or unknown."""
     batch, classes = logits.shape
