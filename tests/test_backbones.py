@@ -17,7 +17,7 @@ import smadlrp.lrp as lrp
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.detector.backbones import CLIP_MEAN, ClipClassifier
-from smadlrp.detector.models import build_model, get_architecture, load_weights_file
+from smadlrp.detector.models import build_model, get_architecture
 
 pytest.importorskip("open_clip")
 pytest.importorskip("timm")
@@ -135,7 +135,8 @@ def test_offline_pretrained_weights_name_the_cache_and_the_file(
 
 
 def test_an_open_clip_file_loads_into_the_image_tower(tmp_path: Any) -> None:
-    """--weights FILE with open_clip's own state dict (image and text towers, the projection as a bare matrix)."""
+    """--weights FILE with open_clip's own state dict (image and text towers, the projection as a bare matrix)
+    goes through open_clip's loader."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -143,18 +144,26 @@ def test_an_open_clip_file_loads_into_the_image_tower(tmp_path: Any) -> None:
     clip = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=32, force_quick_gelu=True)
     path = tmp_path / "clip.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
-    model, _ = build_model("clip_vit_b_16", 2, "none", image_size=32)
-    load_weights_file(model, get_architecture("clip_vit_b_16"), path, 32)
-    assert isinstance(model, ClipClassifier)
+    model, source = build_model("clip_vit_b_16", 2, str(path), image_size=32)
+    assert isinstance(model, ClipClassifier) and source == "file clip.safetensors"
     x = images(32)
     with torch.no_grad():
         torch.testing.assert_close(model.projection(model.visual(x)), clip.encode_image(x), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_without_peft_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from smadlrp.detector.lora import LoraSettings, attach_lora
+def test_a_timm_file_of_another_side_is_resampled_by_timm(tmp_path: Any) -> None:
+    """A DINOv2 file saved at another input side (the official weights are 518 px): timm's loader resamples the
+    positional embedding to the side asked for and keeps every other tensor."""
+    import timm
+    from safetensors.torch import save_file
 
-    monkeypatch.setitem(sys.modules, "peft", None)
-    model, _ = build_model("vit_b_16", 2, "none", image_size=32)
-    with pytest.raises(UsageError, match=r"^--lora needs the lora extra: pip install 'smadlrp\[lora\]'$"):
-        attach_lora(model, LoraSettings(4, 4.0), ("heads.head.",), "vit_b_16", 32)
+    torch.manual_seed(4)
+    saved = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=56)
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(path))
+    model, _ = build_model("timm/vit_small_patch14_dinov2", 2, str(path), image_size=42)
+    state = model.state_dict()
+    assert state["pos_embed"].shape == (1, 1 + 3 * 3, 384)
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], saved.state_dict()["blocks.0.attn.qkv.weight"])
+    with pytest.raises(SmadlrpError, match="does not hold clip_vit_b_16 weights that open_clip can read"):
+        build_model("clip_vit_b_16", 2, str(path), image_size=32)

@@ -15,7 +15,7 @@ import importlib
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -109,29 +109,25 @@ class LibraryArchitecture(Architecture):
         return (f"put {file} of the Hugging Face repository {repo} into {hub_cache()} (huggingface-cli download "
                 f"{repo} {file}, on a machine with network)")
 
-    def build(self, num_classes: int, pretrained: bool = False, image_size: int | None = None) -> nn.Module:
+    def build(self, num_classes: int, pretrained: bool = False, image_size: int | None = None,
+              weights_file: Path | None = None) -> nn.Module:
+        """As `Architecture.build`; `weights_file`: load the backbone from this local file through the library's
+        own loader (open_clip's or timm's: key conversions, positional embeddings resampled to the side)."""
         side = self.input_size if image_size is None else image_size
         self.check_image_size(side)
         module = self._module()
         with _library_logs_silenced():  # their retries and notices; a failure is raised and said in one line
             if self.library == "open_clip":
-                clip = module.create_model(self.model_name, pretrained=self.pretrained_tag if pretrained else None,
-                                           force_image_size=side, force_quick_gelu=self.quick_gelu,
-                                           device=torch.get_default_device())
+                source = str(weights_file) if weights_file else self.pretrained_tag if pretrained else None
+                clip = module.create_model(self.model_name, pretrained=source, force_image_size=side,
+                                           force_quick_gelu=self.quick_gelu, device=torch.get_default_device())
                 return ClipClassifier(clip.visual, num_classes).eval()
             register_timm_ops(module)
-            sized = {"img_size": side} if self.patch else {}
-            return module.create_model(self.model_name, pretrained=pretrained, num_classes=num_classes,  # type: ignore[no-any-return]
-                                       **sized).eval()
-
-    def fit_state(self, state: Mapping[str, torch.Tensor], image_size: int) -> dict[str, torch.Tensor]:
-        """A state dict in this entry's layout from a smadlrp checkpoint or the library's own file: an open_clip
-        CLIP file keeps its image tower, with `visual.proj` as the projection layer."""
-        if self.library != "open_clip" or "visual.proj" not in state:
-            return dict(state)
-        fitted = {k: v for k, v in state.items() if k.startswith("visual.") and k != "visual.proj"}
-        fitted["projection.weight"] = state["visual.proj"].T.contiguous()
-        return fitted
+            options: dict[str, Any] = {"img_size": side} if self.patch else {}
+            if weights_file is not None:
+                options["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+            return module.create_model(self.model_name, pretrained=pretrained or weights_file is not None,  # type: ignore[no-any-return]
+                                       num_classes=num_classes, **options).eval()
 
 
 @contextmanager

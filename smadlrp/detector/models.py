@@ -21,7 +21,7 @@ from torchvision import models as tvm
 from smadlrp.core.container import read_tensors
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.detector.architecture import MIN_SIDE, Architecture
-from smadlrp.detector.backbones import LIBRARY_ARCHITECTURES, TIMM_PREFIX, timm_architecture
+from smadlrp.detector.backbones import LIBRARY_ARCHITECTURES, TIMM_PREFIX, LibraryArchitecture, timm_architecture
 
 Notify = Callable[[str], None]
 
@@ -128,9 +128,24 @@ def build_model(arch_name: str, num_classes: int, weights: str = "auto", notify:
     if weights in ("pretrained", "imagenet"):
         return _build_pretrained(arch, num_classes, side), arch.pretrained_name
     path = Path(weights)
+    if isinstance(arch, LibraryArchitecture):  # the library reads its own files (key names, embedding sizes)
+        return _build_from_library_file(arch, num_classes, path, side), f"file {path.name}"
     model = arch.build(num_classes, image_size=side)
     load_weights_file(model, arch, path, side)
     return model, f"file {path.name}"
+
+
+def _build_from_library_file(arch: LibraryArchitecture, num_classes: int, path: Path, side: int) -> nn.Module:
+    if not path.is_file():
+        raise SmadlrpError(f"weights file not found: {path}")
+    try:
+        return arch.build(num_classes, image_size=side, weights_file=path)
+    except (SmadlrpError, UsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - each library fails in its own way on a file of another model
+        problem = " ".join(f"{exc.__class__.__name__}: {exc}".split())[:160]
+        raise SmadlrpError(f"{path} does not hold {arch.name} weights that {arch.library} can read ({problem})") \
+            from None
 
 
 def _build_pretrained(arch: Architecture, num_classes: int, image_size: int) -> nn.Module:
