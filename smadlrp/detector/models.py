@@ -136,8 +136,14 @@ def build_model(arch_name: str, num_classes: int, weights: str = "auto", notify:
 
 
 def _build_from_library_file(arch: LibraryArchitecture, num_classes: int, path: Path, side: int) -> nn.Module:
-    if not path.is_file():
-        raise SmadlrpError(f"weights file not found: {path}")
+    """A file in smadlrp's own layout and sizes (a checkpoint or state dict of this entry) loads as it is; any other
+    goes through the library's loader (its key names, embeddings of another input side)."""
+    state = read_state_dict(path)
+    model = arch.build(num_classes, image_size=side)
+    own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(arch.head)}
+    if all(k in state and state[k].shape == shape for k, shape in own.items()):
+        load_compatible_state(model, arch, state, source=str(path), head_optional=True)
+        return model
     try:
         return arch.build(num_classes, image_size=side, weights_file=path)
     except (SmadlrpError, UsageError):

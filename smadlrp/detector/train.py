@@ -97,7 +97,6 @@ class TrainConfig:
         arch.check_image_size(self.image_size)
         return self
 
-
     def _check_recipe(self) -> None:
         """LoRA and frozen features are recipes of their own: refuse the options that contradict them."""
         if self.lora:
