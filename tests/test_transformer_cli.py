@@ -25,7 +25,8 @@ def invoke(*args: object) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vit_b_16", "swin_t", "convnext_tiny"])
+@pytest.mark.parametrize("arch", ["vit_b_16", pytest.param("swin_t", marks=pytest.mark.sweep),
+                                  pytest.param("convnext_tiny", marks=pytest.mark.sweep)])  # make test-all: all
 def test_transformer_detector_end_to_end(arch: str, tiny_synth: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     invoke("finetune", "--full", "--arch", arch, "--weights", "none", "--image-size", 32, "--epochs", 1,
