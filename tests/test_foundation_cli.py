@@ -54,7 +54,7 @@ def clip_start(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def lora_run(data: Path, start: Path, out: Path, epochs: int = 1) -> list[object]:
     return ["finetune", "--arch", "clip_vit_b_16", "--lora", 4, "--weights", start, "--image-size", 32,
-            "--epochs", epochs, "--batch-size", 8, "--lr", 1e-2, "--data", data, "--out", out, *CPU]
+            "--epochs", epochs, "--batch-size", 16, "--lr", 1e-2, "--data", data, "--out", out, *CPU]
 
 
 @pytest.mark.slow
