@@ -138,3 +138,8 @@ def encode_png(pixels: NDArray[np.uint8]) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 1))
             + chunk(b"IEND", b""))
+
+
+def cache_home() -> Path:
+    """smadlrp's folder in the user's cache, ~/.cache/smadlrp (the synthetic set, cached features)."""
+    return Path.home() / ".cache" / "smadlrp"

@@ -25,6 +25,7 @@ from smadlrp.core.container import read_document, read_tensors, write_document
 from smadlrp.core.device import autocast
 from smadlrp.core.distributed import Ranks, current
 from smadlrp.core.errors import SmadlrpError, shorten
+from smadlrp.core.fileio import cache_home
 from smadlrp.data.loading import ImageDataset, Sample, make_loader
 
 Notify = Callable[[str], None]
@@ -39,7 +40,7 @@ def _silent(_message: str) -> None:
 def cache_root() -> Path:
     """smadlrp's cache folder: $SMADLRP_CACHE if set, else ~/.cache/smadlrp (where the synthetic set lives too)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "smadlrp"
+    return Path(env).expanduser() if env else cache_home()
 
 
 def default_feature_folder() -> Path:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from smadlrp.core.fileio import encode_png
+from smadlrp.core.fileio import cache_home, encode_png
 from smadlrp.data.synthetic.config import (
     CLASSES,
     CORNERS,
@@ -56,7 +56,7 @@ def default_dataset_dir() -> Path:
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "smadlrp" / f"synthetic-v{FORMAT_VERSION}"
+    return cache_home() / f"synthetic-v{FORMAT_VERSION}"
 
 
 def _matches(folder: Path, config: SynthConfig) -> bool:
