@@ -55,12 +55,14 @@ from smadlrp.cli import (  # noqa: E402,F401  (each module registers its command
     evaluate_command,
     explain_commands,
     metrics_command,
+    morph_command,
     patterns_command,
     predict_command,
     regions_command,
     report_command,
     split_command,
     train_commands,
+    vuln_command,
 )
 
 

@@ -95,15 +95,20 @@ class Face:
         return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
 
 
-def landmark_model_path() -> Path:
-    """The 5-point model file of `face_recognition_models`, located without importing the package."""
+def model_file(name: str) -> Path:
+    """A model file of `face_recognition_models` (e.g. LANDMARK_MODEL), located without importing the package."""
     spec = importlib.util.find_spec("face_recognition_models")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in locations:
-        path = Path(folder) / "models" / LANDMARK_MODEL
+        path = Path(folder) / "models" / name
         if path.is_file():
             return path
-    raise AlignExtraMissing(f"the landmark model {LANDMARK_MODEL} (package face_recognition_models)")
+    raise AlignExtraMissing(f"the model file {name} (package face_recognition_models)")
+
+
+def landmark_model_path() -> Path:
+    """The 5-point landmark model file."""
+    return model_file(LANDMARK_MODEL)
 
 
 def _dlib() -> Any:

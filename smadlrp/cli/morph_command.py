@@ -1,0 +1,1 @@
+"""`smadlrp morph` (being built)."""

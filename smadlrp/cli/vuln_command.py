@@ -1,0 +1,1 @@
+"""`smadlrp vuln` (being built)."""
