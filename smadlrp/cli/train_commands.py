@@ -106,6 +106,12 @@ def finetune(
     head: Annotated[str | None, typer.Option("--head", help=(
         f"The head --frozen fits: {', '.join(HEAD_KINDS)} (gmm: one-class, on bona fide images only; default "
         "linear)."))] = None,
+    pseudo_morphs: Annotated[bool, typer.Option("--selfmorph", help=(
+        "Train on bona fide images alone: each one and a self-blended pseudo-morph of it, drawn anew every "
+        "epoch; validation on fixed pseudo-morphs of the validation bona fide images. Morphs in the data are "
+        "ignored (see docs/real-faces.md)."))] = False,
+    pseudo_and_real: Annotated[bool, typer.Option("--selfmorph-mixed", help=(
+        "As --selfmorph, and train on the training split's morphs as well."))] = False,
     workers: WorkersOption = 0,
     seed: SeedOption = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/ARCH-TIME).", file_okay=False)] = None,
@@ -145,7 +151,8 @@ def finetune(
                                  protocol=str(protocol.resolve()) if protocol is not None else "",
                                  bonafide_label=bonafide_label, attack_label=attack_label, augment=augment,
                                  lora=lora, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                                 frozen=(head or "linear") if frozen else "")
+                                 frozen=(head or "linear") if frozen else "",
+                                 selfmorph="mixed" if pseudo_and_real else "only" if pseudo_morphs else "")
             out = ranks.broadcast(out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
             with ranks.shared_failure():
                 if ranks.is_main:
@@ -181,7 +188,9 @@ def _train(trainer: Finetuner, config: TrainConfig, out: Path, json_out: Path | 
               f"batch of {config.batch_size}), validating on {val_share} of {val_total}")
     console.print(f"[bold]{config.arch}[/bold] ({'all layers' if config.full else 'head only'}), "
                   f"{config.image_size} px, weights: {trainer.weights_source}, attack class: {config.attack_class}, "
-                  f"{f'augmentation: {config.augment}, ' if config.augment else ''}output: {out}", highlight=False)
+                  f"{f'augmentation: {config.augment}, ' if config.augment else ''}"
+                  f"{f'self-blended pseudo-morphs ({config.selfmorph}), ' if config.selfmorph else ''}output: {out}",
+                  highlight=False)
     with progress_bar(TextColumn("{task.fields[info]}")) as bar:
         epochs_task = bar.add_task("epochs", total=config.epochs, completed=trainer.state.epoch, info="")
         batch_task = bar.add_task("batches", total=None, info="")

@@ -125,20 +125,27 @@ class SplitIndex:
 
 
 def scan_split(root: str | Path, split: str, class_names: Sequence[str] | None = None,
-               warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2)) -> SplitIndex:
+               warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2), *,
+               bonafide_only: str | None = None) -> SplitIndex:
     """Index `root/split/<class>/**/image` and validate it.
 
     Every class folder must exist and hold at least one image. Files whose header cannot be read are skipped with
-    a warning (documented policy); the pixels are decoded later, when the image is used.
+    a warning (documented policy); the pixels are decoded later, when the image is used. `bonafide_only` names
+    the attack class when a split may lack it (training on bona fide images alone): its folder may then be
+    missing or empty, and a single class folder is the bona fide one.
     """
     folder = find_split(root, split)
     if class_names is None:
         class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if bonafide_only is not None and len(class_names) == 1:
+            class_names = sorted({*class_names, bonafide_only})
         if len(class_names) < 2:
             raise SmadlrpError(f"{folder}: needs two class folders (e.g. bonafide/ and morph/), found {class_names}")
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
         class_dir = folder / name
+        if bonafide_only == name and not any(list_images(class_dir) if class_dir.is_dir() else ()):
+            continue
         if not class_dir.is_dir():
             raise SmadlrpError(f"{folder}: class folder {name!r} is missing (every split needs every class)")
         found = 0
@@ -167,7 +174,7 @@ def _manifest_groups(root: Path, samples: Sequence[Sample]) -> dict[str, tuple[s
 
 
 def _protocol_split(protocol: Protocol, split: str, class_names: Sequence[str] | None, attack_class: str,
-                    warn: Warn) -> SplitIndex:
+                    warn: Warn, bonafide_only: bool = False) -> SplitIndex:
     """The rows of one protocol split as a SplitIndex: the attack label maps to `attack_class`, bona fide to
     the other class (default class names: "bonafide" and `attack_class`, sorted as ImageFolder sorts them)."""
     names = list(class_names) if class_names is not None else sorted({"bonafide", attack_class})
@@ -182,7 +189,7 @@ def _protocol_split(protocol: Protocol, split: str, class_names: Sequence[str] |
             kept.append(row)
         else:
             warn(f"skipping unreadable image {row.path} ({protocol.file}, line {row.line})")
-    for label, name in ((0, "bona fide"), (1, "attack")):
+    for label, name in ((0, "bona fide"), (1, "attack"))[:1 if bonafide_only else 2]:
         if not any(row.label == label for row in kept):
             raise SmadlrpError(f"{protocol.file}: split {split!r} has no readable {name} images")
     samples = [Sample(row.path, attack if row.label else 1 - attack) for row in kept]
@@ -203,11 +210,14 @@ class DataSource:
         return str(self.protocol.file if self.protocol is not None else self.root)
 
     def split(self, split: str, class_names: Sequence[str] | None = None, attack_class: str = "morph",
-              warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2)) -> SplitIndex:
-        """Index and validate one split. Folder class names come from the folders unless given."""
+              warn: Warn = lambda msg: warnings.warn(msg, stacklevel=2), *, bonafide_only: bool = False
+              ) -> SplitIndex:
+        """Index and validate one split. Folder class names come from the folders unless given. With
+        `bonafide_only` the split may hold no attack images."""
         if self.protocol is not None:
-            return _protocol_split(self.protocol, split, class_names, attack_class, warn)
-        return scan_split(self.root, split, class_names, warn=warn)
+            return _protocol_split(self.protocol, split, class_names, attack_class, warn, bonafide_only)
+        return scan_split(self.root, split, class_names, warn=warn,
+                          bonafide_only=attack_class if bonafide_only else None)
 
     def leak_warning(self) -> str | None:
         """A warning when a subject column shows one subject in two splits (protocol rows, or the folder's

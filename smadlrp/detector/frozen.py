@@ -28,6 +28,7 @@ def fit_frozen_head(trainer: Finetuner, callbacks: Callbacks) -> None:
     arch = get_architecture(config.arch)
     plain_train = ImageDataset(trainer.train_samples, config.image_size, trainer.mean, trainer.std)  # not augmented
     callbacks.epoch_start(1, 0)
+    assert isinstance(trainer.val_data, ImageDataset)  # --frozen refuses --selfmorph
     train, val = (_features(trainer, arch, data) for data in (plain_train, trainer.val_data))
     head = fit_head(config.frozen, train.features, train.labels, val.features, val.labels, trainer.attack_index,
                     len(trainer.class_names), config.seed, notify=trainer.notify)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from smadlrp.core.container import read_document, read_tensors, write_document
@@ -26,6 +27,7 @@ from smadlrp.data.align import recorded_policy
 from smadlrp.data.loading import DataSource, ImageDataset, make_loader
 from smadlrp.data.perturb import parse_augmentation
 from smadlrp.data.protocol import read_protocol
+from smadlrp.data.selfmorph import ImageSettings, SelfMorphDataset, mode_of, selfmorph_datasets
 from smadlrp.detector.backbones import LibraryArchitecture
 from smadlrp.detector.checkpoint import ADAPTER_PREFIX, INPUT_SIZES, CheckpointMeta, first_mismatch, save_checkpoint
 from smadlrp.detector.frozen_heads import KINDS as HEAD_KINDS
@@ -71,6 +73,7 @@ class TrainConfig:
     lora_alpha: float = 0.0  # LoRA alpha (0: the rank, a scaling of 1)
     lora_targets: str = ",".join(DEFAULT_TARGETS)  # the projections LoRA adapts, among q, k, v, out
     frozen: str = ""  # a head fitted on frozen backbone features: linear, logistic, svm, gmm ("": gradient steps)
+    selfmorph: str = ""  # train on bona fide images and their pseudo-morphs: only, or mixed with the morphs ("": no)
 
     def validate(self) -> TrainConfig:
         """Raise UsageError for values that cannot work; fill in the architecture's input size."""
@@ -110,6 +113,11 @@ class TrainConfig:
                 raise UsageError(f"--head {self.frozen!r}: choose one of {', '.join(HEAD_KINDS)}")
             if self.full or self.augment:
                 raise UsageError("--frozen extracts the backbone's features once: drop --full and --augment")
+        if self.selfmorph:
+            mode_of(self.selfmorph)
+            if self.frozen:
+                raise UsageError("--selfmorph draws new pseudo-morphs every epoch; --frozen fits a head once: "
+                                 "choose one")
 
 
 @dataclass
@@ -176,26 +184,36 @@ class Finetuner:
         arch = get_architecture(config.arch)
         data = data if isinstance(data, DataSource) else DataSource(Path(data))
         self.alignment = recorded_policy(data.protocol.file.parent if data.protocol is not None else data.root) or {}
-        train_split = data.split("train", attack_class=config.attack_class, warn=notify)
+        bonafide_only = config.selfmorph == "only"
+        train_split = data.split("train", attack_class=config.attack_class, warn=notify, bonafide_only=bonafide_only)
         self.class_names = train_split.class_names
         self.train_samples = train_split.samples
         if config.attack_class not in self.class_names:
             raise UsageError(f"attack class {config.attack_class!r} is not a class folder of {data.name}/train "
                              f"(found: {', '.join(self.class_names)}); set --attack-class")
-        val_split = data.split("val", self.class_names, config.attack_class, warn=notify)
+        val_split = data.split("val", self.class_names, config.attack_class, warn=notify,
+                               bonafide_only=bool(config.selfmorph))
         self.attack_index = self.class_names.index(config.attack_class)
         size = config.image_size
         self.mean, self.std = list(arch.mean), list(arch.std)  # the normalisation the backbone's weights expect
-        train_data = ImageDataset(train_split.samples, size, self.mean, self.std, augment=True, cache=True,
-                                  perturb=parse_augmentation(config.augment) if config.augment else None,
-                                  perturb_seed=None)
+        perturb = parse_augmentation(config.augment) if config.augment else None
+        self.selfmorph: dict[str, Any] = {}
+        train_data: ImageDataset | SelfMorphDataset | ConcatDataset[tuple[torch.Tensor, int, int]]
+        self.val_data: ImageDataset | SelfMorphDataset
+        if config.selfmorph:
+            train_data, self.val_data, self.selfmorph = selfmorph_datasets(
+                config.selfmorph, train_split, val_split, self.attack_index, ImageSettings(size, self.mean, self.std),
+                self.alignment, notify)
+        else:
+            train_data = ImageDataset(train_split.samples, size, self.mean, self.std, augment=True, cache=True,
+                                      perturb=perturb, perturb_seed=None)
+            self.val_data = ImageDataset(val_split.samples, size, self.mean, self.std, cache=True)
         self.sampler: DistributedSampler[int] | None = None  # one process: the loader shuffles itself
         if ranks.distributed:
             self.sampler = DistributedSampler(train_data, ranks.world_size, ranks.rank, seed=config.seed)
         self.train_loader = make_loader(
             train_data, config.batch_size // ranks.world_size, shuffle=self.sampler is None, sampler=self.sampler,
             workers=workers, generator=self.generator, device=device)
-        self.val_data = ImageDataset(val_split.samples, size, self.mean, self.std, cache=True)
         self.shares = (len(self.sampler or train_data), len(train_data),
                        len(ranks.shard(len(self.val_data), config.batch_size)), len(self.val_data))
         model, self.weights_source = build_model(config.arch, len(self.class_names), config.weights, notify,
@@ -417,7 +435,8 @@ class Finetuner:
         arch = get_architecture(self.config.arch)
         backbone = {"backbone": {"library": arch.library, "model": arch.model_name, "tag": arch.pretrained_tag}} \
             if isinstance(arch, LibraryArchitecture) else {}
-        return {**backbone, **({"lora": self.lora.describe()} if self.lora is not None else {})}
+        return {**backbone, **({"lora": self.lora.describe()} if self.lora is not None else {}),
+                **({"selfmorph": self.selfmorph} if self.selfmorph else {})}
 
     def _save_history(self) -> None:
         doc = {"config": asdict(self.config), "best_epoch": self.state.best_epoch, "epochs": self.state.history,
