@@ -97,12 +97,12 @@ def leak_message(leaks: Mapping[str, Sequence[str]], source: str) -> str | None:
 
 
 def read_protocol(file: str | Path, *, base: str | Path | None = None, bonafide_label: str = "bonafide",
-                  attack_label: str = "morph", check_files: bool = True) -> Protocol:
+                  attack_label: str = "morph", check_files: bool = True, both_classes: bool = True) -> Protocol:
     """Read and validate a protocol file.
 
     Refused with one line naming the row: a missing column, an image file that does not exist (`check_files`),
-    a path listed twice, a label that matches neither class, an unknown split; and a split without one of the
-    two classes.
+    a path listed twice, a label that matches neither class, an unknown split; and, with `both_classes` (the
+    default; a list of probe images has only bona fide rows), a split without one of the two classes.
     """
     file = Path(file)
     if bonafide_label == attack_label:
@@ -145,7 +145,7 @@ def read_protocol(file: str | Path, *, base: str | Path | None = None, bonafide_
         rows.append(ProtocolRow(path, label, split, {c: values.get(c, "") for c in group_columns}, line))
     if not rows:
         raise SmadlrpError(f"{file}: the protocol lists no images")
-    for split in sorted({row.split for row in rows}):
+    for split in sorted({row.split for row in rows}) if both_classes else ():
         present = {row.label for row in rows if row.split == split}
         for label, name in ((BONAFIDE, "bona fide"), (MORPH, "attack")):
             if label not in present:

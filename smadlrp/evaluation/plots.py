@@ -183,3 +183,35 @@ def plot_conditions(values: Mapping[str, Mapping[str, float | None]], path: str 
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
+
+
+def plot_mmpmr(curves: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]], thresholds: Mapping[str, float],
+               path: str | os.PathLike[str], *, xlabel: str, rising: bool = True,
+               title: str = "MMPMR against the threshold") -> Path:
+    """MMPMR (in %) against the recogniser's threshold, one step line per curve (name -> (thresholds (K,), MMPMR
+    (K,)) as from `vulnerability.mmpmr_curve`; `rising` for distances, whose MMPMR grows with the threshold), and a
+    dashed vertical line per named threshold (label -> value)."""
+    if not curves:
+        raise SmadlrpError("no MMPMR curve to plot")
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    points = np.concatenate([np.asarray(x, dtype=np.float64) for x, _ in curves.values()] +
+                            [np.asarray(list(thresholds.values()), dtype=np.float64)])
+    low, high = float(points.min()), float(points.max())
+    pad = 0.05 * (high - low) or 0.05
+    for name, (x, y) in curves.items():
+        xs = np.concatenate([[low - pad], np.asarray(x, dtype=np.float64), [high + pad]])
+        ys = 100.0 * np.asarray(y, dtype=np.float64)
+        ys = np.concatenate([[0.0 if rising else ys[0]], ys, [ys[-1] if rising else 0.0]])
+        ax.step(xs, ys, where="post" if rising else "pre", linewidth=1.8, label=name)
+    for label, value in thresholds.items():
+        ax.axvline(value, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(label, (value, 102), rotation=90, fontsize="x-small", ha="right", va="top")
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("MMPMR (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)

@@ -30,7 +30,8 @@ Scope = Literal["summary", "breakdown"]  # the JSON object that holds the key
 class Metric:
     """One reported value: `key` in JSON and gates, `meaning` (one line), `formula` (the short definition the
     tables show), and how to read it. `operating_point` is (rate held fixed, its target as a fraction) for the
-    metrics read at a conservative threshold; `aliases` are the other names a gate accepts (lower case)."""
+    metrics read at a conservative threshold; `aliases` are the other names a gate accepts (lower case);
+    `iso20059` the metric's name in ISO/IEC 20059:2025 and NIST FATE MORPH (MACER, BSCER), when it has one."""
 
     key: str
     meaning: str
@@ -44,6 +45,7 @@ class Metric:
     aliases: tuple[str, ...] = ()
     note: str = ""
     scope: Scope = "summary"
+    iso20059: str = ""
 
     @property
     def oracle(self) -> bool:
@@ -59,13 +61,24 @@ class Metric:
         """The key and every alias."""
         return (self.key, *self.aliases)
 
+    @property
+    def heading(self) -> str:
+        """A column heading: the key in capitals with its ISO/IEC 20059 name, e.g. "BPCER (BSCER)"."""
+        return self.key.upper() + (f" ({self.iso20059})" if self.iso20059 else "")
+
+    @property
+    def explanation(self) -> str:
+        """The formula with the ISO/IEC 20059 name, e.g. "FN / morphs; ISO/IEC 20059: MACER"."""
+        return self.formula + (f"; ISO/IEC 20059: {self.iso20059}" if self.iso20059 else "")
+
 
 def _criterion_note(criterion: str) -> str:
     """The note of a metric read at the threshold of a criterion of `evaluation.thresholds`."""
     return f"its threshold is the criterion `{criterion}`"
 
 
-def _point(key: str, fixed: str, target: float, aliases: tuple[str, ...], note: str = "") -> Metric:
+def _point(key: str, fixed: str, target: float, aliases: tuple[str, ...], note: str = "", iso20059: str = ""
+           ) -> Metric:
     """An operating point: the other rate at the conservative threshold for `fixed` <= `target`."""
     other = "bpcer" if fixed == "apcer" else "apcer"
     criterion = f"max-{fixed}{100 * target:g}"
@@ -73,7 +86,7 @@ def _point(key: str, fixed: str, target: float, aliases: tuple[str, ...], note: 
                        f"{100 * target:g} %", "rate", "lower", "oracle",
                   f"{other.upper()} @ {fixed.upper()} {100 * target:g} %", gateable=True, interval="bootstrap",
                   operating_point=(fixed, target), aliases=aliases,
-                  note="; ".join(filter(None, (_criterion_note(criterion), note))))
+                  note="; ".join(filter(None, (_criterion_note(criterion), note))), iso20059=iso20059)
 
 
 # The gateable metrics, in table order.
@@ -81,9 +94,9 @@ _GATED: tuple[Metric, ...] = (
     Metric("accuracy", "share of images called correctly at the threshold (depends on the class balance)", "rate",
            "higher", "threshold", "(TP + TN) / all", gateable=True, interval="clopper-pearson"),
     Metric("apcer", "share of morphs accepted as bona fide at the threshold", "rate", "lower", "threshold",
-           "FN / morphs", gateable=True, interval="clopper-pearson", aliases=("macer",)),
+           "FN / morphs", gateable=True, interval="clopper-pearson", aliases=("macer",), iso20059="MACER"),
     Metric("bpcer", "share of bona fide images called morphs at the threshold", "rate", "lower", "threshold",
-           "FP / bona fide", gateable=True, interval="clopper-pearson", aliases=("bscer",)),
+           "FP / bona fide", gateable=True, interval="clopper-pearson", aliases=("bscer",), iso20059="BSCER"),
     Metric("d-eer", "detection equal error rate: the rate where APCER = BPCER", "rate", "lower", "oracle",
            "APCER = BPCER", gateable=True, interval="bootstrap", aliases=("d_eer",),
            note=_criterion_note("eer") + ", which is not a gate name"),
@@ -91,8 +104,8 @@ _GATED: tuple[Metric, ...] = (
            "the criterion `max-bpcer10` (earlier `bpcer10`) is another threshold: BPCER <= 10 %"),
     _point("bpcer20", "apcer", 0.05, ("bpcer@apcer5", "bscer@macer5")),
     _point("bpcer100", "apcer", 0.01, ("bpcer@apcer1", "bscer@macer1")),
-    _point("apcer@bpcer10", "bpcer", 0.10, ("macer@bscer10",)),
-    _point("apcer@bpcer1", "bpcer", 0.01, ("macer@bscer1",)),
+    _point("apcer@bpcer10", "bpcer", 0.10, ("macer@bscer10",), iso20059="MACER @ BSCER 10 %"),
+    _point("apcer@bpcer1", "bpcer", 0.01, ("macer@bscer1",), iso20059="MACER @ BSCER 1 %"),
     Metric("auc", "ROC AUC: P(morph score > bona fide score) + P(tie) / 2", "probability", "higher",
            "threshold-free", "ROC area", gateable=True, interval="bootstrap"),
 )

@@ -21,7 +21,9 @@ from smadlrp.evaluation.summary import MetricsSummary
 from smadlrp.evaluation.thresholds import CRITERIA, describe
 
 # What each gate metric means (its registry formula), in table order.
-METRIC_MEANINGS: Mapping[str, str] = {name: BY_KEY[name].formula for name in GATE_METRICS}
+METRIC_MEANINGS: Mapping[str, str] = {name: BY_KEY[name].explanation for name in GATE_METRICS}
+# The ISO/IEC 20059:2025 (and NIST FATE MORPH) names of the ISO/IEC 30107-3 rates, for table captions.
+VOCABULARY_NOTE = "APCER = MACER, BPCER = BSCER (ISO/IEC 20059, NIST FATE MORPH)"
 ORACLE_NOTE = "oracle: read off this split's own scores; choose thresholds on the validation split"
 
 
@@ -111,7 +113,8 @@ def metrics_table(summary: MetricsSummary, *, title: str = "S-MAD metrics") -> T
         title=title,
         caption=(
             f"{summary.n_morph} morphs, {summary.n_bonafide} bona fide. "
-            f"* {ORACLE_NOTE}. ACER is not reported (not ISO/IEC 30107-3 conformant). {interval_note([summary])}"
+            f"* {ORACLE_NOTE}. {VOCABULARY_NOTE}. ACER is not reported (not ISO/IEC 30107-3 conformant). "
+            f"{interval_note([summary])}"
         ).strip(),
     )
     table.add_column("metric")
@@ -143,8 +146,8 @@ def breakdown_rows(breakdown: Breakdown, aggregates: bool = True) -> tuple[list[
     """Header and rows (parts, then Average and Worst unless `aggregates` is False) of a breakdown, as plain
     cells."""
     metrics = _breakdown_columns(breakdown)
-    header = [breakdown.label, "morphs", "bona fide", *(name.upper() + (" *" if name in ORACLE_METRICS else "")
-                                                       for name in metrics)]
+    header = [breakdown.label, "morphs", "bona fide",
+              *(BY_KEY[name].heading + (" *" if name in ORACLE_METRICS else "") for name in metrics)]
     rows = []
     for part, summary in breakdown.parts:
         cells = [_rate_cell(summary, name) for name in metrics]

@@ -116,7 +116,7 @@ def metrics_table(runs: Sequence[str], summaries: Sequence[MetricsSummary]) -> P
     counts = "; ".join(f"{run}: {s.n_morph} morphs, {s.n_bonafide} bona fide" for run, s in
                        zip(runs, summaries, strict=True))
     return side_by_side("ISO/IEC 30107-3 rates", "metric", runs, per_run, explanations={
-        name + (" *" if name in ORACLE_METRICS else ""): BY_KEY[name].formula for name in GATE_METRICS},
+        name + (" *" if name in ORACLE_METRICS else ""): BY_KEY[name].explanation for name in GATE_METRICS},
         caption=f"{counts}. * {ORACLE_NOTE}. Brackets: the confidence interval evaluate computed (Clopper-Pearson "
                 "at the threshold, a bootstrap for the curve figures), in %.")
 
