@@ -5,8 +5,8 @@ Yamasaki, CVPR 2022). Each pseudo-morph is, with equal chance, one of:
 - self-blending: one of the image and its copy gets a colour change (RGB shift, brightness, contrast,
   saturation) and then either a sharpening or a down-and-up scaling; the copy is shifted and scaled a little;
   the face mask is warped elastically, eroded and feathered, and the copy is blended in with a random ratio;
-- self-morphing: the copy is zoomed about the face centre and blended inside the zoomed face mask with a ratio
-  of at most one half, the way a morph averages two faces.
+- self-morphing: the copy is zoomed about the face centre and blended, with a ratio of at most one half (the
+  way a morph averages two faces), inside the zoomed face, the zoomed head (the face grown), or everywhere.
 With a small chance a periodic (frequency-domain) pattern is added inside the blended region. Every range is a
 field of SelfBlendRecipe; docs/real-faces.md lists them. Lengths are given for a 256 px image and scale with the
 image. The returned mask is the blend weight in [0, 1] of every pixel: zero exactly where the pixel is the
@@ -46,9 +46,12 @@ class SelfBlendRecipe:
     feather: tuple[float, float] = (5.0, 45.0)  # mask edge: Gaussian sigma range, px at 256 (kernel-limited)
     blend_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)
     zoom: tuple[float, float] = (1.0, 1.1)  # self-morphing: zoom of the copy about the face centre
+    morph_regions: tuple[str, ...] = ("face", "head", "full")  # self-morphing: where the copy is blended in
+    head_growth: float = 0.25  # the head region: the face grown by this share of its width
     morph_ratios: tuple[float, ...] = (0.5, 0.5, 0.5, 0.375, 0.25, 0.125)
     frequency_p: float = 0.1  # chance of a periodic pattern inside the blend
     frequency_weight: tuple[float, float] = (0.025, 0.1)  # its amplitude, share of the full range
+    frequency_period: tuple[float, float] = (2.0, 6.0)  # its period, px at 256 (at least 2 px)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def pseudo_morph(image: Pixels, face: BoolArray, rng: np.random.Generator,
     else:
         out, weight = _self_morph(image, face, rng, recipe)
     if rng.random() < recipe.frequency_p:
-        pattern = _grating(image.shape[0], image.shape[1], rng) * 255.0 * rng.uniform(*recipe.frequency_weight)
+        pattern = _grating(image.shape[0], image.shape[1], rng, recipe.frequency_period) * 255.0 * rng.uniform(
+            *recipe.frequency_weight)
         out = (out + pattern[..., None] * (weight > 0)[..., None]).astype(np.float32)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), weight
 
@@ -140,7 +144,13 @@ def _self_morph(image: Pixels, face: BoolArray, rng: np.random.Generator,
     centre = (float(cols.mean()), float(rows.mean()))
     zoom = rng.uniform(*recipe.zoom)
     source = _zoom(image.astype(np.float32), zoom, centre)
-    region = _zoom(face.astype(np.float32)[..., None], zoom, centre)[..., 0] > 0.5
+    kind = str(rng.choice(recipe.morph_regions))
+    if kind == "full":
+        region = np.ones(face.shape, dtype=bool)
+    else:
+        grown = face if kind == "face" else ndimage.binary_dilation(
+            face, iterations=max(1, round(recipe.head_growth * float(np.ptp(cols) + 1))))
+        region = _zoom(grown.astype(np.float32)[..., None], zoom, centre)[..., 0] > 0.5
     weight = (region * float(rng.choice(recipe.morph_ratios))).astype(np.float32)
     return weight[..., None] * source + (1 - weight[..., None]) * image.astype(np.float32), weight
 
@@ -227,12 +237,13 @@ def _feathered(mask: npt.NDArray[np.float32], rng: np.random.Generator, recipe: 
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _grating(h: int, w: int, rng: np.random.Generator) -> npt.NDArray[np.float64]:
-    """One to three sinusoidal gratings of high spatial frequency (a periodic resampling trace), in [-1, 1]."""
+def _grating(h: int, w: int, rng: np.random.Generator, periods: tuple[float, float]) -> npt.NDArray[np.float64]:
+    """One to three sinusoidal gratings of high spatial frequency (a periodic resampling trace), in [-1, 1];
+    `periods` in px at 256, scaled to the image, at least 2 px."""
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
     total = np.zeros((h, w))
     count = int(rng.integers(1, 4))
     for _ in range(count):
-        angle, period = rng.uniform(0, math.pi), rng.uniform(2.0, 6.0)
+        angle, period = rng.uniform(0, math.pi), max(2.0, rng.uniform(*periods) * h / REFERENCE_SIDE)
         total += np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period + rng.uniform(0, 6.3))
     return total / count
