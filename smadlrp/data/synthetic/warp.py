@@ -51,8 +51,9 @@ def triangles() -> NDArray[np.int64]:
     return delaunay(np.round(mean / 999.0, 3))
 
 
-def _sample(image: Image, x: Plane, y: Plane) -> Image:
-    """Bilinear sampling of `image` (H, W, C) at pixel positions (x, y), edges clamped."""
+def sample_bilinear(image: Image, x: Plane, y: Plane) -> Image:
+    """Bilinear sampling of `image` (H, W, C) at pixel positions (x, y) (pixel centres at integers), edges clamped;
+    float32, shape x.shape + (C,)."""
     h, w = image.shape[:2]
     x = np.clip(x, 0, w - 1.0)
     y = np.clip(y, 0, h - 1.0)
@@ -80,11 +81,12 @@ def _affine_maps(src: Points, dst: Points, tris: NDArray[np.int64]) -> NDArray[n
     return maps
 
 
-def triangle_ids(dst: Points, size: int) -> NDArray[np.intp]:
-    """Which triangle of `triangles()`, laid out on landmarks `dst`, covers each pixel; (size, size).
+def triangle_ids(dst: Points, size: int, tris: NDArray[np.int64] | None = None) -> NDArray[np.intp]:
+    """Which triangle of `tris` (default `triangles()`), laid out on landmarks `dst`, covers each pixel; (size, size).
 
-    Pixels no triangle covers get the number of triangles."""
-    tris = triangles()
+    Each triangle is filled with its outline, later triangles over earlier ones, so no pixel on a shared edge is
+    left out. Pixels no triangle covers get the number of triangles."""
+    tris = triangles() if tris is None else tris
     ids = PILImage.new("I", (size, size), len(tris))
     draw = ImageDraw.Draw(ids)
     for n, corners in enumerate(dst[tris].reshape(len(tris), 6).tolist()):
@@ -92,18 +94,19 @@ def triangle_ids(dst: Points, size: int) -> NDArray[np.intp]:
     return np.asarray(ids, dtype=np.intp)
 
 
-def piecewise_affine_map(src: Points, dst: Points, size: int,
-                         ids: NDArray[np.intp] | None = None) -> tuple[Plane, Plane]:
+def piecewise_affine_map(src: Points, dst: Points, size: int, ids: NDArray[np.intp] | None = None,
+                         tris: NDArray[np.int64] | None = None) -> tuple[Plane, Plane]:
     """Source pixel positions (x, y), each (size, size), that carry landmarks `src` onto `dst`.
 
-    Each triangle of `triangles()` in the destination geometry is mapped affinely onto the same triangle in
-    the source geometry; pixels no triangle covers keep their own position. `ids` is `triangle_ids(dst)`
-    when already at hand.
+    Each triangle of `tris` (default `triangles()`, the synthetic set's) in the destination geometry is mapped
+    affinely onto the same triangle in the source geometry; pixels no triangle covers keep their own position.
+    `ids` is `triangle_ids(dst, size, tris)` when already at hand.
     """
+    tris = triangles() if tris is None else tris
     if ids is None:
-        ids = triangle_ids(dst, size)
+        ids = triangle_ids(dst, size, tris)
     identity_map = [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]
-    maps = np.concatenate([_affine_maps(src, dst, triangles()), identity_map]).astype(np.float32)
+    maps = np.concatenate([_affine_maps(src, dst, tris), identity_map]).astype(np.float32)
     per_pixel = maps[ids]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     map_x = per_pixel[..., 0, 0] * xs + per_pixel[..., 0, 1] * ys + per_pixel[..., 0, 2]
@@ -111,13 +114,14 @@ def piecewise_affine_map(src: Points, dst: Points, size: int,
     return map_x, map_y
 
 
-def warp_piecewise_affine(image: Image, src: Points, dst: Points,
-                          ids: NDArray[np.intp] | None = None) -> Image:
-    """Warp `image` (H, W, C) so that its landmarks `src` land on `dst` (per-triangle affine, bilinear).
+def warp_piecewise_affine(image: Image, src: Points, dst: Points, ids: NDArray[np.intp] | None = None,
+                          tris: NDArray[np.int64] | None = None) -> Image:
+    """Warp `image` (H, W, C) so that its landmarks `src` land on `dst` (per-triangle affine over `tris`, default
+    `triangles()`; bilinear).
 
-    `ids` is `triangle_ids(dst)` when already at hand (several images warped onto the same landmarks)."""
-    map_x, map_y = piecewise_affine_map(src, dst, image.shape[0], ids)
-    return _sample(image, map_x, map_y)
+    `ids` is `triangle_ids(dst, size, tris)` when already at hand (several images warped onto the same landmarks)."""
+    map_x, map_y = piecewise_affine_map(src, dst, image.shape[0], ids, tris)
+    return sample_bilinear(image, map_x, map_y)
 
 
 def warp_labels(labels: NDArray[np.uint8], src: Points, dst: Points,
