@@ -351,6 +351,40 @@ def test_morph_command_writes_the_set(photos: tuple[Path, Path], tmp_path: Path)
     assert not list(tmp_path.glob(".set.*"))  # the staging folder is gone
 
 
+def test_self_blended_pseudo_morphs_and_region_maps(photos: tuple[Path, Path], tmp_path: Path) -> None:
+    """One pseudo-morph per face with its exact blend mask, and a region map for every image, read as ground
+    truth the way the synthetic set's masks and maps are read."""
+    from smadlrp.data.regions import REGION_ID
+    from smadlrp.explain.compare import artifact_masks
+    from smadlrp.explain.regions import load_region_ids, region_inputs
+
+    folder, marks = photos
+    out = tmp_path / "set"
+    result = runner.invoke(app, ["morph", str(folder), "--out", str(out), "--landmarks", str(marks), "--size", "96",
+                                 "--ratios", "0,0,1", "--subject-regex", r"^(s\d)_", "--species", "self-blended"])
+    assert result.exit_code == 0, result.output
+    with (out / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pseudo = [r for r in rows if r["label"] == "morph"]
+    assert len(pseudo) == 6 and {r["morph_type"] for r in pseudo} == {"self-blended"}
+    for row in pseudo:
+        assert row["identity_b"] == "" and row["path"] == f"morph/self-blended/{Path(row['contributor_a']).stem}.png"
+        with Image.open(out / row["path"]) as image, Image.open(out / row["contributor_a"]) as original, \
+                Image.open(out / row["mask_path"]) as mask:
+            inside = np.asarray(mask) > 0
+            changed = np.any(np.asarray(image) != np.asarray(original), axis=-1)
+            assert inside.any() and changed[inside].any()
+    for row in rows:  # every image has a region map, with the face where its landmarks put it
+        with Image.open(out / row["region_path"]) as regions:
+            ids = np.asarray(regions)
+        assert ids.shape == (96, 96) and (ids == REGION_ID["nose"]).any() and ids[0, 0] == REGION_ID["background"]
+    index = DataSource(out, read_protocol(out / "protocol.csv")).split("test")
+    masks, note = artifact_masks(index, list(range(len(index.samples))), 1, 48)
+    assert note is None and len(masks) == 6 and {kind for _, kind in masks.values()} == {"self-blended"}
+    inputs = region_inputs(index, by="morph_type", regions_folder=None, max_images=None, attack_index=1)
+    assert load_region_ids(inputs, 48).shape == (12, 48, 48)
+
+
 def test_subject_disjoint_splits_and_failures_to_acquire(photos: tuple[Path, Path], tmp_path: Path) -> None:
     folder, marks = photos
     partial = tmp_path / "marks.csv"
@@ -395,7 +429,7 @@ def test_refused_inputs(photos: tuple[Path, Path], tmp_path: Path) -> None:
     assert "bad.csv: not a readable landmark CSV" in output
     other = write_landmarks(tmp_path / "other.csv", {"elsewhere.png": face68(50, 50, 20)})
     output = run_refused([str(folder), "--out", str(tmp_path / "o4"), "--landmarks", str(other), "--ratios", "0,0,1"])
-    assert "faces found in 0 of 6 images (6 failures to acquire)" in output
+    assert "no face found in any of the 6 images (6 failures to acquire)" in output
     assert not (tmp_path / "o4").exists()
     full = tmp_path / "full"
     full.mkdir()

@@ -83,7 +83,9 @@ def morph(
     landmarks: Annotated[str, typer.Option("--landmarks", help=f"{DLIB68}: dlib's 68-point model ({DLIB68_LICENCE}; "
                                                                "needs the align extra), or a CSV of landmarks per "
                                                                "image (path,x0,y0,...,xK-1,yK-1; K >= 5).")],
-    species: Annotated[str, typer.Option(help=f"Morph species, a list of {' and '.join(SPECIES)}.")]
+    species: Annotated[str, typer.Option(help=(
+        f"Morph species, a list of {', '.join(SPECIES)} (two faces) and self-blended (a pseudo-morph of one face "
+        "with its exact blend mask, finetune --selfmorph's recipe: ground truth for compare-rules)."))]
     = ",".join(SPECIES),
     pairs: Annotated[str, typer.Option(help=f"Pair selection: {' or '.join(PAIRINGS)} (look-alikes: each face's "
                                             "most similar face of another subject by dlib's recogniser).")]

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from smadlrp.data.morph import convex_hull
 from smadlrp.data.regions import REGION_ID
 
 Points = npt.NDArray[np.float64]  # (68, 2) x, y px
@@ -34,7 +35,7 @@ def region_map(points: npt.ArrayLike, height: int, width: int) -> npt.NDArray[np
     eye_distance = float(np.hypot(*(p[LEFT_EYE].mean(0) - p[RIGHT_EYE].mean(0))))
     height_face = float(p[8, 1] - p[17:27, 1].min())
     forehead = p[17:27] - np.array([0.0, height_face / 5])
-    _polygon(draw, _hull(np.concatenate([p[JAW], p[17:27], forehead])), REGION_ID["face-skin"])
+    _polygon(draw, convex_hull(np.concatenate([p[JAW], p[17:27], forehead])), REGION_ID["face-skin"])
     draw.line([tuple(q) for q in p[JAW]], fill=REGION_ID["face-outline"],
               width=max(1, round(0.04 * float(np.ptp(p[JAW, 0])))))
     for brow in (RIGHT_BROW, LEFT_BROW):
@@ -42,7 +43,7 @@ def region_map(points: npt.ArrayLike, height: int, width: int) -> npt.NDArray[np
     # image left/right: the subject's right eye (points 36-41) lies on the image's left
     for eye, name in ((RIGHT_EYE, "left-eye"), (LEFT_EYE, "right-eye")):
         _polygon(draw, _grown(p[eye], eye_width / 4), REGION_ID[name])
-    _polygon(draw, _hull(_grown(p[NOSE], eye_distance / 10)), REGION_ID["nose"])
+    _polygon(draw, convex_hull(_grown(p[NOSE], eye_distance / 10)), REGION_ID["nose"])
     _polygon(draw, p[MOUTH], REGION_ID["mouth"])
     return np.asarray(canvas, dtype=np.uint8)
 
@@ -57,22 +58,3 @@ def _grown(points: Points, by: float) -> Points:
     away = points - centre
     length = np.maximum(np.hypot(away[:, 0], away[:, 1]), 1e-9)[:, None]
     return np.asarray(points + away / length * by)
-
-
-def _hull(points: Points) -> Points:
-    """The convex hull of (N, 2) points, counter-clockwise (Andrew's monotone chain)."""
-    ordered = sorted(map(tuple, np.asarray(points).tolist()))
-    if len(ordered) < 3:
-        return np.asarray(ordered)
-
-    def half(seq: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        chain: list[tuple[float, float]] = []
-        for q in seq:
-            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (q[1] - chain[-2][1])
-                                       - (chain[-1][1] - chain[-2][1]) * (q[0] - chain[-2][0])) <= 0:
-                chain.pop()
-            chain.append(q)
-        return chain
-
-    lower, upper = half(ordered), half(ordered[::-1])
-    return np.asarray(lower[:-1] + upper[:-1])

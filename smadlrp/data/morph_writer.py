@@ -5,6 +5,8 @@ Output folder (written into a hidden staging folder beside it and renamed at the
     DIR/bonafide/<stem>.png                      every face, aligned into the common frame (the morphs' frame)
     DIR/morph/<species>/<stemA>__<stemB>.png     the morphs
     DIR/masks/<species>/<stemA>__<stemB>.png     their masks (8-bit blend weights, see data/morph.py)
+    DIR/morph/self-blended/<stem>.png            pseudo-morphs of one face (data/selfblend.py), masks likewise
+    DIR/regions/<image path>.png                 face-region maps of every image (68-point landmarks only)
     DIR/manifest.csv                             MANIFEST_COLUMNS, paths relative to DIR
     DIR/protocol.csv                             the same rows as a protocol (path,label,split + group columns)
     DIR/morph.json                               settings, landmark source and licence, counts, failures, morphs
@@ -33,22 +35,39 @@ from PIL import Image
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import encode_png, make_staging, remove_abandoned, replace_folder
+from smadlrp.data.landmark_regions import region_map
 from smadlrp.data.landmarks import DLIB68, DLIB68_LICENCE, CsvLandmarks, Dlib68Landmarks, eye_centres, layout_name
 from smadlrp.data.loading import list_images, load_rgb
-from smadlrp.data.morph import EYE_TEMPLATE, SEAMS, SPECIES, align_face, make_morph, mean_shape, to_uint8
+from smadlrp.data.morph import (
+    EYE_TEMPLATE,
+    SEAMS,
+    SPECIES,
+    align_face,
+    convex_hull,
+    make_morph,
+    mean_shape,
+    to_uint8,
+)
 from smadlrp.data.morph_pairs import PAIRINGS, RULES, Pair, choose_pairs, possible_pairs, split_quotas
 from smadlrp.data.protocol import protocol_csv, subjects_of
+from smadlrp.data.selfblend import face_ellipse, pseudo_morph
 from smadlrp.data.split import SPLITS, assign_subjects, compile_patterns
+from smadlrp.data.synthetic.raster import polygon_mask
 
 SCHEMA = "smadlrp.morph/1"
 MANIFEST_COLUMNS = ("path", "label", "split", "morph_type", "identity_a", "identity_b", "contributor_a",
-                    "contributor_b", "alpha", "method", "mask_path")
-PROTOCOL_COLUMNS = ("path", "label", "split", "morph_type", "subjects", "alpha", "mask_path")
+                    "contributor_b", "alpha", "method", "mask_path", "region_path")
+PROTOCOL_COLUMNS = ("path", "label", "split", "morph_type", "subjects", "alpha", "mask_path", "region_path")
+SELF_BLENDED = "self-blended"  # a pseudo-morph of one face (finetune --selfmorph's recipe), not of two
+ALL_SPECIES = (*SPECIES, SELF_BLENDED)
 MASKS = {"complete": "255 inside the convex hull of the morph's face landmarks, 0 outside (outside it the two warped "
                      "pictures, hair, neck and backdrop, are blended too, but no face)",
          "splicing": "the blend weight of the pasted blended face: 255 = the blended face, 0 = contributor a warped "
                      "to the morph landmarks (feather: smoothstep over the feather width inside the face hull; "
-                     "poisson: 255 inside the face hull)"}
+                     "poisson: 255 inside the face hull)",
+         SELF_BLENDED: "the blend weight of the transformed copy, 0 to 255 (0: the face itself, possibly "
+                       "colour-changed as a whole); the region is the convex hull of the 68 landmarks (5 "
+                       "landmarks: the face ellipse of data/selfblend.py)"}
 _SEPARATORS = re.compile(r"[;+|\s]+")  # they separate subject ids in protocol columns
 
 
@@ -67,9 +86,9 @@ class MorphSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.species if s not in SPECIES]
+        bad = [s for s in self.species if s not in ALL_SPECIES]
         if bad or not self.species or len(set(self.species)) != len(self.species):
-            raise UsageError(f"--species {','.join(self.species)}: a list of {' and '.join(SPECIES)}")
+            raise UsageError(f"--species {','.join(self.species)}: a list of {', '.join(ALL_SPECIES)}")
         if self.pairs not in PAIRINGS:
             raise UsageError(f"--pairs {self.pairs!r}: choose {' or '.join(PAIRINGS)}")
         if self.seam not in SEAMS:
@@ -80,6 +99,11 @@ class MorphSettings:
                 (self.feather is not None and not 0 <= self.feather <= self.size / 4):
             raise UsageError(f"--size {self.size} (32 to 4096 px), --count {self.count} (>= 1) or --feather "
                              f"{self.feather} (0 to a quarter of the size) out of range")
+
+    @property
+    def pairwise(self) -> tuple[str, ...]:
+        """The species made of two faces."""
+        return tuple(s for s in self.species if s in SPECIES)
 
     @property
     def feather_px(self) -> float:
@@ -220,8 +244,9 @@ def _check_pairs_possible(inputs: Sequence[BonaFide], assignment: dict[str, str]
 
 def _acquire(inputs: Sequence[BonaFide], landmarks: Dlib68Landmarks | CsvLandmarks, settings: MorphSettings,
              assignment: dict[str, str], staging: Path, progress: MorphProgress
-             ) -> tuple[list[Face], list[dict[str, str]]]:
-    """Find, align and write every face (failures to acquire are recorded, not raised)."""
+             ) -> tuple[list[Face], list[dict[str, str]], dict[str, str]]:
+    """Find, align and write every face and its region map (failures to acquire are recorded, not raised)."""
+    regions: dict[str, str] = {}
     template = None
     if isinstance(landmarks, CsvLandmarks) and landmarks.points not in (5, 68):  # unknown layout: align all
         shapes = [landmarks.lookup(i.name, i.path)[0] for i in inputs]  # landmarks onto the set's mean shape
@@ -243,8 +268,9 @@ def _acquire(inputs: Sequence[BonaFide], landmarks: Dlib68Landmarks | CsvLandmar
         crop, aligned = align_face(image, points, settings.size, eyes=eye_centres(points), template=template)
         (staging / item.crop).write_bytes(encode_png(to_uint8(crop)))
         faces.append(Face(item, assignment[item.subject], aligned))
+        regions[item.crop] = _write_regions(staging, item.crop, aligned)
         progress.step()
-    return faces, failures
+    return faces, failures, regions
 
 
 def _embed(faces: Sequence[Face], staging: Path, progress: MorphProgress) -> list[str]:
@@ -271,10 +297,10 @@ def _read(path: Path) -> NDArray[np.float32]:
 def _morph_rows(pairs: Sequence[tuple[Face, Face, Pair, float]], settings: MorphSettings, method: str,
                 staging: Path, progress: MorphProgress) -> list[dict[str, str]]:
     rows = []
-    progress.start("morphs", len(pairs) * len(settings.species))
+    progress.start("morphs", len(pairs) * len(settings.pairwise))
     for a, b, _, alpha in pairs:
         image_a, image_b = _read(staging / a.source.crop), _read(staging / b.source.crop)
-        for species in settings.species:
+        for species in settings.pairwise:
             morph = make_morph(image_a, image_b, a.points, b.points, alpha, species, seam=settings.seam,
                                feather=settings.feather_px)
             name = f"{species}/{a.source.stem}__{b.source.stem}.png"
@@ -285,9 +311,48 @@ def _morph_rows(pairs: Sequence[tuple[Face, Face, Pair, float]], settings: Morph
             rows.append({"path": f"morph/{name}", "label": "morph", "split": a.split, "morph_type": species,
                          "identity_a": a.source.subject, "identity_b": b.source.subject,
                          "contributor_a": a.source.crop, "contributor_b": b.source.crop, "alpha": f"{alpha:g}",
-                         "method": f"{method}/{seam}", "mask_path": f"masks/{name}"})
+                         "method": f"{method}/{seam}", "mask_path": f"masks/{name}",
+                         "region_path": _write_regions(staging, f"morph/{name}", morph.geometry.points_m[
+                             :morph.geometry.faces])})
             progress.step()
     return rows
+
+
+def _self_blended_rows(faces: Sequence[Face], settings: MorphSettings, staging: Path,
+                       progress: MorphProgress) -> list[dict[str, str]]:
+    """One seeded pseudo-morph per face (at most `count` per split), blended inside its landmarks' hull."""
+    rows: list[dict[str, str]] = []
+    chosen = [f for s in SPLITS for f in [f for f in faces if f.split == s][:settings.count]]
+    progress.start(SELF_BLENDED, len(chosen))
+    for n, face in enumerate(chosen):
+        with Image.open(staging / face.source.crop) as crop:
+            pixels = np.asarray(crop.convert("RGB"))
+        size = pixels.shape[0]
+        region = face_ellipse(face.points, size, size) if len(face.points) == 5 else \
+            polygon_mask(convex_hull(face.points), size) > 0.5
+        image, weight = pseudo_morph(pixels, region, np.random.default_rng([settings.seed, n]))
+        name = f"{SELF_BLENDED}/{face.source.stem}.png"
+        (staging / "morph" / name).write_bytes(encode_png(image))
+        (staging / "masks" / name).write_bytes(encode_png(np.rint(weight * 255).astype(np.uint8)))
+        rows.append({"path": f"morph/{name}", "label": "morph", "split": face.split, "morph_type": SELF_BLENDED,
+                     "identity_a": face.source.subject, "contributor_a": face.source.crop,
+                     "method": "self-blended/selfmad", "mask_path": f"masks/{name}",
+                     "region_path": _write_regions(staging, f"morph/{name}", face.points)})
+        progress.step()
+    return rows
+
+
+def _write_regions(staging: Path, image: str, points: NDArray[np.float64]) -> str:
+    """Write the face-region map of `image` (relative to the set) from its 68 landmarks; its path, or "" for
+    another layout (the regions need the 68 points)."""
+    if len(points) != 68:
+        return ""
+    with Image.open(staging / image) as picture:
+        width, height = picture.size
+    path = Path("regions") / image
+    (staging / path).parent.mkdir(parents=True, exist_ok=True)
+    (staging / path).write_bytes(encode_png(region_map(points, height, width)))
+    return path.as_posix()
 
 
 def _choose(faces: Sequence[Face], settings: MorphSettings) -> list[tuple[Face, Face, Pair, float]]:
@@ -324,19 +389,27 @@ def make_morph_set(source: Path, out: Path, landmarks: Dlib68Landmarks | CsvLand
     check_output(source, out)
     inputs = read_inputs(source, subject_regex, bonafide_label)
     assignment = assign_subjects([i.subject for i in inputs], settings.ratios, settings.seed)
-    _check_pairs_possible(inputs, assignment, settings.ratios)
+    if settings.pairwise:
+        _check_pairs_possible(inputs, assignment, settings.ratios)
     remove_abandoned(out)
     staging = make_staging(out, ["bonafide", *(f"{top}/{s}" for top in ("morph", "masks") for s in settings.species)])
     try:
-        faces, failures = _acquire(inputs, landmarks, settings, assignment, staging, progress)
-        if not any(possible_pairs([f.source.subject for f in faces if f.split == s]) for s in SPLITS):
+        faces, failures, regions = _acquire(inputs, landmarks, settings, assignment, staging, progress)
+        if not faces:
+            raise SmadlrpError(f"no face found in any of the {len(inputs)} images ({len(failures)} failures to "
+                               "acquire)")
+        if settings.pairwise and not any(possible_pairs([f.source.subject for f in faces if f.split == s])
+                                         for s in SPLITS):
             raise SmadlrpError(f"no morph can be made: faces found in {len(faces)} of {len(inputs)} images "
                                f"({len(failures)} failures to acquire), and no split holds faces of two subjects")
-        unembedded = _embed(faces, staging, progress) if settings.pairs == "similar" else []
-        chosen = _choose(faces, settings)
+        unembedded = _embed(faces, staging, progress) if settings.pairs == "similar" and settings.pairwise else []
+        chosen = _choose(faces, settings) if settings.pairwise else []
         method = f"landmark-delaunay/{DLIB68 if landmarks.name == DLIB68 else f'csv{landmarks.points}'}"
-        rows = [{"path": f.source.crop, "label": "bonafide", "split": f.split, "identity_a": f.source.subject}
-                for f in faces] + _morph_rows(chosen, settings, method, staging, progress)
+        rows = [{"path": f.source.crop, "label": "bonafide", "split": f.split, "identity_a": f.source.subject,
+                 "region_path": regions[f.source.crop]} for f in faces]
+        rows += _morph_rows(chosen, settings, method, staging, progress)
+        if SELF_BLENDED in settings.species:
+            rows += _self_blended_rows(faces, settings, staging, progress)
         rows = [{c: row.get(c, "") for c in MANIFEST_COLUMNS} for row in rows]
         counts = _counts(inputs, assignment, faces, failures, rows, settings.species)
         document = _document(source, landmarks, settings, subject_regex, counts, failures, unembedded, rows,
