@@ -51,6 +51,7 @@ def main_options(
 from smadlrp.cli import (  # noqa: E402,F401  (each module registers its commands)
     align_command,
     compare_command,
+    concepts_command,
     dataset_commands,
     evaluate_command,
     explain_commands,

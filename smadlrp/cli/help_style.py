@@ -20,7 +20,7 @@ from smadlrp.cli.common import fail_line
 # The order of the work; a command not listed here follows, in the order it was registered.
 COMMAND_ORDER = (
     "synth", "split", "align", "morph", "vuln", "finetune", "evaluate", "metrics", "predict", "fit-patterns",
-    "explain", "trace", "compare-rules", "regions", "report", "info", "import-model",
+    "explain", "trace", "compare-rules", "regions", "concepts", "report", "info", "import-model",
 )
 _TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN", "Path": "PATH"}
 

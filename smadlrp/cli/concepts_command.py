@@ -1,0 +1,1 @@
+"""`smadlrp concepts` (being built)."""
