@@ -154,3 +154,20 @@ def test_pseudo_morph_image_round_trip(tmp_path: Path) -> None:
     Image.fromarray(np.rint(weight * 255).astype(np.uint8)).save(tmp_path / "mask.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), out)
     assert ((np.asarray(Image.open(tmp_path / "mask.png")) > 0) == (np.rint(weight * 255) > 0)).all()
+
+
+def test_chips_made_by_align_share_one_face_ellipse(tiny_data: Path) -> None:
+    split = DataSource(tiny_data).split("val", attack_class="morph")
+    finding = find_faces(split, 64, {"policy": "chip", "size": 224, "margin": 0.25})
+    expected = face_ellipse(AlignPolicy(size=224, margin=0.25).template() * 64 / 224, 64, 64)
+    assert finding.source == "aligned chips" and finding.found == len(split.samples)
+    assert all(np.array_equal(face, expected) for face in finding.faces)
+
+
+@pytest.mark.dlib
+def test_selfmorph_where_dlib_finds_no_face_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    done = runner.invoke(app, ["finetune", "--data", str(tiny_data), "--selfmorph", "--epochs", "1",
+                               "--image-size", "32", "--weights", "none", "--out", str(tmp_path / "run")])
+    assert done.exit_code != 0 and "Traceback" not in done.output
+    assert "no face found in any bona fide image of the train split (face source: landmarks)" in \
+        " ".join(done.output.split())
