@@ -91,3 +91,39 @@ def test_split_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
         result = runner.invoke(app, ["split", str(tmp_path / "frll"), *args])
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
+
+
+def test_split_reads_a_morph_set_through_its_manifest(tmp_path: Path) -> None:
+    """A folder written by `smadlrp morph`: subjects from the manifest, the species as method, masks kept."""
+    folder = tmp_path / "morphs"
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    lines = ["path,label,split,morph_type,identity_a,identity_b,contributor_a,contributor_b,alpha,method,mask_path,"
+             "region_path"]
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (folder / "bonafide").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / "bonafide" / f"{name}.png")
+        lines.append(f"bonafide/{name}.png,bonafide,test,,{name},,,,,,,")
+    (folder / "morph" / "complete").mkdir(parents=True)
+    (folder / "masks" / "complete").mkdir(parents=True)
+    for a, b in (("a", "b"), ("c", "d"), ("e", "f"), ("a", "f")):
+        Image.fromarray(pixels).save(folder / "morph" / "complete" / f"{a}__{b}.png")
+        Image.fromarray(pixels[..., 0]).save(folder / "masks" / "complete" / f"{a}__{b}.png")
+        lines.append(f"morph/complete/{a}__{b}.png,morph,test,complete,{a},{b},bonafide/{a}.png,bonafide/{b}.png,"
+                     f"0.5,landmark-delaunay/csv68/blend,masks/complete/{a}__{b}.png,")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (folder / "morph.json").write_text("{}")
+    out = tmp_path / "resplit.csv"
+    result = runner.invoke(app, ["split", str(folder), "--out", str(out), "--ratios", "0.5,0,0.5", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    protocol = read_protocol(out)
+    assert "mask_path" in protocol.group_columns and "region_path" in protocol.group_columns
+    split_of: dict[str, str] = {}
+    for row in protocol.rows:
+        for subject in row.groups["subjects"].split(";"):
+            assert split_of.setdefault(subject, row.split) == row.split  # subject-disjoint
+        if row.label:
+            assert row.groups["morph_method"] == "complete"
+            assert (out.parent / row.groups["mask_path"]).is_file()
+    assert sum(row.label == 0 for row in protocol.rows) == 6
+    kept = {row.path.name for row in protocol.rows if row.label}
+    assert all(len({split_of[s] for s in name[:-4].split("__")}) == 1 for name in kept)

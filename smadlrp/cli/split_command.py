@@ -14,14 +14,15 @@ from smadlrp.core.errors import UsageError
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.loading import IMAGE_EXTENSIONS
 from smadlrp.data.protocol import protocol_csv
-from smadlrp.data.split import COLUMNS, PRESETS, SPLITS, parse_ratios, plan_split
+from smadlrp.data.split import COLUMNS, MORPH_SET_COLUMNS, PRESETS, SPLITS, parse_ratios, plan_split
 
 
 @app.command()
 @command()
 def split(
     folder: Annotated[Path, typer.Argument(help="Folder with a bona fide folder and one folder per morphing "
-                                                "method.", file_okay=False)],
+                                                "method, or a morph set written by `smadlrp morph` (read "
+                                                "through its manifest).", file_okay=False)],
     out: Annotated[Path, typer.Option("--out", help="The protocol file to write (CSV).", dir_okay=False)],
     bonafide_dir: Annotated[str, typer.Option("--bonafide-dir", help="The folder (below FOLDER) holding the bona "
                                                                      "fide images.")] = "bonafide",
@@ -46,7 +47,8 @@ def split(
                                                                       IMAGE_EXTENSIONS)
     plan = plan_split(folder, out, bonafide_dir=bonafide_dir, subject_regex=subject_regex, morph_regex=morph_regex,
                       ratios=parse_ratios(ratios), seed=seed)
-    write_text_atomic(out, protocol_csv(plan.rows, COLUMNS))
+    columns = MORPH_SET_COLUMNS if any("mask_path" in row for row in plan.rows) else COLUMNS
+    write_text_atomic(out, protocol_csv(plan.rows, columns))
     counts = plan.counts()
     table = Table(title=f"{out}: subject-disjoint split of {folder}")
     for column in ("split", "subjects", "bona fide", "morphs"):

@@ -1,5 +1,8 @@
 """Subject-disjoint splits of a folder of bona fide images and morphs, written as a protocol file.
 
+A folder written by `smadlrp morph` (it holds morph.json and manifest.csv) is read through its manifest instead:
+subjects from the identity columns, the species as the morph method, and the masks and region maps kept.
+
 Layout: `FOLDER/<bonafide dir>/**` holds the bona fide images; every other folder directly below FOLDER holds the
 morphs of one morphing method (its name is the `morph_method`), as FRLL-Morphs ships them. Subject ids come from
 file names through a regular expression whose capture groups are the ids (a morph names every contributor).
@@ -15,14 +18,17 @@ import random
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.data.loading import is_image_file, list_images
+from smadlrp.data.manifest import read_manifest
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("path", "label", "split", "morph_method", "subjects")
+MORPH_SET_COLUMNS = (*COLUMNS, "mask_path", "region_path")  # a morph set's protocol keeps its masks and maps
+MORPH_SET_FILES = ("morph.json", "manifest.csv")
 # name -> (bona fide regex, morph regex); FRLL: bona fide 001_03.jpg (subject 001, pose 03), morph 001_002.jpg
 PRESETS: Mapping[str, tuple[str, str]] = {
     "frll": (r"^(\d+)_\d+\.", r"^(\d+)_(\d+)\."),
@@ -104,6 +110,8 @@ def plan_split(folder: Path, out: Path, *, bonafide_dir: str = "bonafide", subje
     """Split the images of `folder` subject-disjointly; row paths are relative to `out`'s folder."""
     if not folder.is_dir():
         raise SmadlrpError(f"data folder not found: {folder}")
+    if all((folder / name).is_file() for name in MORPH_SET_FILES):
+        return _assign(_morph_set_images(folder), out, ratios, seed)
     bona_pattern, morph_pattern = compile_patterns(subject_regex, morph_regex)
     bona_root = folder / bonafide_dir
     if not bona_root.is_dir():
@@ -114,19 +122,56 @@ def plan_split(folder: Path, out: Path, *, bonafide_dir: str = "bonafide", subje
     stray = sorted(p for p in folder.iterdir() if is_image_file(p))
     if stray:
         raise SmadlrpError(f"{stray[0]}: an image outside the bona fide and morph-method folders")
-    images: list[tuple[Path, str, str, tuple[str, ...]]] = []  # path, label, method, subjects
-    images += [(p, "bonafide", "", subject_ids(p, bona_pattern)) for p in list_images(bona_root)]
+    images: list[Image] = []
+    images += [Image(p, "bonafide", "", subject_ids(p, bona_pattern)) for p in list_images(bona_root)]
     for method_dir in methods:
-        images += [(p, "morph", method_dir.name, subject_ids(p, morph_pattern)) for p in list_images(method_dir)]
-    assignment = assign_subjects([s for *_, ids in images for s in ids], ratios, seed)
+        images += [Image(p, "morph", method_dir.name, subject_ids(p, morph_pattern)) for p in list_images(method_dir)]
+    return _assign(images, out, ratios, seed, [m.name for m in methods])
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image to split: its file, label, morph method ("" for bona fide), subjects, and files that go with it
+    (mask_path, region_path: paths relative to the data folder)."""
+
+    path: Path
+    label: str
+    method: str
+    subjects: tuple[str, ...]
+    files: Mapping[str, Path] = field(default_factory=dict)
+
+
+def _assign(images: Sequence[Image], out: Path, ratios: Sequence[float], seed: int,
+            methods: Sequence[str] | None = None) -> SplitPlan:
+    """Rows of `images` by a seeded subject assignment; a morph whose subjects fall into two splits is dropped."""
+    assignment = assign_subjects([s for image in images for s in image.subjects], ratios, seed)
     base = out.resolve().parent
     rows: list[dict[str, str]] = []
     dropped: Counter[str] = Counter()
-    for path, label, method, ids in images:
-        splits = {assignment[s] for s in ids}
+    for image in images:
+        splits = {assignment[s] for s in image.subjects}
         if len(splits) > 1:
-            dropped[method] += 1
+            dropped[image.method] += 1
             continue
-        rows.append({"path": Path(os.path.relpath(path.resolve(), base)).as_posix(), "label": label,
-                     "split": splits.pop(), "morph_method": method, "subjects": ";".join(ids)})
-    return SplitPlan(tuple(rows), assignment, {m.name: dropped[m.name] for m in methods})
+        rows.append({"path": _relative(image.path, base), "label": image.label, "split": splits.pop(),
+                     "morph_method": image.method, "subjects": ";".join(image.subjects),
+                     **{name: _relative(path, base) for name, path in image.files.items()}})
+    names = methods if methods is not None else sorted({i.method for i in images if i.method})
+    return SplitPlan(tuple(rows), assignment, {m: dropped[m] for m in names})
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base)).as_posix()
+
+
+def _morph_set_images(folder: Path) -> list[Image]:
+    """The images of a morph set by its manifest: subjects from identity_a/identity_b, the species as method."""
+    images = []
+    for row in read_manifest(folder):
+        subjects = tuple(s for s in (row.get("identity_a", ""), row.get("identity_b", "")) if s)
+        if row.get("label") not in ("bonafide", "morph") or not subjects:
+            raise SmadlrpError(f"{folder / 'manifest.csv'}: {row.get('path')!r} has no label or subject; is it "
+                               "the manifest smadlrp morph wrote?")
+        files = {name: folder / row[name] for name in ("mask_path", "region_path") if row.get(name)}
+        images.append(Image(folder / row["path"], row["label"], row.get("morph_type", ""), subjects, files))
+    return images
