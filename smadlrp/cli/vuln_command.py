@@ -86,6 +86,9 @@ def vuln(
     with progress_bar() as bar:
         task = bar.add_task("embedding images", total=len(images_of(morph_set)))
         report = run_vulnerability(morph_set, recogniser, options, progress=lambda n: bar.advance(task, n))
+    if morph_set.single:
+        notice(f"{len(morph_set.single)} self-blended pseudo-morph(s) left out: each is made of one face, so there "
+               "is no second subject to match")
     for line in report_notices(report):
         notice(line)
     for table in (thresholds_table(report), species_table(report), map_table(report)):

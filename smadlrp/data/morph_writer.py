@@ -50,7 +50,7 @@ from smadlrp.data.morph import (
 )
 from smadlrp.data.morph_pairs import PAIRINGS, RULES, Pair, choose_pairs, possible_pairs, split_quotas
 from smadlrp.data.protocol import protocol_csv, subjects_of
-from smadlrp.data.selfblend import face_ellipse, pseudo_morph
+from smadlrp.data.selfblend import SELF_BLENDED, face_ellipse, pseudo_morph
 from smadlrp.data.split import SPLITS, assign_subjects, compile_patterns
 from smadlrp.data.synthetic.raster import polygon_mask
 
@@ -58,7 +58,6 @@ SCHEMA = "smadlrp.morph/1"
 MANIFEST_COLUMNS = ("path", "label", "split", "morph_type", "identity_a", "identity_b", "contributor_a",
                     "contributor_b", "alpha", "method", "mask_path", "region_path")
 PROTOCOL_COLUMNS = ("path", "label", "split", "morph_type", "subjects", "alpha", "mask_path", "region_path")
-SELF_BLENDED = "self-blended"  # a pseudo-morph of one face (finetune --selfmorph's recipe), not of two
 ALL_SPECIES = (*SPECIES, SELF_BLENDED)
 MASKS = {"complete": "255 inside the convex hull of the morph's face landmarks, 0 outside (outside it the two warped "
                      "pictures, hair, neck and backdrop, are blended too, but no face)",

@@ -22,6 +22,7 @@ from smadlrp.core.errors import SmadlrpError, shown
 from smadlrp.data.embeddings import image_key
 from smadlrp.data.manifest import MANIFEST
 from smadlrp.data.protocol import BONAFIDE, read_protocol, subjects_of
+from smadlrp.data.selfblend import SELF_BLENDED
 
 MORPH_COLUMNS = ("path", "label", "morph_type", "identity_a", "identity_b", "contributor_a", "contributor_b")
 LABELS = ("bonafide", "morph")
@@ -67,6 +68,7 @@ class MorphSet:
     morphs: tuple[MorphEntry, ...]
     bonafide: tuple[FaceImage, ...]
     probes_source: str  # "the manifest" or the probe protocol's path
+    single: tuple[str, ...] = ()  # pseudo-morphs of one face (self-blended) in the manifest, left out
 
 
 def _manifest_rows(folder: Path) -> list[tuple[int, dict[str, str]]]:
@@ -144,6 +146,7 @@ def read_morph_set(folder: Path, *, probes: Path | None = None, check_files: boo
     file = folder / MANIFEST
     bonafide: dict[str, FaceImage] = {}
     morph_rows = []
+    single: list[str] = []
     for line, row in _manifest_rows(folder):
         where = f"{file}, line {line}"
         if row["label"] not in LABELS:
@@ -157,12 +160,15 @@ def read_morph_set(folder: Path, *, probes: Path | None = None, check_files: boo
             if bonafide.setdefault(image.key, image).identity != image.identity:
                 raise SmadlrpError(f"{where}: {image.key} is listed with two identities")
             continue
+        if row["morph_type"] == SELF_BLENDED:  # one face blended with itself: no second subject to match
+            single.append(row["path"])
+            continue
         empty = [c for c in ("identity_a", "identity_b", "contributor_a", "contributor_b") if not row[c]]
         if empty:
             raise SmadlrpError(f"{where}: a morph row needs its contributors; empty: {', '.join(empty)}")
         morph_rows.append((line, row))
     if not morph_rows:
-        raise SmadlrpError(f"{file}: no morph rows (label morph); nothing to test")
+        raise SmadlrpError(f"{file}: no morph rows (label morph) of two subjects; nothing to test")
     probe_list = _probe_images(probes, check_files) if probes is not None else list(bonafide.values())
     pool: dict[str, list[FaceImage]] = defaultdict(list)
     for image in probe_list:
@@ -180,4 +186,4 @@ def read_morph_set(folder: Path, *, probes: Path | None = None, check_files: boo
             if not image.path.is_file():
                 raise SmadlrpError(f"{file}: image file not found: {image.path}")
     return MorphSet(folder, tuple(morphs), tuple(everything.values()),
-                    str(probes) if probes is not None else "the manifest")
+                    str(probes) if probes is not None else "the manifest", tuple(single))

@@ -28,6 +28,7 @@ Pixels = npt.NDArray[np.uint8]  # (H, W, 3) RGB
 Weights = npt.NDArray[np.float32]  # (H, W) in [0, 1]
 BoolArray = npt.NDArray[np.bool_]
 REFERENCE_SIDE = 256.0  # the image side the recipe's lengths are given for, px
+SELF_BLENDED = "self-blended"  # the morph type of a pseudo-morph written to disk (smadlrp morph)
 
 
 @dataclass(frozen=True)
