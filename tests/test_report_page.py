@@ -320,3 +320,62 @@ def test_explain_errors_without_scores_says_what_adds_them(runs: list[Path], tin
     result = runner.invoke(app, ["report", str(tmp_path / "again"), "--out", str(out), "--explain-errors", "1",
                                  "--errors-rule", "patternnet"])
     assert result.exit_code == 2 and "--errors-rule patternnet needs fitted patterns" in result.output
+
+
+def make_sets_run(folder: Path) -> Path:
+    """A run folder whose evaluate JSON scores two test sets at one threshold (evaluate --data A --data B), with
+    the score file of both (its test_set column)."""
+    from smadlrp.evaluation.breakdown import Breakdown
+
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True)
+    sets, summaries, paths, labels, scores, names = [], [], [], [], [], []
+    for name, shift in (("smdd", 0.45), ("mordiff", 0.2)):
+        y = np.repeat([0, 1], 50)
+        s = np.clip(rng.normal(0.3 + shift * y, 0.2), 0, 1)
+        groups = ["" if v == 0 else ("complete" if i % 2 else "partial") for i, v in enumerate(y)]
+        summary = summarize(y, s, 0.5, threshold_source="stored", intervals=IntervalOptions(0.95, 50, 0))
+        summaries.append((name, summary))
+        sets.append({"data": f"/data/{name}", "metrics": summary, "groups": {"morph_type": group_breakdown(
+            y, s, groups, 0.5, column="morph_type", threshold_source="stored")}})
+        paths += [Path(f"{name}/img{i}.png") for i in range(len(y))]
+        labels += y.tolist()
+        scores += s.tolist()
+        names += [name] * len(y)
+    doc = to_jsonable({"checkpoint": "best.safetensors", "split": "test", "test_sets": sets,
+                       "across_sets": Breakdown("test set", tuple(summaries), species=False),
+                       "gates": {"failed": []}})
+    (folder / "evaluate.json").write_text(json.dumps(doc))
+    (folder / "scores.csv").write_text(scores_csv(paths, np.array(labels), np.array(scores), {"test_set": names}))
+    return folder
+
+
+def test_every_test_set_of_an_evaluate_json_has_its_column(tmp_path: Path) -> None:
+    folder = make_sets_run(tmp_path / "sets")
+    report = build_report([folder])
+    parsed = parse(report.html)
+    doc = json.loads((folder / "evaluate.json").read_text())
+    rates, confusion = table(parsed, "ISO/IEC 30107-3 rates"), table(parsed, "Confusion matrix")
+    head = [text for t in parsed.tables if t["caption"].startswith("ISO/IEC") for row in t["rows"]
+            if row and row[-1][0] == "th" for _, text in row]
+    assert head == ["metric", "smdd", "mordiff"]
+    for column, found in enumerate(doc["test_sets"]):
+        metrics = found["metrics"]
+        assert confusion["TP: morph called morph"][column] == str(metrics["tp"])
+        assert confusion["APCER: FN / morphs"][column] == percent(metrics["apcer"])
+        low, high = metrics["d-eer_ci"]
+        assert rates["d-eer *"][column] == f"{percent(metrics['d-eer'])} [{100 * low:.1f}, {100 * high:.1f}]"
+        assert rates["bpcer10 *"][column].split(" [")[0] == percent(metrics["bpcer10"])
+        average = found["groups"]["morph_type"]["average"]["apcer"]["value"]
+        assert table(parsed, "By morph_type")["Average"][2 * 2 + column] == percent(average)  # APCER, column-major
+    across = table(parsed, "By test set")
+    parts = doc["across_sets"]["parts"]
+    assert [p["name"] for p in parts] == ["smdd", "mordiff"]
+    for part in parts:
+        assert across[part["name"]][:2] == [str(part["n_morph"]), str(part["n_bonafide"])]
+        low, high = part["apcer_ci"]
+        assert across[part["name"]][2] == f"{percent(part['apcer'])} [{100 * low:.1f}, {100 * high:.1f}] " \
+                                          f"({part['fn']} missed)"
+    worst = doc["across_sets"]["worst"]["apcer"]
+    assert f"{percent(worst['value'])} ({worst['part']})" in across["Worst"]
+    assert 'alt="DET curves of smdd, mordiff:' in report.html

@@ -77,7 +77,8 @@ def test_a_self_contained_sheet_per_image(sheets: tuple[Path, dict]) -> None:
         for line in ("not a proof that the photo is a morph", "not where the image was manipulated",
                      "epsilon-plus-flat", "Red marks pixels", "Does the decision hold?"):
             assert line in text
-        assert "region" not in text.lower()  # no region shares on a sheet
+        assert "Region shares need landmarks or region maps" in " ".join(text.split())  # no region source: one line
+        assert 'class="region-shares"' not in html
 
 
 def test_score_and_decision_equal_predicts_json(sheets: tuple[Path, dict]) -> None:
@@ -159,3 +160,214 @@ def test_a_rule_the_sheet_cannot_use_is_refused(tiny_checkpoint: Path, tiny_data
 def test_chromium_renders_a_sheet_without_errors(sheets: tuple[Path, dict], tmp_path: Path) -> None:
     page = next(sheets[0].iterdir())
     assert "Does the decision hold?" in render_in_chromium(page, tmp_path)
+
+
+# ------------------------------------------------------------------------------- region shares
+
+REGION_ROW = re.compile(r'<tr><th scope="row"><span class="swatch" style="[^"]*"></span>([a-z-]+)</th>'
+                        r'<td class="photo-share">([^<]*)</td>(?:<td class="typical-share">([^<]*)</td>)?'
+                        r'<td class="area-share">([^<]*)</td></tr>')
+
+
+@pytest.fixture(scope="module")
+def typical(tiny_checkpoint: Path, tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`smadlrp regions --json` of the tiny checkpoint on the tiny synthetic set's test split."""
+    folder = tmp_path_factory.mktemp("typical")
+    result = runner.invoke(app, ["regions", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_synth),
+                                 "--device", "cpu", "--out", str(folder / "regions"), "--json",
+                                 str(folder / "typical.json")])
+    assert result.exit_code == 0, result.output
+    return folder / "typical.json"
+
+
+def _region_rows(html: str) -> dict[str, tuple[str, str | None, str]]:
+    return {region: (photo, typical or None, area) for region, photo, typical, area in REGION_ROW.findall(html)}
+
+
+def test_region_shares_beside_the_typical_shares(tiny_checkpoint: Path, tiny_synth: Path, typical: Path,
+                                                 tmp_path: Path) -> None:
+    """The photo's R+ share per region is the one `regions` computes, the typical share is the JSON's bona fide row,
+    the area share the map's."""
+    import numpy as np
+    import torch
+
+    from smadlrp.detector.checkpoint import load_checkpoint
+    from smadlrp.explain.regions import RegionInputs, load_region_ids, region_sums, relevance_maps
+    from smadlrp.explain.run import build_explainers
+    from smadlrp.report.numbers import share
+
+    image = sorted((tiny_synth / "test" / "morph").glob("*.png"))[0]
+    code, output, _ = _predict(tiny_checkpoint, [image], tmp_path / "s", "--typical", str(typical), "--regions",
+                               str(tiny_synth / "regions"), "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    html = (tmp_path / "s" / f"{image.stem}.sheet.html").read_text(encoding="utf-8")
+    doc = json.loads(typical.read_text())
+    model, meta = load_checkpoint(tiny_checkpoint)
+    explainer = build_explainers(model, meta, [doc["rule"]], {}, None)[doc["rule"]]
+    maps = relevance_maps([image], meta, explainer, meta.attack_index, batch_size=1, workers=0,
+                          device=torch.device("cpu"))
+    region_map = tiny_synth / "regions" / "test" / "morph" / image.name
+    ids = load_region_ids(RegionInputs([image], np.array([1]), [""], [region_map]), meta.input_size)
+    sums = region_sums(maps.maps, ids)
+    positive, area = sums.positive[0] / sums.positive[0].sum(), sums.area[0] / sums.area[0].sum()
+    bona_fide = next(row for row in doc["rows"] if row["class"] == "bonafide" and not row["group"])
+    rows = _region_rows(html)
+    assert set(rows) == {r for i, r in enumerate(doc["regions"]) if area[i] > 0 or bona_fide["positive"][r]}
+    for i, region in enumerate(doc["regions"]):
+        if region in rows:
+            assert rows[region] == (share(positive[i]), share(bona_fide["positive"][region]), share(area[i])), region
+    text = " ".join(_parse(html).text)
+    assert f"rule {doc['rule']}" in text and "bona fide row of typical.json" in text
+    assert "not that the region was manipulated" in text and str(region_map) in text
+    assert 'alt="The face regions of' in html
+
+
+def test_a_typical_of_another_checkpoint_is_refused(tiny_checkpoint: Path, tiny_synth: Path, typical: Path,
+                                                    tmp_path: Path) -> None:
+    doc = json.loads(typical.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**doc, "weights_fingerprint": "0" * 64}))
+    image = sorted((tiny_synth / "test" / "morph").glob("*.png"))[0]
+    command = ["predict", str(image), "--checkpoint", str(tiny_checkpoint), "--sheet", str(tmp_path / "s"),
+               "--typical", str(other), "--regions", str(tiny_synth / "regions")]
+    result = runner.invoke(app, command)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "made with other weights than" in errors[0], result.output
+    assert not (tmp_path / "s").exists()
+    del doc["weights_fingerprint"]  # a file without a fingerprint: the checkpoint it names must be this one
+    other.write_text(json.dumps({**doc, "checkpoint": str(tmp_path / "elsewhere.safetensors")}))
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1 and "made with another checkpoint" in result.output
+
+
+def test_a_typical_of_a_rule_the_sheet_cannot_run_is_said(tiny_checkpoint: Path, tiny_synth: Path, typical: Path,
+                                                          tmp_path: Path) -> None:
+    other = tmp_path / "patternnet.json"
+    other.write_text(json.dumps({**json.loads(typical.read_text()), "rule": "patternnet"}))
+    image = sorted((tiny_synth / "test" / "bonafide").glob("*.png"))[0]
+    code, output, _ = _predict(tiny_checkpoint, [image], tmp_path / "s", "--typical", str(other), "--regions",
+                               str(tiny_synth / "regions"), "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    html = (tmp_path / "s" / f"{image.stem}.sheet.html").read_text(encoding="utf-8")
+    text = " ".join(" ".join(_parse(html).text).split())
+    assert "The typical shares use rule patternnet, which the sheet cannot compute" in text
+    assert "this photo's shares use epsilon-plus-flat" in text and len(_region_rows(html)) >= 5
+
+
+def test_a_photo_without_a_map_gets_a_line(tiny_checkpoint: Path, tiny_data: Path, tiny_synth: Path,
+                                           tmp_path: Path) -> None:
+    code, output, _ = _predict(tiny_checkpoint, _images(tiny_data)[:1], tmp_path / "s", "--regions",
+                               str(tiny_synth / "regions"), "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    html = (tmp_path / "s" / "test_morph_00.sheet.html").read_text(encoding="utf-8")
+    assert "No region shares for this photo: no region map for test_morph_00.png in" in html
+    assert not _region_rows(html)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--landmarks", "dlib68", "--regions", "."], "give one"),
+    (["--align", "--regions", "."], "--align crops"),
+    (["--landmarks", "nonsense"], "choose dlib68"),
+    (["--typical", "missing.json"], "no such file"),
+])
+def test_region_options_that_cannot_work_are_refused(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path,
+                                                     extra: list[str], message: str) -> None:
+    result = runner.invoke(app, ["predict", str(_images(tiny_data)[0]), "--checkpoint", str(tiny_checkpoint),
+                                 "--sheet", str(tmp_path / "s"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_sheet_options_need_a_sheet(tiny_checkpoint: Path, tiny_data: Path) -> None:
+    result = runner.invoke(app, ["predict", str(_images(tiny_data)[0]), "--checkpoint", str(tiny_checkpoint),
+                                 "--typical", "t.json", "--pdf"])
+    assert result.exit_code == 2 and "--typical, --pdf are options of the examiner sheets" in result.output
+
+
+def _grace_hopper(folder: Path) -> Path:
+    from matplotlib import cbook
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), folder / "grace_hopper.jpg")
+    return folder / "grace_hopper.jpg"
+
+
+@pytest.mark.dlib
+def test_landmarks_of_a_real_face_give_its_regions(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    photo = _grace_hopper(tmp_path / "in")
+    code, output, _ = _predict(tiny_checkpoint, [photo], tmp_path / "s", "--landmarks", "dlib68",
+                               "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    html = (tmp_path / "s" / "grace_hopper.sheet.html").read_text(encoding="utf-8")
+    rows = _region_rows(html)
+    assert {"left-eye", "right-eye", "nose", "face-skin", "background"} <= set(rows)  # the mouth may fall between
+    assert "hair" not in rows and "shortcut" not in rows  # landmarks draw neither
+    assert all(typical is None for _, typical, _ in rows.values())  # no --typical: no typical column
+    assert abs(sum(float(photo) for photo, _, _ in rows.values()) - 100) < 0.6
+    assert abs(sum(float(area) for _, _, area in rows.values()) - 100) < 0.6
+    text = " ".join(" ".join(_parse(html).text).split())
+    assert "non-commercial use only" in text and "--typical FILE" in text
+
+
+@pytest.mark.slow
+@pytest.mark.dlib
+def test_an_aligned_sheet_shows_the_photo_and_the_crop(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`predict --sheet --align` with a checkpoint that records an alignment policy: the photo as stored and the
+    aligned crop the detector saw, and region shares from landmarks found on the crop."""
+    from smadlrp.data.align import AlignPolicy
+    from smadlrp.detector.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.alignment = AlignPolicy(size=96).as_dict()
+    checkpoint = tmp_path / "aligned.safetensors"
+    save_checkpoint(checkpoint, model, meta)
+    photo = _grace_hopper(tmp_path / "in")
+    code, output, _ = _predict(checkpoint, [photo], tmp_path / "s", "--align", "--landmarks", "dlib68",
+                               "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    html = (tmp_path / "s" / "grace_hopper.sheet.html").read_text(encoding="utf-8")
+    photo_section = html[html.index('<section id="photo"'):html.index('<section id="threshold"')]
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", photo_section)
+    assert len(captions) == 2 and captions[0].startswith("The photograph (")
+    assert captions[1] == "The aligned crop the detector saw (32 x 32 px)"
+    assert "no face alignment was asked for" not in html
+    assert "found on the aligned crop" in " ".join(html.split()) and len(_region_rows(html)) >= 7
+
+
+# ------------------------------------------------------------------------------- PDF
+
+@pytest.mark.slow
+@pytest.mark.chromium
+def test_pdf_sheets_are_printed_on_a4(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path) -> None:
+    code, output, _ = _predict(tiny_checkpoint, _images(tiny_data)[:1], tmp_path / "s", "--pdf",
+                               "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["test_morph_00.sheet.html",
+                                                                   "test_morph_00.sheet.pdf"]
+    pdf = (tmp_path / "s" / "test_morph_00.sheet.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    boxes = re.findall(rb"/MediaBox\s*\[\s*0 0 ([0-9.]+) ([0-9.]+)\s*\]", pdf)
+    assert boxes and all(abs(float(w) - 595.3) < 1.5 and abs(float(h) - 841.9) < 1.5 for w, h in boxes)  # A4 in pt
+    assert "1 sheet(s) and 1 PDF(s)" in output
+
+
+def test_pdf_without_chromium_is_one_line_before_any_work(tiny_checkpoint: Path, tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("smadlrp.report.pdf.BROWSERS", ("no-such-chromium",))
+    result = runner.invoke(app, ["predict", str(_images(tiny_data)[0]), "--checkpoint", str(tiny_checkpoint),
+                                 "--sheet", str(tmp_path / "s"), "--pdf", "--json", str(tmp_path / "p.json")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "headless Chromium" in lines[0], result.output
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.chromium
+def test_chromium_renders_a_region_sheet_without_errors(tiny_checkpoint: Path, tiny_synth: Path, typical: Path,
+                                                        tmp_path: Path) -> None:
+    image = sorted((tiny_synth / "test" / "morph").glob("*.png"))[0]
+    code, output, _ = _predict(tiny_checkpoint, [image], tmp_path / "s", "--typical", str(typical), "--regions",
+                               str(tiny_synth / "regions"), "--sheet-perturb", "jpeg:50")
+    assert code == 0, output
+    dom = render_in_chromium(tmp_path / "s" / f"{image.stem}.sheet.html", tmp_path)  # no refused inline style
+    assert "Share of positive relevance per face region" in dom

@@ -37,6 +37,7 @@ from smadlrp.cli.defaults import (
 from smadlrp.core import distributed
 from smadlrp.core.fileio import write_text_atomic
 from smadlrp.data.align import recorded_aligner
+from smadlrp.data.landmarks import DLIB68_LICENCE
 from smadlrp.data.loading import list_images
 from smadlrp.data.perturb import SPEC_HELP
 from smadlrp.data.protocol import csv_writer
@@ -84,13 +85,28 @@ def predict(
     sheet: Annotated[Path | None, typer.Option("--sheet", metavar="DIR", file_okay=False,
                                                help="Also write one self-contained HTML page per image into DIR "
                                                     "(NAME.sheet.html) for an examiner: the photo, P(morph), the "
-                                                    "decision and its operating point, a heatmap, the decision "
+                                                    "decision and its operating point, a heatmap, its shares per "
+                                                    "face region (with --landmarks or --regions), the decision "
                                                     "under perturbation.")] = None,
     sheet_rule: Annotated[str, typer.Option("--sheet-rule", help="The sheet's heatmap rule (no pattern rules).")
                           ] = SHEET_RULE,
     sheet_perturb: Annotated[list[str] | None, typer.Option(
         "--sheet-perturb", metavar="SPEC", help=f"A condition the sheet scores the image under (repeatable; "
                                                 f"default: {', '.join(SHEET_PERTURBATIONS)}): {SPEC_HELP}.")] = None,
+    typical: Annotated[Path | None, typer.Option(
+        "--typical", metavar="FILE", dir_okay=False, help="The sheet's typical region shares on bona fide images: "
+                                                          "the `smadlrp regions --json` output of the same "
+                                                          "checkpoint.")] = None,
+    landmarks: Annotated[str | None, typer.Option(
+        "--landmarks", metavar="dlib68|CSV", help=f"The sheet's region maps from 68 face landmarks: dlib68 (dlib's "
+                                                  f"68-point model; {DLIB68_LICENCE}) or a CSV of 68 landmarks per "
+                                                  "image (path,x0,y0,...).")] = None,
+    regions_folder: Annotated[Path | None, typer.Option(
+        "--regions", metavar="FOLDER", file_okay=False, help="The sheet's region maps: a folder of region-id PNGs "
+                                                             "(docs/regions.md), FOLDER/<the image's last path "
+                                                             "parts>.png.")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf", help="Also print each sheet to NAME.sheet.pdf on A4 with headless "
+                                                    "Chromium (refused, before any work, without it).")] = False,
     workers: WorkersOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -103,12 +119,15 @@ def predict(
     text = threshold_text(threshold)
     files, failed = _inputs(paths)
     checkpoint = find_checkpoint(checkpoint)
-    sheets = None if sheet is None else plan_sheets(sheet, files + [r.path for r in failed], rule=sheet_rule,
-                                                    perturbations=sheet_perturb or SHEET_PERTURBATIONS)
+    sheets = plan_sheets(sheet, files + [r.path for r in failed], rule=sheet_rule, perturbations=sheet_perturb or
+                         SHEET_PERTURBATIONS, landmarks=landmarks, regions=regions_folder, typical=typical, pdf=pdf,
+                         aligned=align)
     plan = file_plan({"--csv": csv_out, "--json": json_out}, sheets.files if sheets else None)
     plan.reads("the checkpoint", checkpoint)
     plan.reads("an input image", files + [r.path for r in failed], keep=False)
+    plan.reads("a sheet input", sheets.reads if sheets else [])
     model, meta, torch_device = open_model(checkpoint, device)
+    sheets = sheets.for_detector(model, meta, checkpoint) if sheets else None
     chosen = configured_threshold(threshold, lambda: resolve_threshold(
         text, stored=meta.operating_points, stored_in=str(checkpoint), without_stored=FALLBACK_THRESHOLD,
         notify=notice))
@@ -126,19 +145,8 @@ def predict(
     if not distributed.current().is_main:
         return  # rank 0 reports every image and writes the files
     decisions = [None if r.score is None else meta.attack_class if r.score >= t else BONA_FIDE for r in results]
-    table = Table(title=f"{len(results)} image(s), {checkpoint.name}", box=box.SIMPLE_HEAD,
-                  caption=f"decision: {meta.attack_class} when P({meta.attack_class}) >= {t:.4f} ({source})")
-    table.add_column("file", overflow="fold")
-    table.add_column(f"P({meta.attack_class})", justify="right")
-    table.add_column("decision")
-    for result, decision in zip(results, decisions, strict=True):
-        if result.score is None:
-            table.add_row(result.path.name, "", "[red]not scored[/red]")
-        else:
-            style = "bold" if decision == meta.attack_class else ""
-            table.add_row(result.path.name, f"{result.score:.4f}", f"[{style}]{decision}[/{style}]" if style
-                          else str(decision))
-    console.print(table)
+    console.print(_table(results, decisions, f"{len(results)} image(s), {checkpoint.name}", meta.attack_class,
+                         f"{t:.4f} ({source})"))
     if csv_out is not None:
         write_text_atomic(csv_out, _csv(results, decisions))
     write_json(json_out, {
@@ -150,12 +158,30 @@ def predict(
     if sheets is not None:
         pages = write_sheets(model, meta, results, chosen, sheets, point=text, checkpoint=str(checkpoint),
                              batch_size=batch_size, device=torch_device, prepare=prepare)
-        console.print(f"wrote {len(pages)} sheet(s) to {sheets.out}", highlight=False)
+        pdfs = sum(page.suffix == ".pdf" for page in pages)
+        console.print(f"wrote {len(pages) - pdfs} sheet(s){f' and {pdfs} PDF(s)' if pdfs else ''} to {sheets.out}",
+                      highlight=False)
     for result in results:
         if result.error is not None:
             fail_line(result.error)
     if any(r.score is None for r in results):
         raise typer.Exit(1)
+
+
+def _table(results: list[ImageScore], decisions: list[str | None], title: str, attack: str, threshold: str) -> Table:
+    """predict's table: file, P(attack) and decision per image, the threshold and its source in the caption."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption=f"decision: {attack} when P({attack}) >= {threshold}")
+    table.add_column("file", overflow="fold")
+    table.add_column(f"P({attack})", justify="right")
+    table.add_column("decision")
+    for result, decision in zip(results, decisions, strict=True):
+        if result.score is None:
+            table.add_row(result.path.name, "", "[red]not scored[/red]")
+        else:
+            style = "bold" if decision == attack else ""
+            table.add_row(result.path.name, f"{result.score:.4f}", f"[{style}]{decision}[/{style}]" if style
+                          else str(decision))
+    return table
 
 
 def _csv(results: list[ImageScore], decisions: list[str | None]) -> str:

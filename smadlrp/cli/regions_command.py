@@ -74,6 +74,8 @@ from smadlrp.explain.spray import (
     spray,
 )
 from smadlrp.lrp.composites import DEFAULT_ATTENTION, SUM_SPLITS
+from smadlrp.lrp.fitted_patterns import weights_fingerprint
+from smadlrp.report.numbers import share
 
 SHORT_NAMES = ("L eye", "R eye", "brows", "nose", "mouth", "skin", "outl", "hair", "bgr", "short")
 FILES = {"shares": "regions.png", "means": "mean-maps.png", "clusters": "spray-clusters.png",
@@ -156,7 +158,8 @@ def regions(
     console.print(f"wrote {', '.join(FILES.values())} to {out} ({ALIGNMENT_NOTE}); {seconds['relevance']:.1f} s "
                   f"for the relevance pass, {seconds['rest']:.1f} s for tables, figures and SpRAy", highlight=False)
     write_json(json_out, {
-        "checkpoint": str(checkpoint), "data": source.name, "split": split, "rule": rule, "sum_split": sum_split,
+        "checkpoint": str(checkpoint), "weights_fingerprint": weights_fingerprint(model.state_dict()),
+        "data": source.name, "split": split, "rule": rule, "sum_split": sum_split,
         "attention": attention, "target": target_name,
         "by": by, "images": len(inputs.paths), "regions": list(REGIONS),
         "rows": [row.as_dict() for row in rows],
@@ -182,10 +185,6 @@ def _plot_spray(result: SprayResult, mixes: list[ClusterMix], relevance: Relevan
                          title=f"SpRAy spectral embedding, {result.count} clusters ({result.chosen_by})")
 
 
-def _percent(values: np.ndarray) -> list[str]:
-    return ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in values]
-
-
 def _region_tables(rows: list[RegionRow], subject: str) -> list[Table]:
     """One table per class or class and group: positive, absolute relevance and area share per region (%)."""
     tables = []
@@ -197,7 +196,7 @@ def _region_tables(rows: list[RegionRow], subject: str) -> list[Table]:
         for name in SHORT_NAMES:
             table.add_column(name, justify="right", min_width=6, no_wrap=True)
         for kind, label in (("positive", "R+"), ("absolute", "|R|"), ("area", "area")):
-            table.add_row(label, *_percent(getattr(row, kind)))
+            table.add_row(label, *map(share, getattr(row, kind)))
         tables.append(table)
     tables[-1].caption = ("R+ / |R|: positive / absolute relevance, the mean over the images of each image's share; "
                           "area: the share a uniform map would get (the reference). Each row sums to 100. Regions: "

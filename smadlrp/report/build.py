@@ -10,12 +10,13 @@ import base64
 import functools
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 from markupsafe import Markup
 
 from smadlrp.evaluation.breakdown import Breakdown
@@ -26,7 +27,7 @@ from smadlrp.evaluation.summary import MetricsSummary
 from smadlrp.explain.heatmaps import HEATMAP_PERCENTILE
 from smadlrp.report import tables
 from smadlrp.report.collect import RunFiles, collect_runs
-from smadlrp.report.numbers import breakdown_from_dict, summary_from_dict
+from smadlrp.report.numbers import FILTERS, breakdown_from_dict, summary_from_dict
 
 CSS = "report.css"
 COLOUR_SCALE = (f"Heatmaps: red marks pixels whose relevance speaks for the explained class, blue pixels that speak "
@@ -90,9 +91,32 @@ def _missing(runs: Sequence[RunFiles], has: Callable[[RunFiles], Any], command: 
     return [f"{run.name}: no {command} output found." for run in runs if not has(run)]
 
 
-def _first_set(doc: dict[str, Any]) -> dict[str, Any]:
-    """An evaluate document's (first) test set: its metrics, groups and perturbed conditions."""
-    return doc["test_sets"][0] if "test_sets" in doc else doc
+@dataclass(frozen=True)
+class EvaluatedSet:
+    """One test set of a run's evaluate JSON, one column of the evaluation tables: the column's label, the run, the
+    set's name (as evaluate named it) and its document (metrics, groups, perturbed conditions)."""
+
+    label: str
+    run: RunFiles
+    name: str
+    doc: dict[str, Any]
+
+
+def evaluated_sets(runs: Sequence[RunFiles]) -> list[EvaluatedSet]:
+    """Every test set of every evaluated run, in order: a run's one set is labelled by the run; several sets (evaluate
+    --data A --data B) by their names, after the run's when there are several runs."""
+    evaluated = [r for r in runs if r.evaluate is not None]
+    found = []
+    for run in evaluated:
+        doc: dict[str, Any] = run.evaluate  # type: ignore[assignment]
+        sets = doc["test_sets"] if isinstance(doc.get("test_sets"), list) else [doc]
+        parts = (doc.get("across_sets") or {}).get("parts") or []
+        for i, one in enumerate(sets):
+            name = str(parts[i].get("name") if i < len(parts) else one.get("data", f"set {i + 1}"))
+            label = run.name if len(sets) == 1 else f"{run.name}: {name}" if len(evaluated) > 1 else name
+            found.append(EvaluatedSet(label, run, name, one))
+    labels = [t.label for t in found]
+    return [replace(t, label=f"{t.label} ({i + 1})") if labels.count(t.label) > 1 else t for i, t in enumerate(found)]
 
 
 def _settings(run: RunFiles) -> dict[str, str]:
@@ -135,52 +159,87 @@ def detector_section(runs: Sequence[RunFiles]) -> Section:
     return section
 
 
-def _det_figures(runs: Sequence[RunFiles], summaries: dict[str, MetricsSummary]) -> list[Figure]:
-    """One DET with a curve per run that has a score file, and the DET image of each run that has none."""
-    curves = {run.name: read_scores(run.scores) for run in runs if run.scores is not None}
+def _curves(runs: Sequence[RunFiles], sets: Sequence[EvaluatedSet]) -> dict[str, tuple[Any, Any]]:
+    """(labels, scores) per DET curve: one per test set of a run whose score file has the test_set column of
+    several sets, else one per run's score file (named as its one test set's column)."""
+    curves = {}
+    for run in runs:
+        if run.scores is None:
+            continue
+        found, own = read_scores(run.scores), [t for t in sets if t.run is run]
+        column = found.groups.get("test_set")
+        if column is not None and len(own) > 1:
+            names = np.array(column)
+            curves.update({t.label: (found.labels[names == t.name], found.scores[names == t.name]) for t in own
+                           if (names == t.name).any()})
+        else:
+            curves[own[0].label if len(own) == 1 else run.name] = (found.labels, found.scores)
+    return curves
+
+
+def _det_figures(runs: Sequence[RunFiles], sets: Sequence[EvaluatedSet], summaries: dict[str, MetricsSummary]
+                 ) -> list[Figure]:
+    """One DET with a curve per run (per test set) that has a score file, and the DET image of each run that has
+    none."""
+    curves = _curves(runs, sets)
     figures = []
     if curves:
         eer = {name: s.eer.value for name, s in summaries.items() if name in curves and s.eer.value is not None}
-        src = drawn(lambda path: plot_det({name: det_points(c.labels, c.scores) for name, c in curves.items()}, path,
-                                          eer=eer, title="DET curve"))
+        src = drawn(lambda path: plot_det({name: det_points(*c) for name, c in curves.items()}, path, eer=eer,
+                                          title="DET curve"))
         figures.append(Figure(src, f"DET curves of {', '.join(curves)}: BPCER against APCER on probit axes, one "
                                    "curve per run; a dot marks each run's D-EER on the diagonal.",
                               "DET, redrawn from the score files (evaluate --scores)"))
     for run in runs:
-        if run.name not in curves and run.det is not None:
+        if run.scores is None and run.det is not None:
             figures.append(Figure(png_uri(run.det.read_bytes()), f"DET curve of {run.name}: BPCER against APCER on "
                                   "probit axes, as evaluate --det drew it.", f"DET: {run.name} (evaluate --det)"))
     return figures
 
 
+def _across(runs: Sequence[RunFiles]) -> list[tables.PageTable]:
+    """The test sets side by side (evaluate's across_sets: a row per set, Average and Worst), per run that has
+    several."""
+    several = [r for r in runs if r.evaluate is not None and isinstance(r.evaluate.get("across_sets"), dict)]
+    if not several:
+        return []
+    found = [{"test set": breakdown_from_dict(r.evaluate["across_sets"],  # type: ignore[index]
+                                              f"{r.name}: evaluate JSON, across_sets")} for r in several]
+    return tables.breakdown_tables([r.name for r in several], found, [None] * len(several))
+
+
 def evaluation_sections(runs: Sequence[RunFiles]) -> list[Section]:
-    """The evaluation (confusion matrix, rates, groups, DET, operating points) and robustness sections."""
-    evaluated = [r for r in runs if r.evaluate is not None]
-    names = [r.name for r in evaluated]
-    sets = {r.name: _first_set(r.evaluate) for r in evaluated}  # type: ignore[arg-type]
-    summaries = {name: summary_from_dict(doc["metrics"], f"{name}: evaluate JSON") for name, doc in sets.items()}
-    section = Section("evaluation", "The evaluation", "From evaluate --json: the test split at one threshold.")
+    """The evaluation (confusion matrix, rates, groups, DET, operating points) and robustness sections, one column
+    per test set of each run."""
+    sets = {t.label: t for t in evaluated_sets(runs)}
+    names = list(sets)
+    summaries = {name: summary_from_dict(t.doc["metrics"], f"{t.run.name}: evaluate JSON" + (
+        f", test set {t.name}" if name != t.run.name else "")) for name, t in sets.items()}
+    several = len(names) > len({t.run.name for t in sets.values()})
+    section = Section("evaluation", "The evaluation", "From evaluate --json: the test split at one threshold" + (
+        ", one column per test set, then the test sets side by side with their Average and Worst." if several
+        else "."))
     section.missing = _missing(runs, lambda r: r.evaluate, "evaluate --json")
-    if evaluated:
+    if names:
         listed = [summaries[n] for n in names]
         groups: list[dict[str, Breakdown]] = [
             {label: breakdown_from_dict(b, f"{n}: evaluate JSON, groups {label}")
-             for label, b in sets[n].get("groups", {}).items()} for n in names]
+             for label, b in sets[n].doc.get("groups", {}).items()} for n in names]
         section.items += [tables.confusion_table(names, listed), tables.metrics_table(names, listed),
-                          *tables.breakdown_tables(names, groups, listed)]
-    section.items += _det_figures(runs, summaries)
+                          *tables.breakdown_tables(names, groups, listed), *_across(runs)]
+    section.items += _det_figures(runs, list(sets.values()), summaries)
     stored = [r for r in runs if r.meta is not None and r.meta.operating_points.get("points")]
     if stored:
         section.items.append(tables.operating_points_table([r.name for r in stored],
                                                            [r.meta.operating_points for r in stored]))  # type: ignore
     else:
         section.missing.append("No stored operating points: finetune stores them in the checkpoint.")
-    perturbed = [n for n in names if sets[n].get("perturbed")]
+    perturbed = [n for n in names if sets[n].doc.get("perturbed")]
     robustness = Section("robustness", "Robustness", "From evaluate --perturb: the same threshold under each image "
                          "condition.")
     if perturbed:
         conditions = [{"clean": summaries[n], **{spec: summary_from_dict(doc, f"{n}: evaluate JSON, {spec}")
-                                                 for spec, doc in sets[n]["perturbed"].items()}} for n in perturbed]
+                                                 for spec, doc in sets[n].doc["perturbed"].items()}} for n in perturbed]
         robustness.items.append(tables.conditions_table(perturbed, conditions))
     else:
         robustness.missing.append("evaluate --perturb SPEC (jpeg, print-scan, ...) --json adds this section.")
@@ -227,10 +286,13 @@ def explanation_section(runs: Sequence[RunFiles]) -> Section:
 
 
 def environment() -> jinja2.Environment:
-    """The templates of this package, HTML autoescaped; undefined names are errors."""
-    return jinja2.Environment(loader=jinja2.PackageLoader("smadlrp.report", "templates"),
-                              autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True)
+    """The templates of this package, HTML autoescaped, with the number formatters of `numbers.FILTERS` as filters;
+    undefined names are errors."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("smadlrp.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(FILTERS)
+    return env
 
 
 def stylesheet() -> Markup:

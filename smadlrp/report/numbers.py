@@ -1,4 +1,5 @@
-"""The evaluation objects behind a JSON document: a MetricsSummary or Breakdown rebuilt from what `as_dict` wrote,
+"""Numbers on the pages: the formatters every table and template uses (the terminal tables' rounding, in one place),
+and the evaluation objects behind a JSON document, a MetricsSummary or Breakdown rebuilt from what `as_dict` wrote,
 so the page formats every number with the terminal tables' own helpers (`evaluation.report`)."""
 
 from __future__ import annotations
@@ -11,9 +12,46 @@ from smadlrp.evaluation.breakdown import Breakdown
 from smadlrp.evaluation.intervals import Interval
 from smadlrp.evaluation.rates import EER, ConfusionMatrix, OperatingPoint
 from smadlrp.evaluation.registry import BY_KEY, GATE_METRICS, OPERATING_POINTS
+from smadlrp.evaluation.report import percent, threshold_text
 from smadlrp.evaluation.summary import MetricsSummary
 
 NOT_IN_JSON = "not estimable on this split"  # the JSON keeps a value of None, not the reason
+MISSING = "—"  # a cell without a value (a run without this row, a region without pixels)
+
+# The formatters of every page. Rates and thresholds are `evaluation.report`'s (what `evaluate` prints): a rate in %
+# with two decimals ("12.34 %"), an interval's bounds in % with one, a threshold with four decimals; the others
+# round as the terminal tables of predict, regions, compare-rules and explain round.
+
+
+def fixed(value: Any, digits: int) -> str:
+    """A float with `digits` decimals (compare-rules' columns, SpRAy's mean P(attack)); "n/a" for None (a JSON
+    null)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def share(value: Any) -> str:
+    """A share in [0, 1] in % with one decimal, "-" where it is undefined (None or NaN), as the regions table
+    prints it."""
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def probability(value: float) -> str:
+    """A score such as P(morph) with four decimals, as predict's table prints it."""
+    return f"{value:.4f}"
+
+
+def signed(value: float) -> str:
+    """A change of a score, signed, with four decimals."""
+    return f"{value:+.4f}"
+
+
+def logit(value: Any) -> str:
+    """A logit with four significant digits, as explain prints it; "n/a" for None."""
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+FILTERS = {"percent": percent, "threshold": threshold_text, "probability": probability, "signed": signed,
+           "share": share}  # the Jinja filters of the templates
 
 
 def _number(value: Any) -> float | None:

@@ -2,8 +2,10 @@
 
 A page puts one photograph in front of the person who decides about it: the photo (and the aligned crop the
 detector saw), P(morph), the decision and what its operating point means, the relevance heatmap of one rule over
-the face, and whether the decision holds under perturbations, each with a line saying what it does not prove.
-`plan_sheets` checks the options and the output names before any work; `write_sheets` does the work as one call.
+the face, its share per face region beside the detector's typical shares on bona fide images (sheet_regions), and
+whether the decision holds under perturbations, each with a line saying what it does not prove. `plan_sheets` checks
+the options and the output names before any work, `SheetPlan.for_detector` what needs the detector; `write_sheets`
+does the work as one call (and prints each page to PDF with `--pdf`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +31,21 @@ from smadlrp.data.paths import output_stems, refuse_outputs_over_inputs, safe_ou
 from smadlrp.data.perturb import Perturbation, parse_perturbations
 from smadlrp.detector.checkpoint import CheckpointMeta
 from smadlrp.detector.inference import ImageScore, score_files
-from smadlrp.evaluation.report import percent
 from smadlrp.evaluation.thresholds import Threshold, describe, stored_point_name
 from smadlrp.explain.heatmaps import HEATMAP_PERCENTILE, heatmap_index, heatmap_lut, overlay_rgb, robust_scale
 from smadlrp.explain.run import build_explainers, image_batches, pattern_rules, to_uint8
 from smadlrp.lrp import method_names
+from smadlrp.lrp.composites import DEFAULT_ATTENTION, SUM_SPLITS
+from smadlrp.report import sheet_regions
 from smadlrp.report.build import environment, png_uri, stylesheet
+from smadlrp.report.numbers import percent
+from smadlrp.report.pdf import find_browser, print_pdf
+from smadlrp.report.sheet_regions import PhotoRegions, RegionPlan, check_typical, region_plan, with_typical
 
 SHEET_RULE = "epsilon-plus-flat"  # flat at the input, z+ on convolutions, epsilon on dense layers: ReLU CNNs
 SHEET_PERTURBATIONS = ("jpeg:30", "print-scan")
 SUFFIX = ".sheet.html"
+PDF_SUFFIX = ".sheet.pdf"
 BONA_FIDE = "bona fide"
 DISPLAY_PX = 288  # small images (the detector's input, a crop) are enlarged to at least this width, pixel for pixel
 PHOTO_PX = 480  # larger photos are shrunk to at most this size on the page
@@ -68,17 +75,36 @@ def colour_scale_text(attack_class: str) -> str:
 
 @dataclass(frozen=True)
 class SheetPlan:
-    """Checked `--sheet` options: the folder, the rule, the perturbations and each input's page name."""
+    """Checked `--sheet` options: the folder, the rule, the perturbations, each input's page name, where the region
+    maps and typical shares come from, and the browser that prints PDFs (None: no PDF)."""
 
     out: Path
     rule: str
     perturbations: list[Perturbation]
     names: list[str]
+    regions: RegionPlan = field(default_factory=RegionPlan)
+    typical: Path | None = None
+    browser: str | None = None
 
     @property
     def files(self) -> tuple[str, Path, list[str]]:
-        """The pages as `cli.common.file_plan` declares a folder's files."""
-        return "--sheet", self.out, self.names
+        """The pages (and PDFs) as `cli.common.file_plan` declares a folder's files."""
+        pdfs = [name.removesuffix(SUFFIX) + PDF_SUFFIX for name in self.names] if self.browser else []
+        return "--sheet", self.out, self.names + pdfs
+
+    @property
+    def reads(self) -> list[Path]:
+        """The files the sheets read besides the images: the typical shares, a landmark CSV."""
+        landmarks = self.regions.landmarks
+        return [p for p in (self.typical, getattr(landmarks, "file", None)) if p is not None]
+
+    def for_detector(self, model: nn.Module, meta: CheckpointMeta, checkpoint: Path) -> SheetPlan:
+        """The plan with the typical shares read and checked against the detector (one line when they were made
+        with another checkpoint), before any image is scored."""
+        regions = with_typical(self.regions, self.typical, meta)
+        if regions.typical is not None:
+            check_typical(regions.typical, model, checkpoint)
+        return replace(self, regions=regions)
 
 
 def check_rule(rule: str, *, option: str = "--sheet-rule", command: str = "predict") -> str:
@@ -93,16 +119,30 @@ def check_rule(rule: str, *, option: str = "--sheet-rule", command: str = "predi
     return rule
 
 
-def plan_sheets(out: Path, inputs: Sequence[Path], *, rule: str = SHEET_RULE,
-                perturbations: Sequence[str] = SHEET_PERTURBATIONS) -> SheetPlan:
-    """Check everything before any work: the rule, the perturbation specs, and that no page would take the name
-    of an input image in `out` (UsageError, exit code 2)."""
+def plan_sheets(out: Path | None, inputs: Sequence[Path], *, rule: str = SHEET_RULE,
+                perturbations: Sequence[str] = SHEET_PERTURBATIONS, landmarks: str | None = None,
+                regions: Path | None = None, typical: Path | None = None, pdf: bool = False,
+                aligned: bool = False) -> SheetPlan | None:
+    """Check everything before any work: the rule, the perturbation specs, the region options, that Chromium is
+    there for `pdf`, and that no page would take the name of an input image in `out` (UsageError, exit code 2).
+    None without `out` (no --sheet), after refusing the options that only a sheet uses."""
+    if out is None:
+        given = [name for name, value in (("--landmarks", landmarks), ("--regions", regions),
+                                          ("--typical", typical), ("--pdf", pdf)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the "
+                             "examiner sheets: add --sheet DIR")
+        return None
     if out.exists() and not out.is_dir():
         raise UsageError(f"--sheet {out} is an existing file, not a folder")
     conditions = parse_perturbations(list(perturbations))
+    if typical is not None and not typical.is_file():
+        raise UsageError(f"--typical {typical}: no such file (the `smadlrp regions --json` output of the detector)")
+    sources = region_plan(landmarks, regions, aligned=aligned)
+    browser = find_browser() if pdf else None
     refuse_outputs_over_inputs(out, inputs, option="--sheet")
     names = [stem + SUFFIX for stem in output_stems(inputs)] if inputs else []
-    return SheetPlan(out, check_rule(rule), conditions, names)
+    return SheetPlan(out, check_rule(rule), conditions, names, sources, typical, browser)
 
 
 @dataclass
@@ -126,6 +166,7 @@ class Sheet:
     error: str | None
     figures: list[dict[str, str]] = field(default_factory=list)
     conditions: list[Condition] = field(default_factory=list)
+    regions: PhotoRegions | None = None  # None: no region source was given
 
 
 def decide(score: float, threshold: float, attack_class: str) -> str:
@@ -164,10 +205,11 @@ def operating_point(threshold: Threshold, point: str | None, meta: CheckpointMet
 
 
 def heatmaps(model: nn.Module, meta: CheckpointMeta, paths: Sequence[Path], rule: str, *, batch_size: int,
-             device: torch.device, prepare: Prepare | None) -> list[tuple[npt.NDArray[np.uint8], np.ndarray]]:
+             device: torch.device, prepare: Prepare | None, sum_split: str = SUM_SPLITS[0],
+             attention: str = DEFAULT_ATTENTION) -> list[tuple[npt.NDArray[np.uint8], np.ndarray]]:
     """Per image: the pixels the detector saw (H, W, 3) and the (H, W) relevance of the attack class under `rule`
     (what the sheet and the report's Errors section show)."""
-    explainer = build_explainers(model, meta, [rule], {}, None)[rule]
+    explainer = build_explainers(model, meta, [rule], {}, None, sum_split, attention)[rule]
     found: list[tuple[npt.NDArray[np.uint8], np.ndarray]] = []
     for x, _ in image_batches(paths, meta, batch_size, 0, device, prepare=prepare):
         relevance = explainer.explain(x, meta.attack_class).relevance.detach().cpu().sum(dim=1).numpy()
@@ -241,7 +283,33 @@ def build_sheets(model: nn.Module, meta: CheckpointMeta, results: Sequence[Image
     for sheet, (seen, rmap), conditions in zip(scored, maps, rows, strict=True):
         sheet.figures = _figures(sheet.path, seen, rmap, meta, prepare)
         sheet.conditions = conditions
+    if plan.regions.active:
+        _add_regions(model, meta, scored, maps, plan, batch_size=batch_size, device=device, prepare=prepare)
     return sheets
+
+
+def _add_regions(model: nn.Module, meta: CheckpointMeta, scored: Sequence[Sheet],
+                 maps: Sequence[tuple[npt.NDArray[np.uint8], np.ndarray]], plan: SheetPlan, *, batch_size: int,
+                 device: torch.device, prepare: Prepare | None) -> None:
+    """Each scored sheet's region table: its photo's region map, and the shares of the heatmap's relevance, or of a
+    pass of their own under the typical shares' rule and settings; a photo without a map gets the reason."""
+    regions = plan.regions
+    rule = regions.rule(plan.rule)
+    found = [sheet_regions.photo_ids(regions, s.path, meta.input_size, prepare) for s in scored]
+    mapped = [i for i, (ids, _, _) in enumerate(found) if ids is not None]
+    relevance = {i: maps[i][1] for i in mapped}
+    if regions.recomputed(plan.rule) and mapped:
+        typical = regions.typical
+        again = heatmaps(model, meta, [scored[i].path for i in mapped], rule, batch_size=batch_size, device=device,
+                         prepare=prepare, sum_split=typical.sum_split if typical else SUM_SPLITS[0],
+                         attention=(typical.attention if typical else "") or DEFAULT_ATTENTION)
+        relevance = {i: rmap for i, (_, rmap) in zip(mapped, again, strict=True)}
+    for i, (sheet, (ids, file, reason)) in enumerate(zip(scored, found, strict=True)):
+        sheet.regions = PhotoRegions(reason=reason, rule=rule, source=regions.source(prepare is not None),
+                                     map_file=file)
+        if ids is not None:
+            sheet.regions.rows = sheet_regions.photo_regions(regions, relevance[i], ids)
+            sheet.regions.figure = sheet_regions.map_figure(maps[i][0], ids, sheet.path.name, _png)
 
 
 def render_sheet(sheet: Sheet, meta: CheckpointMeta, threshold: Threshold, plan: SheetPlan, *,
@@ -251,15 +319,18 @@ def render_sheet(sheet: Sheet, meta: CheckpointMeta, threshold: Threshold, plan:
         title=f"Morph detection sheet: {sheet.path.name}", css=stylesheet(), sheet=sheet, meta=meta,
         attack=meta.attack_class, threshold=threshold, point=operating_point(threshold, point, meta),
         rule=plan.rule, checkpoint=checkpoint, aligned=aligned, not_proof=NOT_PROOF, bona_fide=BONA_FIDE,
-        scale_text=colour_scale_text(meta.attack_class))
+        scale_text=colour_scale_text(meta.attack_class), regions_hint=sheet_regions.NEEDS_SOURCE,
+        regions_not_proof=sheet_regions.NOT_PROOF, region_notes=plan.regions.notes(plan.rule),
+        has_typical=plan.regions.typical is not None)
 
 
 def write_sheets(model: nn.Module, meta: CheckpointMeta, results: Sequence[ImageScore], threshold: Threshold,
                  plan: SheetPlan, *, point: str | None = None, checkpoint: str = "", batch_size: int = 16,
                  device: torch.device | None = None, prepare: Prepare | None = None) -> list[Path]:
     """`predict --sheet`: write `NAME.sheet.html` into `plan.out` for every result (a page saying that the image
-    could not be read for a failed one), atomically; `point` is the `--threshold` text (a stored point's name
-    gives its validation rates). Returns the pages' paths in the order of `results`."""
+    could not be read for a failed one), atomically, and with a browser in the plan (`--pdf`) its print on A4,
+    `NAME.sheet.pdf`; `point` is the `--threshold` text (a stored point's name gives its validation rates). Returns
+    the pages' paths in the order of `results`, then the PDFs'."""
     sheets = build_sheets(model, meta, results, threshold, plan, batch_size=batch_size, device=device,
                           prepare=prepare)
     try:
@@ -273,5 +344,8 @@ def write_sheets(model: nn.Module, meta: CheckpointMeta, results: Sequence[Image
         write_text_atomic(target, render_sheet(sheet, meta, threshold, plan, checkpoint=checkpoint, point=point,
                                                aligned=prepare is not None))
         written.append(target)
+    if plan.browser is not None:
+        written += [print_pdf(page, page.with_name(page.name.removesuffix(SUFFIX) + PDF_SUFFIX), plan.browser)
+                    for page in list(written)]
     return written
 

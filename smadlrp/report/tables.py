@@ -1,8 +1,8 @@
 """The report's tables as plain cells, one column per run, formatted as the terminal tables format them.
 
-Rates, thresholds and intervals go through `evaluation.report`'s helpers (the terminal's own cells), so a number on
-the page reads exactly as `evaluate` prints it; the explanation tables round as `compare-rules`, `regions` and
-`explain` print theirs.
+Every number goes through the formatters of `report.numbers` (rates, thresholds and intervals through
+`evaluation.report`'s helpers, the terminal's own cells), so a number on the page reads exactly as `evaluate` prints
+it; the explanation tables round as `compare-rules`, `regions` and `explain` print theirs.
 """
 
 from __future__ import annotations
@@ -13,18 +13,10 @@ from typing import Any
 
 from smadlrp.evaluation.breakdown import Breakdown
 from smadlrp.evaluation.registry import BY_KEY, CONDITION_METRICS, GATE_METRICS, ORACLE_METRICS
-from smadlrp.evaluation.report import (
-    ORACLE_NOTE,
-    breakdown_caption,
-    breakdown_rows,
-    metric_cells,
-    percent,
-    threshold_text,
-)
+from smadlrp.evaluation.report import ORACLE_NOTE, breakdown_caption, breakdown_rows, metric_cells
 from smadlrp.evaluation.summary import MetricsSummary
 from smadlrp.evaluation.thresholds import CRITERIA, describe
-
-MISSING = "—"  # a run without this row
+from smadlrp.report.numbers import MISSING, fixed, logit, percent, share, threshold_text
 
 
 @dataclass(frozen=True)
@@ -186,16 +178,6 @@ def settings_table(runs: Sequence[str], settings: Sequence[Mapping[str, str]]) -
     return replace(table, numeric=False)
 
 
-def number(value: Any, digits: int) -> str:
-    """A float with `digits` decimals; "n/a" for None (a JSON null)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def share(value: Any) -> str:
-    """A region share in % with one decimal, "-" where it is undefined (as the regions table prints it)."""
-    return "-" if value is None or value != value else f"{100 * value:.1f}"
-
-
 Getter = Callable[[Mapping[str, Any]], Any]
 
 
@@ -227,7 +209,7 @@ def compare_table(runs: Sequence[str], docs: Sequence[Mapping[str, Any]]) -> Pag
             bests.append((max(values) if higher else min(values)) if values else None)
         for m in methods:
             rows[f"{m.get('name')} ({m.get('kind')})"] = [
-                Cell(number(get(m), digits), strong=best is not None and get(m) == best)
+                Cell(fixed(get(m), digits), strong=best is not None and get(m) == best)
                 for (_, get, _, digits), best in zip(COMPARE_COLUMNS, bests, strict=True)]
         per_run.append(rows)
         captions.append(f"AOPC: mean drop of the {doc.get('score')} over {doc.get('steps')} steps of "
@@ -265,7 +247,7 @@ def spray_table(runs: Sequence[str], docs: Sequence[Mapping[str, Any]]) -> PageT
     """The SpRAy clusters of each run: their size, classes and mean P(attack)."""
     per_run = [{f"cluster {c.get('cluster')}": [
         Cell(str(c.get("images"))), Cell(", ".join(f"{n} {name}" for name, n in c.get("classes", {}).items())),
-        Cell(number(c.get("mean_p_attack"), 3))] for c in doc["spray"].get("per_cluster", [])} for doc in docs]
+        Cell(fixed(c.get("mean_p_attack"), 3))] for c in doc["spray"].get("per_cluster", [])} for doc in docs]
     captions = [f"{doc['spray'].get('clusters')} clusters ({doc['spray'].get('chosen_by')})" for doc in docs]
     return side_by_side("SpRAy strategy clusters", "cluster", runs, per_run,
                         columns=["images", "classes", "mean P(attack)"], caption=_per_run_captions(runs, captions))
@@ -274,7 +256,6 @@ def spray_table(runs: Sequence[str], docs: Sequence[Mapping[str, Any]]) -> PageT
 def explain_table(runs: Sequence[str], docs: Sequence[Sequence[Mapping[str, Any]]]) -> PageTable:
     """The explained images of each run: P(attack), the explained class and its logit (as `explain` prints)."""
     per_run = [{str(image.get("name") or image.get("path")): [
-        Cell(number(image.get("p_attack"), 4)), Cell(str(image.get("target"))),
-        Cell("n/a" if image.get("target_logit") is None else f"{image['target_logit']:.4g}")]
+        Cell(fixed(image.get("p_attack"), 4)), Cell(str(image.get("target"))), Cell(logit(image.get("target_logit")))]
         for doc in found for image in doc["images"]} for found in docs]
     return side_by_side("Explained images", "image", runs, per_run, columns=["P(attack)", "target", "logit"])
