@@ -48,8 +48,14 @@ images=("${morphs[@]:0:3}" "${bonafide[0]}")
 echo "== 5. compare every rule with the baselines: localisation, faithfulness, time"
 start=$SECONDS
 "$smadlrp" compare-rules --checkpoint "$out/run/best.safetensors" --patterns "$out/patterns.safetensors" \
-  --max-images 100 --out "$out/compare" --json "$out/compare.json"
+  --max-images 100 --impute mean --out "$out/compare" --json "$out/compare.json"
 echo "== compare-rules took $((SECONDS - start)) s"
+if [ "${SMADLRP_DEMO_SANITY:-0}" = 1 ]; then  # `make docs-figures`: the sanity checks too (several minutes)
+  start=$SECONDS
+  "$smadlrp" compare-rules --checkpoint "$out/run/best.safetensors" --patterns "$out/patterns.safetensors" \
+    --max-images 48 --sanity --out "$out/sanity" --json "$out/sanity.json"
+  echo "== compare-rules --sanity took $((SECONDS - start)) s"
+fi
 
 echo "== 6. the examples of docs/explain.md (output captured at 80 columns)"
 complete=("$data"/test/morph/complete_*.png)
@@ -62,6 +68,10 @@ echo "== 7. the figures the docs quote: $out/demo-figures.json and $out/docs-ima
 mkdir -p "$out/docs-images"
 cp "$out/explain/morph__$(basename "${images[0]}" .png).grid.png" "$out/docs-images/demo-grid.png"
 cp "$out/compare/perturbation-curves.png" "$out/docs-images/compare-perturbation-curves.png"
+if [ -d "$out/sanity" ]; then
+  cp "$out/sanity/perturbation-curves.png" "$out/docs-images/compare-road-curves.png"
+  cp "$out/sanity/randomisation.png" "$out/docs-images/compare-randomisation.png"
+fi
 "$python" "$(dirname "$0")/demo_figures.py" "$out"
 
 echo "== 8. one self-contained HTML page of the whole run"

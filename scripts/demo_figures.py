@@ -1,8 +1,9 @@
 """The figures the docs quote from `make demo`, as the docs print them.
 
 `python scripts/demo_figures.py DEMO` (the last step of scripts/demo.sh) reads what the demo wrote below DEMO
-(evaluate.json, compare.json, the captured example outputs), writes DEMO/demo-figures.json ({"figures": {key:
-text}}) and prints the headline figures beside the committed docs/demo-figures.json. It writes nothing else.
+(evaluate.json, compare.json, sanity.json, the captured example outputs), writes DEMO/demo-figures.json
+({"figures": {key: text}}) and prints the headline figures beside the committed docs/demo-figures.json. It writes
+nothing else.
 
 `python scripts/demo_figures.py DEMO --publish` (`make docs-figures`, for maintainers) also copies them into the
 docs: docs/demo-figures.json, DEMO/docs-images/* into docs/images/, and every whole-block figure in README.md and
@@ -36,6 +37,19 @@ COMPARE_COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (  # head
     ("pointing", "pointing_game", lambda v: f"{v:.2f}"),
 )
 MORPH_TYPES = ("complete", "splicing", "partial")
+# The sanity run's table: header, value of a method's JSON record (None: n/a), format.
+SANITY_COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None], Callable[[float], str]], ...] = (
+    ("AOPC", "aopc", lambda m: m["aopc"], lambda v: f"{v:.2f}"),
+    ("AOPC LeRF", "lerf_aopc", lambda m: m["lerf_aopc"], lambda v: f"{v:.2f}"),
+    ("ABPC", "abpc", lambda m: m["abpc"], lambda v: f"{v:.2f}"),
+    ("class ρ", "class_sensitivity", lambda m: m["class_sensitivity"], lambda v: f"{v:.2f}"),
+    ("MPRT ρ", "mprt_spearman", lambda m: m["randomisation"] and m["randomisation"]["spearman"][-1],
+     lambda v: f"{v:.2f}"),
+    ("MPRT ρ, first layer trained", "mprt_spearman_first_kept",
+     lambda m: m["randomisation"] and m["randomisation"]["spearman"][-2], lambda v: f"{v:.2f}"),
+    ("MPRT SSIM", "mprt_ssim", lambda m: m["randomisation"] and m["randomisation"]["ssim"][-1], lambda v: f"{v:.2f}"),
+    ("eMPRT", "emprt", lambda m: m["randomisation"] and m["randomisation"]["emprt"], lambda v: f"{v:+.2f}"),
+)
 
 
 def percent(rate: float | None) -> str:
@@ -100,6 +114,29 @@ def compare_figures(report: dict[str, Any]) -> dict[str, str]:
     return figures
 
 
+def sanity_figures(report: dict[str, Any]) -> dict[str, str]:
+    """`sanity.table` (ABPC, class sensitivity, MPRT and eMPRT of every method, and the checks passed),
+    `sanity.METHOD.KEY` for each cell and `sanity.images`, from `compare-rules --sanity --json`."""
+    figures: dict[str, str] = {}
+    rows = ["| method | " + " | ".join(h for h, _, _, _ in SANITY_COLUMNS) + " | checks passed |",
+            "|---|" + "---:|" * (len(SANITY_COLUMNS) + 1)]
+    for m in report["methods"]:
+        cells = []
+        for _, key, value, fmt in SANITY_COLUMNS:
+            v = value(m)
+            figures[f"sanity.{m['name']}.{key}"] = text = "n/a" if v is None else fmt(v)
+            cells.append(text)
+        ran = [v for v in m["checks"].values() if v is not None]
+        figures[f"sanity.{m['name']}.passed"] = passed = f"{sum(ran)}/{len(ran)}"
+        label = f"{m['name']} (baseline)" if m["kind"] == "baseline" else m["name"]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {passed} |")
+    figures["sanity.table"] = "\n".join(rows)
+    figures["sanity.images"] = f"{report['n_images']} {report['split']} images"
+    figures["sanity.layers"] = str(len(report["randomised_layers"] or []))
+    figures["sanity.imputation"] = report["imputation"]
+    return figures
+
+
 WHOLE_BLOCK = re.compile(r"^<!-- docs-test: figure (?P<key>[^\s;,]+) -->$")
 
 
@@ -137,6 +174,8 @@ def demo_figures(demo: Path) -> dict[str, str]:
     """Every figure of the demo below `demo`, by key."""
     read = lambda name: json.loads((demo / name).read_text(encoding="utf-8"))  # noqa: E731
     figures = evaluate_figures(read("evaluate.json")) | compare_figures(read("compare.json"))
+    if (demo / "sanity.json").is_file():
+        figures |= sanity_figures(read("sanity.json"))
     for name in ("explain-example", "trace-example"):
         lines = (demo / f"{name}.txt").read_text(encoding="utf-8").splitlines()  # rich pads lines to 80 columns
         figures[name.replace("-", ".")] = "\n".join(line.rstrip() for line in lines).strip("\n")

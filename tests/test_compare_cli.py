@@ -19,6 +19,7 @@ from smadlrp.cli import app
 from smadlrp.data.loading import eval_transform, load_rgb
 from smadlrp.data.synthetic.generator import SynthConfig, generate_dataset
 from smadlrp.detector.checkpoint import load_checkpoint
+from smadlrp.explain.imputation import road_solve
 
 runner = CliRunner()
 METHODS = ["epsilon", "zero", "gradient", "gradient*input", "random"]
@@ -77,6 +78,16 @@ def test_outputs_exist_and_agree(compared: tuple[Path, dict[str, Any], str]) -> 
         assert np.mean(m["curve"]) == pytest.approx(m["aopc"], rel=1e-6, abs=1e-9)
         assert m["aopc_vs_random"] == pytest.approx(m["aopc"] - methods["random"]["aopc"], abs=1e-12)
         assert sum(loc["n_images"] for loc in m["per_type"].values()) == m["localisation"]["n_images"]
+        assert len(m["lerf_curve"]) == 7 and m["lerf_curve"][0] == 0.0
+        assert m["abpc"] == pytest.approx(m["aopc"] - m["lerf_aopc"], abs=1e-9)
+        assert float(row["abpc"]) == pytest.approx(m["abpc"], abs=1e-6)
+        assert -1.0 <= m["class_sensitivity"] <= 1.0 and float(row["class_sensitivity"]) == pytest.approx(
+            m["class_sensitivity"], abs=1e-6)
+        assert m["randomisation"] is None and row["mprt_spearman"] == "" and m["checks"]["mprt"] is None
+        assert m["summary"] in output.replace("\n", " ") or m["summary"][:40] in output
+    assert report["imputation"] == "road" and report["replacement"].startswith("ROAD")
+    assert report["thresholds"]["mprt_spearman_below"] == 0.5 and report["randomised_layers"] is None
+    assert "Faithfulness and sanity checks" in output and "Checks per method" in output
     with Image.open(out / "perturbation-curves.png") as img:
         assert img.format == "PNG" and img.size[0] > 600
 
@@ -126,22 +137,31 @@ def test_localisation_matches_a_hand_computation(compared: tuple[Path, dict[str,
 
 @pytest.mark.slow
 def test_aopc_matches_a_step_by_step_loop(compared: tuple[Path, dict[str, Any], str], tiny_checkpoint: Path) -> None:
-    """epsilon AOPC recomputed with loops over images, patches and steps (4-px patches on 32 px: an 8x8 grid)."""
+    """epsilon AOPC in both orders recomputed with loops over images, patches and steps (4-px patches on 32 px: an
+    8x8 grid), each step's removed pixels imputed by ROAD from the image's kept pixels, plus the image's noise
+    (0.01 / std per channel, drawn from (seed 1, position in the subset))."""
     report = compared[1]
     model, x, _ = _inputs(report, tiny_checkpoint)
+    _, meta = load_checkpoint(tiny_checkpoint)
     maps = lrp.explain(model, x, "epsilon", target=1).sum(dim=1)
-    versions = []
-    for image, rmap in zip(x, maps, strict=True):
+    scale = 0.01 / np.asarray(meta.std).reshape(3, 1, 1)
+    orders: dict[int, list[torch.Tensor]] = {1: [], -1: []}
+    for position, (image, rmap) in enumerate(zip(x, maps, strict=True)):
         sums = {(r, c): float(rmap[4 * r:4 * r + 4, 4 * c:4 * c + 4].sum()) for r in range(8) for c in range(8)}
-        current, fill = image.clone(), image.mean(dim=(1, 2))
-        versions.append(current.clone())
-        for r, c in sorted(sums, key=lambda rc: -sums[rc])[:6]:
-            current[:, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = fill[:, None, None]
-            versions.append(current.clone())
+        noise = np.random.default_rng([1, position, 7]).standard_normal((3, 32, 32)) * scale
+        for sign, versions in orders.items():
+            removed = np.zeros((32, 32), bool)
+            versions.append(image.clone())
+            for r, c in sorted(sums, key=lambda rc: -sign * sums[rc])[:6]:
+                removed[4 * r:4 * r + 4, 4 * c:4 * c + 4] = True
+                filled = road_solve(image.double().numpy(), removed) + noise * removed
+                versions.append(torch.from_numpy(filled).float())
     with torch.no_grad():
-        scores = model(torch.stack(versions))[:, 1].view(len(x), 7).double().numpy()
+        morf, lerf = (model(torch.stack(orders[s]))[:, 1].view(len(x), 7).double().numpy() for s in (1, -1))
     epsilon = {m["name"]: m for m in report["methods"]}["epsilon"]
-    assert epsilon["aopc"] == pytest.approx((scores[:, :1] - scores).mean(), rel=1e-4, abs=1e-6)
+    assert epsilon["aopc"] == pytest.approx((morf[:, :1] - morf).mean(), rel=1e-4, abs=1e-5)
+    assert epsilon["lerf_aopc"] == pytest.approx((lerf[:, :1] - lerf).mean(), rel=1e-4, abs=1e-5)
+    assert epsilon["abpc"] == pytest.approx((lerf - morf).mean(), rel=1e-4, abs=1e-5)
 
 
 def test_data_without_masks_shows_na(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -157,6 +177,35 @@ def test_data_without_masks_shows_na(tiny_data: Path, tiny_checkpoint: Path, tmp
         rows = list(csv.DictReader(fh))
     assert [row["mass_accuracy"] for row in rows] == [""] * 4
     assert (tmp_path / "res" / "perturbation-curves.png").is_file()
+
+
+def test_sanity_checks_and_mean_imputation_write_the_new_keys(tiny_data: Path, tiny_checkpoint: Path,
+                                                              tmp_path: Path) -> None:
+    code, output = _invoke("compare-rules", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data),
+                           "--rule", "epsilon", "--max-images", "4", "--steps", "3", "--impute", "mean", "--sanity",
+                           "--device", "cpu", "--out", str(tmp_path / "res"), "--json", str(tmp_path / "r.json"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["imputation"] == "mean" and report["replacement"] == "per-image channel mean"
+    layers = report["randomised_layers"]
+    assert layers[0] == "classifier" and layers[-1] == "features.0"
+    methods = {m["name"]: m for m in report["methods"]}
+    for m in methods.values():
+        r = m["randomisation"]
+        assert len(r["spearman"]) == len(r["ssim"]) == len(layers)
+        assert set(m["checks"]) == {"localisation", "abpc", "mprt", "emprt", "class_sensitivity"}
+        assert m["checks"]["mprt"] == (r["spearman"][-1] < 0.5) and m["checks"]["emprt"] == (r["emprt"] > 0)
+        assert m["checks"]["localisation"] is None  # no masks
+        assert m["summary"].startswith("passes ")
+    random = methods["random"]["randomisation"]  # the same map whatever the weights
+    assert random["spearman"] == pytest.approx([1.0] * len(layers)) and random["emprt"] == pytest.approx(0.0)
+    assert methods["random"]["checks"]["mprt"] is False and methods["random"]["class_sensitivity"] == 1.0
+    assert "MPRT ρ" in output and "epsilon: passes" in output
+    with Image.open(tmp_path / "res" / "randomisation.png") as img:
+        assert img.format == "PNG"
+    with open(tmp_path / "res" / "compare-rules.csv", newline="") as fh:
+        rows = {row["method"]: row for row in csv.DictReader(fh)}
+    assert float(rows["epsilon"]["emprt"]) == pytest.approx(methods["epsilon"]["randomisation"]["emprt"], abs=1e-6)
 
 
 def test_missing_mask_file_is_one_clear_line(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -179,6 +228,7 @@ def test_missing_mask_file_is_one_clear_line(tiny_data: Path, tiny_checkpoint: P
     (["--rule", "epsilon", "--target", "predicted"], "compare-rules explains one class for every image"),
     (["--rule", "epsilon", "--target", "nonsense"], "--target 'nonsense': unknown class"),
     (["--rule", "epsilon", "--sum-split", "half"], "--sum-split 'half': choose z or absolute"),
+    (["--rule", "epsilon", "--impute", "zero"], "--impute 'zero': choose road, mean, blur"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path, args: list[str],
                                          message: str) -> None:

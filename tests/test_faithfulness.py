@@ -1,4 +1,5 @@
-"""Faithfulness metrics against hand computations: localisation, patch ordering, perturbation curves, AOPC."""
+"""Faithfulness metrics against hand computations: localisation, patch ordering, perturbation curves, AOPC, ABPC,
+and the imputations (ROAD's linear system, the blurred copy)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from smadlrp.core.errors import UsageError
 from smadlrp.explain.compare import check_perturbation, default_patch_size, select_subset
 from smadlrp.explain.faithfulness import (
+    abpc,
     aopc,
     mass_accuracy,
     patch_order,
@@ -19,6 +21,7 @@ from smadlrp.explain.faithfulness import (
     removal_steps,
     resize_mask,
 )
+from smadlrp.explain.imputation import ROAD_NOISE, gaussian_blur, impute, road_fill, road_noise, road_solve, road_system
 
 
 def test_resize_mask_area_average_at_least_half() -> None:
@@ -146,3 +149,118 @@ def test_select_subset_is_seeded_proportional_and_keeps_both_classes() -> None:
     assert select_subset(labels, 20, seed=4).tolist() != chosen.tolist()
     assert (labels[select_subset(np.array([0] * 99 + [1]), 5, seed=0)] == 1).sum() == 1
     assert select_subset(labels, 500, seed=0).tolist() == list(range(100))
+
+
+def test_abpc_hand_case_with_a_known_ranking() -> None:
+    """A linear "model" whose class-1 logit is sum_p w_p (sum of patch p's pixels), patch weights TL 3, TR 1, BL -2,
+    BR 0.5, on an image with patches +1, +1, -1, -1 (mean 0, so a removed patch contributes 0). Patch p adds
+    4 w_p x_p = TL 12, TR 4, BL 8, BR -2 to f(x) = 22. The map equal to the weights ranks TL, TR, BR, BL:
+    MoRF f = 22, 10, 6, 8 and LeRF (BL, BR, TR) f = 22, 14, 16, 12 over 3 steps."""
+    weights = torch.tensor([[3.0, 1.0], [-2.0, 0.5]]).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]).repeat_interleave(2, 0).repeat_interleave(2, 1).view(1, 1, 4, 4)
+    linear = nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([-weights.flatten(), weights.flatten()]))
+    model = nn.Sequential(nn.Flatten(), linear).eval()
+    rmap = weights.unsqueeze(0)
+    with torch.no_grad():
+        morf = perturbation_curve(model, x, torch.tensor([1]), rmap, 2, 3, chunk=8)
+        lerf = perturbation_curve(model, x, torch.tensor([1]), -rmap, 2, 3, chunk=8)
+    assert morf.tolist() == [[22.0, 10.0, 6.0, 8.0]]
+    assert lerf.tolist() == [[22.0, 14.0, 16.0, 12.0]]
+    # ABPC = mean_k (f_LeRF(x_k) - f_MoRF(x_k)) = (0 + 4 + 10 + 4) / 4 = 4.5 = AOPC(MoRF) 10.5 - AOPC(LeRF) 6
+    assert abpc(morf.numpy(), lerf.numpy()) == pytest.approx([4.5])
+    assert aopc(morf.numpy()) - aopc(lerf.numpy()) == pytest.approx([4.5])
+    assert abpc(lerf.numpy(), morf.numpy()) == pytest.approx([-4.5])  # a reversed map: the same area, negative
+
+
+def _image(channels: int = 2, side: int = 5) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(channels, side, side))
+
+
+def test_road_single_pixels_are_the_weighted_mean_of_their_neighbours() -> None:
+    """One removed pixel has only known neighbours: its value is sum_j w_j x_j / sum_j w_j over the neighbours
+    inside the image, w = 1/6 for direct and 1/12 for diagonal neighbours."""
+    image = _image()
+    centre = np.zeros((5, 5), bool)
+    centre[2, 2] = True
+    expected = (image[:, 1, 2] + image[:, 3, 2] + image[:, 2, 1] + image[:, 2, 3]) / 6 + \
+        (image[:, 1, 1] + image[:, 1, 3] + image[:, 3, 1] + image[:, 3, 3]) / 12  # the weights sum to 1
+    np.testing.assert_allclose(road_solve(image, centre)[:, 2, 2], expected, rtol=1e-12)
+    corner = np.zeros((5, 5), bool)
+    corner[0, 0] = True  # neighbours (0, 1), (1, 0) at 1/6 and (1, 1) at 1/12: 5/12 of the weight exists
+    expected = (image[:, 0, 1] / 6 + image[:, 1, 0] / 6 + image[:, 1, 1] / 12) / (5 / 12)
+    np.testing.assert_allclose(road_solve(image, corner)[:, 0, 0], expected, rtol=1e-12)
+    kept = ~(centre | corner)
+    assert (road_solve(image, centre | corner)[:, kept] == image[:, kept]).all()
+
+
+def test_road_solves_removed_neighbours_jointly() -> None:
+    """Two adjacent removed pixels p = (2, 2), q = (2, 3): y_p = a + y_q / 6 and y_q = b + y_p / 6, a and b the
+    weighted sums of their known neighbours, so y_p = (a + b / 6) / (1 - 1/36)."""
+    image = _image(channels=1)[0]
+    mask = np.zeros((5, 5), bool)
+    mask[2, 2] = mask[2, 3] = True
+
+    def known_sum(r: int, c: int) -> float:
+        total = 0.0
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if (dr or dc) and not mask[r + dr, c + dc]:
+                    total += (1 / 6 if dr == 0 or dc == 0 else 1 / 12) * image[r + dr, c + dc]
+        return total
+
+    a, b = known_sum(2, 2), known_sum(2, 3)
+    y_p, y_q = (a + b / 6) / (1 - 1 / 36), (b + a / 6) / (1 - 1 / 36)
+    solved = road_solve(image[None], mask)[0]
+    assert solved[2, 2] == pytest.approx(y_p, rel=1e-12) and solved[2, 3] == pytest.approx(y_q, rel=1e-12)
+    matrix, rhs, unknown = road_system(image[None], mask)
+    assert unknown.tolist() == [12, 13]
+    np.testing.assert_allclose(matrix.toarray(), [[1.0, -1 / 6], [-1 / 6, 1.0]])
+    np.testing.assert_allclose(rhs[:, 0], [a, b])
+
+
+def test_road_every_imputed_pixel_satisfies_its_equation() -> None:
+    """On a random mask of an 8x8 image (borders and corners included) every imputed value is the weighted mean
+    of its neighbours in the filled image; `road_fill` (torch, batched) gives the same as `road_solve`."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(3, 8, 8))
+    mask = rng.random((8, 8)) < 0.4
+    filled = road_solve(image, mask)
+    padded = np.pad(filled, ((0, 0), (1, 1), (1, 1)))
+    inside = np.pad(np.ones((8, 8)), 1)
+    kernel = np.array([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+    for r, c in zip(*np.nonzero(mask), strict=True):
+        weights = kernel * inside[r:r + 3, c:c + 3]
+        mean = (padded[:, r:r + 3, c:c + 3] * weights).sum(axis=(1, 2)) / weights.sum()
+        np.testing.assert_allclose(filled[:, r, c], mean, rtol=1e-9, atol=1e-12)
+    batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))
+    masks = torch.from_numpy(np.stack([mask, mask.T]))[:, None]
+    torch.testing.assert_close(road_fill(batch, masks)[0], torch.from_numpy(filled))
+    everything = road_solve(image, np.ones((8, 8), bool))  # nothing known: the channel means
+    np.testing.assert_allclose(everything, np.broadcast_to(image.mean(axis=(1, 2))[:, None, None], image.shape))
+
+
+def test_imputations_keep_kept_pixels_and_road_noise_is_seeded() -> None:
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    removed = torch.zeros(3, 2, 1, 8, 8, dtype=torch.bool)
+    removed[1, :, :, 2:4, 2:4] = True
+    removed[2, :, :, :4] = True
+    noise = road_noise([5, 9], (3, 8, 8), seed=0, std=(0.5, 0.25, 0.2))
+    assert noise.shape == (2, 3, 8, 8)
+    assert noise[:, 0].std().item() == pytest.approx(ROAD_NOISE / 0.5, rel=0.2)
+    assert torch.equal(noise, road_noise([5, 9], (3, 8, 8), seed=0, std=(0.5, 0.25, 0.2)))
+    assert torch.equal(noise[1], road_noise([9], (3, 8, 8), seed=0, std=(0.5, 0.25, 0.2))[0])  # per image
+    for name in ("mean", "blur", "road"):
+        out = impute(name, x, removed, noise if name == "road" else None)
+        assert out.shape == (3, 2, 3, 8, 8)
+        kept = ~removed.expand_as(out)
+        assert torch.equal(out[kept], x.unsqueeze(0).expand_as(out)[kept])
+        assert torch.equal(out[0], x)
+    road = impute("road", x, removed, noise)
+    plain = impute("road", x, removed)
+    assert torch.allclose(road - plain, torch.where(removed, noise.unsqueeze(0), torch.zeros(())))
+    blurred = gaussian_blur(torch.ones(1, 2, 6, 6), 2.0)  # a normalised kernel keeps a constant image
+    torch.testing.assert_close(blurred, torch.ones(1, 2, 6, 6))
+    with pytest.raises(ValueError, match="unknown imputation"):
+        impute("zero", x, removed)

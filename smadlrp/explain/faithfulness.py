@@ -5,9 +5,11 @@ return one value per image (NaN where it is not defined). Ties are shared fairly
 deciding value, each counts with the probability that a random tie-break would pick it, so a constant map scores
 the mask's area fraction on every metric and no metric depends on pixel order.
 
-Region perturbation (Samek et al. 2017, "most relevant first"): the image is cut into non-overlapping square
-patches, the patches are ranked by their summed relevance and replaced one after the other by the image's
-per-channel mean; the target logit is recorded after each step. AOPC = 1/(S+1) sum_k (f(x_0) - f(x_k)).
+Region perturbation (Samek et al. 2017): the image is cut into non-overlapping square patches, the patches are
+ranked by their summed relevance and removed one after the other, most relevant first (MoRF) or least relevant
+first (LeRF), each removed patch imputed (explain/imputation.py: ROAD, the image mean or a blurred copy); the
+target logit is recorded after each step. AOPC = 1/(S+1) sum_k (f(x_0) - f(x_k)) of the MoRF curve;
+ABPC = 1/(S+1) sum_k (f_LeRF(x_k) - f_MoRF(x_k)), the area between the two curves.
 No printing here; callers aggregate and render.
 """
 
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from smadlrp.explain.imputation import impute
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -109,22 +113,22 @@ def removal_steps(order: Tensor, height: int, width: int, patch: int) -> Tensor:
 
 
 def perturbation_curve(score: Scorer, x: Tensor, target: Tensor, maps: Tensor, patch: int, steps: int,
-                       chunk: int) -> Tensor:
-    """Target logits (B, steps + 1) after replacing the 0..steps most relevant patches of each image of `x`
-    ((B, C, H, W) model input) by its per-channel mean. `maps` (B, H, W) rank the patches; `target` (B,) holds
-    class indices; about `chunk` perturbed images go through `score` at a time."""
+                       chunk: int, imputation: str = "mean", noise: Tensor | None = None) -> Tensor:
+    """Target logits (B, steps + 1) after removing the 0..steps most relevant patches of each image of `x`
+    ((B, C, H, W) model input), each removed pixel imputed by `imputation` (`noise` (B, C, H, W): ROAD's noise).
+    `maps` (B, H, W) rank the patches (pass -maps for least relevant first); `target` (B,) holds class indices;
+    about `chunk` perturbed images go through `score` at a time."""
     batch, _, height, width = x.shape
     rows, cols = patch_grid(height, width, patch)
     if not 0 <= steps <= rows * cols:
         raise ValueError(f"steps must lie in 0..{rows * cols} for a {rows}x{cols} patch grid, got {steps}")
     removed_at = removal_steps(patch_order(maps, patch), height, width, patch)
-    fill = x.mean(dim=(2, 3), keepdim=True)
     per_chunk = max(1, chunk // batch)
     pick = target.view(1, batch, 1)
     curves = []
     for first in range(0, steps + 1, per_chunk):
         k = torch.arange(first, min(first + per_chunk, steps + 1), device=x.device).view(-1, 1, 1, 1, 1)
-        perturbed = torch.where(removed_at.unsqueeze(0) <= k, fill.unsqueeze(0), x.unsqueeze(0))
+        perturbed = impute(imputation, x, removed_at.unsqueeze(0) <= k, noise)
         logits = score(perturbed.flatten(0, 1)).view(len(k), batch, -1)
         curves.append(logits.gather(2, pick.expand(len(k), batch, 1)).squeeze(2))
     return torch.cat(curves).T
@@ -134,3 +138,10 @@ def aopc(curves: npt.ArrayLike) -> FloatArray:
     """Area over the perturbation curve per image (B,) from scores (B, S + 1): mean over k of f(x_0) - f(x_k)."""
     f = np.asarray(curves, dtype=np.float64)
     return (f[:, :1] - f).mean(axis=1)
+
+
+def abpc(morf: npt.ArrayLike, lerf: npt.ArrayLike) -> FloatArray:
+    """Area between the perturbation curves per image (B,) from MoRF and LeRF scores (B, S + 1): mean over k of
+    f_LeRF(x_k) - f_MoRF(x_k), which equals AOPC(MoRF) - AOPC(LeRF). Positive: removing what the map calls relevant
+    hurts the score more than removing what it calls irrelevant."""
+    return (np.asarray(lerf, dtype=np.float64) - np.asarray(morf, dtype=np.float64)).mean(axis=1)

@@ -158,28 +158,68 @@ def plot_layer_maps(maps: Sequence[tuple[str, npt.ArrayLike]], path: str | os.Pa
 def plot_perturbation_curves(curves: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str], *,
                              aopc: Mapping[str, float] | None = None, baselines: Sequence[str] = (),
                              ylabel: str = "mean drop of the target logit", title: str = "Region perturbation",
-                             ) -> Path:
-    """Perturbation curves, one line per method: name -> (S + 1,) mean score drop f(x_0) - f(x_k) after k patches.
+                             lerf: Mapping[str, npt.ArrayLike] | None = None,
+                             abpc: Mapping[str, float] | None = None) -> Path:
+    """Perturbation curves, one line per method: name -> (S + 1,) mean score drop f(x_0) - f(x_k) after k patches
+    removed most relevant first; with `lerf` (the same for least relevant first) a second panel beside it.
 
-    `aopc` (one value per curve) is quoted in the legend, sorted best first; `baselines` are drawn dashed.
+    `aopc` and `abpc` (one value per curve) are quoted in the legend, sorted best first (by ABPC when given);
+    `baselines` are drawn dashed; a method has the same colour in both panels.
     """
     if not curves:
         raise SmadlrpError("no perturbation curve to plot")
-    if aopc is not None and set(aopc) != set(curves):
-        raise ValueError("aopc must give one value per curve")
-    names = sorted(curves, key=lambda n: -aopc[n]) if aopc else list(curves)
+    for given, what in ((aopc, "aopc"), (lerf, "lerf"), (abpc, "abpc")):
+        if given is not None and set(given) != set(curves):
+            raise ValueError(f"{what} must give one value per curve")
+    rank = abpc or aopc
+    names = sorted(curves, key=lambda n: -rank[n]) if rank else list(curves)
     colours = colormaps["tab20"](np.linspace(0.0, 1.0, 20))
-    fig = Figure(figsize=(9.0, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    for i, name in enumerate(names):
-        values = np.asarray(curves[name], dtype=np.float64)
-        label = name if not aopc else f"{name} (AOPC {aopc[name]:.3g})"
-        ax.plot(np.arange(values.size), values, label=label, color=colours[i % 20], linewidth=1.6,
-                linestyle="--" if name in baselines else "-")
-    ax.set_xlabel("patches replaced (most relevant first)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    fig = Figure(figsize=(14.0 if lerf else 9.0, 5.5), layout="constrained")
+    panels = [(fig.add_subplot(1, 2 if lerf else 1, 1), curves, "most relevant first")]
+    if lerf:
+        panels.append((fig.add_subplot(1, 2, 2, sharey=panels[0][0]), lerf, "least relevant first"))
+    for ax, drawn, order in panels:
+        for i, name in enumerate(names):
+            values = np.asarray(drawn[name], dtype=np.float64)
+            quoted = [f"AOPC {aopc[name]:.3g}"] if aopc else []
+            quoted += [f"ABPC {abpc[name]:.3g}"] if abpc else []
+            ax.plot(np.arange(values.size), values, color=colours[i % 20], linewidth=1.6,
+                    label=f"{name} ({', '.join(quoted)})" if quoted else name,
+                    linestyle="--" if name in baselines else "-")
+        ax.set_xlabel(f"patches removed ({order})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {order}" if lerf else title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    panels[-1][0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_randomisation(spearman: Mapping[str, Sequence[float | None]], ssim: Mapping[str, Sequence[float | None]],
+                       layers: Sequence[str], path: str | os.PathLike[str], *, baselines: Sequence[str] = (),
+                       threshold: float | None = None, title: str = "Cascading randomisation (MPRT)") -> Path:
+    """MPRT curves: per method the mean Spearman correlation (left) and SSIM (right) of |map| with the trained
+    model's map, against the randomised depth (0: trained; then `layers`, output first, cumulatively). A
+    `threshold` is drawn on the Spearman panel."""
+    if not spearman or set(spearman) != set(ssim):
+        raise ValueError("give the Spearman and SSIM curves of the same methods")
+    colours = colormaps["tab20"](np.linspace(0.0, 1.0, 20))
+    fig = Figure(figsize=(14.0, 5.8), layout="constrained")
+    first = fig.add_subplot(1, 2, 1)
+    axes = [first, fig.add_subplot(1, 2, 2, sharey=first)]
+    ticks = ["trained", *layers]
+    for ax, drawn, label, short in ((axes[0], spearman, "mean Spearman rank correlation", "Spearman"),
+                                    (axes[1], ssim, "mean SSIM", "SSIM")):
+        for i, name in enumerate(drawn):
+            values = [1.0, *(np.nan if v is None else v for v in drawn[name])]
+            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=colours[i % 20],
+                    linewidth=1.4, linestyle="--" if name in baselines else "-", label=name)
+        ax.set_xticks(np.arange(len(ticks)), ticks, rotation=60, ha="right", fontsize="small")
+        ax.set_ylabel(f"{label} with the trained map")
+        ax.set_xlabel("randomised down to layer (cumulative, from the output)")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{title}: {short}", fontsize=10)
+    if threshold is not None:
+        axes[0].axhline(threshold, color="black", linewidth=1.0, linestyle=":", label=f"pass below {threshold:g}")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return save_figure(fig, path)
