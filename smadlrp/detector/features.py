@@ -225,7 +225,8 @@ class FeatureCache:
         except SmadlrpError as exc:
             problem = exc.message
         if problem is not None:
-            self.notify(f"ignoring the cached features {path}: {shorten(problem, 160)}; extracting them again")
+            self.notify(f"ignoring the cached features {path}: {shorten(problem.replace(str(path), 'the file'), 160)}; "
+                        "extracting them again")
             return None
         return tensors["features"], tensors["labels"]
 
