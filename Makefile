@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two processes (pytest-xdist): the tests run one torch thread each, so two cores take half the time.
 test: install
-	$(BIN)/python -m pytest -m "not sweep"
+	$(BIN)/python -m pytest -n 2 -m "not sweep"
 
 # Also the sweeps over every registry architecture (float64 LRP-0 = gradient x input on each CNN): minutes more.
 test-all: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # The fast loop: everything but the tests marked slow (processes, the docs, full-size models), under 30 s.
 test-quick: install
