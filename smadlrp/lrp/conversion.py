@@ -105,6 +105,16 @@ class LRPModel(nn.Module):
         return out
 
     @property
+    def plan(self) -> Mapping[str, NodePlan]:
+        """How each relevance-carrying node of the traced graph is explained, by fx node name."""
+        return self._plan
+
+    @property
+    def switch(self) -> Switch:
+        """The switch its rule-carrying modules share (`current`: the relevance pass in progress)."""
+        return self._switch
+
+    @property
     def layer_names(self) -> tuple[str, ...]:
         """Qualified names of the explained Conv2d/Linear layers, in definition order."""
         return tuple(self._explained)

@@ -93,17 +93,7 @@ class Explainer:
         with torch.inference_mode(False), torch.enable_grad():
             leaf = x.detach().to(self.device, self.lrp.dtype).clone().requires_grad_(True)
             logits, term_leaves = self.lrp.run(leaf, self.composite)
-            contrast = isinstance(target, Contrast)
-            target_index = resolve_target(logits, target.target if isinstance(target, Contrast) else target,
-                                          self.class_names)
-            rows = torch.arange(len(logits), device=logits.device)
-            start = torch.zeros_like(logits)
-            start[rows, target_index] = logits.detach()[rows, target_index]
-            if contrast:
-                if logits.shape[1] != 2:
-                    raise UsageError(f"a contrastive target explains z_target - z_other of a two-class model; this "
-                                     f"one has {logits.shape[1]} classes")
-                start[rows, 1 - target_index] = -logits.detach()[rows, 1 - target_index]
+            start, target_index, contrast = start_relevance(logits, target, self.class_names)
             names = list(term_leaves)
             relevance, *term_relevance = torch.autograd.grad(
                 logits, [leaf, *term_leaves.values()], start, allow_unused=True)
@@ -152,6 +142,24 @@ def _kept_model(model: nn.Module) -> LRPModel:
         cached = (key, build_lrp_model(model, share_weights=True))
         _PREPARED[model] = cached
     return cached[1]
+
+
+def start_relevance(logits: Tensor, target: Target, class_names: Sequence[str] | None = None
+                    ) -> tuple[Tensor, Tensor, bool]:
+    """The relevance a pass starts from (shape of `logits`): the target's logit at the target (for a `Contrast`
+    also minus the other class's logit at the other), 0 elsewhere; the target index per sample (B,); whether it
+    is a contrast."""
+    contrast = isinstance(target, Contrast)
+    target_index = resolve_target(logits, target.target if isinstance(target, Contrast) else target, class_names)
+    rows = torch.arange(len(logits), device=logits.device)
+    start = torch.zeros_like(logits)
+    start[rows, target_index] = logits.detach()[rows, target_index]
+    if contrast:
+        if logits.shape[1] != 2:
+            raise UsageError(f"a contrastive target explains z_target - z_other of a two-class model; this "
+                             f"one has {logits.shape[1]} classes")
+        start[rows, 1 - target_index] = -logits.detach()[rows, 1 - target_index]
+    return start, target_index, contrast
 
 
 def resolve_target(logits: Tensor, target: ClassTarget, class_names: Sequence[str] | None = None) -> Tensor:

@@ -64,7 +64,7 @@ class ConvOp(LayerOp):
         return F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def vjp(self, a: Tensor, weight: Tensor, s: Tensor) -> Tensor:
-        if self.stride != (1, 1) and weight.shape[-2:] == (1, 1) and self.padding == (0, 0):
+        if self.stride != (1, 1) and weight.shape[-2:] == (1, 1) and self.padding == (0, 0) and not batched(s):
             # A strided 1x1 convolution reads only the inputs on its stride grid: W^T s lands there (a 1x1
             # transposed convolution, a matrix product) and is 0 elsewhere. The backward kernel does the same
             # work several times slower (ResNet's downsample branches).
@@ -118,6 +118,14 @@ class DenseOp(LayerOp):
         return values.view(*([1] * (a.dim() - 1)), -1)
 
 
+def batched(t: Tensor) -> bool:
+    """Whether `t` is a batched tensor of a vmap, as in a batched relevance pass (`torch.autograd.grad` with
+    `is_grads_batched`, see `lrp.conditional`): kernels then avoid out= variants and in-place writes of batched
+    values into the unbatched tensors the forward pass saved."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_legacy_batchedtensor(t) or functorch.is_batchedtensor(t))
+
+
 def stabilized_divide(
     numerator: Tensor,
     denominator: Tensor,
@@ -134,6 +142,8 @@ def stabilized_divide(
     `nonnegative` promises `denominator >= 0` everywhere, which saves a pass over the data. `overwrite` lets
     the result take the denominator's memory (a temporary the caller no longer needs); `out` receives it.
     """
+    if batched(numerator):
+        return _divide_batched(numerator, denominator, epsilon, nonnegative, scale, out)
     fits = denominator.shape == numerator.shape
     reuse = overwrite and fits
     if epsilon != 0.0:  # the stabilised denominator is never zero, and is our own temporary
@@ -150,6 +160,21 @@ def stabilized_divide(
     else:  # addcdiv scales while it divides: one pass instead of two
         result = torch.addcdiv(numerator.new_zeros(()), numerator, denominator, value=scale, out=out)
     return result.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) if epsilon == 0.0 else result
+
+
+def _divide_batched(numerator: Tensor, denominator: Tensor, epsilon: float, nonnegative: bool, scale: float,
+                    out: Tensor | None) -> Tensor:
+    """`stabilized_divide` in a batched relevance pass: out of place (out= kernels have no batching rule, and the
+    denominator may be a tensor the forward pass saved)."""
+    if epsilon != 0.0:
+        shift = epsilon if nonnegative else torch.copysign(denominator.new_tensor(epsilon), denominator)
+        denominator = denominator + shift
+    result = torch.div(numerator, denominator)
+    if scale != 1.0:
+        result = result * scale
+    if epsilon == 0.0:
+        result = result.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return result if out is None else out.copy_(result)
 
 
 @dataclass

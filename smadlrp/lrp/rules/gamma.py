@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, cached, stabilized_divide
+from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, batched, cached, stabilized_divide
 from smadlrp.lrp.rules.base import DEFAULT_STABILIZER, Rule, as_non_negative, register
 
 
@@ -70,7 +70,7 @@ class Gamma(Rule):
         # the sign instead of a mask: a masked select is several times slower.
         low = z.clamp(max=0)
         t = stabilized_divide(r, d_pos.sub_(low, alpha=2.0 + gamma), eps, nonnegative=True, overwrite=True)
-        t_neg = low.sign_().mul_(t)
+        t_neg = low.sign_() * t if batched(t) else low.sign_().mul_(t)  # batched: t does not fit into low
         del low
         if nonnegative:  # two products: stacking them is no faster, and slower on some shapes
             return op.vjp(a, w["w_pos"], t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + gamma).mul_(a)
