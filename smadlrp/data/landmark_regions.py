@@ -1,4 +1,6 @@
-"""Face-region maps of real faces from their 68 landmarks (the iBUG 300-W layout dlib's 68-point model uses).
+"""What a face's landmarks give beyond the morphs: its face-region map, and a self-blended pseudo-morph in its hull.
+
+Region maps are drawn from the 68 landmarks of the iBUG 300-W layout (dlib's 68-point model).
 
 The map has the region ids of `data.regions` (REGIONS order), so `regions` and `compare-rules` read the maps of
 real faces as they read the synthetic set's. Polygons, drawn in this order so later ones win:
@@ -14,12 +16,17 @@ Everything else is background; a map carries no hair region (the landmarks do no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from smadlrp.core.fileio import encode_png
 from smadlrp.data.morph import convex_hull
 from smadlrp.data.regions import REGION_ID
+from smadlrp.data.selfblend import Pixels, Weights, face_ellipse, pseudo_morph
+from smadlrp.data.synthetic.raster import polygon_mask
 
 Points = npt.NDArray[np.float64]  # (68, 2) x, y px
 JAW, RIGHT_BROW, LEFT_BROW = slice(0, 17), slice(17, 22), slice(22, 27)
@@ -58,3 +65,24 @@ def _grown(points: Points, by: float) -> Points:
     away = points - centre
     length = np.maximum(np.hypot(away[:, 0], away[:, 1]), 1e-9)[:, None]
     return np.asarray(points + away / length * by)
+
+
+def write_region_map(folder: Path, image: str, points: npt.NDArray[np.float64]) -> str:
+    """Write the region map of `image` (a PNG below `folder`) as `folder/regions/<image>` from its 68 landmarks;
+    its path relative to `folder`, or "" for another layout (the regions need the 68 points)."""
+    if len(points) != 68:
+        return ""
+    with Image.open(folder / image) as picture:
+        width, height = picture.size
+    path = Path("regions") / image
+    (folder / path).parent.mkdir(parents=True, exist_ok=True)
+    (folder / path).write_bytes(encode_png(region_map(points, height, width)))
+    return path.as_posix()
+
+
+def self_blend(pixels: Pixels, points: npt.NDArray[np.float64], rng: np.random.Generator) -> tuple[Pixels, Weights]:
+    """A self-blended pseudo-morph of a square (S, S, 3) face inside the convex hull of its landmarks (5 landmarks:
+    the face ellipse), and its blend weights (S, S)."""
+    size = pixels.shape[0]
+    region = face_ellipse(points, size, size) if len(points) == 5 else polygon_mask(convex_hull(points), size) > 0.5
+    return pseudo_morph(pixels, region, rng)

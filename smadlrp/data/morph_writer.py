@@ -35,7 +35,7 @@ from PIL import Image
 
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.core.fileio import encode_png, make_staging, remove_abandoned, replace_folder
-from smadlrp.data.landmark_regions import region_map
+from smadlrp.data.landmark_regions import self_blend, write_region_map
 from smadlrp.data.landmarks import DLIB68, DLIB68_LICENCE, CsvLandmarks, Dlib68Landmarks, eye_centres, layout_name
 from smadlrp.data.loading import list_images, load_rgb
 from smadlrp.data.morph import (
@@ -43,16 +43,14 @@ from smadlrp.data.morph import (
     SEAMS,
     SPECIES,
     align_face,
-    convex_hull,
     make_morph,
     mean_shape,
     to_uint8,
 )
 from smadlrp.data.morph_pairs import PAIRINGS, RULES, Pair, choose_pairs, possible_pairs, split_quotas
 from smadlrp.data.protocol import protocol_csv, subjects_of
-from smadlrp.data.selfblend import SELF_BLENDED, face_ellipse, pseudo_morph
+from smadlrp.data.selfblend import SELF_BLENDED
 from smadlrp.data.split import SPLITS, assign_subjects, compile_patterns
-from smadlrp.data.synthetic.raster import polygon_mask
 
 SCHEMA = "smadlrp.morph/1"
 MANIFEST_COLUMNS = ("path", "label", "split", "morph_type", "identity_a", "identity_b", "contributor_a",
@@ -267,7 +265,7 @@ def _acquire(inputs: Sequence[BonaFide], landmarks: Dlib68Landmarks | CsvLandmar
         crop, aligned = align_face(image, points, settings.size, eyes=eye_centres(points), template=template)
         (staging / item.crop).write_bytes(encode_png(to_uint8(crop)))
         faces.append(Face(item, assignment[item.subject], aligned))
-        regions[item.crop] = _write_regions(staging, item.crop, aligned)
+        regions[item.crop] = write_region_map(staging, item.crop, aligned)
         progress.step()
     return faces, failures, regions
 
@@ -311,7 +309,7 @@ def _morph_rows(pairs: Sequence[tuple[Face, Face, Pair, float]], settings: Morph
                          "identity_a": a.source.subject, "identity_b": b.source.subject,
                          "contributor_a": a.source.crop, "contributor_b": b.source.crop, "alpha": f"{alpha:g}",
                          "method": f"{method}/{seam}", "mask_path": f"masks/{name}",
-                         "region_path": _write_regions(staging, f"morph/{name}", morph.geometry.points_m[
+                         "region_path": write_region_map(staging, f"morph/{name}", morph.geometry.points_m[
                              :morph.geometry.faces])})
             progress.step()
     return rows
@@ -326,32 +324,16 @@ def _self_blended_rows(faces: Sequence[Face], settings: MorphSettings, staging: 
     for n, face in enumerate(chosen):
         with Image.open(staging / face.source.crop) as crop:
             pixels = np.asarray(crop.convert("RGB"))
-        size = pixels.shape[0]
-        region = face_ellipse(face.points, size, size) if len(face.points) == 5 else \
-            polygon_mask(convex_hull(face.points), size) > 0.5
-        image, weight = pseudo_morph(pixels, region, np.random.default_rng([settings.seed, n]))
+        image, weight = self_blend(pixels, face.points, np.random.default_rng([settings.seed, n]))
         name = f"{SELF_BLENDED}/{face.source.stem}.png"
         (staging / "morph" / name).write_bytes(encode_png(image))
         (staging / "masks" / name).write_bytes(encode_png(np.rint(weight * 255).astype(np.uint8)))
         rows.append({"path": f"morph/{name}", "label": "morph", "split": face.split, "morph_type": SELF_BLENDED,
                      "identity_a": face.source.subject, "contributor_a": face.source.crop,
                      "method": "self-blended/selfmad", "mask_path": f"masks/{name}",
-                     "region_path": _write_regions(staging, f"morph/{name}", face.points)})
+                     "region_path": write_region_map(staging, f"morph/{name}", face.points)})
         progress.step()
     return rows
-
-
-def _write_regions(staging: Path, image: str, points: NDArray[np.float64]) -> str:
-    """Write the face-region map of `image` (relative to the set) from its 68 landmarks; its path, or "" for
-    another layout (the regions need the 68 points)."""
-    if len(points) != 68:
-        return ""
-    with Image.open(staging / image) as picture:
-        width, height = picture.size
-    path = Path("regions") / image
-    (staging / path).parent.mkdir(parents=True, exist_ok=True)
-    (staging / path).write_bytes(encode_png(region_map(points, height, width)))
-    return path.as_posix()
 
 
 def _choose(faces: Sequence[Face], settings: MorphSettings) -> list[tuple[Face, Face, Pair, float]]:
