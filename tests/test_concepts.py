@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shortcut_pictures import SIZE, train_tiny, write_pictures
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
 from smadlrp.core.errors import UsageError
-from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, scan_split
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD, scan_split
 from smadlrp.data.regions import REGION_ID
-from smadlrp.data.synthetic import generator as synthetic
 from smadlrp.detector import architecture
 from smadlrp.detector.architecture import Architecture
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
@@ -158,43 +158,12 @@ def test_a_reference_is_cropped_to_its_relevance() -> None:
 # detector learns morphs that carry the mark and no bar, the clean one morphs with the bar and no mark; both are
 # analysed on a set whose morphs all carry the bar and half of them the mark.
 
-SIZE = 32
-
-
 def _pictures(root: Path, marks: Callable[[int], bool], count: int = 32, seed: int = 0, bar: bool = True) -> Path:
-    rng = np.random.default_rng(seed)
-    regions = np.full((SIZE, SIZE), REGION_ID["background"], dtype=np.uint8)
-    regions[synthetic.shortcut_region_box(SIZE, "top-left")] = REGION_ID["shortcut"]
-    for label in ("bonafide", "morph"):
-        for i in range(count):
-            pixels = np.float32(0.45) + rng.normal(0, 0.015, (SIZE, SIZE, 3)).astype(np.float32)
-            if label == "morph":
-                row = int(rng.integers(12, SIZE - 6))
-                pixels[row] += 0.05 * bar
-                pixels[row + 3] += 0.05 * bar
-                if marks(i):
-                    pixels = synthetic.plant_mark(pixels, "top-left")
-            for folder, array in (("train", pixels), ("regions/train", regions)):
-                path = root / folder / label / f"{label}{i:02d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = array if array.dtype == np.uint8 else np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)
-                Image.fromarray(out).save(path)
-    return root
+    return write_pictures(root, "train", marks, count=count, seed=seed, bar=bar)
 
 
 def _trained(root: Path) -> nn.Module:
-    torch.manual_seed(0)
-    index = scan_split(root, "train", ["bonafide", "morph"])
-    dataset = ImageDataset(index.samples, SIZE, IMAGENET_MEAN, IMAGENET_STD)
-    x, y = torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.from_numpy(index.labels)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    return model.eval()
+    return train_tiny(root, "train")
 
 
 def test_a_planted_shortcut_is_a_concept_with_marked_references(tmp_path: Path) -> None:

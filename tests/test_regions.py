@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shortcut_pictures import SIZE, train_tiny, write_pictures
 from torch import nn
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
-from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, scan_split
+from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD, scan_split
 from smadlrp.data.regions import REGION_ID
 from smadlrp.data.synthetic import generator as synthetic
 from smadlrp.data.synthetic.generator import SynthConfig
@@ -107,44 +108,12 @@ def test_regions_command_writes_its_tables_figures_and_clusters(tiny_checkpoint:
 # the planted shortcut, small: grey noise pictures whose morphs carry a faint doubled bar (the "artifact"),
 # and in the shortcut set the corner mark as well; a tiny CNN, the region maps from a user folder
 
-SIZE = 32
-
-
 def _pictures(tmp_path: Path, name: str, marks: Callable[[int], bool], count: int = 48) -> Path:
-    rng = np.random.default_rng(len(name))
-    root = tmp_path / name
-    regions = np.full((SIZE, SIZE), REGION_ID["background"], dtype=np.uint8)
-    regions[synthetic.shortcut_region_box(SIZE, "top-left")] = REGION_ID["shortcut"]
-    for label in ("bonafide", "morph"):
-        for i in range(count):
-            pixels = np.float32(0.45) + rng.normal(0, 0.015, (SIZE, SIZE, 3)).astype(np.float32)
-            if label == "morph":
-                row = int(rng.integers(12, SIZE - 6))
-                pixels[row] += 0.05
-                pixels[row + 3] += 0.05
-                if marks(i):
-                    pixels = synthetic.plant_mark(pixels, "top-left")
-            for folder, array in (("test", pixels), ("regions/test", regions)):
-                path = root / folder / label / f"{label}{i:02d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = array if array.dtype == np.uint8 else np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)
-                Image.fromarray(out).save(path)
-    return root
+    return write_pictures(tmp_path / name, "test", marks, count=count, seed=len(name))
 
 
 def _trained(root: Path) -> nn.Module:
-    torch.manual_seed(0)
-    index = scan_split(root, "test", ["bonafide", "morph"])
-    dataset = ImageDataset(index.samples, SIZE, IMAGENET_MEAN, IMAGENET_STD)
-    x, y = torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.from_numpy(index.labels)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    return model.eval()
+    return train_tiny(root, "test")
 
 
 @pytest.mark.slow

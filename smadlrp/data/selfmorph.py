@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from smadlrp.core.errors import SmadlrpError, UsageError
@@ -83,7 +84,8 @@ def find_faces(split: SplitIndex, size: int, alignment: Mapping[str, Any] | None
 
 def _face_from_regions(split: SplitIndex, index: int, size: int) -> BoolArray | None:
     path = split.root / split.groups["region_path"][index]
-    image_size = load_rgb(split.samples[index].path).size
+    with Image.open(split.samples[index].path) as image:  # the header: the size, without decoding the pixels
+        image_size = image.size
     ids = resize_region_map(read_region_map(path, image_size), size)
     face = np.isin(ids, FACE_REGIONS)
     return face if face.any() else None
