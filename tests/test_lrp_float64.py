@@ -16,7 +16,7 @@ import smadlrp.lrp as lrp
 from smadlrp.core.device import num_threads
 from smadlrp.detector.models import ARCHITECTURES
 
-TRANSFORMER_FAMILIES = ("vit_", "swin_", "maxvit_")
+TRANSFORMER_FAMILIES = ("vit_", "swin_", "maxvit_", "clip_vit_", "timm/vit_")
 CNNS = [name for name in ARCHITECTURES if not name.startswith(TRANSFORMER_FAMILIES)]
 # one network per family in `make test`; the sweep over all of them (about 2.5 minutes) in `make test-all`
 FAMILIES = {"vgg11_bn", "alexnet", "resnet50", "densenet121", "inception_v3", "googlenet", "squeezenet1_1",

@@ -397,3 +397,25 @@ def test_docs_describe_every_rule_and_composite_with_its_defaults() -> None:
         row = rule_rows.get(name)
         assert row is not None, f"docs/lrp.md has no table row for composite {name}"
         assert all(f"`{key}`" in row for key in (spec.conv, spec.dense) + ((spec.first,) if spec.first else ()))
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("key", ["gamma", "gamma+epsilon"])
+def test_gamma_zero_matches_dense_reference(key: str, geometry: str) -> None:
+    """gamma = 0 (a transformer composite's attention projections) takes the z-rule's path: the dense reference
+    with gamma = 0 still holds on inputs of both signs."""
+    torch.manual_seed(zlib.crc32(f"{key}/{geometry}/zero".encode()))
+    layer = GEOMETRIES[geometry]()
+    in_shape = (7,) if isinstance(layer, nn.Linear) else (layer.in_channels, 6, 6)  # type: ignore[attr-defined]
+    x = torch.randn(2, *in_shape, requires_grad=True)
+    params = {"gamma": 0.0, **({"epsilon": 0.2} if key == "gamma+epsilon" else {})}
+    y = convert(nn.Sequential(layer, nn.Flatten()))(x, explain=True, rule=key, **params)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad is not None
+    dense = Dense(layer, in_shape)
+    z = layer(x.detach()).flatten(1).double()
+    expected = torch.stack(
+        [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
+    )
+    torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())

@@ -144,6 +144,39 @@ def test_attnlrp_shares_relevance_through_queries_and_keys() -> None:
     assert not torch.allclose(attn.total(), logit, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "rule"), [("vit_b_16", "epsilon"), ("convnext_tiny", "gamma-transformer")])
+def test_recomputing_instead_of_keeping_changes_no_relevance(
+    name: str, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MLP's second layer recomputes its input from the first layer's output (GELU between them), and
+    AttnLRP's A @ v recomputes A from the logits its softmax keeps: the relevance equals that of keeping both
+    (to float64 rounding), and the layers that recompute are the ones expected."""
+    model = build(name, 32).double()
+    x = images(32).double()
+    kept_tensors = []
+    original = torch.autograd.function.FunctionCtx.save_for_backward
+
+    def counting(ctx: Any, *tensors: Tensor) -> None:
+        kept_tensors.extend(t for t in tensors if t is not None)
+        original(ctx, *tensors)
+
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", counting)
+    recomputed = lrp.Explainer(model, rule, attention="attnlrp").explain(x)
+    kept_recomputing = sum(t.numel() for t in {t.untyped_storage().data_ptr(): t for t in kept_tensors}.values())
+    recomputing = [m for m in lrp.Explainer(model, rule).lrp.modules()
+                   if getattr(m, "_lrp_input_recompute", False)]
+    assert len(recomputing) == {"vit_b_16": 12, "convnext_tiny": 18}[name]  # one per MLP block
+
+    kept_tensors.clear()
+    monkeypatch.setattr("smadlrp.lrp.layers.mark_recomputable", lambda y, source, f: y)
+    monkeypatch.setattr("smadlrp.lrp.builtin_ops.mark_recomputable", lambda y, source, f: y)
+    kept = lrp.Explainer(model, rule, attention="attnlrp").explain(x)
+    kept_keeping = sum(t.numel() for t in {t.untyped_storage().data_ptr(): t for t in kept_tensors}.values())
+    assert relative_l2(recomputed.relevance, kept.relevance) <= 1e-12
+    assert kept_recomputing < kept_keeping  # less is kept
+
+
 def test_float64_model_gives_float64_relevance_equal_to_gradient_times_input() -> None:
     """A small float64 transformer-free CNN: LRP-0 in float64 equals gradient x input to 1e-10."""
     torch.manual_seed(0)

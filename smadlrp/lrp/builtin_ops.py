@@ -39,6 +39,7 @@ from smadlrp.lrp.node_rules import (
     ProductFunction,
     SoftmaxFunction,
     SumFunction,
+    mark_recomputable,
 )
 from smadlrp.lrp.norms import NORM_FUNCTIONS, NORM_MODULES, freeze
 from smadlrp.lrp.op_kinds import NodeCall, NodeView, OpKind, register_op
@@ -145,7 +146,9 @@ def _norm_signal(call: NodeCall) -> Tensor:
 def _softmax(call: NodeCall) -> Tensor:
     if call.composite.attention == "cp":
         return call.call_with(call.operand()).detach()  # type: ignore[no-any-return]
-    return SoftmaxFunction.apply(call.operand(), lambda t: call.call_with(t))  # type: ignore[no-any-return]
+    x = call.operand()
+    s = SoftmaxFunction.apply(x, call.call_with)
+    return mark_recomputable(s, x, call.call_with)  # the products that use s keep x, which the softmax keeps
 
 
 def _softmax_signal(call: NodeCall) -> Tensor:

@@ -10,6 +10,7 @@ then carries relevance (not gradient) to the input and the terms.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -182,6 +183,8 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     planned = plan_graph(graph, root)
     plan, modules = planned.nodes, dict(root.named_modules())
     projections = _attention_projections(graph, plan)
+    recomputed = _recomputed_activations(graph, plan, modules)
+    recomputing = {name for names in recomputed.values() for name in names}
     switch = Switch()
     explained: dict[str, LRPConv2d | LRPLinear] = {}
     taps, nodes, terms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -204,7 +207,8 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
             layer = _lrp_layer(modules[name], switch, name, nonnegative, node_plan is not None)
             layer._lrp_rectified = _rectified(node, modules)
             layer._lrp_projection = node.name in projections
-            layer._lrp_recompute = _feeds_a_copy(node, plan)
+            layer._lrp_recompute = _feeds_a_copy(node, plan) and not any(u.name in recomputed for u in node.users)
+            layer._lrp_input_recompute = node.name in recomputing
             _set_submodule(root, name, layer)
             explained[name] = layer
         if node_plan is None:
@@ -216,8 +220,11 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
                 if name not in wrapped:
                     wrapped[name] = RuleNode(switch, node_plan, kind, modules[name])
                     _set_submodule(root, name, wrapped[name])
+                wrapped[name].marks_output = node.name in recomputed
             else:
-                nodes.append(RuleNode(switch, node_plan, kind, _callable(node)))
+                rule_node = RuleNode(switch, node_plan, kind, _callable(node))
+                rule_node.marks_output = node.name in recomputed
+                nodes.append(rule_node)
                 with graph.inserting_before(node):
                     new = graph.call_module(f"lrp_nodes.{len(nodes) - 1}", tuple(node.args), node.kwargs)
                 node.replace_all_uses_with(new)
@@ -264,6 +271,51 @@ def _attention_projections(graph: fx.Graph, plan: Mapping[str, NodePlan]) -> set
 
     layers = [n for n in graph.nodes if n.name in plan and plan[n.name].kind == "layer"]
     return {n.name for n in layers if reaches(n, True) or reaches(n, False)}
+
+
+def _recomputed_activations(graph: fx.Graph, plan: Mapping[str, NodePlan], modules: Mapping[str, nn.Module]
+                            ) -> dict[str, list[str]]:
+    """The activations between layers, `layer -> activation [-> Dropout] -> layers` (the MLP of a ViT, Swin or
+    ConvNeXt), whose output the layers after them (listed by node name) compute again from the layer before's
+    output instead of keeping it: that layer then keeps its own output, which it would otherwise compute again
+    (a product costs more than an activation)."""
+
+    def module(node: fx.Node) -> nn.Module | None:
+        return modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def plain_layer(node: fx.Node) -> bool:
+        m = module(node)
+        if isinstance(m, nn.Conv2d):
+            return m.padding_mode == "zeros" and not isinstance(m.padding, str) and node.name in plan
+        return isinstance(m, nn.Linear) and node.name in plan
+
+    def layers_after(node: fx.Node) -> list[str] | None:
+        found: list[str] = []
+        for user in node.users:
+            if isinstance(module(user), (nn.Dropout, nn.Identity)):  # eval mode: the same tensor passes
+                below = layers_after(user)
+                if below is None:
+                    return None
+                found += below
+            elif plain_layer(user) and user.args[0] is node:
+                found.append(user.name)
+            else:
+                return None
+        return found or None
+
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    chains: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if node.name not in plan or plan[node.name].kind != "activation" or len(node.args) != 1:
+            continue
+        if getattr(module(node), "inplace", False) or node.kwargs.get("inplace") or calls[str(node.target)] > 1:
+            continue
+        (source,) = node.args
+        if isinstance(source, fx.Node) and plain_layer(source) and list(source.users) == [node]:
+            after = layers_after(node)
+            if after:
+                chains[node.name] = after
+    return chains
 
 
 def _feeds_a_copy(node: fx.Node, plan: Mapping[str, NodePlan]) -> bool:

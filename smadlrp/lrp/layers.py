@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp.composites import Composite, LayerSlot
-from smadlrp.lrp.node_rules import alias
+from smadlrp.lrp.node_rules import alias, mark_recomputable, recomputable
 from smadlrp.lrp.op_kinds import NodeCall, NodePlan, OpKind
 from smadlrp.lrp.ops import ConvOp, DenseOp, LayerOp, LayerState, Prepared
 from smadlrp.lrp.rules import Rule
@@ -75,21 +75,24 @@ class Tap(LeafModule, nn.Module):
 class _RuleFunction(torch.autograd.Function):
     """Forward: the layer. Backward: the rule's relevance at the input from the relevance at the output. With
     `recompute`, an output the rule needs is computed again in the backward pass instead of being kept (for a
-    layer whose output nothing else keeps: one followed by an activation that writes a new tensor)."""
+    layer whose output nothing else keeps: one followed by an activation that writes a new tensor). With
+    `recompute_input`, an input marked `recomputable` (an activation's output, whose input the layer before
+    keeps) is computed again from what the mark names instead of being kept."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, a: Tensor, op: LayerOp, rule: Rule, prepared: Prepared, a_nonnegative: bool | None,
-        rectified: bool, recompute: bool,
+        rectified: bool, recompute: bool, recompute_input: bool,
     ) -> Tensor:
         if a_nonnegative is None and rule.sign_sensitive:
             a_nonnegative = not bool(a.numel() and a.min() < 0)
         z = op.forward(a, prepared["weight"], prepared.get("bias"))
         needs_output = rule.needs_output(bool(a_nonnegative))
+        kept, ctx.input_from = recomputable(a) if recompute_input else (a, None)
         if needs_output and not recompute:
-            ctx.save_for_backward(a, alias(z))
+            ctx.save_for_backward(kept, alias(z))
         else:
-            ctx.save_for_backward(a)
+            ctx.save_for_backward(kept)
         ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative, ctx.rectified = op, rule, prepared, a_nonnegative, rectified
         ctx.recompute = needs_output and recompute
         return z
@@ -98,11 +101,13 @@ class _RuleFunction(torch.autograd.Function):
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, *z = ctx.saved_tensors
         with torch.autocast(r.device.type, enabled=False):
+            if ctx.input_from is not None:
+                a = ctx.input_from(a)
             if ctx.recompute:
                 z = [ctx.op.forward(a, ctx.prepared["weight"], ctx.prepared.get("bias"))]
             state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
             relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.to(a.dtype))
-        return relevance, None, None, None, None, None, None
+        return relevance, None, None, None, None, None, None, None
 
 
 class _Explained(LeafModule):
@@ -117,6 +122,7 @@ class _Explained(LeafModule):
     _lrp_rectified: bool
     _lrp_projection: bool
     _lrp_recompute: bool
+    _lrp_input_recompute: bool
     _lrp_cache: OrderedDict[Rule, Prepared]
     _lrp_key: tuple[Any, ...]
 
@@ -126,6 +132,7 @@ class _Explained(LeafModule):
         self._lrp_rectified = False
         self._lrp_projection = False
         self._lrp_recompute = False
+        self._lrp_input_recompute = False
         self._lrp_cache = OrderedDict()
         self._lrp_key = ()
 
@@ -163,9 +170,11 @@ class _Explained(LeafModule):
         rule.check(name, op, a)
         prepared = self._prepared(name, rule, *params, current.dtype)
         nonnegative = True if self._lrp_nonnegative else None
+        a = a.to(current.dtype)
+        recompute_input = self._lrp_input_recompute and a is input
         with torch.autocast(a.device.type, enabled=False):
-            out = _RuleFunction.apply(a.to(current.dtype), op, rule, prepared, nonnegative, self._lrp_rectified,
-                                      self._lrp_recompute)
+            out = _RuleFunction.apply(a, op, rule, prepared, nonnegative, self._lrp_rectified, self._lrp_recompute,
+                                      recompute_input)
         assert isinstance(out, Tensor)
         return out
 
@@ -239,11 +248,13 @@ class LRPLinear(_Explained, nn.Linear):
 class RuleNode(LeafModule, nn.Module):
     """One graph node with a rule of its own: `plain` (a module or function) computes the node's output as the
     model does; during a relevance pass the op `kind` computes the same output with its rule attached
-    (`OpKind.apply`, or `OpKind.signal` for signal methods; None: the plain op, whose gradient passes)."""
+    (`OpKind.apply`, or `OpKind.signal` for signal methods; None: the plain op, whose gradient passes).
+    `marks_output`: the output is marked `recomputable` from the input (an activation between two layers)."""
 
     def __init__(self, switch: Switch, plan: NodePlan, kind: OpKind, plain: Callable[..., Any]) -> None:
         super().__init__()
         self.switch, self.plan, self.op_kind = switch, plan, kind
+        self.marks_output = False  # set by conversion: the layer after it recomputes this output (see layers)
         if isinstance(plain, nn.Module):
             self.plain: Callable[..., Any] = plain
         else:
@@ -262,7 +273,10 @@ class RuleNode(LeafModule, nn.Module):
         call = NodeCall(self.plain, args, kwargs, self.plan, current.composite, current.dtype)
         device = next(a for a in args if isinstance(a, Tensor)).device
         with torch.autocast(device.type, enabled=False):
-            return apply(call)
+            out = apply(call)
+        if self.marks_output:
+            mark_recomputable(out, call.operand(), call.call_with)
+        return out
 
 
 class Term(LeafModule, nn.Module):

@@ -44,6 +44,20 @@ def alias(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
+def mark_recomputable(y: Tensor, source: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """Mark `y = f(source)` so that a rule which needs `y` in its backward pass may keep `source` (which another
+    rule keeps anyway: a softmax its logits, a layer its output before an activation) and compute y again
+    (`recomputable`), instead of keeping a second tensor of the same size."""
+    y._lrp_source = (source, f)  # type: ignore[attr-defined]
+    return y
+
+
+def recomputable(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+    """What to keep for `t` in a backward pass, and how to compute `t` from it (None: `t` is kept itself)."""
+    marked = getattr(t, "_lrp_source", None)
+    return (t, None) if marked is None else (marked[0].detach(), marked[1])
+
+
 def _vjp(
     f: Callable[..., Tensor], inputs: tuple[Tensor, ...], wanted: tuple[bool, ...],
     vector: Callable[[Tensor], Tensor],
@@ -66,12 +80,17 @@ class SumFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor, absolute: bool = False) -> Tensor:  # type: ignore[override]
         y = a + b
-        ctx.save_for_backward(a, b, alias(y))
+        # With a constant b (a bias, an attention mask) a is y - b: keep the constant, not a tensor of y's size.
+        ctx.a_shape = a.shape if not (absolute or ctx.needs_input_grad[1]) else None
+        ctx.save_for_backward(*(() if ctx.a_shape else (a,)), b, alias(y))
         ctx.absolute = absolute
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.a_shape is not None:
+            b, y = ctx.saved_tensors
+            return stabilized_divide(r, y, 0.0).mul_(y - b).sum_to_size(ctx.a_shape), None, None
         a, b, y = ctx.saved_tensors
         if ctx.absolute:
             a, b = a.abs(), b.abs()
@@ -190,19 +209,23 @@ class SoftmaxFunction(torch.autograd.Function):
 class ProductFunction(torch.autograd.Function):
     """`z = f(u, v)` for a bilinear `f` with the uniform rule: `R_u = w u * J_u^T (R / z)`, `R_v` alike, with
     w = 1/2 when both operands carry relevance and 1 when only one does. z is recomputed in the backward pass
-    (with the vector-Jacobian product it needs anyway), not kept."""
+    (with the vector-Jacobian product it needs anyway), not kept; so is an operand marked `recomputable`
+    (attention probabilities, from the logits their softmax keeps)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, u: Tensor, v: Tensor, f: Callable[[Tensor, Tensor], Tensor]
     ) -> Tensor:
-        ctx.save_for_backward(u, v)
+        (u_kept, ctx.u_from), (v_kept, ctx.v_from) = recomputable(u), recomputable(v)
+        ctx.save_for_backward(u_kept, v_kept)
         ctx.f = f
         return f(u, v)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         u, v = ctx.saved_tensors
+        u = u if ctx.u_from is None else ctx.u_from(u)
+        v = v if ctx.v_from is None else ctx.v_from(v)
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
         c_u, c_v = _vjp(ctx.f, (u, v), wanted, lambda z: stabilized_divide(r, z, 0.0))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, batched, cached, stabilized_divide
+from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, batched, cached, stabilized_divide, z_rule
 from smadlrp.lrp.rules.base import DEFAULT_STABILIZER, Rule, as_non_negative, register
 
 
@@ -40,59 +40,69 @@ class Gamma(Rule):
     def needs_output(self, nonnegative_input: bool) -> bool:
         return True
 
-    def prepare(self, name: str, weight: Tensor, bias: Tensor | None) -> Prepared:
-        prepared = {"w_pos": weight.clamp(min=0).mul_(self.gamma).add_(weight)}
-        if bias is not None:
-            prepared["b"] = bias.clamp(min=0).mul_(self.gamma).add_(bias)
-        return prepared
-
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         a, z, eps, gamma = state.a, state.z, self._denominator_epsilon(), self.gamma
         assert z is not None
-        nonnegative = state.input_nonnegative()
-        if nonnegative:  # the denominator z + gamma z+ with z+ = a W+ + b+
-            d_pos = op.forward(a, w["w_pos"], w.get("b"))
-        else:  # (a w)+ = (a w + |a| |w|) / 2, so z+ = (z + |a| |W| + |b|) / 2: one product, a is not split
-            a_abs = a.abs()
-            if state.rectified and op.stackable:  # (the first layer): one product of twice the width each way
-                return self._share_stacked(op, w, a, a_abs, r)
-            w_abs = cached(w, "w_abs", lambda: w["weight"].abs())
-            b_abs = cached(w, "b_abs", lambda: w["bias"].abs()) if "bias" in w else None
-            d_pos = op.forward(a_abs, w_abs, b_abs).mul_(gamma / 2).add_(z, alpha=1.0 + gamma / 2)
-        if state.rectified:  # after a ReLU no relevance arrives where z < 0
-            t = stabilized_divide(r, d_pos, eps, overwrite=True)
-            if nonnegative:
-                return op.vjp(a, w["w_pos"], t).mul_(a)
-            return self._share_signed(op, w, a, a_abs, t, t)  # grouped: no stacking
-        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - d_pos (z- = z - z+). With its magnitude
-        # q = d_pos - (2 + gamma) min(z, 0), t = R / q and t- = t sign(min(z, 0)) (-t where z < 0, 0 elsewhere),
-        # the relevance is a (rho^T t + (2 + gamma) W^T t-), rho = W + gamma W+, for inputs >= 0. Arithmetic on
-        # the sign instead of a mask: a masked select is several times slower.
+        if gamma == 0.0:  # rho(w) = w: the z-rule with the stabiliser
+            return z_rule(op, w["weight"], state, r, eps)
+        if state.input_nonnegative():
+            return self._share_nonnegative(op, w, state, r)
+        # (a w)+ = (a w + |a| |w|) / 2, so the denominator z + gamma z+ is (1 + gamma/2) (z + k (|a| |W| + |b|))
+        # with k = gamma / (2 + gamma): one product, a is not split. Everything below is divided by 1 + gamma/2
+        # (the stabiliser too), so that no pass scales by it: R = a W^T s + |a| (k |W|)^T t, with the signed
+        # signal s = R / denominator and its magnitude t = R / |denominator|.
+        eps /= 1.0 + gamma / 2
+        a_abs = a.abs()
+        if state.rectified and op.stackable:  # (the first layer): one product of twice the width each way
+            return self._share_stacked(op, w, a, a_abs, r, eps)
+        k = gamma / (2.0 + gamma)
+        w_abs = cached(w, "w_abs_k", lambda: w["weight"].abs().mul_(k))
+        b_abs = cached(w, "b_abs_k", lambda: w["bias"].abs().mul_(k)) if "bias" in w else None
+        d = op.forward(a_abs, w_abs, b_abs).add_(z)
+        if state.rectified:  # after a ReLU no relevance arrives where z < 0: s = t
+            t = stabilized_divide(r, d, eps, overwrite=True)
+            return self._share_signed(op, w, a, a_abs, t, t)
+        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - (1 + gamma/2) d, of magnitude
+        # (1 + gamma/2) (d - 2 min(z, 0)); s = t sign(z) = t + 2 t sign(min(z, 0)). Arithmetic on the sign
+        # instead of a mask: a masked select is several times slower.
+        low = z.clamp(max=0)
+        t = stabilized_divide(r, d.sub_(low, alpha=2.0), eps, nonnegative=True, overwrite=True)
+        return self._share_signed(op, w, a, a_abs, torch.addcmul(t, low.sign_(), t, value=2.0), t)
+
+    def _share_nonnegative(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
+        """Inputs `a >= 0`: rho(w) = w + gamma w+ (and rho(b) = b + gamma b+) where z >= 0, and the denominator
+        z + gamma z- = (2 + gamma) z - d_pos where z < 0 (z- = z - z+)."""
+        a, z, eps, gamma = state.a, state.z, self._denominator_epsilon(), self.gamma
+        assert z is not None
+        w_rho = cached(w, "w_rho", lambda: w["weight"].clamp(min=0).mul_(gamma).add_(w["weight"]))
+        b_rho = cached(w, "b_rho", lambda: w["bias"].clamp(min=0).mul_(gamma).add_(w["bias"])) if "bias" in w else None
+        d_pos = op.forward(a, w_rho, b_rho)
+        if state.rectified:
+            return op.vjp(a, w_rho, stabilized_divide(r, d_pos, eps, overwrite=True)).mul_(a)
+        # With q = d_pos - (2 + gamma) min(z, 0), t = R / q and t- = t sign(min(z, 0)) (-t where z < 0, 0
+        # elsewhere), the relevance is a (rho^T t + (2 + gamma) W^T t-). Two products: stacking them is no
+        # faster, and slower on some shapes.
         low = z.clamp(max=0)
         t = stabilized_divide(r, d_pos.sub_(low, alpha=2.0 + gamma), eps, nonnegative=True, overwrite=True)
         t_neg = low.sign_() * t if batched(t) else low.sign_().mul_(t)  # batched: t does not fit into low
-        del low
-        if nonnegative:  # two products: stacking them is no faster, and slower on some shapes
-            return op.vjp(a, w["w_pos"], t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + gamma).mul_(a)
-        return self._share_signed(op, w, a, a_abs, t_neg.mul_(2.0).add_(t), t)
+        return op.vjp(a, w_rho, t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + gamma).mul_(a)
 
-    def _share_stacked(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, r: Tensor) -> Tensor:
-        """`_share_signed` before a ReLU (s = t) with [a, |a|] stacked against [(1 + gamma/2) W, gamma/2 |W|]:
-        the denominator (the rho bias included) in one convolution and the relevance in one vjp, of twice the
-        width; on a layer with three input channels that costs about what one of the plain width costs."""
-        g = self.gamma / 2
-        both = cached(w, "w_signed", lambda: torch.cat([w["weight"] * (1.0 + g), w["weight"].abs() * g], 1))
+    def _share_stacked(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, r: Tensor, eps: float) -> Tensor:
+        """`_share_signed` before a ReLU (s = t) with [a, |a|] stacked against [W, k |W|]: the denominator (the
+        rho bias, b + k |b|, included) in one convolution and the relevance in one vjp, of twice the width; on a
+        layer with three input channels that costs about what one of the plain width costs."""
+        k = self.gamma / (2.0 + self.gamma)
+        both = cached(w, "w_signed", lambda: torch.cat([w["weight"], w["weight"].abs().mul_(k)], 1))
+        bias = cached(w, "b_signed", lambda: w["bias"].abs().mul_(k).add_(w["bias"])) if "bias" in w else None
         x = torch.cat([a, a_abs], op.channel_dim)
-        t = stabilized_divide(r, op.forward(x, both, w.get("b")), self._denominator_epsilon(), overwrite=True)
+        t = stabilized_divide(r, op.forward(x, both, bias), eps, overwrite=True)
         first, second = op.vjp(x, both, t).mul_(x).chunk(2, op.channel_dim)
         return torch.add(first, second)
 
     def _share_signed(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, s: Tensor, t: Tensor) -> Tensor:
-        """Inputs of both signs: rho(a w) = a w + gamma (a w)+- = (1 + gamma/2) a w +- gamma/2 |a| |w| (+ at
-        outputs z >= 0, - elsewhere), so R = (1 + gamma/2) a W^T s + gamma/2 |a| |W|^T t with the signed signal
-        s = R / denominator = t + 2 t- and its magnitude t = R / |denominator|."""
-        out = op.vjp(a, w["weight"], s).mul_(a).mul_(1.0 + self.gamma / 2)
-        return out.add_(op.vjp(a, w["w_abs"], t).mul_(a_abs), alpha=self.gamma / 2)
+        """Inputs of both signs: `R = a W^T s + |a| (k |W|)^T t` (see `relevance`)."""
+        out = op.vjp(a, w["weight"], s).mul_(a)
+        return out.addcmul_(op.vjp(a, w["w_abs_k"], t), a_abs)
 
 
 @register
