@@ -410,6 +410,22 @@ def test_unsupported_layers_are_listed() -> None:
         explain(model, images())
 
 
+class _ImplicitSoftmaxAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(12, 2)
+        self.softmax = nn.Softmax()  # the legacy implicit dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = self.softmax(self.q(x) @ self.k(x).transpose(1, 2))
+        return self.head((weights @ self.v(x)).flatten(1))
+
+
+def test_attention_softmax_without_a_dim_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"softmax \(Softmax: a softmax without an explicit dim has no LRP rule\)"):
+        explain(_ImplicitSoftmaxAttention(), torch.randn(2, 3, 4))
+
+
 def test_model_without_logits_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 2, 3))
     with pytest.raises(UsageError, match=r"must return \(B, K\) logits"):

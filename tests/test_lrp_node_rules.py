@@ -203,7 +203,7 @@ def test_softmax_masked_logit_gets_zero() -> None:
     logits = torch.randn(2, 5, dtype=F64)
     logits[0, 1] = logits[1, 4] = -math.inf
     x = logits.requires_grad_(True)
-    s = SoftmaxFunction.apply(x, lambda t: torch.softmax(t, -1))
+    s = SoftmaxFunction.apply(x, lambda t: torch.softmax(t, -1), -1)
     assert s[0, 1] == 0 and s[1, 4] == 0
     r = s.detach() * torch.randn(2, 5, dtype=F64)  # relevance arriving at a tensor is s * c: 0 where s is
     (r_x,) = relevance_at(s, [x], r)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import builtins
 import operator
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +149,16 @@ def _softmax(call: NodeCall) -> Tensor:
     if call.composite.attention == "cp":
         return call.call_with(call.operand()).detach()  # type: ignore[no-any-return]
     x = call.operand()
-    s = SoftmaxFunction.apply(x, call.call_with)
+    plain = call.plain if isinstance(call.plain, nn.Module) else None
+    s = SoftmaxFunction.apply(x, call.call_with, _softmax_dim(plain, call.args, call.kwargs))
     return mark_recomputable(s, x, call.call_with)  # the products that use s keep x, which the softmax keeps
+
+
+def _softmax_dim(module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
+    """The dimension a softmax node normalises over, as its call gives it (None: implicit)."""
+    if isinstance(module, nn.Softmax):
+        return module.dim
+    return kwargs.get("dim", args[1] if len(args) > 1 else None)
 
 
 def _softmax_signal(call: NodeCall) -> Tensor:
@@ -214,6 +224,8 @@ def _attention_weights(view: NodeView) -> bool | str:
             users += list(user.users)
         else:
             seen.append(user)
+    if not isinstance(_softmax_dim(view.module, view.node.args, view.node.kwargs), int):
+        return "a softmax without an explicit dim has no LRP rule"
     if seen and all(user.target in _MATMUL + MUL_FUNCTIONS for user in seen):
         return True
     return "a softmax is explained only as attention weights (A @ v), not as an output or a feature"

@@ -189,21 +189,20 @@ class NormFunction(torch.autograd.Function):
 
 
 class SoftmaxFunction(torch.autograd.Function):
-    """`s = softmax(x)` (any dim, through `f`) with AttnLRP's rule `R_x = x * J^T (R / s)`
+    """`s = softmax(x)` over `dim` (through `f`) with AttnLRP's rule `R_x = x * J^T (R / s)`
     `= x * (R - s * sum(R))`; masked logits (-inf) get 0. s is recomputed in the backward pass, not kept."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], dim: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.f = f
+        ctx.f, ctx.dim = f, dim
         return f(x)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        (c,) = _vjp(ctx.f, (x,), (True,), lambda s: stabilized_divide(r, s, 0.0))
-        assert c is not None
-        return c.mul_(x.masked_fill(~torch.isfinite(x), 0.0)), None
+        c = torch.addcmul(r, ctx.f(x), r.sum(ctx.dim, keepdim=True), value=-1.0)
+        return c.mul_(x).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), None, None  # -inf * 0 where masked
 
 
 class ProductFunction(torch.autograd.Function):
