@@ -217,19 +217,21 @@ def test_softmax_masked_logit_gets_zero() -> None:
 # --- 3. products of two activations (uniform rule) ----------------------------------------------------------------
 
 
-def test_product_rule_matmul_dense() -> None:
+@pytest.mark.parametrize("matmul", [False, True], ids=["autograd", "written-out"])
+def test_product_rule_matmul_dense(matmul: bool) -> None:
     """z = u @ v: R_u_ik = 1/2 sum_j u_ik v_kj / z_ij R_ij, R_v_kj = 1/2 sum_i u_ik v_kj / z_ij R_ij, and
-    R_u + R_v sums to R."""
+    R_u + R_v sums to R; through autograd's vector-Jacobian products and through the written-out ones, with v
+    broadcast over a batch of two."""
     torch.manual_seed(6)
-    u, v = leaf(3, 4), leaf(4, 2)
-    z = ProductFunction.apply(u, v, torch.matmul)
-    r = torch.randn(3, 2, dtype=F64)
+    u, v = leaf(2, 3, 4), leaf(4, 2)
+    z = ProductFunction.apply(u, v, torch.matmul, matmul)
+    r = torch.randn(2, 3, 2, dtype=F64)
     r_u, r_v = relevance_at(z, [u, v], r)
     ud, vd, zd = u.detach(), v.detach(), z.detach()
-    expected_u, expected_v = torch.zeros(3, 4, dtype=F64), torch.zeros(4, 2, dtype=F64)
-    for i, k, j in itertools.product(range(3), range(4), range(2)):
-        share = 0.5 * ud[i, k] * vd[k, j] / zd[i, j] * r[i, j]
-        expected_u[i, k] += share
+    expected_u, expected_v = torch.zeros(2, 3, 4, dtype=F64), torch.zeros(4, 2, dtype=F64)
+    for b, i, k, j in itertools.product(range(2), range(3), range(4), range(2)):
+        share = 0.5 * ud[b, i, k] * vd[k, j] / zd[b, i, j] * r[b, i, j]
+        expected_u[b, i, k] += share
         expected_v[k, j] += share
     close(r_u, expected_u)
     close(r_v, expected_v)
@@ -272,8 +274,9 @@ def test_product_rule_einsum_through_op_kind() -> None:
     close(r_u.sum() + r_v.sum(), r.sum())
 
 
+@pytest.mark.parametrize("matmul", [False, True], ids=["autograd", "written-out"])
 @pytest.mark.parametrize("constant", ["u", "v"])
-def test_product_rule_constant_operand_takes_nothing(constant: str) -> None:
+def test_product_rule_constant_operand_takes_nothing(constant: str, matmul: bool) -> None:
     """When one operand of u @ v carries no relevance (a constant of the pass, CP-LRP's attention weights), the
     other gets all of it: the factor is 1 instead of 1/2, and the relevance is conserved."""
     torch.manual_seed(9)
@@ -282,7 +285,7 @@ def test_product_rule_constant_operand_takes_nothing(constant: str) -> None:
         u.requires_grad_(False)
     else:
         v.requires_grad_(False)
-    z = ProductFunction.apply(u, v, torch.matmul)
+    z = ProductFunction.apply(u, v, torch.matmul, matmul)
     r = torch.randn(3, 2, dtype=F64)
     carrier = v if constant == "u" else u
     (r_c,) = relevance_at(z, [carrier], r)

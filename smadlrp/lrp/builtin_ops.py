@@ -55,6 +55,7 @@ _SUB = (operator.sub, operator.isub, torch.sub, "sub")
 MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, "mul")
 _DIV = (operator.truediv, torch.div, "div")
 _MATMUL = (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.einsum)
+_MATMUL_OPS = ("operator.matmul", "torch.matmul", "Tensor.matmul", "torch.bmm", "Tensor.bmm")  # as plans label them
 _STRUCTURAL = (
     torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.unsqueeze, torch.squeeze,
     torch.transpose, torch.permute, torch.swapaxes, torch.chunk, torch.split, torch.unbind, torch.roll,
@@ -166,7 +167,8 @@ def _softmax_signal(call: NodeCall) -> Tensor:
 
 
 def _product(call: NodeCall) -> Tensor:
-    return ProductFunction.apply(call.operand(0), call.operand(1), lambda u, v: call.call_with(u, v))  # type: ignore[no-any-return]
+    matmul = call.plan.op in _MATMUL_OPS
+    return ProductFunction.apply(call.operand(0), call.operand(1), call.call_with, matmul)  # type: ignore[no-any-return]
 
 
 def _is_gate(view: NodeView) -> bool:

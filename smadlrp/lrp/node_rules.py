@@ -209,15 +209,16 @@ class ProductFunction(torch.autograd.Function):
     """`z = f(u, v)` for a bilinear `f` with the uniform rule: `R_u = w u * J_u^T (R / z)`, `R_v` alike, with
     w = 1/2 when both operands carry relevance and 1 when only one does. z is recomputed in the backward pass
     (with the vector-Jacobian product it needs anyway), not kept; so is an operand marked `recomputable`
-    (attention probabilities, from the logits their softmax keeps)."""
+    (attention probabilities, from the logits their softmax keeps). `matmul`: f is `u @ v` (operands of two or
+    more dims), whose vector-Jacobian products are written out instead of taken through autograd."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, u: Tensor, v: Tensor, f: Callable[[Tensor, Tensor], Tensor]
+        ctx: Any, u: Tensor, v: Tensor, f: Callable[[Tensor, Tensor], Tensor], matmul: bool = False
     ) -> Tensor:
         (u_kept, ctx.u_from), (v_kept, ctx.v_from) = recomputable(u), recomputable(v)
         ctx.save_for_backward(u_kept, v_kept)
-        ctx.f = f
+        ctx.f, ctx.matmul = f, matmul and u.dim() >= 2 and v.dim() >= 2
         return f(u, v)
 
     @staticmethod
@@ -227,7 +228,12 @@ class ProductFunction(torch.autograd.Function):
         v = v if ctx.v_from is None else ctx.v_from(v)
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
-        c_u, c_v = _vjp(ctx.f, (u, v), wanted, lambda z: stabilized_divide(r, z, 0.0))
+        if ctx.matmul:  # z = u @ v: J_u^T s = s v^T and J_v^T s = u^T s, without autograd
+            s = stabilized_divide(r, torch.matmul(u, v), 0.0, overwrite=True)
+            c_u = torch.matmul(s, v.mT).sum_to_size(u.shape) if wanted[0] else None
+            c_v = torch.matmul(u.mT, s).sum_to_size(v.shape) if wanted[1] else None
+        else:
+            c_u, c_v = _vjp(ctx.f, (u, v), wanted, lambda z: stabilized_divide(r, z, 0.0))
         r_u = None if c_u is None else c_u.mul_(u).mul_(share)
         r_v = None if c_v is None else c_v.mul_(v).mul_(share)
-        return r_u, r_v, None
+        return r_u, r_v, None, None
