@@ -118,7 +118,7 @@ def _affine(call: NodeCall) -> Tensor:
 
 
 def _pool(call: NodeCall) -> Tensor:
-    return PoolFunction.apply(call.operand(), lambda t: call.call_with(t))  # type: ignore[no-any-return]
+    return PoolFunction.apply(call.operand(), call.operation())  # type: ignore[no-any-return]
 
 
 def _gate(call: NodeCall) -> Tensor:
@@ -151,8 +151,9 @@ def _softmax(call: NodeCall) -> Tensor:
         return call.call_with(call.operand()).detach()  # type: ignore[no-any-return]
     x = call.operand()
     plain = call.plain if isinstance(call.plain, nn.Module) else None
-    s = SoftmaxFunction.apply(x, call.call_with, _softmax_dim(plain, call.args, call.kwargs))
-    return mark_recomputable(s, x, call.call_with)  # the products that use s keep x, which the softmax keeps
+    softmax = call.operation()
+    s = SoftmaxFunction.apply(x, softmax, _softmax_dim(plain, call.args, call.kwargs))
+    return mark_recomputable(s, x, softmax)  # the products that use s keep x, which the softmax keeps
 
 
 def _softmax_dim(module: nn.Module | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> object:
@@ -168,7 +169,7 @@ def _softmax_signal(call: NodeCall) -> Tensor:
 
 def _product(call: NodeCall) -> Tensor:
     matmul = call.plan.op in _MATMUL_OPS
-    return ProductFunction.apply(call.operand(0), call.operand(1), call.call_with, matmul)  # type: ignore[no-any-return]
+    return ProductFunction.apply(call.operand(0), call.operand(1), call.operation(), matmul)  # type: ignore[no-any-return]
 
 
 def _is_gate(view: NodeView) -> bool:

@@ -275,7 +275,7 @@ class RuleNode(LeafModule, nn.Module):
         with torch.autocast(device.type, enabled=False):
             out = apply(call)
         if self.marks_output:
-            mark_recomputable(out, call.operand(), call.call_with)
+            mark_recomputable(out, call.operand(), call.operation())
         return out
 
 

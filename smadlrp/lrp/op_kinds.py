@@ -79,11 +79,22 @@ class NodeCall:
     def call_with(self, *tensors: Tensor) -> Any:
         """The node's op with its carrying operands replaced by `tensors` (in order), other arguments as given;
         an `inplace` keyword is dropped (a rule never writes into its input)."""
-        args = list(self.args)
-        for position, tensor in zip(self.plan.carrying, tensors, strict=True):
-            args[position] = tensor
+        return self.operation()(*tensors)
+
+    def operation(self) -> Callable[..., Any]:
+        """`call_with` as a function that holds no reference to the operands: what a rule keeps for its
+        backward pass (holding the call would keep every operand alive as long as the graph)."""
+        carrying, plain = self.plan.carrying, self.plain
+        others = [None if i in carrying else a for i, a in enumerate(self.args)]
         kwargs = {k: v for k, v in self.kwargs.items() if k != "inplace"}
-        return self.plain(*args, **kwargs)
+
+        def op(*tensors: Tensor) -> Any:
+            args = list(others)
+            for position, tensor in zip(carrying, tensors, strict=True):
+                args[position] = tensor
+            return plain(*args, **kwargs)
+
+        return op
 
 
 Apply = Callable[[NodeCall], Tensor]
