@@ -9,8 +9,10 @@ normalisation layers".
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -298,6 +300,26 @@ def test_product_rule_constant_operand_takes_nothing(constant: str, matmul: bool
             expected[i, k] += share
     close(r_c, expected)
     close(r_c.sum(), r.sum())
+
+
+def test_attention_probabilities_are_recomputed_not_kept() -> None:
+    """AttnLRP on A = softmax(x), z = A @ v: once A @ v has run, nothing keeps A alive (not the product's rule,
+    not the call it came from): the product's backward computes A again from the logits the softmax keeps, and
+    the relevance is the rules' (uniform rule on A @ v, then x (R_A - A sum R_A))."""
+    torch.manual_seed(10)
+    x, v = leaf(2, 4, 4), leaf(2, 4, 3)
+    a = apply_kind("softmax", F.softmax, (x,), {"dim": -1}, attention="attnlrp")
+    z = apply_kind("product", torch.matmul, (a, v), carrying=(0, 1), attention="attnlrp")
+    kept = weakref.ref(a)
+    del a
+    gc.collect()
+    assert kept() is None
+    r = z.detach() * torch.randn(2, 4, 3, dtype=F64)
+    r_x, r_v = relevance_at(z, [x, v], r)
+    a_ref, s = torch.softmax(x.detach(), -1), r / z.detach()
+    r_a = 0.5 * a_ref * (s @ v.detach().mT)
+    close(r_v, 0.5 * v.detach() * (a_ref.mT @ s))
+    close(r_x, x.detach() * (r_a - a_ref * r_a.sum(-1, keepdim=True)))
 
 
 # --- 4. sums with a constant term (positional embeddings) ---------------------------------------------------------
