@@ -419,3 +419,29 @@ def test_gamma_zero_matches_dense_reference(key: str, geometry: str) -> None:
         [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
     )
     torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("sign", ["mixed", "nonnegative"])
+def test_gamma_on_many_rows_makes_its_weights_per_call(sign: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On inputs of many rows (a transformer's layers on a batch) gamma makes its modified weight for each call
+    instead of keeping a copy of the weights; the relevance is the same as with the kept copy."""
+    torch.manual_seed(11)
+    layer = nn.Linear(7, 5)
+    x = torch.randn(3, 4, 7)
+    x = x.abs() if sign == "nonnegative" else x
+
+    def run() -> tuple[Tensor, set[str]]:
+        model = convert(nn.Sequential(layer, nn.Flatten()))
+        leaf = x.clone().requires_grad_(True)
+        y = model(leaf, explain=True, rule="gamma", gamma=0.25)
+        y.backward(torch.linspace(-1.0, 1.0, y.numel()).view_as(y))
+        kept = {key for m in model.modules() for prepared in getattr(m, "_lrp_cache", {}).values() for key in prepared}
+        assert leaf.grad is not None
+        return leaf.grad, kept
+
+    kept_relevance, kept_keys = run()
+    monkeypatch.setattr("smadlrp.lrp.ops.MADE_PER_CALL_ROWS", 12)  # 3 x 4 rows
+    per_call_relevance, per_call_keys = run()
+    modified = {"mixed": "w_abs_k", "nonnegative": "w_rho"}[sign]
+    assert modified in kept_keys and modified not in per_call_keys
+    torch.testing.assert_close(per_call_relevance, kept_relevance, rtol=1e-6, atol=1e-7)

@@ -214,6 +214,20 @@ def cached(w: Prepared, key: str, make: Callable[[], Tensor]) -> Tensor:
     return w[key]
 
 
+# From this many rows (batch x positions) of a layer's input on, a modified weight is made for each call rather
+# than kept: making it is one pass over the weight, under 5 % of a product with that many rows, while keeping it
+# costs a copy of the weights (330 MB for a ViT-B's MLPs).
+MADE_PER_CALL_ROWS = 1024
+
+
+def modified(w: Prepared, key: str, make: Callable[[], Tensor], op: LayerOp, a: Tensor) -> Tensor:
+    """A modified weight for the input `a`: `cached` for inputs of few rows (a small batch, a dense head), made
+    for this call only for inputs of `MADE_PER_CALL_ROWS` rows or more (transformer layers on a batch)."""
+    if key in w or a.numel() // max(op.channels(a), 1) < MADE_PER_CALL_ROWS:
+        return cached(w, key, make)
+    return make()
+
+
 def signed_parts(a: Tensor) -> list[Tensor]:
     """[a+, a-]: the positive and negative parts of `a`, each of `a`'s shape."""
     return [a.clamp(min=0), a.clamp(max=0)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, batched, cached, stabilized_divide, z_rule
+from smadlrp.lrp.ops import LayerOp, LayerState, Prepared, batched, cached, modified, stabilized_divide, z_rule
 from smadlrp.lrp.rules.base import DEFAULT_STABILIZER, Rule, as_non_negative, register
 
 
@@ -56,25 +56,25 @@ class Gamma(Rule):
         if state.rectified and op.stackable:  # (the first layer): one product of twice the width each way
             return self._share_stacked(op, w, a, a_abs, r, eps)
         k = gamma / (2.0 + gamma)
-        w_abs = cached(w, "w_abs_k", lambda: w["weight"].abs().mul_(k))
+        w_abs = modified(w, "w_abs_k", lambda: w["weight"].abs().mul_(k), op, a)
         b_abs = cached(w, "b_abs_k", lambda: w["bias"].abs().mul_(k)) if "bias" in w else None
         d = op.forward(a_abs, w_abs, b_abs).add_(z)
         if state.rectified:  # after a ReLU no relevance arrives where z < 0: s = t
             t = stabilized_divide(r, d, eps, overwrite=True)
-            return self._share_signed(op, w, a, a_abs, t, t)
+            return self._share_signed(op, w["weight"], w_abs, a, a_abs, t, t)
         # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - (1 + gamma/2) d, of magnitude
         # (1 + gamma/2) (d - 2 min(z, 0)); s = t sign(z) = t + 2 t sign(min(z, 0)). Arithmetic on the sign
         # instead of a mask: a masked select is several times slower.
         low = z.clamp(max=0)
         t = stabilized_divide(r, d.sub_(low, alpha=2.0), eps, nonnegative=True, overwrite=True)
-        return self._share_signed(op, w, a, a_abs, torch.addcmul(t, low.sign_(), t, value=2.0), t)
+        return self._share_signed(op, w["weight"], w_abs, a, a_abs, torch.addcmul(t, low.sign_(), t, value=2.0), t)
 
     def _share_nonnegative(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         """Inputs `a >= 0`: rho(w) = w + gamma w+ (and rho(b) = b + gamma b+) where z >= 0, and the denominator
         z + gamma z- = (2 + gamma) z - d_pos where z < 0 (z- = z - z+)."""
         a, z, eps, gamma = state.a, state.z, self._denominator_epsilon(), self.gamma
         assert z is not None
-        w_rho = cached(w, "w_rho", lambda: w["weight"].clamp(min=0).mul_(gamma).add_(w["weight"]))
+        w_rho = modified(w, "w_rho", lambda: w["weight"].clamp(min=0).mul_(gamma).add_(w["weight"]), op, a)
         b_rho = cached(w, "b_rho", lambda: w["bias"].clamp(min=0).mul_(gamma).add_(w["bias"])) if "bias" in w else None
         d_pos = op.forward(a, w_rho, b_rho)
         if state.rectified:
@@ -99,10 +99,11 @@ class Gamma(Rule):
         first, second = op.vjp(x, both, t).mul_(x).chunk(2, op.channel_dim)
         return torch.add(first, second)
 
-    def _share_signed(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, s: Tensor, t: Tensor) -> Tensor:
-        """Inputs of both signs: `R = a W^T s + |a| (k |W|)^T t` (see `relevance`)."""
-        out = op.vjp(a, w["weight"], s).mul_(a)
-        return out.addcmul_(op.vjp(a, w["w_abs_k"], t), a_abs)
+    @staticmethod
+    def _share_signed(op: LayerOp, weight: Tensor, w_abs: Tensor, a: Tensor, a_abs: Tensor, s: Tensor, t: Tensor
+                      ) -> Tensor:
+        """Inputs of both signs: `R = a W^T s + |a| (k |W|)^T t` (see `relevance`), `w_abs` = k |W|."""
+        return op.vjp(a, weight, s).mul_(a).addcmul_(op.vjp(a, w_abs, t), a_abs)
 
 
 @register
