@@ -67,7 +67,8 @@ class Gamma(Rule):
         # instead of a mask: a masked select is several times slower.
         low = z.clamp(max=0)
         t = stabilized_divide(r, d.sub_(low, alpha=2.0), eps, nonnegative=True, overwrite=True)
-        return self._share_signed(op, w["weight"], w_abs, a, a_abs, torch.addcmul(t, low.sign_(), t, value=2.0), t)
+        s = torch.addcmul(t, low.sign_(), t, value=2.0, **({} if batched(t) else {"out": low}))  # low's memory
+        return self._share_signed(op, w["weight"], w_abs, a, a_abs, s, t)
 
     def _share_nonnegative(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         """Inputs `a >= 0`: rho(w) = w + gamma w+ (and rho(b) = b + gamma b+) where z >= 0, and the denominator
