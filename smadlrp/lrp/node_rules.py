@@ -185,7 +185,7 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        return ctx.frozen.vjp(stabilized_divide(r, y, 0.0)).mul_(x), None
+        return ctx.frozen.vjp(stabilized_divide(r, y, 0.0), overwrite=True).mul_(x), None
 
 
 class SoftmaxFunction(torch.autograd.Function):

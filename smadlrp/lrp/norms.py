@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp.op_kinds import NodeCall
+from smadlrp.lrp.ops import batched
 
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 NORM_FUNCTIONS: tuple[Any, ...] = (F.layer_norm, F.group_norm, F.rms_norm, F.normalize)
@@ -47,9 +48,15 @@ class FrozenNorm:
     def __call__(self, x: Tensor) -> Tensor:
         return self.centre(x) * self.rstd * self.weight
 
-    def vjp(self, v: Tensor) -> Tensor:
-        """`J^T v = C(v * rstd * weight)` (C is symmetric)."""
-        return self.centre(v * self.rstd * self.weight)
+    def vjp(self, v: Tensor, overwrite: bool = False) -> Tensor:
+        """`J^T v = C(v * rstd * weight)` (C is symmetric); `overwrite`: v is a temporary the result may take."""
+        if not overwrite or batched(v) or not v.is_contiguous():
+            return self.centre(v * self.rstd * self.weight)
+        v.mul_(self.rstd).mul_(self.weight)
+        if self.dims:
+            g = v.view(v.shape[0], self.groups, -1) if self.groups else v
+            g.sub_(g.mean(self.dims, keepdim=True))
+        return v
 
 
 def _weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | float:
