@@ -12,7 +12,9 @@ is an `Explainer` built once. Time: after one warm-up call per method, `--runs` 
 runs the reference and each method once, in turn, so a load change on the machine hits all of them alike. The table
 gives the median wall time, its ratio to the reference's median, the median of the per-round wall ratios, and the
 ratio of median CPU times (user + system of the process, all threads). On a shared machine the CPU-time ratio is
-the steadier figure: time spent waiting for a core does not count. OpenMP threads sleep instead of spinning while
+the steadier figure: time spent waiting for a core does not count. The timing process sets glibc's heap
+thresholds as the CLI does (`smadlrp.core.memory.reuse_freed_memory`: freed tensors are reused, not faulted in
+afresh); `--glibc-defaults` times with glibc's defaults instead. OpenMP threads sleep instead of spinning while
 they wait (OMP_WAIT_POLICY=PASSIVE, unless set otherwise), so that waiting does not count as CPU time either.
 
 Memory: one fresh subprocess per method and batch size builds the model (and explainer), makes one warm-up
@@ -44,6 +46,7 @@ from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from smadlrp.core.memory import reuse_freed_memory  # noqa: E402
 from smadlrp.lrp import Explainer  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -192,12 +195,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="time with glibc's default heap thresholds instead of the CLI's (reuse_freed_memory)")
     parser.add_argument("--memory-child", metavar="METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.arch, args.memory_child, args.batch[0], args.size, args.threads)
         return
     torch.set_num_threads(args.threads)
+    if not args.glibc_defaults:
+        reuse_freed_memory()  # as the CLI runs
     model = build_model(args.arch, args.device)
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)

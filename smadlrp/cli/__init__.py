@@ -10,6 +10,7 @@ import typer
 from smadlrp import __version__
 from smadlrp.cli.common import state
 from smadlrp.cli.help_style import SmadlrpGroup
+from smadlrp.core.memory import reuse_freed_memory
 
 app = typer.Typer(
     name="smadlrp",
@@ -42,6 +43,7 @@ def main_options(
     ] = None,
 ) -> None:
     """Options that apply to every command (put them before the command name)."""
+    reuse_freed_memory()
     state.verbose = verbose
     state.debug = debug
     state.config_path = config
