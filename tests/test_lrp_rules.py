@@ -226,6 +226,24 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
+def assert_matches_reference(key: str, params: dict[str, Any], layer: nn.Module, x: Tensor, relu: bool = False) -> None:
+    """The relevance the engine gives the input `x` (B, ...) of `layer` (followed by a ReLU with `relu`) for a
+    random relevance at the output equals the dense reference's, image by image."""
+    x = x.clone().requires_grad_(True)
+    after = [nn.ReLU(), nn.Flatten()] if relu else [nn.Flatten()]
+    y = convert(nn.Sequential(layer, *after))(x, explain=True, rule=key, **params)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad is not None
+    dense = Dense(layer, tuple(x.shape[1:]))
+    z = layer(x.detach()).flatten(1).double()
+    z = z.clamp(min=0) if relu else z
+    expected = torch.stack([
+        reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(len(x))
+    ])
+    torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize(("key", "sign"), CASES)
 def test_rule_matches_dense_reference(key: str, geometry: str, sign: str) -> None:
@@ -241,22 +259,7 @@ def test_rule_matches_dense_reference(key: str, geometry: str, sign: str) -> Non
             x = (torch.rand(2, *in_shape) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
     if sign == "nonnegative":
         x = x.abs()
-    params = _params(key, layer, in_shape[0])
-    lrp_model = convert(nn.Sequential(layer, nn.Flatten()))
-    x.requires_grad_(True)
-    y = lrp_model(x, explain=True, rule=key, **params)
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert x.grad is not None
-
-    dense = Dense(layer, in_shape)
-    z = layer(x.detach()).flatten(1).double()
-    expected = torch.stack(
-        [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
-    )
-    got = x.grad.flatten(1).double()
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert_matches_reference(key, _params(key, layer, in_shape[0]), layer, x)
 
 
 @pytest.mark.parametrize("geometry", ["linear", "conv1x1-stride2", "conv3x3-groups2"])
@@ -269,18 +272,8 @@ def test_rule_before_a_relu_matches_dense_reference(key: str, sign: str, geometr
     layer = GEOMETRIES[geometry]()
     in_shape = (7,) if isinstance(layer, nn.Linear) else (layer.in_channels, 6, 6)  # type: ignore[attr-defined]
     x = torch.randn(2, *in_shape)
-    x = (x.abs() if sign == "nonnegative" else x).requires_grad_(True)
-    params = _params(key, layer, in_shape[0])
-    y = convert(nn.Sequential(layer, nn.ReLU(), nn.Flatten()))(x, explain=True, rule=key, **params)
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert x.grad is not None
-    dense = Dense(layer, in_shape)
-    z = layer(x.detach()).flatten(1).double().clamp(min=0)
-    expected = torch.stack(
-        [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
-    )
-    torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    x = x.abs() if sign == "nonnegative" else x
+    assert_matches_reference(key, _params(key, layer, in_shape[0]), layer, x, relu=True)
 
 
 @pytest.mark.parametrize("key", ["alpha1beta0", "alpha2beta1"])
@@ -407,18 +400,8 @@ def test_gamma_zero_matches_dense_reference(key: str, geometry: str) -> None:
     torch.manual_seed(zlib.crc32(f"{key}/{geometry}/zero".encode()))
     layer = GEOMETRIES[geometry]()
     in_shape = (7,) if isinstance(layer, nn.Linear) else (layer.in_channels, 6, 6)  # type: ignore[attr-defined]
-    x = torch.randn(2, *in_shape, requires_grad=True)
     params = {"gamma": 0.0, **({"epsilon": 0.2} if key == "gamma+epsilon" else {})}
-    y = convert(nn.Sequential(layer, nn.Flatten()))(x, explain=True, rule=key, **params)
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert x.grad is not None
-    dense = Dense(layer, in_shape)
-    z = layer(x.detach()).flatten(1).double()
-    expected = torch.stack(
-        [reference(key, params, dense, x[i].detach().flatten().double(), g[i].double() * z[i]) for i in range(2)]
-    )
-    torch.testing.assert_close(x.grad.flatten(1).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert_matches_reference(key, params, layer, torch.randn(2, *in_shape))
 
 
 @pytest.mark.parametrize("sign", ["mixed", "nonnegative"])
