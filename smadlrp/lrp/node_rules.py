@@ -82,7 +82,7 @@ class SumFunction(torch.autograd.Function):
         y = a + b
         # With a constant b (a bias, an attention mask) a is y - b: keep the constant, not a tensor of y's size.
         ctx.a_shape = a.shape if not (absolute or ctx.needs_input_grad[1]) else None
-        ctx.save_for_backward(*(() if ctx.a_shape else (a,)), b, alias(y))
+        ctx.save_for_backward(*(() if ctx.a_shape is not None else (a,)), b, alias(y))
         ctx.absolute = absolute
         return y
 
