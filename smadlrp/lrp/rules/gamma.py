@@ -40,6 +40,10 @@ class Gamma(Rule):
     def needs_output(self, nonnegative_input: bool) -> bool:
         return True
 
+    def _abs_scale(self) -> float:
+        """k = gamma / (2 + gamma), the scale of |W| once the denominator is divided by 1 + gamma/2."""
+        return self.gamma / (2.0 + self.gamma)
+
     def relevance(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         a, z, eps, gamma = state.a, state.z, self._denominator_epsilon(), self.gamma
         assert z is not None
@@ -55,7 +59,7 @@ class Gamma(Rule):
         a_abs = a.abs()
         if state.rectified and op.stackable:  # (the first layer): one product of twice the width each way
             return self._share_stacked(op, w, a, a_abs, r, eps)
-        k = gamma / (2.0 + gamma)
+        k = self._abs_scale()
         w_abs = modified(w, "w_abs_k", lambda: w["weight"].abs().mul_(k), op, a)
         b_abs = cached(w, "b_abs_k", lambda: w["bias"].abs().mul_(k)) if "bias" in w else None
         d = op.forward(a_abs, w_abs, b_abs).add_(z)
@@ -92,7 +96,7 @@ class Gamma(Rule):
         """`_share_signed` before a ReLU (s = t) with [a, |a|] stacked against [W, k |W|]: the denominator (the
         rho bias, b + k |b|, included) in one convolution and the relevance in one vjp, of twice the width; on a
         layer with three input channels that costs about what one of the plain width costs."""
-        k = self.gamma / (2.0 + self.gamma)
+        k = self._abs_scale()
         both = cached(w, "w_signed", lambda: torch.cat([w["weight"], w["weight"].abs().mul_(k)], 1))
         bias = cached(w, "b_signed", lambda: w["bias"].abs().mul_(k).add_(w["bias"])) if "bias" in w else None
         x = torch.cat([a, a_abs], op.channel_dim)
