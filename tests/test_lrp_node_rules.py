@@ -25,7 +25,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 import smadlrp.lrp as lrp
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp.attention import ExplicitMultiheadAttention, ExplicitWindowAttention
-from smadlrp.lrp.node_rules import ProductFunction, SoftmaxFunction, SumFunction
+from smadlrp.lrp.node_rules import ProductFunction, Recomputed, SoftmaxFunction, SumFunction
 from smadlrp.lrp.op_kinds import OP_KINDS, NodeCall, NodePlan
 from smadlrp.lrp.tracing import LeafModule
 from smadlrp.lrp.window_ops import window_partition, window_reverse
@@ -205,7 +205,7 @@ def test_softmax_masked_logit_gets_zero() -> None:
     logits = torch.randn(2, 5, dtype=F64)
     logits[0, 1] = logits[1, 4] = -math.inf
     x = logits.requires_grad_(True)
-    s = SoftmaxFunction.apply(x, lambda t: torch.softmax(t, -1), -1)
+    s = SoftmaxFunction.apply(x, Recomputed(lambda t: torch.softmax(t, -1)), -1)
     assert s[0, 1] == 0 and s[1, 4] == 0
     r = s.detach() * torch.randn(2, 5, dtype=F64)  # relevance arriving at a tensor is s * c: 0 where s is
     (r_x,) = relevance_at(s, [x], r)
@@ -305,10 +305,17 @@ def test_product_rule_constant_operand_takes_nothing(constant: str, matmul: bool
 def test_attention_probabilities_are_recomputed_not_kept() -> None:
     """AttnLRP on A = softmax(x), z = A @ v: once A @ v has run, nothing keeps A alive (not the product's rule,
     not the call it came from): the product's backward computes A again from the logits the softmax keeps, and
-    the relevance is the rules' (uniform rule on A @ v, then x (R_A - A sum R_A))."""
+    the relevance is the rules' (uniform rule on A @ v, then x (R_A - A sum R_A)). A is computed once in the
+    backward pass: the product's rule hands it on to the softmax's."""
     torch.manual_seed(10)
     x, v = leaf(2, 4, 4), leaf(2, 4, 3)
-    a = apply_kind("softmax", F.softmax, (x,), {"dim": -1}, attention="attnlrp")
+    calls = []
+
+    def softmax(t: Tensor, dim: int) -> Tensor:
+        calls.append(dim)
+        return F.softmax(t, dim)
+
+    a = apply_kind("softmax", softmax, (x,), {"dim": -1}, attention="attnlrp")
     z = apply_kind("product", torch.matmul, (a, v), carrying=(0, 1), attention="attnlrp")
     kept = weakref.ref(a)
     del a
@@ -320,6 +327,7 @@ def test_attention_probabilities_are_recomputed_not_kept() -> None:
     r_a = 0.5 * a_ref * (s @ v.detach().mT)
     close(r_v, 0.5 * v.detach() * (a_ref.mT @ s))
     close(r_x, x.detach() * (r_a - a_ref * r_a.sum(-1, keepdim=True)))
+    assert len(calls) == 2  # the forward pass and one recomputation
 
 
 # --- 4. sums with a constant term (positional embeddings) ---------------------------------------------------------
@@ -665,3 +673,18 @@ def test_register_op_for_a_plain_user_module() -> None:
     torch.manual_seed(16)
     model = ConvAct(MyAct()).double().eval()
     _refused_then_explained(model, torch.randn(2, 1, 5, 5, dtype=F64), "act")
+
+
+# --- 8. signals handed on between rules ---------------------------------------------------------------------------
+
+
+def test_signal_is_refused_after_an_in_place_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LayerNorm -> in-place ReLU -> Linear: the ReLU overwrites the norm's output y, so the Linear's signal is one
+    of relu(y), and the norm must divide by y instead of taking it: the relevance is that of no signals at all."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(5, 4, dtype=F64)
+    with_signals = lrp.explain(model, x, "epsilon")
+    for module in ("layers", "node_rules"):
+        monkeypatch.setattr(f"smadlrp.lrp.{module}.slot_of", lambda t: None)
+    close(with_signals, lrp.explain(model, x, "epsilon"))

@@ -14,6 +14,7 @@ from linearised import linearised
 from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
+import smadlrp.lrp.signals as signals
 from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
 
@@ -149,9 +150,10 @@ def test_attnlrp_shares_relevance_through_queries_and_keys() -> None:
 def test_recomputing_instead_of_keeping_changes_no_relevance(
     name: str, rule: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An MLP's second layer recomputes its input from the first layer's output (GELU between them), and
-    AttnLRP's A @ v recomputes A from the logits its softmax keeps: the relevance equals that of keeping both
-    (to float64 rounding), and the layers that recompute are the ones expected."""
+    """An MLP's second layer recomputes its input from the first layer's output (GELU between them), a layer
+    after a norm from the norm's input, and AttnLRP's A @ v recomputes A from the logits its softmax keeps: the
+    relevance equals that of keeping them (to float64 rounding), and the layers that recompute are the ones
+    expected: per ViT block q, k, v and the MLP's two layers; per ConvNeXt block the MLP's two layers."""
     model = build(name, 32).double()
     x = images(32).double()
     kept_tensors = []
@@ -166,7 +168,7 @@ def test_recomputing_instead_of_keeping_changes_no_relevance(
     kept_recomputing = sum(t.numel() for t in {t.untyped_storage().data_ptr(): t for t in kept_tensors}.values())
     recomputing = [m for m in lrp.Explainer(model, rule).lrp.modules()
                    if getattr(m, "_lrp_input_recompute", False)]
-    assert len(recomputing) == {"vit_b_16": 12, "convnext_tiny": 18}[name]  # one per MLP block
+    assert len(recomputing) == {"vit_b_16": 12 * 5, "convnext_tiny": 18 * 2}[name]
 
     kept_tensors.clear()
     monkeypatch.setattr("smadlrp.lrp.layers.mark_recomputable", lambda y, source, f: y)
@@ -175,6 +177,36 @@ def test_recomputing_instead_of_keeping_changes_no_relevance(
     kept_keeping = sum(t.numel() for t in {t.untyped_storage().data_ptr(): t for t in kept_tensors}.values())
     assert relative_l2(recomputed.relevance, kept.relevance) <= 1e-12
     assert kept_recomputing < kept_keeping  # less is kept
+
+
+@pytest.mark.parametrize(("name", "rule"), [("vit_b_16", "epsilon"), ("swin_t", "epsilon"),
+                                          ("swin_t", "gamma-transformer"), ("convnext_tiny", "epsilon"),
+                                          ("resnet18", "zero")])
+def test_signals_handed_on_change_no_relevance(name: str, rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that divides by its output takes the signal the next rule left instead (`lrp.signals`): the
+    relevance equals that of dividing (float64), with signals taken where an output has one reader (a norm before
+    a layer, q k^T before its bias, the bias before the softmax) and refused where it has several (ViT's norm before
+    q, k and v) or was changed in place (ResNet's ReLU after a sum)."""
+    model = (build(name, 32) if name != "resnet18" else
+             torchvision.models.get_model(name, weights=None, num_classes=3).eval()).double()
+    x = images(32).double()
+    outcomes: list[bool] = []
+    take = signals.SignalSlot.take
+
+    def counting(slot: signals.SignalSlot, relevance: Tensor) -> Tensor | None:
+        signal = take(slot, relevance)
+        outcomes.append(signal is not None)
+        return signal
+
+    monkeypatch.setattr(signals.SignalSlot, "take", counting)
+    handed = lrp.Explainer(model, rule, attention="attnlrp").explain(x)
+    assert (name == "resnet18" or any(outcomes)) and not all(outcomes)  # ResNet's sums all feed in-place ReLUs
+    for module in ("layers", "node_rules"):
+        monkeypatch.setattr(f"smadlrp.lrp.{module}.slot_of", lambda t: None)
+    outcomes.clear()
+    divided = lrp.Explainer(model, rule, attention="attnlrp").explain(x)
+    assert not any(outcomes)
+    assert relative_l2(handed.relevance, divided.relevance) <= 1e-12
 
 
 def test_float64_model_gives_float64_relevance_equal_to_gradient_times_input() -> None:

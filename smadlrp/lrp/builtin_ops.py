@@ -39,6 +39,7 @@ from smadlrp.lrp.node_rules import (
     PassFunction,
     PoolFunction,
     ProductFunction,
+    Recomputed,
     SoftmaxFunction,
     SumFunction,
     mark_recomputable,
@@ -135,7 +136,14 @@ def _gate_signal(call: NodeCall) -> Tensor:
 
 
 def _norm(call: NodeCall) -> Tensor:
-    return NormFunction.apply(call.operand(), lambda t: freeze(call, t))  # type: ignore[no-any-return]
+    bare = call.without_operands()
+
+    def recompute(t: Tensor) -> Tensor:
+        return freeze(bare, t)[0]
+
+    x = call.operand()
+    y = NormFunction.apply(x, lambda t: freeze(call, t), recompute)
+    return mark_recomputable(y, x, recompute)  # the layers that read y keep x, which the norm keeps
 
 
 def _norm_signal(call: NodeCall) -> Tensor:
@@ -151,7 +159,7 @@ def _softmax(call: NodeCall) -> Tensor:
         return call.call_with(call.operand()).detach()  # type: ignore[no-any-return]
     x = call.operand()
     plain = call.plain if isinstance(call.plain, nn.Module) else None
-    softmax = call.operation()
+    softmax = Recomputed(call.operation())
     s = SoftmaxFunction.apply(x, softmax, _softmax_dim(plain, call.args, call.kwargs))
     return mark_recomputable(s, x, softmax)  # the products that use s keep x, which the softmax keeps
 

@@ -184,7 +184,7 @@ def build_lrp_model(model: nn.Module, share_weights: bool) -> LRPModel:
     plan, modules = planned.nodes, dict(root.named_modules())
     projections = _attention_projections(graph, plan)
     recomputed = _recomputed_activations(graph, plan, modules)
-    recomputing = {name for names in recomputed.values() for name in names}
+    recomputing = {name for names in recomputed.values() for name in names} | _norm_readers(graph, plan, modules)
     switch = Switch()
     explained: dict[str, LRPConv2d | LRPLinear] = {}
     taps, nodes, terms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -273,49 +273,63 @@ def _attention_projections(graph: fx.Graph, plan: Mapping[str, NodePlan]) -> set
     return {n.name for n in layers if reaches(n, True) or reaches(n, False)}
 
 
+def _module(node: fx.Node, modules: Mapping[str, nn.Module]) -> nn.Module | None:
+    return modules.get(str(node.target)) if node.op == "call_module" else None
+
+
+def _plain_layer(node: fx.Node, plan: Mapping[str, NodePlan], modules: Mapping[str, nn.Module]) -> bool:
+    """A Conv2d (zero padding) or Linear layer node that carries relevance."""
+    m = _module(node, modules)
+    if isinstance(m, nn.Conv2d):
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str) and node.name in plan
+    return isinstance(m, nn.Linear) and node.name in plan
+
+
+def _layers_after(node: fx.Node, plan: Mapping[str, NodePlan], modules: Mapping[str, nn.Module]) -> list[str]:
+    """The layer nodes reading `node`'s output as their input (through eval-mode Dropout or Identity), when
+    nothing else reads it; [] otherwise."""
+    found: list[str] = []
+    for user in node.users:
+        if isinstance(_module(user, modules), (nn.Dropout, nn.Identity)):  # eval mode: the same tensor passes
+            below = _layers_after(user, plan, modules)
+            if not below:
+                return []
+            found += below
+        elif _plain_layer(user, plan, modules) and user.args[0] is node:
+            found.append(user.name)
+        else:
+            return []
+    return found
+
+
 def _recomputed_activations(graph: fx.Graph, plan: Mapping[str, NodePlan], modules: Mapping[str, nn.Module]
                             ) -> dict[str, list[str]]:
     """The activations between layers, `layer -> activation [-> Dropout] -> layers` (the MLP of a ViT, Swin or
     ConvNeXt), whose output the layers after them (listed by node name) compute again from the layer before's
     output instead of keeping it: that layer then keeps its own output, which it would otherwise compute again
     (a product costs more than an activation)."""
-
-    def module(node: fx.Node) -> nn.Module | None:
-        return modules.get(str(node.target)) if node.op == "call_module" else None
-
-    def plain_layer(node: fx.Node) -> bool:
-        m = module(node)
-        if isinstance(m, nn.Conv2d):
-            return m.padding_mode == "zeros" and not isinstance(m.padding, str) and node.name in plan
-        return isinstance(m, nn.Linear) and node.name in plan
-
-    def layers_after(node: fx.Node) -> list[str] | None:
-        found: list[str] = []
-        for user in node.users:
-            if isinstance(module(user), (nn.Dropout, nn.Identity)):  # eval mode: the same tensor passes
-                below = layers_after(user)
-                if below is None:
-                    return None
-                found += below
-            elif plain_layer(user) and user.args[0] is node:
-                found.append(user.name)
-            else:
-                return None
-        return found or None
-
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     chains: dict[str, list[str]] = {}
     for node in graph.nodes:
         if node.name not in plan or plan[node.name].kind != "activation" or len(node.args) != 1:
             continue
-        if getattr(module(node), "inplace", False) or node.kwargs.get("inplace") or calls[str(node.target)] > 1:
+        inplace = getattr(_module(node, modules), "inplace", False) or node.kwargs.get("inplace")
+        if inplace or calls[str(node.target)] > 1:
             continue
         (source,) = node.args
-        if isinstance(source, fx.Node) and plain_layer(source) and list(source.users) == [node]:
-            after = layers_after(node)
+        if isinstance(source, fx.Node) and _plain_layer(source, plan, modules) and list(source.users) == [node]:
+            after = _layers_after(node, plan, modules)
             if after:
                 chains[node.name] = after
     return chains
+
+
+def _norm_readers(graph: fx.Graph, plan: Mapping[str, NodePlan], modules: Mapping[str, nn.Module]) -> set[str]:
+    """The layers that read a normalisation's output and nothing else does (a transformer's norm before its
+    attention projections or MLP): they compute their input again from the norm's input, which the norm keeps
+    (see `builtin_ops`), instead of keeping it."""
+    norms = (n for n in graph.nodes if n.name in plan and plan[n.name].kind == "norm")
+    return {name for n in norms for name in _layers_after(n, plan, modules)}
 
 
 def _feeds_a_copy(node: fx.Node, plan: Mapping[str, NodePlan]) -> bool:

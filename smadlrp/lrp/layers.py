@@ -24,6 +24,7 @@ from smadlrp.lrp.node_rules import alias, mark_recomputable, recomputable
 from smadlrp.lrp.op_kinds import NodeCall, NodePlan, OpKind
 from smadlrp.lrp.ops import ConvOp, DenseOp, LayerOp, LayerState, Prepared
 from smadlrp.lrp.rules import Rule
+from smadlrp.lrp.signals import slot_of
 from smadlrp.lrp.trace import relevance_hook
 from smadlrp.lrp.tracing import LeafModule
 
@@ -95,6 +96,7 @@ class _RuleFunction(torch.autograd.Function):
             ctx.save_for_backward(kept)
         ctx.op, ctx.rule, ctx.prepared, ctx.a_nonnegative, ctx.rectified = op, rule, prepared, a_nonnegative, rectified
         ctx.recompute = needs_output and recompute
+        ctx.slot = slot_of(a)
         return z
 
     @staticmethod
@@ -105,7 +107,7 @@ class _RuleFunction(torch.autograd.Function):
                 a = ctx.input_from(a)
             if ctx.recompute:
                 z = [ctx.op.forward(a, ctx.prepared["weight"], ctx.prepared.get("bias"))]
-            state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified)
+            state = LayerState(a, z[0] if z else None, ctx.a_nonnegative, ctx.rectified, ctx.slot)
             relevance = ctx.rule.relevance(ctx.op, ctx.prepared, state, r.to(a.dtype))
         return relevance, None, None, None, None, None, None, None
 

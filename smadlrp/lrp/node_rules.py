@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from smadlrp.lrp.ops import stabilized_divide
+from smadlrp.lrp.signals import SignalSlot, open_slot, slot_of, taken
 
 
 def alias(t: Tensor) -> Tensor:
@@ -50,6 +51,25 @@ def mark_recomputable(y: Tensor, source: Tensor, f: Callable[[Tensor], Tensor]) 
     (`recomputable`), instead of keeping a second tensor of the same size."""
     y._lrp_source = (source, f)  # type: ignore[attr-defined]
     return y
+
+
+class Recomputed:
+    """`f` for a tensor that rules compute again in the backward pass, remembering its last result until one
+    taker (`take`) asks for it: attention probabilities computed again by their product's rule are handed on to
+    the softmax's rule, which runs next, instead of being computed a third time."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
+        self.f = f
+        self.last: Tensor | None = None
+
+    def __call__(self, source: Tensor) -> Tensor:
+        self.last = self.f(source)
+        return self.last
+
+    def take(self, source: Tensor) -> Tensor:
+        """The last result (forgotten now), or `f(source)` when there is none."""
+        last, self.last = self.last, None
+        return self.f(source) if last is None else last
 
 
 def recomputable(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
@@ -75,32 +95,56 @@ def _vjp(
 class SumFunction(torch.autograd.Function):
     """`y = a + b` with the z-rule, `R_a = a / y R` and `R_b = b / y R`, or with `absolute` the absolute split
     `R_a = |a| / (|a| + |b|) R` (Otsuki et al., ECCV 2024), which hands each term a share of R's sign;
-    summed back over broadcast dims."""
+    summed back over broadcast dims.
+
+    With a constant b (a bias, an attention mask) the z-rule keeps b and y, and `a = y - b`; otherwise a, b and y
+    (`R_b = R - R_a` would save keeping b, but loses b's share where it is small next to a's).
+    """
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor, absolute: bool = False) -> Tensor:  # type: ignore[override]
         y = a + b
-        # With a constant b (a bias, an attention mask) a is y - b: keep the constant, not a tensor of y's size.
-        ctx.a_shape = a.shape if not (absolute or ctx.needs_input_grad[1]) else None
-        ctx.save_for_backward(*(() if ctx.a_shape is not None else (a,)), b, alias(y))
-        ctx.absolute = absolute
+        ctx.absolute, ctx.shapes = absolute, (a.shape, b.shape)
+        if absolute:
+            ctx.save_for_backward(a, b)
+            return y
+        ctx.constant_b = not ctx.needs_input_grad[1]
+        kept = (b,) if ctx.constant_b else (a, b)
+        ctx.save_for_backward(*kept, alias(y))
+        ctx.slot = open_slot(y)
+        ctx.slots = tuple(slot_of(t) if t.shape == y.shape else None for t in (a, b))  # R_t = t s: s goes on
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if ctx.a_shape is not None:
-            b, y = ctx.saved_tensors
-            return stabilized_divide(r, y, 0.0).mul_(y - b).sum_to_size(ctx.a_shape), None, None
-        a, b, y = ctx.saved_tensors
+        (a_shape, b_shape), (need_a, need_b, _) = ctx.shapes, ctx.needs_input_grad
         if ctx.absolute:
-            a, b = a.abs(), b.abs()
+            a, b = (t.abs() for t in ctx.saved_tensors)
             s = stabilized_divide(r, a + b, 0.0, nonnegative=True, overwrite=True)
-        else:
-            s = stabilized_divide(r, y, 0.0)
-        need_a, need_b, _ = ctx.needs_input_grad
-        r_a = (a * s).sum_to_size(a.shape) if need_a else None
-        r_b = s.mul_(b).sum_to_size(b.shape) if need_b else None  # s is ours: the last product takes it
+            r_a = (a * s).sum_to_size(a_shape) if need_a else None
+            return r_a, s.mul_(b).sum_to_size(b_shape) if need_b else None, None
+        *kept, y = ctx.saved_tensors
+        slot_a, slot_b = ctx.slots
+        signal = taken(ctx.slot, r)
+        ours = signal is None and slot_a is None and slot_b is None  # s is a temporary that R_b may take
+        s = stabilized_divide(r, y, 0.0) if signal is None else signal
+        if ctx.constant_b:  # a = y - b, a temporary
+            return _offered(slot_a, (y - kept[0]).mul_(s), s).sum_to_size(a_shape), None, None
+        a, b = kept
+        r_a = _offered(slot_a, a * s, s).sum_to_size(a_shape) if need_a else None
+        r_b = (s.mul_(b) if ours else _offered(slot_b, b * s, s)).sum_to_size(b_shape) if need_b else None
         return r_a, r_b, None
+
+
+def _output_signal(slot: SignalSlot | None, r: Tensor, y: Tensor) -> Tensor:
+    """`R / y` (0 where y is), read-only: the signal the next node's rule left in `slot`, or the division."""
+    c = taken(slot, r)
+    return stabilized_divide(r, y, 0.0) if c is None else c
+
+
+def _offered(slot: SignalSlot | None, relevance: Tensor, signal: Tensor) -> Tensor:
+    """`relevance`, left in `slot` with its `signal` when there is a slot."""
+    return relevance if slot is None else slot.offer(relevance, signal)
 
 
 class AffineFunction(torch.autograd.Function):
@@ -111,13 +155,13 @@ class AffineFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
         y = torch.addcmul(shift, x, scale)
         ctx.save_for_backward(shift, alias(y))
+        ctx.slot = open_slot(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         shift, y = ctx.saved_tensors
-        s = stabilized_divide(r, y, 0.0)
-        return s.mul_(y - shift), None, None
+        return (y - shift).mul_(_output_signal(ctx.slot, r, y)), None, None
 
 
 class PoolFunction(torch.autograd.Function):
@@ -128,13 +172,14 @@ class PoolFunction(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
         y = pool(a)
         ctx.save_for_backward(a, alias(y))
-        ctx.pool = pool
+        ctx.pool, ctx.slot = pool, open_slot(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, y = ctx.saved_tensors
-        (c,) = _vjp(ctx.pool, (a,), (True,), lambda _: stabilized_divide(r, y, 0.0))
+        s = _output_signal(ctx.slot, r, y)
+        (c,) = _vjp(ctx.pool, (a,), (True,), lambda _: s)
         assert c is not None
         return c.mul_(a), None
 
@@ -171,38 +216,44 @@ class GateFunction(torch.autograd.Function):
 
 class NormFunction(torch.autograd.Function):
     """A normalisation with sigma constant, `y = C(x) * w / sigma + b` (`norms.FrozenNorm`):
-    `R_x = x * J^T (R / y)` with `J^T v = C(v * w / sigma)`."""
+    `R_x = x * J^T (R / y)` with `J^T v = C(v * w / sigma)`. y is not kept: the signal `R / y` comes from the
+    next rule (`lrp.signals`), or y is computed again (`norm`, the plain normalisation) for the division."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, freeze: Callable[[Tensor], tuple[Tensor, Any]]
+        ctx: Any, x: Tensor, freeze: Callable[[Tensor], tuple[Tensor, Any]], norm: Callable[[Tensor], Tensor]
     ) -> Tensor:
         y, frozen = freeze(x)
-        ctx.save_for_backward(x, alias(y))
-        ctx.frozen = frozen
+        ctx.save_for_backward(x)
+        ctx.frozen, ctx.norm, ctx.slot = frozen, norm, open_slot(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, y = ctx.saved_tensors
-        return ctx.frozen.vjp(stabilized_divide(r, y, 0.0), overwrite=True).mul_(x), None
+        (x,) = ctx.saved_tensors
+        c = taken(ctx.slot, r)
+        s = stabilized_divide(r, ctx.norm(x), 0.0, overwrite=True) if c is None else c
+        return ctx.frozen.vjp(s, overwrite=c is None).mul_(x), None, None
 
 
 class SoftmaxFunction(torch.autograd.Function):
     """`s = softmax(x)` over `dim` (through `f`) with AttnLRP's rule `R_x = x * J^T (R / s)`
-    `= x * (R - s * sum(R))`; masked logits (-inf) get 0. s is recomputed in the backward pass, not kept."""
+    `= x * (R - s * sum(R))`; masked logits (-inf) get 0. s is not kept: it is taken from the rule of the product
+    that computed it again (`Recomputed`), or computed again."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], dim: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, f: Recomputed, dim: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.f, ctx.dim = f, dim
-        return f(x)
+        ctx.f, ctx.dim, ctx.slot = f, dim, slot_of(x)
+        return f.f(x)
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        c = torch.addcmul(r, ctx.f(x), r.sum(ctx.dim, keepdim=True), value=-1.0)
-        return c.mul_(x).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), None, None  # -inf * 0 where masked
+        c = torch.addcmul(r, ctx.f.take(x), r.sum(ctx.dim, keepdim=True), value=-1.0)
+        r_x = c.mul_(x) if ctx.slot is None else torch.mul(c, x)
+        r_x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # -inf * 0 where masked
+        return _offered(ctx.slot, r_x, c), None, None
 
 
 class ProductFunction(torch.autograd.Function):
@@ -219,7 +270,9 @@ class ProductFunction(torch.autograd.Function):
         (u_kept, ctx.u_from), (v_kept, ctx.v_from) = recomputable(u), recomputable(v)
         ctx.save_for_backward(u_kept, v_kept)
         ctx.f, ctx.matmul = f, matmul and u.dim() >= 2 and v.dim() >= 2
-        return f(u, v)
+        z = f(u, v)
+        ctx.slot = open_slot(z)
+        return z
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -228,12 +281,18 @@ class ProductFunction(torch.autograd.Function):
         v = v if ctx.v_from is None else ctx.v_from(v)
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
+        s = taken(ctx.slot, r)
+        if s is not None and share != 1.0:
+            s = s * share
         if ctx.matmul:  # z = u @ v: J_u^T s = s v^T and J_v^T s = u^T s, without autograd
-            s = stabilized_divide(r, torch.matmul(u, v), 0.0, overwrite=True)
+            if s is None:
+                s = stabilized_divide(r, torch.matmul(u, v), 0.0, scale=share, overwrite=True)
             c_u = torch.matmul(s, v.mT).sum_to_size(u.shape) if wanted[0] else None
             c_v = torch.matmul(u.mT, s).sum_to_size(v.shape) if wanted[1] else None
         else:
-            c_u, c_v = _vjp(ctx.f, (u, v), wanted, lambda z: stabilized_divide(r, z, 0.0))
-        r_u = None if c_u is None else c_u.mul_(u).mul_(share)
-        r_v = None if c_v is None else c_v.mul_(v).mul_(share)
+            signal = s
+            c_u, c_v = _vjp(ctx.f, (u, v), wanted,
+                            lambda z: stabilized_divide(r, z, 0.0, scale=share) if signal is None else signal)
+        r_u = None if c_u is None else c_u.mul_(u)
+        r_v = None if c_v is None else c_v.mul_(v)
         return r_u, r_v, None, None

@@ -50,9 +50,10 @@ class FrozenNorm:
 
     def vjp(self, v: Tensor, overwrite: bool = False) -> Tensor:
         """`J^T v = C(v * rstd * weight)` (C is symmetric); `overwrite`: v is a temporary the result may take."""
-        if not overwrite or batched(v) or not v.is_contiguous():
+        if batched(v) or not v.is_contiguous():
             return self.centre(v * self.rstd * self.weight)
-        v.mul_(self.rstd).mul_(self.weight)
+        v = v.mul_(self.rstd) if overwrite else v * self.rstd
+        v.mul_(self.weight)
         if self.dims:
             g = v.view(v.shape[0], self.groups, -1) if self.groups else v
             g.sub_(g.mean(self.dims, keepdim=True))

@@ -15,6 +15,7 @@ returns True, False (not this kind) or the reason the node cannot be explained.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -75,6 +76,11 @@ class NodeCall:
         value = self.args[self.plan.carrying[k]]
         assert isinstance(value, Tensor)
         return value.to(self.dtype)
+
+    def without_operands(self) -> NodeCall:
+        """This call with None for its carrying operands: what a rule may keep to call `plain` again."""
+        args = tuple(None if i in self.plan.carrying else a for i, a in enumerate(self.args))
+        return dataclasses.replace(self, args=args)
 
     def call_with(self, *tensors: Tensor) -> Any:
         """The node's op with its carrying operands replaced by `tensors` (in order), other arguments as given;

@@ -11,10 +11,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from smadlrp.lrp.signals import SignalSlot
 
 # Weights a rule prepared for one layer: "weight" and "bias" (float32, the layer's own) plus the rule's own.
 Prepared = dict[str, Tensor]
@@ -184,13 +188,15 @@ class LayerState:
     `a`: the layer input (padded, for padding modes other than zeros). `z`: the layer output when the rule
     asked for it; a following in-place ReLU may have overwritten it with relu(z), which equals z wherever
     relevance arrives (elsewhere the relevance is 0). `a_nonnegative`: known from the layers before (None: not
-    known). `rectified`: the output goes straight into a ReLU, so no relevance arrives where z < 0.
+    known). `rectified`: the output goes straight into a ReLU, so no relevance arrives where z < 0. `slot`:
+    where a rule whose relevance is `a * c` may leave c for the node that computed `a` (see `lrp.signals`).
     """
 
     a: Tensor
     z: Tensor | None = None
     a_nonnegative: bool | None = None
     rectified: bool = False
+    slot: SignalSlot | None = None
 
     def input_nonnegative(self) -> bool:
         """Whether `a >= 0` everywhere (looked at once when not known)."""
@@ -202,8 +208,8 @@ class LayerState:
 def z_rule(op: LayerOp, weight: Tensor, state: LayerState, r: Tensor, epsilon: float) -> Tensor:
     """`R_in = a * W^T (r / (z + eps sign z))`, the LRP-0 / LRP-epsilon redistribution."""
     assert state.z is not None
-    s = stabilized_divide(r, state.z, epsilon)
-    return op.vjp(state.a, weight, s).mul_(state.a)
+    c = op.vjp(state.a, weight, stabilized_divide(r, state.z, epsilon))
+    return c.mul_(state.a) if state.slot is None else state.slot.offer(torch.mul(c, state.a), c)
 
 
 def cached(w: Prepared, key: str, make: Callable[[], Tensor]) -> Tensor:

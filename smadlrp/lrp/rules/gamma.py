@@ -65,14 +65,17 @@ class Gamma(Rule):
         d = op.forward(a_abs, w_abs, b_abs).add_(z)
         if state.rectified:  # after a ReLU no relevance arrives where z < 0: s = t
             t = stabilized_divide(r, d, eps, overwrite=True)
-            return self._share_signed(op, w["weight"], w_abs, a, a_abs, t, t)
+            return op.vjp(a, w["weight"], t).mul_(a).addcmul_(op.vjp(a, w_abs, t), a_abs)
         # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - (1 + gamma/2) d, of magnitude
         # (1 + gamma/2) (d - 2 min(z, 0)); s = t sign(z) = t + 2 t sign(min(z, 0)). Arithmetic on the sign
         # instead of a mask: a masked select is several times slower.
         low = z.clamp(max=0)
         t = stabilized_divide(r, d.sub_(low, alpha=2.0), eps, nonnegative=True, overwrite=True)
         s = torch.addcmul(t, low.sign_(), t, value=2.0, **({} if batched(t) else {"out": low}))  # low's memory
-        return self._share_signed(op, w["weight"], w_abs, a, a_abs, s, t)
+        del low
+        signed = op.vjp(a, w["weight"], s).mul_(a)
+        del s  # its memory goes back before the second product
+        return signed.addcmul_(op.vjp(a, w_abs, t), a_abs)
 
     def _share_nonnegative(self, op: LayerOp, w: Prepared, state: LayerState, r: Tensor) -> Tensor:
         """Inputs `a >= 0`: rho(w) = w + gamma w+ (and rho(b) = b + gamma b+) where z >= 0, and the denominator
@@ -93,9 +96,10 @@ class Gamma(Rule):
         return op.vjp(a, w_rho, t).add_(op.vjp(a, w["weight"], t_neg), alpha=2.0 + gamma).mul_(a)
 
     def _share_stacked(self, op: LayerOp, w: Prepared, a: Tensor, a_abs: Tensor, r: Tensor, eps: float) -> Tensor:
-        """`_share_signed` before a ReLU (s = t) with [a, |a|] stacked against [W, k |W|]: the denominator (the
-        rho bias, b + k |b|, included) in one convolution and the relevance in one vjp, of twice the width; on a
-        layer with three input channels that costs about what one of the plain width costs."""
+        """Inputs of both signs before a ReLU (s = t), `R = a W^T t + |a| (k |W|)^T t`, with [a, |a|] stacked
+        against [W, k |W|]: the denominator (the rho bias, b + k |b|, included) in one convolution and the
+        relevance in one vjp, of twice the width; on a layer with three input channels that costs about what one
+        of the plain width costs."""
         k = self._abs_scale()
         both = cached(w, "w_signed", lambda: torch.cat([w["weight"], w["weight"].abs().mul_(k)], 1))
         bias = cached(w, "b_signed", lambda: w["bias"].abs().mul_(k).add_(w["bias"])) if "bias" in w else None
@@ -103,12 +107,6 @@ class Gamma(Rule):
         t = stabilized_divide(r, op.forward(x, both, bias), eps, overwrite=True)
         first, second = op.vjp(x, both, t).mul_(x).chunk(2, op.channel_dim)
         return torch.add(first, second)
-
-    @staticmethod
-    def _share_signed(op: LayerOp, weight: Tensor, w_abs: Tensor, a: Tensor, a_abs: Tensor, s: Tensor, t: Tensor
-                      ) -> Tensor:
-        """Inputs of both signs: `R = a W^T s + |a| (k |W|)^T t` (see `relevance`), `w_abs` = k |W|."""
-        return op.vjp(a, weight, s).mul_(a).addcmul_(op.vjp(a, w_abs, t), a_abs)
 
 
 @register
