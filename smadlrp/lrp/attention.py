@@ -107,17 +107,19 @@ class ExplicitWindowAttention(nn.Module):
             self.register_buffer("logit_scale", scale.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        windows = window_partition(x, self.window, self.shift)
-        qkv = self.qkv(windows).reshape(windows.shape[0], windows.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        windows = window_partition(x, self.window, self.shift)  # (B * windows, N, C)
+        batch, (count, size, channels) = x.shape[0], windows.shape
+        # (B, windows, heads, N, head_dim) each, so that the bias and mask (windows, heads, N, N) add as one constant
+        qkv = self.qkv(windows).reshape(batch, count // batch, size, 3, self.heads, -1).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.cosine:
             scores = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.logit_scale
         else:
             scores = (q * self.logit_scale) @ k.transpose(-2, -1)
-        scores = scores + self.relative_position_bias
-        scores = scores + window_mask(x.shape, self.window, self.shift, self.relative_position_bias)
-        out = (F.softmax(scores, dim=-1) @ v).transpose(1, 2)
-        out = self.proj(out.reshape(windows.shape[0], windows.shape[1], -1))
+        scores = scores + (self.relative_position_bias + window_mask(x.shape, self.window, self.shift,
+                                                                     self.relative_position_bias))
+        out = (F.softmax(scores, dim=-1) @ v).transpose(2, 3)  # (B, windows, N, heads, head_dim)
+        out = self.proj(out.reshape(count, size, channels))
         return window_reverse(out, x.shape, self.window, self.shift)
 
 

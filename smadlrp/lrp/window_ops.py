@@ -46,9 +46,10 @@ def window_reverse(windows: Tensor, shape: torch.Size, window: list[int], shift:
 
 
 def window_mask(shape: torch.Size, window: list[int], shift: list[int], like: Tensor) -> Tensor:
-    """The additive attention mask of shifted windows, (B * windows, 1, N, N) in `like`'s dtype and device: -100
-    between positions that the cyclic shift brought together from different regions, else 0 (all 0 unshifted)."""
-    batch, height, width, _ = shape
+    """The additive attention mask of shifted windows, (windows, 1, N, N) in `like`'s dtype and device, the same
+    for every image: -100 between positions that the cyclic shift brought together from different regions, else 0
+    ((1, 1, N, N) zeros unshifted)."""
+    _, height, width, _ = shape
     padded_h, padded_w, effective = _geometry(height, width, window, shift)
     windows = (padded_h // window[0]) * (padded_w // window[1])
     size = window[0] * window[1]
@@ -66,7 +67,7 @@ def window_mask(shape: torch.Size, window: list[int], shift: list[int], like: Te
     regions = regions.permute(0, 2, 1, 3).reshape(windows, size)
     mask = regions.unsqueeze(1) - regions.unsqueeze(2)
     mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-    return mask.unsqueeze(1).repeat(batch, 1, 1, 1)
+    return mask.unsqueeze(1)
 
 
 STRUCTURAL_FUNCTIONS = (window_partition, window_reverse)
