@@ -137,10 +137,7 @@ def _gate_signal(call: NodeCall) -> Tensor:
 
 def _norm(call: NodeCall) -> Tensor:
     bare = call.without_operands()
-
-    def recompute(t: Tensor) -> Tensor:
-        return freeze(bare, t)[0]
-
+    recompute = Recomputed(lambda t: freeze(bare, t)[0])
     x = call.operand()
     y = NormFunction.apply(x, lambda t: freeze(call, t), recompute)
     return mark_recomputable(y, x, recompute)  # the layers that read y keep x, which the norm keeps

@@ -54,22 +54,28 @@ def mark_recomputable(y: Tensor, source: Tensor, f: Callable[[Tensor], Tensor]) 
 
 
 class Recomputed:
-    """`f` for a tensor that rules compute again in the backward pass, remembering its last result until one
-    taker (`take`) asks for it: attention probabilities computed again by their product's rule are handed on to
-    the softmax's rule, which runs next, instead of being computed a third time."""
+    """`f` for a node's output that the rules reading it compute again in the backward pass: computed once, then
+    remembered until the node's own rule takes it (`take`) or lets it go (`drop`). Attention probabilities
+    computed again by their product's rule go on to the softmax's rule; a norm's output computed again by the
+    layers reading it (q, k and v) is computed once for all of them, and for the norm's rule."""
 
     def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
         self.f = f
         self.last: Tensor | None = None
 
     def __call__(self, source: Tensor) -> Tensor:
-        self.last = self.f(source)
+        if self.last is None:
+            self.last = self.f(source)
         return self.last
 
     def take(self, source: Tensor) -> Tensor:
-        """The last result (forgotten now), or `f(source)` when there is none."""
+        """The result (forgotten now): remembered, or computed."""
         last, self.last = self.last, None
         return self.f(source) if last is None else last
+
+    def drop(self) -> None:
+        """Forget the result."""
+        self.last = None
 
 
 def recomputable(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
@@ -217,11 +223,11 @@ class GateFunction(torch.autograd.Function):
 class NormFunction(torch.autograd.Function):
     """A normalisation with sigma constant, `y = C(x) * w / sigma + b` (`norms.FrozenNorm`):
     `R_x = x * J^T (R / y)` with `J^T v = C(v * w / sigma)`. y is not kept: the signal `R / y` comes from the
-    next rule (`lrp.signals`), or y is computed again (`norm`, the plain normalisation) for the division."""
+    next rule (`lrp.signals`), or y is computed again (`norm`) for the division."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, freeze: Callable[[Tensor], tuple[Tensor, Any]], norm: Callable[[Tensor], Tensor]
+        ctx: Any, x: Tensor, freeze: Callable[[Tensor], tuple[Tensor, Any]], norm: Recomputed
     ) -> Tensor:
         y, frozen = freeze(x)
         ctx.save_for_backward(x)
@@ -232,7 +238,9 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         c = taken(ctx.slot, r)
-        s = stabilized_divide(r, ctx.norm(x), 0.0, overwrite=True) if c is None else c
+        if c is not None:
+            ctx.norm.drop()
+        s = stabilized_divide(r, ctx.norm.take(x), 0.0, overwrite=True) if c is None else c
         return ctx.frozen.vjp(s, overwrite=c is None).mul_(x), None, None
 
 

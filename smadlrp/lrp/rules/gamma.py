@@ -33,6 +33,8 @@ class Gamma(Rule):
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", as_non_negative(self.key, "gamma", self.gamma))
         object.__setattr__(self, "stabilizer", as_non_negative(self.key, "stabilizer", self.stabilizer))
+        # gamma = 0 is the z-rule, whatever the inputs' signs: no need to look at them
+        object.__setattr__(self, "sign_sensitive", self.gamma != 0.0)
 
     def _denominator_epsilon(self) -> float:
         return self.stabilizer
