@@ -238,9 +238,11 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         c = taken(ctx.slot, r)
-        if c is not None:
+        if c is None:  # y, as the layers reading it computed it again, or computed now: a temporary
+            s = stabilized_divide(r, ctx.norm.take(x), 0.0, overwrite=True)
+        else:
             ctx.norm.drop()
-        s = stabilized_divide(r, ctx.norm.take(x), 0.0, overwrite=True) if c is None else c
+            s = c
         return ctx.frozen.vjp(s, overwrite=c is None).mul_(x), None, None
 
 
