@@ -7,7 +7,9 @@ tests are skipped, with the reason in the summary, where that hardware, optional
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -16,12 +18,21 @@ import pytest
 import torch
 from PIL import Image
 
+from smadlrp.core.device import num_threads
 from smadlrp.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from smadlrp.detector.checkpoint import CheckpointMeta, save_checkpoint
 from smadlrp.detector.models import build_model
 
 # The test models are tiny: one thread is as fast and is not slowed down by other processes on a busy machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def spare_cores() -> Iterator[None]:
+    """Two torch threads for the tests of full-size models when pytest runs alone; one beside other pytest-xdist
+    workers (`make test`), where two threads per process on two shared cores run up to ten times slower."""
+    with num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2):
+        yield
 
 
 @cache

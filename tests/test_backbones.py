@@ -5,7 +5,6 @@ each library's own cache, and a missing extra said in one line."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from linearised import linearised
 from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
-from smadlrp.core.device import num_threads
 from smadlrp.core.errors import SmadlrpError, UsageError
 from smadlrp.detector.backbones import CLIP_MEAN, ClipClassifier
 from smadlrp.detector.models import build_model, get_architecture
@@ -28,10 +26,7 @@ BACKBONES = [("clip_vit_b_16", 32), ("timm/vit_small_patch14_dinov2", 42),
              pytest.param("timm/hrnet_w18", 64, marks=pytest.mark.sweep)]  # CNNs: conservation in make test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    with num_threads(2):
-        yield
+pytestmark = pytest.mark.usefixtures("spare_cores")
 
 
 def random_model(name: str, side: int, biases: bool = True) -> nn.Module:

@@ -5,7 +5,6 @@ their forward-pass values; tests/linearised.py) to 1e-10, at the smallest side t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from linearised import linearised
 from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
-from smadlrp.core.device import num_threads
 from smadlrp.detector.models import ARCHITECTURES
 
 TRANSFORMER_FAMILIES = ("vit_", "swin_", "maxvit_", "clip_vit_", "timm/vit_")
@@ -24,10 +22,7 @@ FAMILIES = {"vgg11_bn", "alexnet", "resnet50", "densenet121", "inception_v3", "g
             "shufflenet_v2_x0_5", "regnet_y_400mf", "regnet_x_400mf", "convnext_tiny", "vgg_compact"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    with num_threads(2):
-        yield
+pytestmark = pytest.mark.usefixtures("spare_cores")
 
 
 def random_float64(name: str, side: int) -> nn.Module:

@@ -4,7 +4,6 @@ softmax rule absorbs a measured share; a float64 model is explained in float64."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from torch import Tensor, nn
 
 import smadlrp.lrp as lrp
 import smadlrp.lrp.signals as signals
-from smadlrp.core.device import num_threads
 from smadlrp.core.errors import UsageError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -23,10 +21,7 @@ TRANSFORMERS = [("vit_b_16", 32), ("swin_t", 32), ("maxvit_t", 224), ("convnext_
 TERMS = ("class_token", "encoder.pos_embedding")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    with num_threads(2):
-        yield
+pytestmark = pytest.mark.usefixtures("spare_cores")
 
 
 def build(name: str, size: int, biases: bool = True) -> nn.Module:
