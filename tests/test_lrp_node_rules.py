@@ -688,3 +688,41 @@ def test_signal_is_refused_after_an_in_place_change(monkeypatch: pytest.MonkeyPa
     for module in ("layers", "node_rules"):
         monkeypatch.setattr(f"smadlrp.lrp.{module}.slot_of", lambda t: None)
     close(with_signals, lrp.explain(model, x, "epsilon"))
+
+
+class ProductRead(nn.Module):
+    """`z = a(x) @ b(x)^T`, read by a Linear after a transposition and a flattening (attention's `A @ v` before
+    its output projection), or, with `relu`, after an in-place ReLU on the flattened copy."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(9, 2)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.matmul(self.a(x), self.b(x).transpose(1, 2))  # (B, 3, 3)
+        flat = z.transpose(1, 2).flatten(1)
+        return self.out(flat.relu_() if self.relu else flat)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_signal_through_a_rearrangement(relu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Linear reads the product's output through a transposition and a copy, so autograd hands the product a
+    view of the relevance the Linear offered: the product takes the same view of the signal, and the relevance is
+    that of dividing (float64). After an in-place ReLU on the copy, nothing is taken."""
+    torch.manual_seed(13)
+    model, x = ProductRead(relu).double().eval(), torch.randn(6, 3, 4, dtype=F64)
+    outcomes: list[bool] = []
+    take = lrp.signals.SignalSlot.take
+
+    def counting(slot: lrp.signals.SignalSlot, relevance: Tensor) -> Tensor | None:
+        signal = take(slot, relevance)
+        outcomes.append(signal is not None)
+        return signal
+
+    monkeypatch.setattr(lrp.signals.SignalSlot, "take", counting)
+    with_signals = lrp.explain(model, x, "epsilon")
+    assert outcomes == [not relu]
+    for module in ("layers", "node_rules"):
+        monkeypatch.setattr(f"smadlrp.lrp.{module}.slot_of", lambda t: None)
+    close(with_signals, lrp.explain(model, x, "epsilon"), 1e-12)

@@ -117,7 +117,7 @@ class SumFunction(torch.autograd.Function):
         ctx.constant_b = not ctx.needs_input_grad[1]
         kept = (b,) if ctx.constant_b else (a, b)
         ctx.save_for_backward(*kept, alias(y))
-        ctx.slot = open_slot(y)
+        open_slot(ctx, y)
         ctx.slots = tuple(slot_of(t) if t.shape == y.shape else None for t in (a, b))  # R_t = t s: s goes on
         return y
 
@@ -131,7 +131,7 @@ class SumFunction(torch.autograd.Function):
             return r_a, s.mul_(b).sum_to_size(b_shape) if need_b else None, None
         *kept, y = ctx.saved_tensors
         slot_a, slot_b = ctx.slots
-        signal = taken(ctx.slot, r)
+        signal = taken(ctx.output_slot, r)
         ours = signal is None and slot_a is None and slot_b is None  # s is a temporary that R_b may take
         s = stabilized_divide(r, y, 0.0) if signal is None else signal
         if ctx.constant_b:  # a = y - b, a temporary
@@ -161,13 +161,13 @@ class AffineFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
         y = torch.addcmul(shift, x, scale)
         ctx.save_for_backward(shift, alias(y))
-        ctx.slot = open_slot(y)
+        open_slot(ctx, y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         shift, y = ctx.saved_tensors
-        return (y - shift).mul_(_output_signal(ctx.slot, r, y)), None, None
+        return (y - shift).mul_(_output_signal(ctx.output_slot, r, y)), None, None
 
 
 class PoolFunction(torch.autograd.Function):
@@ -178,13 +178,14 @@ class PoolFunction(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, pool: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
         y = pool(a)
         ctx.save_for_backward(a, alias(y))
-        ctx.pool, ctx.slot = pool, open_slot(y)
+        ctx.pool = pool
+        open_slot(ctx, y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, y = ctx.saved_tensors
-        s = _output_signal(ctx.slot, r, y)
+        s = _output_signal(ctx.output_slot, r, y)
         (c,) = _vjp(ctx.pool, (a,), (True,), lambda _: s)
         assert c is not None
         return c.mul_(a), None
@@ -231,13 +232,14 @@ class NormFunction(torch.autograd.Function):
     ) -> Tensor:
         y, frozen = freeze(x)
         ctx.save_for_backward(x)
-        ctx.frozen, ctx.norm, ctx.slot = frozen, norm, open_slot(y)
+        ctx.frozen, ctx.norm = frozen, norm
+        open_slot(ctx, y)
         return y
 
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        c = taken(ctx.slot, r)
+        c = taken(ctx.output_slot, r)
         if c is None:  # y, as the layers reading it computed it again, or computed now: a temporary
             s = stabilized_divide(r, ctx.norm.take(x), 0.0, overwrite=True)
         else:
@@ -281,7 +283,7 @@ class ProductFunction(torch.autograd.Function):
         ctx.save_for_backward(u_kept, v_kept)
         ctx.f, ctx.matmul = f, matmul and u.dim() >= 2 and v.dim() >= 2
         z = f(u, v)
-        ctx.slot = open_slot(z)
+        open_slot(ctx, z)
         return z
 
     @staticmethod
@@ -291,7 +293,7 @@ class ProductFunction(torch.autograd.Function):
         v = v if ctx.v_from is None else ctx.v_from(v)
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
-        s = taken(ctx.slot, r)
+        s = taken(ctx.output_slot, r)
         if s is not None and share != 1.0:
             s = s * share
         if ctx.matmul:  # z = u @ v: J_u^T s = s v^T and J_v^T s = u^T s, without autograd

@@ -27,7 +27,8 @@ def window_partition(x: Tensor, window: list[int], shift: list[int]) -> Tensor:
     by -shift, cut into windows in row-major order (batch-major)."""
     batch, height, width, channels = x.shape
     padded_h, padded_w, effective = _geometry(height, width, window, shift)
-    x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+    if (padded_h, padded_w) != (height, width):  # (a pad by 0 would copy, and hide a signal: `lrp.signals`)
+        x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
     if sum(effective) > 0:
         x = torch.roll(x, shifts=(-effective[0], -effective[1]), dims=(1, 2))
     x = x.view(batch, padded_h // window[0], window[0], padded_w // window[1], window[1], channels)
@@ -42,7 +43,7 @@ def window_reverse(windows: Tensor, shape: torch.Size, window: list[int], shift:
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, channels)
     if sum(effective) > 0:
         x = torch.roll(x, shifts=(effective[0], effective[1]), dims=(1, 2))
-    return x[:, :height, :width, :].contiguous()
+    return x if (padded_h, padded_w) == (height, width) else x[:, :height, :width, :].contiguous()
 
 
 def window_mask(shape: torch.Size, window: list[int], shift: list[int], like: Tensor) -> Tensor:
