@@ -294,8 +294,7 @@ class ProductFunction(torch.autograd.Function):
         wanted = tuple(ctx.needs_input_grad[:2])
         share = 0.5 if all(wanted) else 1.0
         s = taken(ctx.output_slot, r)
-        if s is not None and share != 1.0:
-            s = s * share
+        scale = 1.0 if s is None else share  # a signal taken: the share goes into the product by the operand
         if ctx.matmul:  # z = u @ v: J_u^T s = s v^T and J_v^T s = u^T s, without autograd
             if s is None:
                 s = stabilized_divide(r, torch.matmul(u, v), 0.0, scale=share, overwrite=True)
@@ -305,6 +304,11 @@ class ProductFunction(torch.autograd.Function):
             signal = s
             c_u, c_v = _vjp(ctx.f, (u, v), wanted,
                             lambda z: stabilized_divide(r, z, 0.0, scale=share) if signal is None else signal)
-        r_u = None if c_u is None else c_u.mul_(u)
-        r_v = None if c_v is None else c_v.mul_(v)
+        r_u = None if c_u is None else _scaled_product(c_u, u, scale)
+        r_v = None if c_v is None else _scaled_product(c_v, v, scale)
         return r_u, r_v, None, None
+
+
+def _scaled_product(c: Tensor, t: Tensor, scale: float) -> Tensor:
+    """`scale * c * t` in one pass (c is a temporary)."""
+    return c.mul_(t) if scale == 1.0 else torch.addcmul(c.new_zeros(()), c, t, value=scale)
