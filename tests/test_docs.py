@@ -111,8 +111,8 @@ class Block:
 
 
 def parse_marker(body: str, where: str, page_wide: bool) -> Directives:
-    """`substitute OLD => NEW; skip (REASON); figure KEY; figures A, B; fixtures PATH PATH` (page: fixtures,
-    substitute)."""
+    """`substitute OLD => NEW; skip (REASON); needs PROGRAM; figure KEY; figures A, B; fixtures PATH PATH`
+    (page: fixtures, substitute)."""
     found = Directives()
     for part in filter(None, (p.strip() for p in body.split(";"))):
         verb, _, rest = part.partition(" ")
@@ -122,6 +122,8 @@ def parse_marker(body: str, where: str, page_wide: bool) -> Directives:
             found.substitutions.append((old.strip(), new.strip()))
         elif verb == "skip" and not page_wide and re.fullmatch(r"\(.+\)", rest):
             found.skip = rest[1:-1]
+        elif verb == "needs" and not page_wide and rest:
+            found.skip = found.skip or (None if shutil.which(rest) else f"needs the program {rest} on PATH")
         elif verb in ("figure", "figures") and not page_wide and rest:
             found.figures += [key.strip() for key in rest.split(",")]
         elif verb == "fixtures" and page_wide and rest:
