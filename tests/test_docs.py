@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
@@ -111,7 +113,7 @@ class Block:
 
 
 def parse_marker(body: str, where: str, page_wide: bool) -> Directives:
-    """`substitute OLD => NEW; skip (REASON); needs PROGRAM; figure KEY; figures A, B; fixtures PATH PATH`
+    """`substitute OLD => NEW; skip (REASON); needs NAME; figure KEY; figures A, B; fixtures PATH PATH`
     (page: fixtures, substitute)."""
     found = Directives()
     for part in filter(None, (p.strip() for p in body.split(";"))):
@@ -123,7 +125,8 @@ def parse_marker(body: str, where: str, page_wide: bool) -> Directives:
         elif verb == "skip" and not page_wide and re.fullmatch(r"\(.+\)", rest):
             found.skip = rest[1:-1]
         elif verb == "needs" and not page_wide and rest:
-            found.skip = found.skip or (None if shutil.which(rest) else f"needs the program {rest} on PATH")
+            present = shutil.which(rest) or importlib.util.find_spec(rest)
+            found.skip = found.skip or (None if present else f"needs {rest} (a program on PATH or a Python module)")
         elif verb in ("figure", "figures") and not page_wide and rest:
             found.figures += [key.strip() for key in rest.split(",")]
         elif verb == "fixtures" and page_wide and rest:
@@ -200,11 +203,32 @@ def _tiny_state_dict(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-# The files a page can ask for with `<!-- docs-test page: fixtures PATH ... -->`, each made once per session.
+def portrait() -> Path:
+    """Grace Hopper's portrait (public domain, US Navy), as matplotlib ships it."""
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def _photographs(path: Path) -> None:
+    """A folder of two portraits (Grace Hopper; scikit-image's astronaut, NASA, public domain) and a picture of
+    sky without a face."""
+    path.mkdir()
+    shutil.copy2(portrait(), path / "grace.jpg")
+    spec = importlib.util.find_spec("skimage")
+    assert spec is not None and spec.submodule_search_locations, "scikit-image (dev extra) ships the astronaut"
+    shutil.copy2(Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png", path / "eileen.png")
+    sky = np.linspace([90, 140, 220], [200, 225, 250], 256).astype(np.uint8)
+    Image.fromarray(np.repeat(sky[:, None, :], 256, axis=1)).save(path / "sky.png")
+
+
+# The files and folders a page can ask for with `<!-- docs-test page: fixtures PATH ... -->`, each made once per
+# session.
 FIXTURES: dict[str, Callable[[Path], None]] = {
     "demo/run/best.safetensors": _tiny_checkpoint,
     "demo/patterns.safetensors": _tiny_patterns,
     "model_ft.pth": _tiny_state_dict,
+    "photos": _photographs,
 }
 
 
@@ -232,11 +256,12 @@ def fixture_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _placeholders(home: Path) -> dict[str, str]:
-    """Values a substitution can name: {data}, {morph} and {bonafide} (test images of the tiny set)."""
+    """Values a substitution can name: {data}, {morph} and {bonafide} (test images of the tiny set), {portrait}
+    (a photograph of a face)."""
     data = generator.default_dataset_dir()
     assert str(data).startswith(str(home))
     return {"data": str(data), "morph": str(sorted((data / "test" / "morph").glob("complete_*.png"))[0]),
-            "bonafide": str(sorted((data / "test" / "bonafide").glob("*.png"))[0])}
+            "bonafide": str(sorted((data / "test" / "bonafide").glob("*.png"))[0]), "portrait": str(portrait())}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -276,7 +301,10 @@ def _page_state(page: Path, tmp_root: Path, store: Path) -> PageState:
                 source.parent.mkdir(parents=True, exist_ok=True)
                 FIXTURES[name](source)
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, folder / name)
+            if source.is_dir():
+                shutil.copytree(source, folder / name)
+            else:
+                shutil.copy2(source, folder / name)
         STATES[page] = PageState(folder, {"__name__": "__main__"}, {})
     return STATES[page]
 
