@@ -64,17 +64,17 @@ class Gamma(Rule):
         k = self._abs_scale()
         w_abs = modified(w, "w_abs_k", lambda: w["weight"].abs().mul_(k), op, a)
         b_abs = cached(w, "b_abs_k", lambda: w["bias"].abs().mul_(k)) if "bias" in w else None
-        d = op.forward(a_abs, w_abs, b_abs).add_(z)
+        d = op.forward(a_abs, w_abs, b_abs)  # k (|a| |W| + |b|)
         if state.rectified:  # after a ReLU no relevance arrives where z < 0: s = t
-            t = stabilized_divide(r, d, eps, overwrite=True)
+            t = stabilized_divide(r, d.add_(z), eps, overwrite=True)
             return op.vjp(a, w["weight"], t).mul_(a).addcmul_(op.vjp(a, w_abs, t), a_abs)
-        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - (1 + gamma/2) d, of magnitude
-        # (1 + gamma/2) (d - 2 min(z, 0)); s = t sign(z) = t + 2 t sign(min(z, 0)). Arithmetic on the sign
-        # instead of a mask: a masked select is several times slower.
-        low = z.clamp(max=0)
-        t = stabilized_divide(r, d.sub_(low, alpha=2.0), eps, nonnegative=True, overwrite=True)
-        s = torch.addcmul(t, low.sign_(), t, value=2.0, **({} if batched(t) else {"out": low}))  # low's memory
-        del low
+        # Where z < 0 the denominator is z + gamma z- = (2 + gamma) z - (1 + gamma/2) (d + z), of magnitude
+        # (1 + gamma/2) (d + |z|); s = t sign(z), with sign(0) = +1. Arithmetic on the sign instead of a mask:
+        # a masked select is several times slower.
+        sign = torch.copysign(d.new_tensor(1.0), z)
+        t = stabilized_divide(r, d.addcmul_(z, sign), eps, nonnegative=True, overwrite=True)  # |z| = z sign(z)
+        s = sign * t if batched(t) else sign.mul_(t)
+        del sign
         signed = op.vjp(a, w["weight"], s).mul_(a)
         del s  # its memory goes back before the second product
         return signed.addcmul_(op.vjp(a, w_abs, t), a_abs)
