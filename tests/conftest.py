@@ -35,6 +35,22 @@ def spare_cores() -> Iterator[None]:
         yield
 
 
+def hopper_photo() -> Path:
+    """Grace Hopper's portrait (public domain, US Navy), as matplotlib ships it."""
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def astronaut_photo() -> Path:
+    """scikit-image's astronaut photograph (public domain, NASA), found through its package files without importing
+    it; the test is skipped without scikit-image (the dev extra)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-image (dev extra) provides the astronaut photograph")
+    return Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png"
+
+
 @cache
 def missing(marker: str) -> str | None:
     """Why the tests marked `marker` cannot run here, or None when they can."""

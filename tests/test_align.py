@@ -3,13 +3,13 @@ checkpoints, and `predict --align`. Needs the align extra (dlib-bin, face_recogn
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import astronaut_photo
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,10 +22,8 @@ runner = CliRunner()
 
 
 def astronaut() -> Image.Image:
-    """scikit-image's astronaut photograph (public domain, NASA), read from its package files without importing it."""
-    spec = importlib.util.find_spec("skimage")
-    assert spec is not None and spec.submodule_search_locations, "scikit-image (dev extra) provides the photograph"
-    return Image.open(Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png").convert("RGB")
+    """scikit-image's astronaut photograph (public domain, NASA)."""
+    return Image.open(astronaut_photo()).convert("RGB")
 
 
 @pytest.fixture(scope="module")

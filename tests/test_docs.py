@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import astronaut_photo, hopper_photo
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -203,21 +204,12 @@ def _tiny_state_dict(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-def portrait() -> Path:
-    """Grace Hopper's portrait (public domain, US Navy), as matplotlib ships it."""
-    from matplotlib import cbook
-
-    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-
-
 def _photographs(path: Path) -> None:
     """A folder of two portraits (Grace Hopper; scikit-image's astronaut, NASA, public domain) and a picture of
     sky without a face."""
     path.mkdir()
-    shutil.copy2(portrait(), path / "grace.jpg")
-    spec = importlib.util.find_spec("skimage")
-    assert spec is not None and spec.submodule_search_locations, "scikit-image (dev extra) ships the astronaut"
-    shutil.copy2(Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png", path / "eileen.png")
+    shutil.copy2(hopper_photo(), path / "grace.jpg")
+    shutil.copy2(astronaut_photo(), path / "eileen.png")
     sky = np.linspace([90, 140, 220], [200, 225, 250], 256).astype(np.uint8)
     Image.fromarray(np.repeat(sky[:, None, :], 256, axis=1)).save(path / "sky.png")
 
@@ -261,7 +253,7 @@ def _placeholders(home: Path) -> dict[str, str]:
     data = generator.default_dataset_dir()
     assert str(data).startswith(str(home))
     return {"data": str(data), "morph": str(sorted((data / "test" / "morph").glob("complete_*.png"))[0]),
-            "bonafide": str(sorted((data / "test" / "bonafide").glob("*.png"))[0]), "portrait": str(portrait())}
+            "bonafide": str(sorted((data / "test" / "bonafide").glob("*.png"))[0]), "portrait": str(hopper_photo())}
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from matplotlib import cbook
+from conftest import hopper_photo
 from PIL import Image
 
 from smadlrp.data.landmark_regions import region_map
@@ -17,7 +17,7 @@ def test_regions_of_a_real_face_lie_on_its_landmarks() -> None:
 
     from smadlrp.data.align import model_file
 
-    pixels = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    pixels = np.asarray(Image.open(hopper_photo()).convert("RGB"))
     box = dlib.get_frontal_face_detector()(pixels, 1)[0]
     shape = dlib.shape_predictor(str(model_file("shape_predictor_68_face_landmarks.dat")))(pixels, box)
     points = np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], dtype=np.float64)

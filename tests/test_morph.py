@@ -6,13 +6,13 @@ dlib's 68 landmarks on two real portraits."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import astronaut_photo, hopper_photo
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -468,14 +468,8 @@ def test_a_protocol_of_bona_fide_rows_is_an_input(photos: tuple[Path, Path], tmp
 
 
 def _portraits(folder: Path) -> None:
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:  # type: ignore[no-untyped-call]
-        Image.open(fh).convert("RGB").save(folder / "hopper.jpg", quality=95)
-    spec = importlib.util.find_spec("skimage")
-    assert spec is not None and spec.submodule_search_locations
-    Image.open(Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png").convert("RGB").save(
-        folder / "astronaut.png")
+    Image.open(hopper_photo()).convert("RGB").save(folder / "hopper.jpg", quality=95)
+    Image.open(astronaut_photo()).convert("RGB").save(folder / "astronaut.png")
     Image.new("RGB", (300, 200), (90, 140, 200)).save(folder / "sky.png")
 
 

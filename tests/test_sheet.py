@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import render_in_chromium
+from conftest import hopper_photo, render_in_chromium
 from typer.testing import CliRunner
 
 from smadlrp.cli import app
@@ -285,10 +285,8 @@ def test_sheet_options_need_a_sheet(tiny_checkpoint: Path, tiny_data: Path) -> N
 
 
 def _grace_hopper(folder: Path) -> Path:
-    from matplotlib import cbook
-
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), folder / "grace_hopper.jpg")
+    shutil.copy(hopper_photo(), folder / "grace_hopper.jpg")
     return folder / "grace_hopper.jpg"
 
 

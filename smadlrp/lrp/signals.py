@@ -71,12 +71,11 @@ _REARRANGING = frozenset({
 })
 
 
-def open_slot(ctx: Any, y: Tensor) -> SignalSlot:
-    """A slot on the output `y` of a node whose rule divides by y, kept as `ctx.output_slot` on the node's
-    autograd context."""
+def open_slot(ctx: Any, y: Tensor) -> None:
+    """Open a slot on the output `y` of a node whose rule divides by y, kept as `ctx.output_slot` on the node's
+    autograd context (where `slot_of` finds it through rearrangements)."""
     slot = ctx.output_slot = SignalSlot(y)
     y._lrp_slot = (slot, y._version)  # type: ignore[attr-defined]
-    return slot
 
 
 def slot_of(t: Tensor) -> SignalSlot | None:
