@@ -16,7 +16,7 @@ from smadlrp.detector.models import ARCHITECTURES
 
 TRANSFORMER_FAMILIES = ("vit_", "swin_", "maxvit_", "clip_vit_", "timm/vit_")
 CNNS = [name for name in ARCHITECTURES if not name.startswith(TRANSFORMER_FAMILIES)]
-# one network per family in `make test`; the sweep over all of them (about 2.5 minutes) in `make test-all`
+# one network per family in `make test`; the sweep over all of them (about 2 minutes) in `make test-all`
 FAMILIES = {"vgg11_bn", "alexnet", "resnet50", "densenet121", "inception_v3", "googlenet", "squeezenet1_1",
             "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "mnasnet0_5",
             "shufflenet_v2_x0_5", "regnet_y_400mf", "regnet_x_400mf", "convnext_tiny", "vgg_compact"}
