@@ -204,6 +204,19 @@ def test_signals_handed_on_change_no_relevance(name: str, rule: str, monkeypatch
     assert relative_l2(handed.relevance, divided.relevance) <= 1e-12
 
 
+@pytest.mark.parametrize(("name", "rule", "attention"), [("vit_b_16", "epsilon", "attnlrp"),
+                                                       ("swin_t", "gamma-transformer", "attnlrp")])
+def test_relevance_under_autocast_is_that_of_float32(name: str, rule: str, attention: str) -> None:
+    """A caller's bfloat16 autocast reaches no rule, not even the products and outputs that the attention, norm
+    and softmax rules compute again in the backward pass: the relevance is the float32 one."""
+    model, x = build(name, 32), images(32)
+    expected = lrp.Explainer(model, rule, attention=attention).explain(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lrp.Explainer(model, rule, attention=attention).explain(x)
+    assert got.relevance.dtype == torch.float32
+    assert relative_l2(got.relevance, expected.relevance) <= 1e-6
+
+
 def test_float64_model_gives_float64_relevance_equal_to_gradient_times_input() -> None:
     """A small float64 transformer-free CNN: LRP-0 in float64 equals gradient x input to 1e-10."""
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smadlrp.core.device import without_autocast
 from smadlrp.core.errors import UsageError
 from smadlrp.lrp.composites import Composite, LayerSlot
 from smadlrp.lrp.node_rules import alias, mark_recomputable, recomputable
@@ -102,7 +103,7 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, *z = ctx.saved_tensors
-        with torch.autocast(r.device.type, enabled=False):
+        with without_autocast(r.device.type):
             if ctx.input_from is not None:
                 a = ctx.input_from(a)
             if ctx.recompute:
@@ -174,7 +175,7 @@ class _Explained(LeafModule):
         nonnegative = True if self._lrp_nonnegative else None
         a = a.to(current.dtype)
         recompute_input = self._lrp_input_recompute and a is input
-        with torch.autocast(a.device.type, enabled=False):
+        with without_autocast(a.device.type):
             out = _RuleFunction.apply(a, op, rule, prepared, nonnegative, self._lrp_rectified, self._lrp_recompute,
                                       recompute_input)
         assert isinstance(out, Tensor)
@@ -274,7 +275,7 @@ class RuleNode(LeafModule, nn.Module):
         assert current is not None
         call = NodeCall(self.plain, args, kwargs, self.plan, current.composite, current.dtype)
         device = next(a for a in args if isinstance(a, Tensor)).device
-        with torch.autocast(device.type, enabled=False):
+        with without_autocast(device.type):
             out = apply(call)
         if self.marks_output:
             mark_recomputable(out, call.operand(), call.operation())

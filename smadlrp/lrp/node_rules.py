@@ -25,12 +25,14 @@ y wherever relevance can arrive.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from smadlrp.core.device import without_autocast
 from smadlrp.lrp.ops import stabilized_divide
 from smadlrp.lrp.signals import SignalSlot, open_slot, slot_of, taken
 
@@ -90,12 +92,24 @@ def _vjp(
 ) -> list[Tensor | None]:
     """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`, with
     `v = vector(f(inputs))` (so that a rule dividing by the output need not keep it from the forward pass)."""
-    with torch.autocast(inputs[0].device.type, enabled=False), torch.enable_grad():
+    with without_autocast(inputs[0].device.type), torch.enable_grad():
         leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
         out = f(*leaves)
         grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], vector(out.detach()))
     it = iter(grads)
     return [next(it) if w else None for w in wanted]
+
+
+def _autocast_off(backward: Callable[[Any, Tensor], tuple[Tensor | None, ...]]) -> Callable[..., Any]:
+    """A rule's backward pass with autocast off, so that the products and outputs it computes again are in the
+    relevance dtype even when the caller runs the pass under autocast."""
+
+    @functools.wraps(backward)
+    def run(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:
+        with without_autocast(r.device.type):
+            return backward(ctx, r)
+
+    return run
 
 
 class SumFunction(torch.autograd.Function):
@@ -237,6 +251,7 @@ class NormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         c = taken(ctx.output_slot, r)
@@ -260,6 +275,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return f.f(x)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         c = torch.addcmul(r, ctx.f.take(x), r.sum(ctx.dim, keepdim=True), value=-1.0)
@@ -287,6 +303,7 @@ class ProductFunction(torch.autograd.Function):
         return z
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         u, v = ctx.saved_tensors
         u = u if ctx.u_from is None else ctx.u_from(u)
