@@ -92,7 +92,7 @@ def _vjp(
 ) -> list[Tensor | None]:
     """The vector-Jacobian products `J_k^T v` of `f` at `inputs`, for the inputs marked `wanted`, with
     `v = vector(f(inputs))` (so that a rule dividing by the output need not keep it from the forward pass)."""
-    with without_autocast(inputs[0].device.type), torch.enable_grad():
+    with torch.enable_grad():  # (the callers' backward passes run with autocast off)
         leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True))
         out = f(*leaves)
         grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], vector(out.detach()))
@@ -197,6 +197,7 @@ class PoolFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, y = ctx.saved_tensors
         s = _output_signal(ctx.output_slot, r, y)
